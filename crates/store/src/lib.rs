@@ -1,0 +1,369 @@
+//! The node's durable state: one embedded database with typed tables.
+//!
+//! This is the only crate that touches sled. Everything above it sees [`Store`] and
+//! [`Table`]; no sled type appears in the API, so the engine can be swapped without
+//! touching the rest of the workspace. Values are JSON-encoded records; keys are bytes,
+//! ordered, so prefix scans give per-account or per-mailbox ranges.
+
+use std::marker::PhantomData;
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub mod mailbox;
+pub mod queue;
+
+pub use mailbox::{MailStore, MailboxInfo, MessageMeta};
+pub use queue::{QueueEntry, QueueStore};
+
+/// The schema this build writes. Recorded in the database on first open; a database written
+/// by a newer schema is refused, an older one is migrated by [`Store::open`].
+pub const SCHEMA_VERSION: u32 = 1;
+
+const META_TREE: &str = "meta";
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("database transaction: {0}")]
+    Transaction(String),
+    #[error("record {key:?} in table {table} is corrupt: {source}")]
+    Corrupt {
+        table: String,
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("cannot encode record: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("database schema {found} is newer than this build ({SCHEMA_VERSION}); upgrade dshare")]
+    SchemaTooNew { found: u32 },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Handle on the node's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir` and checks its schema version.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Self::init(db)
+    }
+
+    /// A database that lives only as long as this handle: for tests.
+    pub fn temporary() -> Result<Self> {
+        Self::init(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn init(db: sled::Db) -> Result<Self> {
+        let meta = db.open_tree(META_TREE)?;
+        match meta.get(SCHEMA_KEY)? {
+            None => {
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if found > SCHEMA_VERSION {
+                    return Err(Error::SchemaTooNew { found });
+                }
+                // Older schemas would be migrated here, one step at a time.
+            }
+        }
+        Ok(Self { db })
+    }
+
+    /// The schema version recorded in the database.
+    pub fn schema_version(&self) -> Result<u32> {
+        let meta = self.db.open_tree(META_TREE)?;
+        Ok(meta
+            .get(SCHEMA_KEY)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// A typed table; the same name always yields the same data.
+    pub fn table<V>(&self, name: &str) -> Result<Table<V>> {
+        Ok(Table {
+            name: name.to_string(),
+            tree: self.db.open_tree(name)?,
+            _v: PhantomData,
+        })
+    }
+
+    /// A table of raw bytes (message bodies).
+    pub fn blobs(&self, name: &str) -> Result<Blobs> {
+        Ok(Blobs {
+            tree: self.db.open_tree(name)?,
+        })
+    }
+
+    /// A monotonic id, unique for the life of the database.
+    pub fn next_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Makes every write so far durable on disk. Blocks; from async code use
+    /// [`Store::flush_async`].
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable on disk.
+    pub async fn flush_async(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+}
+
+/// A tree of JSON records under byte keys.
+pub struct Table<V> {
+    name: String,
+    tree: sled::Tree,
+    _v: PhantomData<fn() -> V>,
+}
+
+impl<V> Clone for Table<V> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            tree: self.tree.clone(),
+            _v: PhantomData,
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Table<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Table({})", self.name)
+    }
+}
+
+impl<V: Serialize + DeserializeOwned> Table<V> {
+    fn decode(&self, key: &[u8], bytes: &[u8]) -> Result<V> {
+        serde_json::from_slice(bytes).map_err(|source| Error::Corrupt {
+            table: self.name.clone(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            source,
+        })
+    }
+
+    fn encode(value: &V) -> Result<Vec<u8>> {
+        serde_json::to_vec(value).map_err(Error::Encode)
+    }
+
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<V>> {
+        let key = key.as_ref();
+        self.tree
+            .get(key)?
+            .map(|v| self.decode(key, &v))
+            .transpose()
+    }
+
+    pub fn contains(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        Ok(self.tree.contains_key(key)?)
+    }
+
+    /// Writes `value`, returning the previous one.
+    pub fn insert(&self, key: impl AsRef<[u8]>, value: &V) -> Result<Option<V>> {
+        let key = key.as_ref();
+        self.tree
+            .insert(key, Self::encode(value)?)?
+            .map(|v| self.decode(key, &v))
+            .transpose()
+    }
+
+    /// Writes `value` only if `key` is absent; `false` if it was present (nothing changed).
+    pub fn insert_new(&self, key: impl AsRef<[u8]>, value: &V) -> Result<bool> {
+        let res = self
+            .tree
+            .compare_and_swap(key, None as Option<&[u8]>, Some(Self::encode(value)?))?;
+        Ok(res.is_ok())
+    }
+
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<V>> {
+        let key = key.as_ref();
+        self.tree
+            .remove(key)?
+            .map(|v| self.decode(key, &v))
+            .transpose()
+    }
+
+    /// Atomically replaces the record with `f(current)`; `None` from `f` deletes it.
+    /// `f` may run more than once under contention. Returns the new value.
+    pub fn update(
+        &self,
+        key: impl AsRef<[u8]>,
+        mut f: impl FnMut(Option<V>) -> Option<V>,
+    ) -> Result<Option<V>> {
+        let key = key.as_ref();
+        loop {
+            let current = self.tree.get(key)?;
+            let decoded = current
+                .as_ref()
+                .map(|v| self.decode(key, v))
+                .transpose()?;
+            let next = f(decoded);
+            let encoded = next.as_ref().map(Self::encode).transpose()?;
+            match self.tree.compare_and_swap(key, current, encoded)? {
+                Ok(()) => return Ok(next),
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// All records in key order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(Vec<u8>, V)>> + '_ {
+        self.tree.iter().map(move |kv| {
+            let (k, v) = kv?;
+            let value = self.decode(&k, &v)?;
+            Ok((k.to_vec(), value))
+        })
+    }
+
+    /// Records whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(
+        &self,
+        prefix: impl AsRef<[u8]>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, V)>> + '_ {
+        self.tree.scan_prefix(prefix).map(move |kv| {
+            let (k, v) = kv?;
+            let value = self.decode(&k, &v)?;
+            Ok((k.to_vec(), value))
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+}
+
+/// A tree of raw byte values (message bodies).
+#[derive(Clone)]
+pub struct Blobs {
+    tree: sled::Tree,
+}
+
+impl std::fmt::Debug for Blobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Blobs")
+    }
+}
+
+impl Blobs {
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+    pub fn insert(&self, key: impl AsRef<[u8]>, value: &[u8]) -> Result<()> {
+        self.tree.insert(key.as_ref(), value)?;
+        Ok(())
+    }
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<()> {
+        self.tree.remove(key)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
+    struct Rec {
+        n: u32,
+    }
+
+    #[test]
+    fn typed_table_roundtrip_and_insert_new() {
+        let store = Store::temporary().unwrap();
+        let t: Table<Rec> = store.table("t").unwrap();
+        assert!(t.insert_new("a", &Rec { n: 1 }).unwrap());
+        assert!(!t.insert_new("a", &Rec { n: 2 }).unwrap());
+        assert_eq!(t.get("a").unwrap(), Some(Rec { n: 1 }));
+        assert_eq!(
+            t.update("a", |r| r.map(|r| Rec { n: r.n + 1 })).unwrap(),
+            Some(Rec { n: 2 })
+        );
+        t.insert("ab", &Rec { n: 3 }).unwrap();
+        t.insert("b", &Rec { n: 4 }).unwrap();
+        let keys: Vec<_> = t.scan_prefix("a").map(|r| r.unwrap().0).collect();
+        assert_eq!(keys, vec![b"a".to_vec(), b"ab".to_vec()]);
+        assert_eq!(t.remove("a").unwrap(), Some(Rec { n: 2 }));
+        assert_eq!(t.get("a").unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_record_is_a_typed_error() {
+        let store = Store::temporary().unwrap();
+        store.tree("t").unwrap().insert("k", b"not json").unwrap();
+        let t: Table<Rec> = store.table("t").unwrap();
+        assert!(matches!(t.get("k"), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn schema_version_is_recorded_and_newer_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+            store
+                .tree(META_TREE)
+                .unwrap()
+                .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            store.flush().unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(Error::SchemaTooNew { .. })
+        ));
+    }
+
+    #[test]
+    fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let t: Table<Rec> = store.table("t").unwrap();
+            t.insert("k", &Rec { n: 7 }).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let t: Table<Rec> = store.table("t").unwrap();
+        assert_eq!(t.get("k").unwrap(), Some(Rec { n: 7 }));
+    }
+}
