@@ -1,0 +1,356 @@
+//! The durable outbound queue: messages waiting to be relayed to the peer node that owns
+//! their recipients.
+//!
+//! Layout: `queue` maps the entry id (u64 BE) to a JSON [`QueueEntry`]; `queue_bodies` maps the
+//! same id to the raw message bytes. An entry and its body are written and removed together
+//! in one transaction. Nothing here flushes: the SMTP server calls [`Store::flush_async`]
+//! before it answers `250` to the message it queued.
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::{Error, Result, Store, Table};
+
+const ENTRIES: &str = "queue";
+const BODIES: &str = "queue_bodies";
+
+/// What has become of one recipient of a queued message.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum RecipientState {
+    /// Not delivered yet; retried at the entry's `next_attempt`.
+    Pending,
+    Delivered,
+    /// Permanently failed, with the reason (for the DSN).
+    Failed(String),
+}
+
+/// One recipient of a queued message.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueuedRecipient {
+    pub address: String,
+    /// The node that owns the recipient, once located.
+    pub owner: Option<String>,
+    /// The owner's SMTP endpoint, once located.
+    pub endpoint: Option<String>,
+    pub state: RecipientState,
+}
+
+impl QueuedRecipient {
+    /// A pending recipient whose owner is not known yet.
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            owner: None,
+            endpoint: None,
+            state: RecipientState::Pending,
+        }
+    }
+}
+
+/// A queued message (the body is stored separately, see [`QueueStore::body`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueEntry {
+    /// Assigned by [`QueueStore::enqueue`]; increases with time.
+    pub id: u64,
+    /// The reverse-path; empty for bounces.
+    pub sender: String,
+    pub recipients: Vec<QueuedRecipient>,
+    /// Unix seconds.
+    pub created: i64,
+    /// Unix seconds; the entry is due when this is not after now.
+    pub next_attempt: i64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// Body size in bytes.
+    pub size: u64,
+    /// The message was itself relayed by a peer: never forward it again.
+    pub hop: bool,
+    /// DSN envelope id (RFC 3461 `ENVID`).
+    pub envid: Option<String>,
+}
+
+impl QueueEntry {
+    /// Recipients still waiting for delivery.
+    pub fn pending(&self) -> impl Iterator<Item = &QueuedRecipient> {
+        self.recipients
+            .iter()
+            .filter(|r| r.state == RecipientState::Pending)
+    }
+
+    /// No recipient is pending any more.
+    pub fn is_finished(&self) -> bool {
+        self.pending().next().is_none()
+    }
+}
+
+/// The outbound queue. Cheap to clone.
+#[derive(Clone)]
+pub struct QueueStore {
+    store: Store,
+    entries: Table<QueueEntry>,
+    entries_tree: sled::Tree,
+    bodies: sled::Tree,
+}
+
+impl std::fmt::Debug for QueueStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueStore").finish_non_exhaustive()
+    }
+}
+
+fn key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+fn tx_result<T>(r: std::result::Result<T, TransactionError<Error>>) -> Result<T> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => Error::Db(e),
+    })
+}
+
+impl QueueStore {
+    pub fn new(store: &Store) -> Result<QueueStore> {
+        Ok(QueueStore {
+            store: store.clone(),
+            entries: store.table(ENTRIES)?,
+            entries_tree: store.tree(ENTRIES)?,
+            bodies: store.tree(BODIES)?,
+        })
+    }
+
+    /// Queues a message for its recipients, due at once. Returns the entry id.
+    /// Atomic; does not flush.
+    pub fn enqueue(
+        &self,
+        sender: &str,
+        recipients: Vec<QueuedRecipient>,
+        body: &[u8],
+        hop: bool,
+        now: i64,
+    ) -> Result<u64> {
+        self.enqueue_entry(
+            QueueEntry {
+                id: 0,
+                sender: sender.to_string(),
+                recipients,
+                created: now,
+                next_attempt: now,
+                attempts: 0,
+                last_error: None,
+                size: 0,
+                hop,
+                envid: None,
+            },
+            body,
+        )
+    }
+
+    /// Queues a prepared entry (e.g. with an `envid`); `id` and `size` are assigned here.
+    /// Returns the entry id. Atomic; does not flush.
+    pub fn enqueue_entry(&self, mut entry: QueueEntry, body: &[u8]) -> Result<u64> {
+        entry.id = self.store.next_id()?;
+        entry.size = body.len() as u64;
+        let encoded = serde_json::to_vec(&entry).map_err(Error::Encode)?;
+        let k = key(entry.id);
+        tx_result(
+            (&self.entries_tree, &self.bodies).transaction(|(entries, bodies)| {
+                bodies.insert(&k[..], body)?;
+                entries.insert(&k[..], encoded.as_slice())?;
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            }),
+        )?;
+        Ok(entry.id)
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<QueueEntry>> {
+        self.entries.get(key(id))
+    }
+
+    /// The message bytes of an entry.
+    pub fn body(&self, id: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self.bodies.get(key(id))?.map(|v| v.to_vec()))
+    }
+
+    /// Every entry, oldest first.
+    pub fn list(&self) -> Result<Vec<QueueEntry>> {
+        self.entries.iter().map(|kv| kv.map(|(_, v)| v)).collect()
+    }
+
+    /// Entries whose `next_attempt` is not after `now`, oldest first (a full scan: the queue
+    /// is expected to stay small).
+    pub fn due(&self, now: i64) -> Result<Vec<QueueEntry>> {
+        let mut due = self.list()?;
+        due.retain(|e| e.next_attempt <= now);
+        Ok(due)
+    }
+
+    /// Writes back an entry (after an attempt). `NotFound` if it was removed meanwhile;
+    /// an update never brings a removed entry back.
+    pub fn update(&self, entry: &QueueEntry) -> Result<()> {
+        let updated = self
+            .entries
+            .update(key(entry.id), |current| current.map(|_| entry.clone()))?;
+        match updated {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound(format!("no queue entry {}", entry.id))),
+        }
+    }
+
+    /// Removes an entry and its body; returns the entry if it was there.
+    pub fn remove(&self, id: u64) -> Result<Option<QueueEntry>> {
+        let k = key(id);
+        let removed = tx_result((&self.entries_tree, &self.bodies).transaction(
+            |(entries, bodies)| {
+                bodies.remove(&k[..])?;
+                Ok::<_, ConflictableTransactionError<Error>>(entries.remove(&k[..])?)
+            },
+        ))?;
+        removed
+            .map(|v| {
+                serde_json::from_slice(&v).map_err(|source| Error::Corrupt {
+                    table: ENTRIES.to_string(),
+                    key: id.to_string(),
+                    source,
+                })
+            })
+            .transpose()
+    }
+
+    /// Makes an entry due at once. `NotFound` if there is no such entry.
+    pub fn retry_now(&self, id: u64) -> Result<()> {
+        let updated = self.entries.update(key(id), |current| {
+            current.map(|mut e| {
+                e.next_attempt = 0;
+                e
+            })
+        })?;
+        match updated {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound(format!("no queue entry {id}"))),
+        }
+    }
+
+    /// Number of queued entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rcpts(list: &[&str]) -> Vec<QueuedRecipient> {
+        list.iter().map(|a| QueuedRecipient::new(*a)).collect()
+    }
+
+    #[test]
+    fn enqueue_list_due_update_remove() {
+        let store = Store::temporary().unwrap();
+        let q = QueueStore::new(&store).unwrap();
+        assert!(q.is_empty());
+        let a = q
+            .enqueue(
+                "a@x.com",
+                rcpts(&["b@company.com"]),
+                b"body\r\n\0",
+                false,
+                100,
+            )
+            .unwrap();
+        let b = q
+            .enqueue(
+                "",
+                rcpts(&["c@company.com", "d@company.com"]),
+                b"bounce",
+                true,
+                200,
+            )
+            .unwrap();
+        assert!(b > a);
+        assert_eq!(q.len(), 2);
+        let list = q.list().unwrap();
+        assert_eq!(list.iter().map(|e| e.id).collect::<Vec<_>>(), [a, b]);
+        assert_eq!(list[0].size, 7);
+        assert!(list[1].hop && list[1].sender.is_empty());
+        assert_eq!(q.body(a).unwrap(), Some(b"body\r\n\0".to_vec()));
+
+        assert_eq!(q.due(150).unwrap().len(), 1);
+        let mut e = q.get(a).unwrap().unwrap();
+        e.attempts += 1;
+        e.next_attempt = 1_000;
+        e.last_error = Some("451 try later".into());
+        e.recipients[0].owner = Some("node-2".into());
+        e.recipients[0].state = RecipientState::Failed("550 no".into());
+        q.update(&e).unwrap();
+        assert_eq!(q.get(a).unwrap().unwrap(), e);
+        assert!(q.get(a).unwrap().unwrap().is_finished());
+        assert_eq!(
+            q.due(500).unwrap().iter().map(|e| e.id).collect::<Vec<_>>(),
+            [b]
+        );
+        q.retry_now(a).unwrap();
+        assert_eq!(q.due(500).unwrap().len(), 2);
+
+        assert_eq!(q.remove(a).unwrap().map(|e| e.id), Some(a));
+        assert_eq!(q.body(a).unwrap(), None);
+        assert_eq!(q.get(a).unwrap(), None);
+        assert_eq!(q.remove(a).unwrap(), None);
+        assert!(matches!(q.update(&e), Err(Error::NotFound(_))));
+        assert!(q.get(a).unwrap().is_none());
+        assert!(matches!(q.retry_now(a), Err(Error::NotFound(_))));
+        assert_eq!(q.len(), 1);
+        assert_eq!(store.tree(BODIES).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn enqueue_entry_keeps_envid() {
+        let store = Store::temporary().unwrap();
+        let q = QueueStore::new(&store).unwrap();
+        let template = QueueEntry {
+            id: 0,
+            sender: "a@x.com".into(),
+            recipients: rcpts(&["b@company.com"]),
+            created: 5,
+            next_attempt: 5,
+            attempts: 0,
+            last_error: None,
+            size: 0,
+            hop: false,
+            envid: Some("ENV1".into()),
+        };
+        let id = q.enqueue_entry(template, b"xyz").unwrap();
+        let e = q.get(id).unwrap().unwrap();
+        assert_eq!((e.envid.as_deref(), e.size, e.id), (Some("ENV1"), 3, id));
+    }
+
+    #[test]
+    fn queue_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let q = QueueStore::new(&store).unwrap();
+            id = q
+                .enqueue("a@x.com", rcpts(&["b@company.com"]), b"persist", false, 1)
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let q = QueueStore::new(&store).unwrap();
+        assert_eq!(q.len(), 1);
+        let e = q.get(id).unwrap().unwrap();
+        assert_eq!(e.recipients[0].address, "b@company.com");
+        assert_eq!(q.body(id).unwrap(), Some(b"persist".to_vec()));
+        let next = q
+            .enqueue("", rcpts(&["c@company.com"]), b"n", false, 2)
+            .unwrap();
+        assert!(next > id);
+    }
+}
