@@ -204,9 +204,9 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// Writes `value` only if `key` is absent; `false` if it was present (nothing changed).
     pub fn insert_new(&self, key: impl AsRef<[u8]>, value: &V) -> Result<bool> {
-        let res = self
-            .tree
-            .compare_and_swap(key, None as Option<&[u8]>, Some(Self::encode(value)?))?;
+        let res =
+            self.tree
+                .compare_and_swap(key, None as Option<&[u8]>, Some(Self::encode(value)?))?;
         Ok(res.is_ok())
     }
 
@@ -228,10 +228,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         let key = key.as_ref();
         loop {
             let current = self.tree.get(key)?;
-            let decoded = current
-                .as_ref()
-                .map(|v| self.decode(key, v))
-                .transpose()?;
+            let decoded = current.as_ref().map(|v| self.decode(key, v)).transpose()?;
             let next = f(decoded);
             let encoded = next.as_ref().map(Self::encode).transpose()?;
             match self.tree.compare_and_swap(key, current, encoded)? {

@@ -1,0 +1,266 @@
+//! The operator's admin service (gRPC on loopback, token from the data directory) and the
+//! client the `dshare` CLI uses to reach it.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+use ds_directory::{Error as DirError, ResolveContext};
+
+use crate::NodeState;
+
+pub mod proto {
+    tonic::include_proto!("dshare.admin.v1");
+}
+
+use proto::admin_request::Op;
+use proto::{AdminReply, AdminRequest};
+
+/// Name of the token file in the data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// Reads the admin token, creating it (mode 0600) on first start.
+pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let token = crate::random_hex(32);
+    crate::write_private(&path, token.as_bytes())?;
+    Ok(token)
+}
+
+/// Reads the token a CLI needs to talk to the node whose data directory is `data_dir`.
+pub fn read_token(data_dir: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(data_dir.join(TOKEN_FILE))?
+        .trim()
+        .to_string())
+}
+
+/// Checks `authorization: Bearer <token>` in constant time.
+#[derive(Clone)]
+pub struct TokenCheck {
+    token: Arc<String>,
+}
+
+impl TokenCheck {
+    pub fn new(token: String) -> Self {
+        Self {
+            token: Arc::new(token),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if given.as_bytes().ct_eq(self.token.as_bytes()).into() {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("bad admin token"))
+        }
+    }
+}
+
+/// The admin service over the node's state.
+pub struct AdminService {
+    pub(crate) node: Arc<NodeState>,
+}
+
+pub(crate) fn status(e: DirError) -> Status {
+    match e {
+        DirError::Name(_) | DirError::BadRoute(_) | DirError::RoutingLoop => {
+            Status::invalid_argument(e.to_string())
+        }
+        DirError::UnknownDomain(_) => Status::failed_precondition(e.to_string()),
+        DirError::Exists(..) => Status::already_exists(e.to_string()),
+        DirError::NotFound(..) => Status::not_found(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn lines(v: impl IntoIterator<Item = String>) -> Response<AdminReply> {
+    Response::new(AdminReply {
+        lines: v.into_iter().collect(),
+    })
+}
+
+fn one(s: impl Into<String>) -> Response<AdminReply> {
+    lines([s.into()])
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for AdminService {
+    async fn run(&self, req: Request<AdminRequest>) -> Result<Response<AdminReply>, Status> {
+        let op = req
+            .into_inner()
+            .op
+            .ok_or_else(|| Status::invalid_argument("empty request"))?;
+        let dir = &self.node.directory;
+        // Directory work hashes passwords and touches the disk: keep it off the reactor.
+        let node = self.node.clone();
+        match op {
+            Op::AccountAdd(a) => {
+                if a.password.is_empty() {
+                    return Err(Status::invalid_argument("empty password"));
+                }
+                let account = node.create_account(&a.name, &a.password, a.force).await?;
+                Ok(one(format!("created {}", account.address)))
+            }
+            Op::AccountDel(n) => {
+                let account = dir.delete_account(&n.name).map_err(status)?;
+                node.account_gone(&account.address).await;
+                Ok(one(format!("deleted {}", account.address)))
+            }
+            Op::AccountList(f) => {
+                let domain = (!f.domain.is_empty()).then_some(f.domain.as_str());
+                let accounts = dir.accounts(domain).map_err(status)?;
+                Ok(lines(accounts.into_iter().map(|a| {
+                    let mut s = a.address;
+                    if !a.enabled {
+                        s.push_str(" (disabled)");
+                    }
+                    if !a.aliases.is_empty() {
+                        s.push_str(&format!(" aliases: {}", a.aliases.join(", ")));
+                    }
+                    s
+                })))
+            }
+            Op::AccountPasswd(a) => {
+                if a.password.is_empty() {
+                    return Err(Status::invalid_argument("empty password"));
+                }
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || d.set_password(&a.name, &a.password))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(status)?;
+                Ok(one("password changed"))
+            }
+            Op::AccountEnable(n) => {
+                dir.set_enabled(&n.name, true).map_err(status)?;
+                Ok(one("enabled"))
+            }
+            Op::AccountDisable(n) => {
+                dir.set_enabled(&n.name, false).map_err(status)?;
+                let addr = dir.served_address(&n.name).map_err(status)?.to_string();
+                node.account_gone(&addr).await;
+                Ok(one("disabled"))
+            }
+            Op::AliasAdd(p) => {
+                dir.add_alias(&p.first, &p.second).map_err(status)?;
+                Ok(one("alias added"))
+            }
+            Op::AliasDel(n) => {
+                dir.delete_alias(&n.name).map_err(status)?;
+                let addr = dir.served_address(&n.name).map_err(status)?.to_string();
+                node.account_gone(&addr).await;
+                Ok(one("alias deleted"))
+            }
+            Op::RouteAdd(p) => {
+                let r = dir.add_route(&p.first, &p.second).map_err(status)?;
+                Ok(one(format!("added {r}")))
+            }
+            Op::RouteDel(n) => {
+                let r = dir.delete_route(&n.name).map_err(status)?;
+                Ok(one(format!("deleted {r}")))
+            }
+            Op::RouteList(_) => Ok(lines(
+                dir.routes()
+                    .map_err(status)?
+                    .into_iter()
+                    .map(|r| r.to_string()),
+            )),
+            Op::ListAdd(n) => {
+                let l = dir.add_list(&n.name).map_err(status)?;
+                Ok(one(format!("created list {}", l.address)))
+            }
+            Op::ListDel(n) => {
+                let l = dir.delete_list(&n.name).map_err(status)?;
+                Ok(one(format!("deleted list {}", l.address)))
+            }
+            Op::ListMembers(n) => {
+                let addr = dir.served_address(&n.name).map_err(status)?.to_string();
+                let l = dir
+                    .list(&addr)
+                    .map_err(status)?
+                    .ok_or_else(|| Status::not_found(format!("no such mailing list: {addr}")))?;
+                Ok(lines(l.members))
+            }
+            Op::ListSubscribe(p) => {
+                let changed = dir.subscribe(&p.first, &p.second).map_err(status)?;
+                Ok(one(if changed {
+                    "subscribed"
+                } else {
+                    "already a member"
+                }))
+            }
+            Op::ListUnsubscribe(p) => {
+                let changed = dir.unsubscribe(&p.first, &p.second).map_err(status)?;
+                Ok(one(if changed {
+                    "unsubscribed"
+                } else {
+                    "not a member"
+                }))
+            }
+            Op::DomainList(_) => Ok(lines(dir.domains().iter().map(|d| {
+                let mut s = d.name.clone();
+                if d.name == dir.domains().main() {
+                    s.push_str(" (main)");
+                }
+                if d.shared {
+                    s.push_str(" shared");
+                }
+                if !d.addresses.is_empty() {
+                    let ips: Vec<String> = d.addresses.iter().map(|a| a.to_string()).collect();
+                    s.push_str(&format!(" addresses: {}", ips.join(", ")));
+                }
+                s
+            }))),
+            Op::Lookup(l) => {
+                let local_ip = if l.local_ip.is_empty() {
+                    None
+                } else {
+                    Some(l.local_ip.parse::<IpAddr>().map_err(|_| {
+                        Status::invalid_argument(format!("bad IP address {:?}", l.local_ip))
+                    })?)
+                };
+                let ctx = ResolveContext {
+                    local_ip,
+                    sni: (!l.sni.is_empty()).then_some(l.sni),
+                };
+                let res = dir.resolve_login(&l.name, &ctx).map_err(status)?;
+                let mut out: Vec<String> = res
+                    .steps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| format!("{}. {s}", i + 1))
+                    .collect();
+                out.push(format!("outcome: {}", res.outcome));
+                out.extend(node.where_is(&res.outcome).await);
+                Ok(lines(out))
+            }
+            Op::Peers(_) => Ok(lines(node.peers_report())),
+            Op::QueueList(_) => Ok(lines(node.queue_report().map_err(Status::internal)?)),
+            Op::QueueRetry(id) => {
+                node.queue_retry(id.id).map_err(Status::not_found)?;
+                Ok(one(format!("message {} scheduled now", id.id)))
+            }
+            Op::QueueDelete(id) => {
+                node.queue_delete(id.id).map_err(Status::not_found)?;
+                Ok(one(format!("message {} deleted", id.id)))
+            }
+        }
+    }
+}

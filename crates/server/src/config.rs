@@ -1,0 +1,348 @@
+//! The node's TOML configuration (DESIGN.md §8). Every section has defaults, so an empty
+//! file, or no file at all, is a working single node on loopback.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::{Error, Result};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    #[serde(rename = "domain")]
+    pub domains: Vec<DomainSection>,
+    pub listen: ListenSection,
+    pub tls: TlsSection,
+    pub cluster: ClusterSection,
+    pub limits: LimitsSection,
+    pub smtp: SmtpSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// Unique in the cluster.
+    pub id: String,
+    /// Where the database, certificates, the admin token and the cluster secret live.
+    pub data_dir: PathBuf,
+    /// The domain a bare name takes when neither SNI nor the local address names one.
+    pub main_domain: String,
+    /// Host name peers use to reach this node's SMTP/POP3/IMAP.
+    pub advertise: String,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            id: "node-1".into(),
+            data_dir: PathBuf::from("dshare-data"),
+            main_domain: "example.com".into(),
+            advertise: "127.0.0.1".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainSection {
+    pub name: String,
+    /// Its accounts are split across the cluster.
+    #[serde(default)]
+    pub shared: bool,
+    /// Local IP addresses assigned to the domain (multihoming).
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Each service listens on a list of `host:port`; an empty list disables it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenSection {
+    pub smtp: Vec<SocketAddr>,
+    pub pop3: Vec<SocketAddr>,
+    pub pop3s: Vec<SocketAddr>,
+    pub imap: Vec<SocketAddr>,
+    pub imaps: Vec<SocketAddr>,
+    pub minger: Vec<SocketAddr>,
+    pub admin: Vec<SocketAddr>,
+    pub metrics: Vec<SocketAddr>,
+}
+
+fn lo(port: u16) -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([127, 0, 0, 1], port))]
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        Self {
+            smtp: lo(2525),
+            pop3: lo(1110),
+            pop3s: vec![],
+            imap: lo(1143),
+            imaps: vec![],
+            minger: lo(4069),
+            admin: lo(4070),
+            metrics: lo(9100),
+        }
+    }
+}
+
+/// Absent: a self-signed certificate made in `data_dir` on first start.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Trust anchor for node-to-node connections.
+    pub cluster_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// File holding the shared secret (≥ 16 characters). Absent: one is generated in
+    /// `data_dir` (fine for a single node; a cluster must share one).
+    pub secret_file: Option<PathBuf>,
+    #[serde(deserialize_with = "duration")]
+    pub positive_ttl: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub negative_ttl: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub lookup_timeout: Duration,
+    /// Domains shared with peers; empty = every shared domain.
+    pub allowed_domains: Vec<String>,
+    #[serde(rename = "peer")]
+    pub peers: Vec<PeerSection>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            secret_file: None,
+            positive_ttl: Duration::from_secs(5 * 24 * 3600),
+            negative_ttl: Duration::ZERO,
+            lookup_timeout: Duration::from_secs(2),
+            allowed_domains: vec![],
+            peers: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub id: String,
+    /// `https://host:port` (TLS against `tls.cluster_ca`) or `http://` (plaintext).
+    pub minger: String,
+    /// The peer's SMTP endpoint, when it differs from what its lookups advertise.
+    #[serde(default)]
+    pub smtp: Option<String>,
+}
+
+/// Limits of DESIGN.md §9.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub smtp_line: usize,
+    pub message_size: usize,
+    pub recipients: usize,
+    #[serde(deserialize_with = "duration")]
+    pub smtp_idle: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub pop3_idle: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub imap_idle: Duration,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            smtp_line: 1000,
+            message_size: 50 * 1024 * 1024,
+            recipients: 100,
+            smtp_idle: Duration::from_secs(300),
+            pop3_idle: Duration::from_secs(600),
+            imap_idle: Duration::from_secs(1800),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpSection {
+    /// Refuse `MAIL FROM` in a shared domain that no node owns.
+    pub sender_check: bool,
+    /// Oldest a queued message may get before it bounces.
+    #[serde(deserialize_with = "duration")]
+    pub max_queue_age: Duration,
+}
+
+impl Default for SmtpSection {
+    fn default() -> Self {
+        Self {
+            sender_check: true,
+            max_queue_age: Duration::from_secs(5 * 24 * 3600),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+impl Config {
+    /// Parses a configuration text; unknown keys are an error that names the key.
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.node.id.is_empty()
+            || !self
+                .node
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(Error::Config(format!(
+                "node.id {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                self.node.id
+            )));
+        }
+        if (self.tls.cert.is_some()) != (self.tls.key.is_some()) {
+            return Err(Error::Config("tls.cert and tls.key go together".into()));
+        }
+        for p in &self.cluster.peers {
+            if !(p.minger.starts_with("https://") || p.minger.starts_with("http://")) {
+                return Err(Error::Config(format!(
+                    "cluster.peer {}: minger must be an http:// or https:// URL",
+                    p.id
+                )));
+            }
+            if p.id == self.node.id {
+                return Err(Error::Config(format!(
+                    "cluster.peer {} has this node's own id",
+                    p.id
+                )));
+            }
+        }
+        if self.limits.smtp_line < 512 {
+            return Err(Error::Config(
+                "limits.smtp_line must be at least 512 (RFC 5321)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[node]
+id = "office-a"
+data_dir = "/var/lib/dshare"
+main_domain = "company.com"
+advertise = "office-a.example.net"
+
+[[domain]]
+name = "company.com"
+shared = true
+addresses = ["192.0.2.1"]
+
+[[domain]]
+name = "client1.com"
+addresses = ["192.0.2.2"]
+
+[listen]
+smtp = ["0.0.0.0:25"]
+pop3 = ["0.0.0.0:110"]
+pop3s = ["0.0.0.0:995"]
+imap = ["0.0.0.0:143"]
+imaps = ["0.0.0.0:993"]
+minger = ["0.0.0.0:4069"]
+admin = ["127.0.0.1:4070"]
+metrics = ["127.0.0.1:9100"]
+
+[tls]
+cert = "/etc/dshare/cert.pem"
+key = "/etc/dshare/key.pem"
+cluster_ca = "/etc/dshare/ca.pem"
+
+[cluster]
+secret_file = "/etc/dshare/cluster.secret"
+positive_ttl = "5d"
+negative_ttl = "0s"
+lookup_timeout = "2s"
+allowed_domains = []
+
+[[cluster.peer]]
+id = "office-b"
+minger = "https://office-b.example.net:4069"
+smtp = "office-b.example.net:25"
+"#;
+
+    #[test]
+    fn design_sample_parses() {
+        let c = Config::parse(SAMPLE).unwrap();
+        assert_eq!(c.node.id, "office-a");
+        assert_eq!(c.domains.len(), 2);
+        assert!(c.domains[0].shared);
+        assert_eq!(c.listen.pop3s[0].port(), 995);
+        assert_eq!(c.cluster.positive_ttl, Duration::from_secs(432000));
+        assert_eq!(
+            c.cluster.peers[0].smtp.as_deref(),
+            Some("office-b.example.net:25")
+        );
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.node.main_domain, "example.com");
+        assert_eq!(c.listen.smtp[0].port(), 2525);
+        assert_eq!(c.cluster.lookup_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse("[node]\nidd = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("idd"), "{e}");
+        let e = Config::parse("[clusterr]\n").unwrap_err().to_string();
+        assert!(e.contains("clusterr"), "{e}");
+        let e = Config::parse("[[domain]]\nname = \"a.com\"\nshard = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shard"), "{e}");
+    }
+
+    #[test]
+    fn malformed_values_are_refused() {
+        assert!(Config::parse("[cluster]\npositive_ttl = \"five days\"\n").is_err());
+        assert!(Config::parse("[listen]\nsmtp = [\"nowhere\"]\n").is_err());
+        assert!(Config::parse("[node\n").is_err());
+        assert!(Config::parse("[node]\nid = \"a b\"\n").is_err());
+        assert!(Config::parse("[[cluster.peer]]\nid = \"b\"\nminger = \"b:4069\"\n").is_err());
+    }
+}
