@@ -1,0 +1,283 @@
+//! The server side of Minger: answers peers from this node's directory only (never by
+//! asking other peers), guards creations with reservations, drops cache entries on request.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ds_directory::{Address, Directory, Outcome};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use crate::locator::{Caches, Scope};
+use crate::proto::minger_server::{Minger, MingerServer};
+use crate::proto::{
+    InvalidateReply, InvalidateRequest, Kind, ListPeersReply, ListPeersRequest, LookupReply,
+    LookupRequest, Purpose, Refusal, ReleaseReply, ReleaseRequest, ReserveReply, ReserveRequest,
+};
+use crate::reservation::{Refused, Reservations};
+use crate::{
+    DEFAULT_RESERVATION_TTL, Endpoints, Error, MAX_RESERVATION_TTL, Result, SECRET_HEADER,
+    ensure_crypto_provider,
+};
+
+/// Bound on any one request handled by the Minger server.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent requests per peer connection.
+const CONCURRENCY_PER_CONNECTION: usize = 64;
+
+/// The Minger service of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct MingerService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: String,
+    advertise: Endpoints,
+    secret: Vec<u8>,
+    directory: Directory,
+    scope: Scope,
+    reservations: Reservations,
+    caches: Caches,
+    lookups: AtomicU64,
+}
+
+impl std::fmt::Debug for MingerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MingerService")
+            .field("node_id", &self.inner.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MingerService {
+    pub(crate) fn new(
+        node_id: String,
+        advertise: Endpoints,
+        secret: &str,
+        directory: Directory,
+        scope: Scope,
+        reservations: Reservations,
+        caches: Caches,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                node_id,
+                advertise,
+                secret: secret.as_bytes().to_vec(),
+                directory,
+                scope,
+                reservations,
+                caches,
+                lookups: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Authenticated `Lookup` calls served so far.
+    pub fn lookups_served(&self) -> u64 {
+        self.inner.lookups.load(Ordering::Relaxed)
+    }
+
+    /// Checks the cluster secret in constant time; a caller without it learns nothing.
+    fn authorize<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
+        let given = request
+            .metadata()
+            .get(SECRET_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if bool::from(given.ct_eq(&self.inner.secret)) {
+            Ok(())
+        } else {
+            tracing::warn!(remote = ?request.remote_addr(), "Minger call without the cluster secret");
+            Err(Status::unauthenticated(""))
+        }
+    }
+
+    fn internal(context: &str, error: impl std::fmt::Display) -> Status {
+        tracing::error!(%error, "{context}");
+        Status::internal("")
+    }
+}
+
+fn parse(address: &str) -> std::result::Result<String, Status> {
+    Address::parse(address)
+        .map(|a| a.to_string())
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl Minger for MingerService {
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> std::result::Result<Response<LookupReply>, Status> {
+        self.authorize(&request)?;
+        self.inner.lookups.fetch_add(1, Ordering::Relaxed);
+        let req = request.into_inner();
+        let purpose = Purpose::try_from(req.purpose).unwrap_or(Purpose::Unspecified);
+        let not_found = Response::new(LookupReply::default());
+        let Ok(address) = Address::parse(&req.address) else {
+            return Ok(not_found);
+        };
+        if !self
+            .inner
+            .scope
+            .shares(self.inner.directory.domains(), address.domain())
+        {
+            tracing::debug!(address = %address, from = %req.from_node, "lookup outside the shared domains");
+            return Ok(not_found);
+        }
+        let resolution = self
+            .inner
+            .directory
+            .resolve_address(&address.to_string())
+            .map_err(|e| Self::internal("Minger lookup", e))?;
+        let (kind, canonical, can_receive) = match resolution.outcome {
+            Outcome::Account { address, enabled } => (Kind::Account, address, enabled),
+            Outcome::List(address) => (Kind::List, address, true),
+            _ => {
+                tracing::debug!(address = %address, from = %req.from_node, purpose = purpose.as_str_name(), "lookup: not found");
+                return Ok(not_found);
+            }
+        };
+        tracing::debug!(address = %address, from = %req.from_node, purpose = purpose.as_str_name(), %canonical, "lookup: found");
+        let advertise = &self.inner.advertise;
+        Ok(Response::new(LookupReply {
+            found: true,
+            kind: kind.into(),
+            canonical,
+            owner: self.inner.node_id.clone(),
+            can_receive,
+            smtp: advertise.smtp.clone(),
+            pop3: advertise.pop3.clone(),
+            imap: advertise.imap.clone(),
+        }))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<ReserveRequest>,
+    ) -> std::result::Result<Response<ReserveReply>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let address = parse(&req.address)?;
+        if req.from_node.is_empty() {
+            return Err(Status::invalid_argument("from_node is empty"));
+        }
+        let ttl = match req.ttl_seconds {
+            0 => DEFAULT_RESERVATION_TTL,
+            s => Duration::from_secs(s.into()).min(MAX_RESERVATION_TTL),
+        };
+        let outcome = self
+            .inner
+            .reservations
+            .reserve(&self.inner.directory, &address, &req.from_node, ttl)
+            .map_err(|e| Self::internal("Minger reserve", e))?;
+        let reply = match outcome {
+            Ok(()) => ReserveReply {
+                granted: true,
+                reason: String::new(),
+                refusal: Refusal::None.into(),
+            },
+            Err(Refused::Taken(kind)) => ReserveReply {
+                granted: false,
+                reason: format!("exists as {kind}"),
+                refusal: Refusal::Taken.into(),
+            },
+            Err(Refused::Reserved(holder)) => ReserveReply {
+                granted: false,
+                reason: format!("being created by {holder}"),
+                refusal: Refusal::Reserved.into(),
+            },
+        };
+        tracing::info!(%address, from = %req.from_node, granted = reply.granted, reason = %reply.reason, "reservation asked");
+        Ok(Response::new(reply))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> std::result::Result<Response<ReleaseReply>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let address = parse(&req.address)?;
+        self.inner
+            .reservations
+            .release(&address, &req.from_node)
+            .map_err(|e| Self::internal("Minger release", e))?;
+        // The address may have just come into existence elsewhere: drop what we believed.
+        self.inner.caches.drop_entry(&address).await;
+        Ok(Response::new(ReleaseReply {}))
+    }
+
+    async fn invalidate(
+        &self,
+        request: Request<InvalidateRequest>,
+    ) -> std::result::Result<Response<InvalidateReply>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let address = parse(&req.address)?;
+        tracing::info!(%address, from = %req.from_node, "cache entry invalidated by peer");
+        self.inner.caches.drop_entry(&address).await;
+        Ok(Response::new(InvalidateReply {}))
+    }
+
+    async fn list_peers(
+        &self,
+        request: Request<ListPeersRequest>,
+    ) -> std::result::Result<Response<ListPeersReply>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let list = parse(&req.list)?;
+        let keeps = self
+            .inner
+            .directory
+            .list(&list)
+            .map_err(|e| Self::internal("Minger list peers", e))?
+            .is_some();
+        Ok(Response::new(ListPeersReply {
+            keeps,
+            owner: self.inner.node_id.clone(),
+            smtp: self.inner.advertise.smtp.clone(),
+        }))
+    }
+}
+
+/// Serves Minger (and gRPC health, reporting SERVING) on `listener` until `shutdown`
+/// resolves. `tls` is `(cert_pem, key_pem)`; `None` serves plaintext (loopback only).
+pub async fn serve_minger(
+    listener: TcpListener,
+    service: MingerService,
+    tls: Option<(Vec<u8>, Vec<u8>)>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    ensure_crypto_provider();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<MingerServer<MingerService>>().await;
+    let mut builder = Server::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some((cert, key)) = tls {
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(Error::Serve)?;
+    }
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, node = %service.inner.node_id, "Minger listening");
+    builder
+        .add_service(health_service)
+        .add_service(MingerServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(Error::Serve)
+}
