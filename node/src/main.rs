@@ -1,1 +1,363 @@
-fn main() {}
+//! `dshare`: run a Domain Share node, or manage a running one through its admin service.
+
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use ds_server::admin::proto::{self, admin_client::AdminClient, admin_request::Op};
+use ds_server::{Config, Node, StartOptions};
+
+mod dev_cluster;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dshare",
+    version,
+    about = "Domain Share: one e-mail domain, several offices"
+)]
+struct Cli {
+    /// Configuration file (TOML). Without one, the embedded defaults are used.
+    #[arg(short = 'c', long = "config", global = true, env = "DSHARE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Admin service address (default: the configuration's first admin listener).
+    #[arg(long, global = true)]
+    admin: Option<SocketAddr>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node (embedded defaults when no --config is given).
+    Serve,
+    /// Manage accounts.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Manage account aliases.
+    #[command(subcommand)]
+    Alias(AliasCmd),
+    /// Manage Router records (`<john> = j.smith@client1.com`).
+    #[command(subcommand)]
+    Route(RouteCmd),
+    /// Manage mailing lists.
+    #[command(subcommand)]
+    List(ListCmd),
+    /// Show the served domains.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Show how a name resolves, step by step, and where it lives.
+    Lookup {
+        name: String,
+        /// The local IP address the client would have connected to.
+        #[arg(long)]
+        local_ip: Option<IpAddr>,
+        /// The TLS SNI host name the client would have sent.
+        #[arg(long)]
+        sni: Option<String>,
+    },
+    /// Show each peer's state, last round trip and last error.
+    Peers,
+    /// Inspect and manage the outbound queue.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Generate a cluster CA, a certificate per node and the shared secret, for deployment.
+    Pki {
+        /// Output directory (files: ca.pem, NODE.cert.pem, NODE.key.pem, cluster.secret).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids (also their host names in the certificates).
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Start several nodes in this process on 127.0.0.1, 127.0.0.2, … with demo accounts.
+    DevCluster {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Where the nodes keep their data (default: a fresh temporary directory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct PasswordArgs {
+    /// Read the password from standard input (one line).
+    #[arg(long, conflicts_with = "password")]
+    password_stdin: bool,
+    /// The password on the command line (for scripts; visible to other local users).
+    #[arg(long)]
+    password: Option<String>,
+}
+
+impl PasswordArgs {
+    fn get(&self) -> anyhow::Result<String> {
+        let pw = if let Some(p) = &self.password {
+            p.clone()
+        } else if self.password_stdin {
+            let mut s = String::new();
+            std::io::stdin()
+                .take(4096)
+                .read_to_string(&mut s)
+                .context("reading the password from standard input")?;
+            s.lines().next().unwrap_or("").to_string()
+        } else {
+            bail!("give the password with --password-stdin or --password");
+        };
+        if pw.is_empty() {
+            bail!("empty password");
+        }
+        Ok(pw)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCmd {
+    /// Create an account (every peer is asked first).
+    Add {
+        name: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// Create even if a peer cannot be asked (logged).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete an account.
+    Del {
+        name: String,
+    },
+    /// List accounts.
+    List {
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Change a password.
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    Enable {
+        name: String,
+    },
+    Disable {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AliasCmd {
+    /// Add ALIAS as another name of ACCOUNT.
+    Add {
+        alias: String,
+        account: String,
+    },
+    Del {
+        alias: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RouteCmd {
+    /// Add a Router record: PATTERN (`<john>`, `<x@dom>`, `<*@dom>`) = TARGET (address or `error:text`).
+    Add {
+        pattern: String,
+        target: String,
+    },
+    Del {
+        pattern: String,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum ListCmd {
+    Add { name: String },
+    Del { name: String },
+    Members { name: String },
+    Subscribe { list: String, member: String },
+    Unsubscribe { list: String, member: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum DomainCmd {
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCmd {
+    List,
+    /// Try a queued message again now.
+    Retry {
+        id: u64,
+    },
+    /// Drop a queued message without a bounce.
+    Delete {
+        id: u64,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dshare: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(&cli.config)?;
+    let op = match cli.command {
+        Command::Serve => return serve(config).await,
+        Command::DevCluster { nodes, data_dir } => return dev_cluster::run(nodes, data_dir).await,
+        Command::Pki { out, nodes } => return dev_cluster::write_pki(&out, &nodes),
+        Command::Account(c) => match c {
+            AccountCmd::Add {
+                name,
+                password,
+                force,
+            } => Op::AccountAdd(proto::AccountAdd {
+                name,
+                password: password.get()?,
+                force,
+            }),
+            AccountCmd::Del { name } => Op::AccountDel(proto::Name { name }),
+            AccountCmd::List { domain } => Op::AccountList(proto::DomainFilter {
+                domain: domain.unwrap_or_default(),
+            }),
+            AccountCmd::Passwd { name, password } => Op::AccountPasswd(proto::AccountAdd {
+                name,
+                password: password.get()?,
+                force: false,
+            }),
+            AccountCmd::Enable { name } => Op::AccountEnable(proto::Name { name }),
+            AccountCmd::Disable { name } => Op::AccountDisable(proto::Name { name }),
+        },
+        Command::Alias(c) => match c {
+            AliasCmd::Add { alias, account } => Op::AliasAdd(proto::Pair {
+                first: alias,
+                second: account,
+            }),
+            AliasCmd::Del { alias } => Op::AliasDel(proto::Name { name: alias }),
+        },
+        Command::Route(c) => match c {
+            RouteCmd::Add { pattern, target } => Op::RouteAdd(proto::Pair {
+                first: pattern,
+                second: target,
+            }),
+            RouteCmd::Del { pattern } => Op::RouteDel(proto::Name { name: pattern }),
+            RouteCmd::List => Op::RouteList(proto::Empty {}),
+        },
+        Command::List(c) => match c {
+            ListCmd::Add { name } => Op::ListAdd(proto::Name { name }),
+            ListCmd::Del { name } => Op::ListDel(proto::Name { name }),
+            ListCmd::Members { name } => Op::ListMembers(proto::Name { name }),
+            ListCmd::Subscribe { list, member } => Op::ListSubscribe(proto::Pair {
+                first: list,
+                second: member,
+            }),
+            ListCmd::Unsubscribe { list, member } => Op::ListUnsubscribe(proto::Pair {
+                first: list,
+                second: member,
+            }),
+        },
+        Command::Domain(DomainCmd::List) => Op::DomainList(proto::Empty {}),
+        Command::Lookup {
+            name,
+            local_ip,
+            sni,
+        } => Op::Lookup(proto::Lookup {
+            name,
+            local_ip: local_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            sni: sni.unwrap_or_default(),
+        }),
+        Command::Peers => Op::Peers(proto::Empty {}),
+        Command::Queue(c) => match c {
+            QueueCmd::List => Op::QueueList(proto::Empty {}),
+            QueueCmd::Retry { id } => Op::QueueRetry(proto::Id { id }),
+            QueueCmd::Delete { id } => Op::QueueDelete(proto::Id { id }),
+        },
+    };
+    admin_call(&config, cli.admin, op).await
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let node = Node::start(config, StartOptions::default()).await?;
+    let a = node.addrs();
+    tracing::info!(smtp = ?a.smtp, pop3 = ?a.pop3, admin = ?a.admin, "ready");
+    ds_net::os_signal().await?;
+    tracing::info!("signal received, draining");
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Sends one command to the node's admin service and prints the reply.
+async fn admin_call(config: &Config, admin: Option<SocketAddr>, op: Op) -> anyhow::Result<()> {
+    let mut addr = admin
+        .or_else(|| config.listen.admin.first().copied())
+        .context("no admin listener configured (give --admin)")?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let token = ds_server::admin::read_token(&config.node.data_dir).with_context(|| {
+        format!(
+            "reading the admin token in {} (is the node's data directory here?)",
+            config.node.data_dir.display()
+        )
+    })?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(60))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the node's admin service at {addr}"))?;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+    let mut client = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    });
+    match client.run(proto::AdminRequest { op: Some(op) }).await {
+        Ok(reply) => {
+            for line in reply.into_inner().lines {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Err(status) => bail!("{}", status.message()),
+    }
+}

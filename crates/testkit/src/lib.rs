@@ -1,1 +1,225 @@
-//! ds-testkit
+//! Test-only: real nodes in this process on loopback ephemeral ports, with temporary data
+//! directories and a test certificate authority.
+//!
+//! `Cluster::start(n)` starts `n` nodes sharing `example.com`; node `i` listens on
+//! `127.0.0.{i+1}`, talks Minger to the others over TLS verified against the test CA, and
+//! knows the shared secret. Nodes can be stopped and restarted on the same data and ports.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tempfile::TempDir;
+
+use ds_directory::HashCost;
+use ds_net::tls::Pki;
+use ds_server::config::{DomainSection, PeerSection};
+use ds_server::{Config, Node, StartOptions};
+
+/// A cheap Argon2id cost so tests do not spend their time hashing.
+pub const TEST_HASH_COST: HashCost = HashCost {
+    memory_kib: 64,
+    iterations: 1,
+};
+
+/// The shared secret of test clusters.
+pub const TEST_SECRET: &str = "test-cluster-secret-0123456789";
+
+/// The loopback address of node `i`.
+pub fn node_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, (i + 1) as u8))
+}
+
+fn any_port(ip: IpAddr) -> Vec<SocketAddr> {
+    vec![SocketAddr::new(ip, 0)]
+}
+
+/// One node of a test cluster; it keeps its data directory across restarts.
+pub struct TestNode {
+    pub config: Config,
+    node: Option<Node>,
+    minger: SocketAddr,
+    _dir: TempDir,
+}
+
+impl TestNode {
+    /// The running node. Panics if it is stopped.
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().expect("node is stopped")
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.node.is_some()
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.node.id
+    }
+
+    pub fn smtp(&self) -> SocketAddr {
+        self.node().addrs().smtp[0]
+    }
+
+    pub fn pop3(&self) -> SocketAddr {
+        self.node().addrs().pop3[0]
+    }
+
+    pub fn pop3s(&self) -> SocketAddr {
+        self.node().addrs().pop3s[0]
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.node().addrs().admin[0]
+    }
+
+    pub fn minger(&self) -> SocketAddr {
+        self.minger
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.node.data_dir.clone()
+    }
+
+    /// Creates an account through the node's creation guard (peers are asked first).
+    pub async fn add_account(&self, name: &str, password: &str) -> anyhow::Result<()> {
+        self.node()
+            .state
+            .create_account(name, password, false)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", name, s.message()))?;
+        Ok(())
+    }
+
+    /// Stops the node (graceful); its data and addresses stay for [`TestNode::restart`].
+    pub async fn stop(&mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown().await;
+        }
+    }
+
+    /// Starts the node again on the same data directory and the same ports.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.node.is_none(), "node is running");
+        self.node = Some(start_node(self.config.clone()).await?);
+        Ok(())
+    }
+}
+
+async fn start_node(config: Config) -> anyhow::Result<Node> {
+    let id = config.node.id.clone();
+    Node::start(
+        config,
+        StartOptions {
+            hash_cost: Some(TEST_HASH_COST),
+        },
+    )
+    .await
+    .with_context(|| format!("starting {id}"))
+}
+
+/// Several nodes sharing `example.com`.
+pub struct Cluster {
+    pub nodes: Vec<TestNode>,
+    pub pki: Pki,
+    pub root: TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with the default test configuration.
+    pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        Self::start_with(n, |_, _| {}).await
+    }
+
+    /// Starts `n` nodes, letting `tweak` change each configuration first.
+    pub async fn start_with(
+        n: usize,
+        tweak: impl Fn(usize, &mut Config),
+    ) -> anyhow::Result<Cluster> {
+        ds_net::ensure_crypto_provider();
+        let root = tempfile::tempdir()?;
+        let pki = Pki::generate("dshare test CA");
+        let ca = root.path().join("ca.pem");
+        std::fs::write(&ca, pki.ca_cert_pem())?;
+        let secret = root.path().join("cluster.secret");
+        std::fs::write(&secret, TEST_SECRET)?;
+
+        // Minger ports are fixed first so that every node can name its peers.
+        let mut minger = vec![];
+        for i in 0..n {
+            let l = std::net::TcpListener::bind(SocketAddr::new(node_ip(i), 0))?;
+            minger.push(l.local_addr()?);
+        }
+        let mut configs = vec![];
+        for i in 0..n {
+            let dir = tempfile::tempdir()?;
+            let id = format!("node-{}", (b'a' + i as u8) as char);
+            let (cert, key) = pki.issue(&["localhost", &id], &[node_ip(i)]);
+            std::fs::write(dir.path().join("cert.pem"), cert)?;
+            std::fs::write(dir.path().join("key.pem"), key)?;
+            let mut c = Config::default();
+            c.node.id = id;
+            c.node.data_dir = dir.path().to_path_buf();
+            c.node.main_domain = "example.com".into();
+            c.node.advertise = node_ip(i).to_string();
+            c.domains = vec![DomainSection {
+                name: "example.com".into(),
+                shared: true,
+                addresses: vec![],
+            }];
+            let ip = node_ip(i);
+            c.listen.smtp = any_port(ip);
+            c.listen.pop3 = any_port(ip);
+            c.listen.pop3s = any_port(ip);
+            c.listen.imap = vec![];
+            c.listen.minger = vec![minger[i]];
+            c.listen.admin = any_port(ip);
+            c.listen.metrics = any_port(ip);
+            c.tls.cert = Some(dir.path().join("cert.pem"));
+            c.tls.key = Some(dir.path().join("key.pem"));
+            c.tls.cluster_ca = Some(ca.clone());
+            c.cluster.secret_file = Some(secret.clone());
+            c.cluster.lookup_timeout = std::time::Duration::from_millis(800);
+            c.cluster.peers = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| PeerSection {
+                    id: format!("node-{}", (b'a' + j as u8) as char),
+                    minger: format!("https://{}", minger[j]),
+                    smtp: None,
+                })
+                .collect();
+            tweak(i, &mut c);
+            configs.push((c, dir, minger[i]));
+        }
+        let mut nodes = vec![];
+        for (config, dir, minger) in configs {
+            let node = start_node(config.clone()).await?;
+            nodes.push(TestNode {
+                config,
+                node: Some(node),
+                minger,
+                _dir: dir,
+            });
+        }
+        Ok(Cluster { nodes, pki, root })
+    }
+
+    /// A single node: the embedded defaults on ephemeral ports.
+    pub async fn single() -> anyhow::Result<Cluster> {
+        Self::start(1).await
+    }
+
+    pub fn node(&self, i: usize) -> &TestNode {
+        &self.nodes[i]
+    }
+
+    pub fn node_mut(&mut self, i: usize) -> &mut TestNode {
+        &mut self.nodes[i]
+    }
+
+    /// Stops every node.
+    pub async fn shutdown(mut self) {
+        for n in &mut self.nodes {
+            n.stop().await;
+        }
+    }
+}

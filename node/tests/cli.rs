@@ -1,0 +1,295 @@
+//! The `dshare` binary end to end: a real node process, driven by the real CLI.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dshare");
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind(format!("{ip}:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A config with two domains on 127.0.0.1 (company.com, main) and 127.0.0.2 (client1.com),
+/// plus client2.com with no address: the CommuniGate Pro multihoming sample.
+fn write_config(dir: &Path, admin: u16) -> std::path::PathBuf {
+    let path = dir.join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[node]
+id = "office-a"
+data_dir = "{data}"
+main_domain = "company.com"
+
+[[domain]]
+name = "company.com"
+addresses = ["127.0.0.1"]
+
+[[domain]]
+name = "client1.com"
+addresses = ["127.0.0.2"]
+
+[[domain]]
+name = "client2.com"
+
+[listen]
+smtp = []
+pop3 = []
+imap = []
+minger = []
+admin = ["127.0.0.1:{admin}"]
+metrics = []
+"#,
+            data = dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(config: &Path, admin: u16) -> Serve {
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "node did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Serve(child)
+}
+
+fn dshare(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn err(out: &Output) -> String {
+    assert!(!out.status.success(), "unexpectedly succeeded");
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+#[test]
+fn accounts_survive_restart_and_bad_input_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port("127.0.0.1");
+    let cfg = write_config(dir.path(), admin);
+    let node = serve(&cfg, admin);
+
+    let out = dshare(
+        &cfg,
+        &["account", "add", "info", "--password-stdin"],
+        Some("s3cret\n"),
+    );
+    assert_eq!(ok(&out).trim(), "created info@company.com");
+    let long = format!("{}@company.com", "a".repeat(300));
+    let bad: &[(&[&str], &str)] = &[
+        (&["account", "add", "", "--password", "x"], "empty name"),
+        (
+            &["account", "add", "@", "--password", "x"],
+            "empty local part",
+        ),
+        (
+            &["account", "add", "a@@b", "--password", "x"],
+            "not allowed",
+        ),
+        (
+            &["account", "add", &long, "--password", "x"],
+            "longer than 64",
+        ),
+        (
+            &["account", "add", "a\u{1}b", "--password", "x"],
+            "control character",
+        ),
+        (
+            &["account", "add", "x@unknown.org", "--password", "x"],
+            "not served",
+        ),
+        (
+            &["account", "add", "INFO@company.com", "--password", "x"],
+            "already exists",
+        ),
+        (&["account", "add", "nopass"], "--password-stdin"),
+    ];
+    for (args, want) in bad {
+        let e = err(&dshare(&cfg, args, None));
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    ok(&dshare(&cfg, &["route", "add", "<a>", "b"], None));
+    let e = err(&dshare(&cfg, &["route", "add", "<b>", "a"], None));
+    assert!(e.contains("routing loop"), "{e}");
+    assert_eq!(
+        ok(&dshare(&cfg, &["route", "list"], None)).lines().count(),
+        1
+    );
+    assert_eq!(
+        ok(&dshare(&cfg, &["account", "list"], None)).trim(),
+        "info@company.com"
+    );
+
+    // A restart keeps the account.
+    drop(node);
+    let _node = serve(&cfg, admin);
+    assert_eq!(
+        ok(&dshare(&cfg, &["account", "list"], None)).trim(),
+        "info@company.com"
+    );
+}
+
+#[test]
+fn lookup_shows_the_communigate_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port("127.0.0.1");
+    let cfg = write_config(dir.path(), admin);
+    let _node = serve(&cfg, admin);
+    for a in [
+        "info@company.com",
+        "info@client1.com",
+        "info%client2.com",
+        "j.smith@client1.com",
+    ] {
+        ok(&dshare(
+            &cfg,
+            &["account", "add", a, "--password", "pw"],
+            None,
+        ));
+    }
+    ok(&dshare(
+        &cfg,
+        &["account", "add", "john", "--password", "pw"],
+        None,
+    ));
+    ok(&dshare(&cfg, &["alias", "add", "john_smith", "john"], None));
+
+    let look = |args: &[&str]| {
+        let mut a = vec!["lookup"];
+        a.extend_from_slice(args);
+        ok(&dshare(&cfg, &a, None))
+    };
+    let out = look(&["info", "--local-ip", "127.0.0.1"]);
+    assert!(
+        out.contains("local IP") && out.contains("outcome: account info@company.com"),
+        "{out}"
+    );
+    let out = look(&["info", "--local-ip", "127.0.0.2"]);
+    assert!(out.contains("outcome: account info@client1.com"), "{out}");
+    let out = look(&["info%client2.com", "--local-ip", "127.0.0.1"]);
+    assert!(
+        out.contains("full name") && out.contains("outcome: account info@client2.com"),
+        "{out}"
+    );
+    let out = look(&[
+        "info",
+        "--local-ip",
+        "127.0.0.1",
+        "--sni",
+        "mail.client2.com",
+    ]);
+    assert!(
+        out.contains("TLS SNI") && out.contains("outcome: account info@client2.com"),
+        "{out}"
+    );
+    let out = look(&["john_smith"]);
+    assert!(
+        out.contains("alias") && out.contains("outcome: account john@company.com"),
+        "{out}"
+    );
+
+    // The account moves to client1.com as j.smith.
+    ok(&dshare(&cfg, &["account", "del", "john"], None));
+    ok(&dshare(
+        &cfg,
+        &["route", "add", "<john>", "j.smith@client1.com"],
+        None,
+    ));
+    let out = look(&["john", "--local-ip", "127.0.0.1"]);
+    assert!(
+        out.contains("router") && out.contains("outcome: account j.smith@client1.com"),
+        "{out}"
+    );
+    let out = look(&["nobody"]);
+    assert!(out.contains("outcome: unknown nobody@company.com"), "{out}");
+    let e = err(&dshare(
+        &cfg,
+        &["lookup", "info", "--local-ip", "banana"],
+        None,
+    ));
+    assert!(e.contains("banana"), "{e}");
+}
+
+#[test]
+fn malformed_config_is_refused_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[node]\nid = \"x\"\nmain_domian = \"a.com\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let e = err(&out);
+    assert!(e.contains("main_domian"), "{e}");
+    std::fs::write(&cfg, "[node\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn wrong_admin_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port("127.0.0.1");
+    let cfg = write_config(dir.path(), admin);
+    let _node = serve(&cfg, admin);
+    std::fs::write(dir.path().join("data/admin.token"), "not-the-token").unwrap();
+    let e = err(&dshare(&cfg, &["account", "list"], None));
+    assert!(e.contains("bad admin token"), "{e}");
+}
