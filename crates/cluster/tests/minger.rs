@@ -380,7 +380,7 @@ async fn silent_peer_costs_at_most_the_timeout() {
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut config = ClusterConfig::new("office-x", endpoints("office-x"), SECRET);
     config.ca_pem = Some(c.pki.ca_pem.clone().into_bytes());
-    config.lookup_timeout = Duration::from_millis(300);
+    config.lookup_timeout = Duration::from_millis(1000);
     config.peers = vec![
         PeerConfig {
             id: "office-0".into(),
@@ -402,7 +402,7 @@ async fn silent_peer_costs_at_most_the_timeout() {
         "{location:?}"
     );
     assert!(
-        started.elapsed() < Duration::from_millis(800),
+        started.elapsed() < Duration::from_millis(1800),
         "{:?}",
         started.elapsed()
     );
@@ -418,7 +418,7 @@ async fn silent_peer_costs_at_most_the_timeout() {
         "office-0"
     );
     assert!(
-        started.elapsed() < Duration::from_millis(250),
+        started.elapsed() < Duration::from_millis(800),
         "{:?}",
         started.elapsed()
     );
@@ -513,22 +513,37 @@ async fn concurrent_lookups_share_one_fan_out() {
     assert_eq!(served[1], 1, "{served:?}");
     assert!(served[2] <= 1, "{served:?}");
 
-    // Misses are shared too (and not cached: the next lookup asks again).
+    // Misses are shared too while the fan-out is under way: a silent peer keeps it open
+    // for the whole timeout, so all 20 callers join the first one.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = ClusterConfig::new("office-x", endpoints("office-x"), SECRET);
+    config.ca_pem = Some(c.pki.ca_pem.clone().into_bytes());
+    config.lookup_timeout = Duration::from_millis(400);
+    config.peers = vec![
+        PeerConfig {
+            id: "office-1".into(),
+            minger_url: url(c.nodes[1].addr),
+            smtp: None,
+        },
+        PeerConfig {
+            id: "silent".into(),
+            minger_url: url(silent.local_addr().unwrap()),
+            smtp: None,
+        },
+    ];
+    let store = Store::temporary().unwrap();
+    let x = Locator::new(config, directory(&store), &store).unwrap();
     let lookups = (0..20).map(|_| {
-        let a = a.clone();
-        tokio::spawn(async move { a.locate("nobody@example.com", Purpose::Rcpt).await })
+        let x = x.clone();
+        tokio::spawn(async move { x.locate("nobody@example.com", Purpose::Rcpt).await })
     });
     for result in futures::future::join_all(lookups).await {
-        assert_eq!(result.unwrap(), Location::Unknown);
+        assert!(matches!(result.unwrap(), Location::TempFail(_)));
     }
-    let after = c.lookups_served();
-    assert_eq!(
-        (after[1] - served[1], after[2] - served[2]),
-        (1, 1),
-        "{after:?}"
-    );
-    a.locate("nobody@example.com", Purpose::Rcpt).await;
-    assert_eq!(c.lookups_served()[1], after[1] + 1);
+    assert_eq!(c.lookups_served()[1], served[1] + 1);
+    // A miss is not cached: the next lookup asks again.
+    x.locate("nobody@example.com", Purpose::Rcpt).await;
+    assert_eq!(c.lookups_served()[1], served[1] + 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
