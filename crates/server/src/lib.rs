@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use ds_cluster::{ClusterConfig, Endpoints, Location, Locator, PeerConfig, Purpose};
 use ds_directory::{Account, Directory, Domain, Domains, HashCost, Outcome};
 use ds_net::{Shutdown, ShutdownTrigger, shutdown_pair};
 use ds_store::Store;
@@ -36,6 +37,8 @@ pub enum Error {
     Directory(#[from] ds_directory::Error),
     #[error(transparent)]
     Net(#[from] ds_net::Error),
+    #[error(transparent)]
+    Cluster(#[from] ds_cluster::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -83,22 +86,30 @@ pub struct NodeState {
     pub data_dir: PathBuf,
     pub store: Store,
     pub directory: Directory,
+    pub locator: Locator,
 }
 
 impl NodeState {
-    /// Creates an account (the cluster's creation guard asks peers first).
+    /// Creates an account after every peer reserved its address (the creation guard).
     pub async fn create_account(
         &self,
         name: &str,
         password: &str,
-        _force: bool,
+        force: bool,
     ) -> std::result::Result<Account, tonic::Status> {
-        let dir = self.directory.clone();
-        let (name, password) = (name.to_string(), password.to_string());
-        let account = tokio::task::spawn_blocking(move || dir.add_account(&name, &password, now()))
+        use ds_cluster::Error as E;
+        let account = self
+            .locator
+            .create_account(name, password, force, now())
             .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
-            .map_err(admin::status)?;
+            .map_err(|e| match e {
+                E::Directory(d) => admin::status(d),
+                E::Exists { .. } => tonic::Status::already_exists(e.to_string()),
+                E::Unavailable { .. } => tonic::Status::unavailable(format!(
+                    "{e}; nothing was created (retry, or --force to create anyway)"
+                )),
+                other => tonic::Status::internal(other.to_string()),
+            })?;
         self.store
             .flush_async()
             .await
@@ -106,19 +117,67 @@ impl NodeState {
         Ok(account)
     }
 
-    /// An address stopped being an active account here: tell the peers.
-    pub async fn account_gone(&self, _address: &str) {}
+    /// An address stopped being an active account here: drop it from every peer's cache.
+    pub async fn account_gone(&self, address: &str) {
+        if let Err(e) = self.store.flush_async().await {
+            tracing::error!(error = %e, "flush failed");
+        }
+        self.locator.invalidate_everywhere(address).await;
+    }
 
     /// Where a resolution's outcome lives, for `dshare lookup`.
     pub async fn where_is(&self, outcome: &Outcome) -> Vec<String> {
         match outcome {
             Outcome::Account { .. } | Outcome::List(_) => vec!["location: this node".into()],
+            Outcome::Unknown(addr) => {
+                let loc = self.locator.locate(addr, Purpose::Admin).await;
+                vec![match loc {
+                    Location::Remote(o) => format!(
+                        "location: node {} as {} ({}{}), smtp {} pop3 {}",
+                        o.node,
+                        o.canonical,
+                        match o.kind {
+                            ds_cluster::Kind::Account => "account",
+                            ds_cluster::Kind::List => "list",
+                        },
+                        if o.can_receive { "" } else { ", disabled" },
+                        o.smtp,
+                        o.pop3
+                    ),
+                    Location::TempFail(why) => {
+                        format!("location: temporarily unknown ({why})")
+                    }
+                    Location::Unknown => "location: no node has it".into(),
+                    other => format!("location: {}", other.outcome()),
+                }]
+            }
             _ => vec![],
         }
     }
 
     pub fn peers_report(&self) -> Vec<String> {
-        vec!["no peers configured".into()]
+        let peers = self.locator.peers_status();
+        if peers.is_empty() {
+            return vec!["no peers configured".into()];
+        }
+        peers
+            .into_iter()
+            .map(|p| {
+                let state = match p.state {
+                    ds_cluster::PeerState::Unknown => "unknown",
+                    ds_cluster::PeerState::Up => "up",
+                    ds_cluster::PeerState::Down => "down",
+                };
+                let mut s = format!("{} {} {state}", p.id, p.minger_url);
+                if let Some(rtt) = p.last_rtt {
+                    s.push_str(&format!(" rtt={:.1}ms", rtt.as_secs_f64() * 1000.0));
+                }
+                if let Some(e) = p.last_error {
+                    s.push_str(&format!(" last_error={e:?}"));
+                }
+                s
+            })
+            .collect()
     }
 
     pub fn queue_report(&self) -> std::result::Result<Vec<String>, String> {
@@ -197,20 +256,65 @@ impl Node {
             directory = directory.with_hash_cost(cost);
         }
         let token = admin::load_or_create_token(&data_dir).map_err(io("admin token"))?;
+        let tls = load_tls(&config, &data_dir)?;
+        let secret = load_secret(&config, &data_dir)?;
+        let ca_pem = match &config.tls.cluster_ca {
+            Some(p) => Some(std::fs::read(p).map_err(io(format!("reading {}", p.display())))?),
+            None => None,
+        };
 
+        let smtp_l = bind_all(&config.listen.smtp, "SMTP").await?;
+        let pop3_l = bind_all(&config.listen.pop3, "POP3").await?;
+        let pop3s_l = bind_all(&config.listen.pop3s, "POP3S").await?;
+        let minger_l = bind_all(&config.listen.minger, "Minger").await?;
         let admin_l = bind_all(&config.listen.admin, "admin").await?;
         let metrics_l = bind_all(&config.listen.metrics, "metrics").await?;
         let addrs = BoundAddrs {
+            smtp: local_addrs(&smtp_l),
+            pop3: local_addrs(&pop3_l),
+            pop3s: local_addrs(&pop3s_l),
+            minger: local_addrs(&minger_l),
             admin: local_addrs(&admin_l),
             metrics: local_addrs(&metrics_l),
-            ..Default::default()
         };
+
+        let endpoint = |a: &[SocketAddr]| {
+            a.first()
+                .map(|a| format!("{}:{}", config.node.advertise, a.port()))
+                .unwrap_or_default()
+        };
+        let mut cluster = ClusterConfig::new(
+            config.node.id.clone(),
+            Endpoints {
+                smtp: endpoint(&addrs.smtp),
+                pop3: endpoint(&addrs.pop3),
+                imap: String::new(),
+            },
+            secret.clone(),
+        );
+        cluster.peers = config
+            .cluster
+            .peers
+            .iter()
+            .map(|p| PeerConfig {
+                id: p.id.clone(),
+                minger_url: p.minger.clone(),
+                smtp: p.smtp.clone(),
+            })
+            .collect();
+        cluster.ca_pem = ca_pem.clone();
+        cluster.positive_ttl = config.cluster.positive_ttl;
+        cluster.negative_ttl = config.cluster.negative_ttl;
+        cluster.lookup_timeout = config.cluster.lookup_timeout;
+        cluster.allowed_domains = config.cluster.allowed_domains.clone();
+        let locator = Locator::new(cluster, directory.clone(), &store)?;
 
         let state = Arc::new(NodeState {
             config,
             data_dir,
             store,
             directory,
+            locator,
         });
         let (trigger, shutdown) = shutdown_pair();
         let mut tasks = vec![];
@@ -222,6 +326,16 @@ impl Node {
                 shutdown.clone(),
             )));
         }
+        for l in minger_l {
+            let svc = state.locator.minger_service();
+            let tls = Some((tls.cert.clone(), tls.key.clone()));
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = ds_cluster::serve_minger(l, svc, tls, stop.wait()).await {
+                    tracing::error!(error = %e, "Minger service failed");
+                }
+            }));
+        }
         let recorder = metrics_http::recorder();
         for l in metrics_l {
             tasks.push(tokio::spawn(metrics_http::serve(
@@ -232,6 +346,9 @@ impl Node {
         }
         tracing::info!(
             node = %state.config.node.id,
+            smtp = ?addrs.smtp,
+            pop3 = ?addrs.pop3,
+            minger = ?addrs.minger,
             admin = ?addrs.admin,
             "node started"
         );
@@ -258,6 +375,58 @@ impl Node {
         }
         tracing::info!(node = %self.state.config.node.id, "node stopped");
     }
+}
+
+/// The node's certificate and key (PEM).
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+fn load_tls(config: &Config, data_dir: &Path) -> Result<TlsMaterial> {
+    let (cert, key) = match (&config.tls.cert, &config.tls.key) {
+        (Some(c), Some(k)) => (
+            std::fs::read(c).map_err(io(format!("reading {}", c.display())))?,
+            std::fs::read(k).map_err(io(format!("reading {}", k.display())))?,
+        ),
+        _ => {
+            let mut names = vec![config.node.advertise.clone(), "localhost".to_string()];
+            names.extend(config.domains.iter().map(|d| d.name.clone()));
+            names.push(config.node.main_domain.clone());
+            names.dedup();
+            ds_net::tls::load_or_create_self_signed(data_dir, &names)?
+        }
+    };
+    // Fail at start, not at the first handshake.
+    ds_net::tls::server_config_from_pem(&cert, &key)?;
+    Ok(TlsMaterial { cert, key })
+}
+
+/// The cluster secret: from `cluster.secret_file`, else generated once in the data dir.
+fn load_secret(config: &Config, data_dir: &Path) -> Result<String> {
+    let path = match &config.cluster.secret_file {
+        Some(p) => p.clone(),
+        None => {
+            let p = data_dir.join("cluster.secret");
+            if !p.exists() {
+                write_private(&p, random_hex(24).as_bytes()).map_err(io("cluster secret"))?;
+            }
+            p
+        }
+    };
+    let secret = std::fs::read_to_string(&path)
+        .map_err(io(format!("reading {}", path.display())))?
+        .trim()
+        .to_string();
+    if secret.chars().count() < ds_cluster::config::MIN_SECRET_LEN {
+        return Err(Error::Config(format!(
+            "{}: the cluster secret must be at least {} characters",
+            path.display(),
+            ds_cluster::config::MIN_SECRET_LEN
+        )));
+    }
+    Ok(secret)
 }
 
 async fn serve_admin(l: TcpListener, state: Arc<NodeState>, token: String, shutdown: Shutdown) {
