@@ -152,7 +152,7 @@ fn accounts_survive_restart_and_bad_input_changes_nothing() {
         ),
         (
             &["account", "add", "INFO@company.com", "--password", "x"],
-            "already exists",
+            "exists as an account",
         ),
         (&["account", "add", "nopass"], "--password-stdin"),
     ];
