@@ -1,0 +1,240 @@
+//! POP3 forwarding, front side: open a session on the owner of an account (DESIGN.md §7) —
+//! connect with a timeout, upgrade with STLS against the cluster CA when configured, pass the
+//! client's address in a signed `XCLIENT`, log in with the canonical name and the client's
+//! password — and report the owner's answer. The caller relays the answer and, on `+OK`, splices
+//! the two connections. The password is only ever held for the length of the login.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ds_net::{LineConn, MailStream, TlsConnector};
+use tokio::net::TcpStream;
+
+use crate::locate::Pop3Owner;
+use crate::protocol::{self, MAX_COMMAND_LINE, MAX_INITIAL_RESPONSE, Secret};
+use crate::{Error, Pop3, Result, xclient};
+
+/// The reply an owner gives to a forwarded login for an account it does not have. The front node
+/// recognises it (its cached owner is stale), locates the address once more, and shows the client
+/// the plain [`AUTH_FAILED`](crate::session::AUTH_FAILED) text if that fails too.
+pub const NOT_HERE: &str = "-ERR [AUTH] Authentication failed (no such account on this node)\r\n";
+
+/// Most lines of an owner's CAPA answer we read.
+const MAX_CAPA_LINES: usize = 64;
+
+/// How the client logged in; the owner is asked the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginMethod {
+    /// `USER` + `PASS`.
+    UserPass,
+    /// `AUTH PLAIN`.
+    SaslPlain,
+}
+
+/// What the owner said to the forwarded login.
+#[derive(Debug)]
+pub enum OwnerAnswer {
+    /// `+OK`: the session is open on the owner; relay `reply`, then splice.
+    Accepted {
+        /// The connection to the owner, logged in.
+        conn: LineConn<MailStream>,
+        /// The owner's `+OK` line, CRLF included.
+        reply: Vec<u8>,
+    },
+    /// `-ERR`: relay `reply` (unless `not_here`, see [`NOT_HERE`]).
+    Refused {
+        /// The owner's `-ERR` line, CRLF included.
+        reply: Vec<u8>,
+        /// The owner does not have the account.
+        not_here: bool,
+    },
+}
+
+fn owner_err(owner: &Pop3Owner, reason: impl Into<String>) -> Error {
+    Error::Owner {
+        node: owner.node.clone(),
+        reason: reason.into(),
+    }
+}
+
+/// The host part of `host:port` (`[v6]:port` too), for TLS server-name checks.
+fn host_of(endpoint: &str) -> &str {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// One status line from the owner, CRLF-terminated.
+async fn read_reply(
+    conn: &mut LineConn<MailStream>,
+    owner: &Pop3Owner,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    match conn.read_line(MAX_COMMAND_LINE, timeout).await {
+        Ok(Some(mut line)) => {
+            if !line.ends_with(b"\r\n") {
+                line.pop();
+                line.extend_from_slice(b"\r\n");
+            }
+            Ok(line)
+        }
+        Ok(None) => Err(owner_err(owner, "closed the connection")),
+        Err(e) => Err(owner_err(owner, format!("reading a reply: {e}"))),
+    }
+}
+
+async fn command(
+    conn: &mut LineConn<MailStream>,
+    owner: &Pop3Owner,
+    line: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    conn.write_all(line).await?;
+    conn.flush().await?;
+    read_reply(conn, owner, timeout).await
+}
+
+fn expect_ok(reply: &[u8], owner: &Pop3Owner, what: &str) -> Result<()> {
+    if protocol::is_ok(reply) {
+        Ok(())
+    } else {
+        Err(owner_err(
+            owner,
+            format!(
+                "{what} refused: {}",
+                String::from_utf8_lossy(reply).trim_end()
+            ),
+        ))
+    }
+}
+
+/// Connect to `owner`, set the session up for `client` and log in as `owner.canonical` with
+/// `password`. `Err` means the owner could not be used (unreachable, no TLS, `XCLIENT` refused):
+/// the client gets `-ERR [SYS/TEMP]`.
+pub async fn login_at_owner(
+    pop3: &Pop3,
+    owner: &Pop3Owner,
+    client: SocketAddr,
+    method: LoginMethod,
+    password: &Secret,
+) -> Result<OwnerAnswer> {
+    let timeout = pop3.config.peer_timeout;
+    let secret = pop3
+        .config
+        .cluster_secret
+        .as_deref()
+        .ok_or_else(|| owner_err(owner, "no cluster secret configured, cannot forward"))?;
+
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(&owner.pop3))
+        .await
+        .map_err(|_| owner_err(owner, format!("connecting to {} timed out", owner.pop3)))?
+        .map_err(|e| owner_err(owner, format!("connecting to {}: {e}", owner.pop3)))?;
+    let _ = tcp.set_nodelay(true);
+    let mut conn = LineConn::new(MailStream::Plain(tcp));
+
+    let greeting = read_reply(&mut conn, owner, timeout).await?;
+    expect_ok(&greeting, owner, "greeting")?;
+    let timestamp = protocol::greeting_timestamp(&greeting)
+        .ok_or_else(|| owner_err(owner, "greeting without a timestamp"))?
+        .to_owned();
+
+    if let Some(tls) = &pop3.peer_tls {
+        if !owner_offers_stls(&mut conn, owner, timeout).await? {
+            return Err(owner_err(owner, "does not offer STLS (TLS is required)"));
+        }
+        let reply = command(&mut conn, owner, b"STLS\r\n", timeout).await?;
+        expect_ok(&reply, owner, "STLS")?;
+        let (stream, buffered) = conn.into_parts();
+        if !buffered.is_empty() {
+            return Err(owner_err(owner, "sent data after its STLS reply"));
+        }
+        let stream = stream
+            .connect_tls(
+                &TlsConnector::from(tls.clone()),
+                host_of(&owner.pop3),
+                pop3.config.tls_handshake_timeout,
+            )
+            .await
+            .map_err(|e| owner_err(owner, format!("TLS: {e}")))?;
+        conn = LineConn::new(stream);
+    }
+
+    let line = xclient::command_line(
+        secret,
+        &timestamp,
+        client.ip(),
+        client.port(),
+        &pop3.config.node_id,
+    );
+    let reply = command(&mut conn, owner, line.as_bytes(), timeout).await?;
+    expect_ok(&reply, owner, "XCLIENT")?;
+
+    let reply = match method {
+        LoginMethod::UserPass => {
+            let user = format!("USER {}\r\n", owner.canonical);
+            let reply = command(&mut conn, owner, user.as_bytes(), timeout).await?;
+            if !protocol::is_ok(&reply) {
+                return Ok(refused(reply));
+            }
+            let pass = format!("PASS {}\r\n", password.expose());
+            command(&mut conn, owner, pass.as_bytes(), timeout).await?
+        }
+        LoginMethod::SaslPlain => {
+            let initial = protocol::encode_plain(&owner.canonical, password.expose());
+            if initial.len() <= MAX_INITIAL_RESPONSE {
+                let auth = format!("AUTH PLAIN {initial}\r\n");
+                command(&mut conn, owner, auth.as_bytes(), timeout).await?
+            } else {
+                let go_ahead = command(&mut conn, owner, b"AUTH PLAIN\r\n", timeout).await?;
+                if !go_ahead.starts_with(b"+ ") && go_ahead != b"+\r\n" {
+                    return Ok(refused(go_ahead));
+                }
+                let response = format!("{initial}\r\n");
+                command(&mut conn, owner, response.as_bytes(), timeout).await?
+            }
+        }
+    };
+    if protocol::is_ok(&reply) {
+        Ok(OwnerAnswer::Accepted { conn, reply })
+    } else {
+        Ok(refused(reply))
+    }
+}
+
+fn refused(reply: Vec<u8>) -> OwnerAnswer {
+    let not_here = reply == NOT_HERE.as_bytes();
+    OwnerAnswer::Refused { reply, not_here }
+}
+
+/// Ask for CAPA; true if it lists STLS.
+async fn owner_offers_stls(
+    conn: &mut LineConn<MailStream>,
+    owner: &Pop3Owner,
+    timeout: Duration,
+) -> Result<bool> {
+    let reply = command(conn, owner, b"CAPA\r\n", timeout).await?;
+    if !protocol::is_ok(&reply) {
+        return Ok(false);
+    }
+    let mut stls = false;
+    for _ in 0..MAX_CAPA_LINES {
+        let line = read_reply(conn, owner, timeout).await?;
+        if line == b".\r\n" {
+            return Ok(stls);
+        }
+        stls |= line.eq_ignore_ascii_case(b"STLS\r\n");
+    }
+    Err(owner_err(owner, "CAPA answer too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn hosts() {
+        assert_eq!(host_of("office-b.example.net:110"), "office-b.example.net");
+        assert_eq!(host_of("127.0.0.1:1110"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:1110"), "::1");
+        assert_eq!(host_of("office-b"), "office-b");
+    }
+}

@@ -1,0 +1,741 @@
+//! The sans-IO POP3 command parser: one received line in, one typed [`Command`] (or a typed
+//! [`ParseError`]) out. Also the SASL pieces (continuation lines, the PLAIN message) and the reply
+//! helpers shared by the server session and the forwarding client.
+//!
+//! RFC 1939 (commands), RFC 2449 (CAPA, line lengths), RFC 5034 (AUTH), RFC 2595 (STLS), and our
+//! peer-only `XCLIENT ADDR= PORT= HOP= SIG=` (see [`crate::xclient`]).
+
+use std::fmt;
+use std::net::IpAddr;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+/// Longest command line read from a client, CRLF included (RFC 2449 caps responses at 512 octets;
+/// we allow commands as long, which leaves room for an `AUTH PLAIN` initial response).
+pub const MAX_COMMAND_LINE: usize = 512;
+/// Longest single argument (RFC 2449: 40 → 255 octets).
+pub const MAX_ARG_LEN: usize = 255;
+/// Longest SASL continuation line (base64 of three 255-octet fields fits with room to spare).
+pub const MAX_SASL_LINE: usize = 2048;
+/// Longest `AUTH` initial response, base64 (the rest of a [`MAX_COMMAND_LINE`]).
+pub const MAX_INITIAL_RESPONSE: usize = MAX_COMMAND_LINE - "AUTH PLAIN \r\n".len();
+
+/// A value that must never be logged (passwords, SASL responses). `Debug` prints a placeholder.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself; keep it out of logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A message number as the client sent it: 1-based, so never zero.
+pub type MsgNum = u32;
+
+/// The peer-only `XCLIENT` command: the original client's address, the forwarding node and the
+/// HMAC that proves the sender knows the cluster secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Xclient {
+    /// The original client's IP address.
+    pub addr: IpAddr,
+    /// The original client's port.
+    pub port: u16,
+    /// The node id of the forwarding ("front") node.
+    pub hop: String,
+    /// Lower-case hex HMAC-SHA256, checked by [`crate::xclient::verify`].
+    pub sig: String,
+}
+
+/// One POP3 command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `USER name`.
+    User(String),
+    /// `PASS password` (the rest of the line, spaces included).
+    Pass(Secret),
+    /// `APOP name digest`: recognised, always refused (we keep no plaintext passwords).
+    Apop,
+    /// `STAT`.
+    Stat,
+    /// `LIST [n]`.
+    List(Option<MsgNum>),
+    /// `RETR n`.
+    Retr(MsgNum),
+    /// `DELE n`.
+    Dele(MsgNum),
+    /// `NOOP`.
+    Noop,
+    /// `RSET`.
+    Rset,
+    /// `QUIT`.
+    Quit,
+    /// `TOP n lines`.
+    Top {
+        /// The message.
+        msg: MsgNum,
+        /// Body lines to send after the header.
+        lines: u32,
+    },
+    /// `UIDL [n]`.
+    Uidl(Option<MsgNum>),
+    /// `CAPA`.
+    Capa,
+    /// `AUTH` (list mechanisms) or `AUTH mechanism [initial-response]`.
+    Auth {
+        /// Upper-cased mechanism name; `None` for a bare `AUTH`.
+        mechanism: Option<String>,
+        /// The initial response, base64 as sent (`=` means empty); it holds the password.
+        initial: Option<Secret>,
+    },
+    /// `STLS`.
+    Stls,
+    /// `XCLIENT ADDR=… PORT=… HOP=… SIG=…` (from peers only).
+    Xclient(Xclient),
+}
+
+impl Command {
+    /// The command keyword, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::User(_) => "USER",
+            Command::Pass(_) => "PASS",
+            Command::Apop => "APOP",
+            Command::Stat => "STAT",
+            Command::List(_) => "LIST",
+            Command::Retr(_) => "RETR",
+            Command::Dele(_) => "DELE",
+            Command::Noop => "NOOP",
+            Command::Rset => "RSET",
+            Command::Quit => "QUIT",
+            Command::Top { .. } => "TOP",
+            Command::Uidl(_) => "UIDL",
+            Command::Capa => "CAPA",
+            Command::Auth { .. } => "AUTH",
+            Command::Stls => "STLS",
+            Command::Xclient(_) => "XCLIENT",
+        }
+    }
+}
+
+/// Why a line is not a valid command.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// An empty line.
+    #[error("empty command")]
+    Empty,
+    /// Bytes that are not UTF-8.
+    #[error("command is not valid UTF-8")]
+    NotUtf8,
+    /// A control character (other than the line end) in the line.
+    #[error("control character in command")]
+    ControlCharacter,
+    /// A keyword we do not know.
+    #[error("unknown command")]
+    UnknownCommand,
+    /// A required argument is missing.
+    #[error("missing argument: {0}")]
+    MissingArgument(&'static str),
+    /// More arguments than the command takes.
+    #[error("too many arguments")]
+    TooManyArguments,
+    /// A message number that is not a decimal number in 1..=2^32-1 (or a line count in
+    /// 0..=2^32-1).
+    #[error("invalid number")]
+    BadNumber,
+    /// An argument longer than [`MAX_ARG_LEN`] (or [`MAX_INITIAL_RESPONSE`]).
+    #[error("argument too long")]
+    ArgumentTooLong,
+    /// A malformed `XCLIENT`.
+    #[error("invalid XCLIENT: {0}")]
+    BadXclient(&'static str),
+    /// Invalid base64 in a SASL response.
+    #[error("invalid base64")]
+    BadBase64,
+    /// A SASL PLAIN message that is not `authzid NUL authcid NUL password`.
+    #[error("invalid PLAIN message")]
+    BadPlain,
+}
+
+/// Strip the line end (CRLF or bare LF).
+fn trim_line_end(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn text_of(line: &[u8]) -> Result<&str, ParseError> {
+    let line = trim_line_end(line);
+    let text = std::str::from_utf8(line).map_err(|_| ParseError::NotUtf8)?;
+    if text.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(ParseError::ControlCharacter);
+    }
+    Ok(text)
+}
+
+fn check_len(arg: &str, max: usize) -> Result<&str, ParseError> {
+    if arg.len() > max {
+        Err(ParseError::ArgumentTooLong)
+    } else {
+        Ok(arg)
+    }
+}
+
+/// A message number: decimal digits only, 1..=u32::MAX.
+fn msg_num(arg: &str) -> Result<MsgNum, ParseError> {
+    match count(arg)? {
+        0 => Err(ParseError::BadNumber),
+        n => Ok(n),
+    }
+}
+
+/// A count: decimal digits only, 0..=u32::MAX.
+fn count(arg: &str) -> Result<u32, ParseError> {
+    if arg.is_empty() || arg.len() > 10 || !arg.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ParseError::BadNumber);
+    }
+    arg.parse().map_err(|_| ParseError::BadNumber)
+}
+
+/// Parse one command line (its CRLF or LF included or not).
+pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
+    let text = text_of(line)?;
+    let trimmed = text.trim_start_matches(' ');
+    if trimmed.trim().is_empty() {
+        return Err(ParseError::Empty);
+    }
+    let (keyword, rest) = match trimmed.split_once(' ') {
+        Some((k, r)) => (k, r),
+        None => (trimmed, ""),
+    };
+    if keyword.len() > 8 {
+        return Err(ParseError::UnknownCommand);
+    }
+    let keyword = keyword.to_ascii_uppercase();
+    // PASS keeps the rest of the line as is: passwords may contain spaces.
+    if keyword == "PASS" {
+        if rest.is_empty() {
+            return Err(ParseError::MissingArgument("password"));
+        }
+        return Ok(Command::Pass(Secret::new(check_len(rest, MAX_ARG_LEN)?)));
+    }
+    let args: Vec<&str> = rest.split(' ').filter(|a| !a.is_empty()).collect();
+    for arg in &args {
+        let max = if keyword == "AUTH" || keyword == "XCLIENT" {
+            MAX_INITIAL_RESPONSE
+        } else {
+            MAX_ARG_LEN
+        };
+        check_len(arg, max)?;
+    }
+    let none = |cmd: Command| {
+        if args.is_empty() {
+            Ok(cmd)
+        } else {
+            Err(ParseError::TooManyArguments)
+        }
+    };
+    let optional_num = |args: &[&str]| match args {
+        [] => Ok(None),
+        [n] => msg_num(n).map(Some),
+        _ => Err(ParseError::TooManyArguments),
+    };
+    let one_num = |args: &[&str]| match args {
+        [] => Err(ParseError::MissingArgument("message number")),
+        [n] => msg_num(n),
+        _ => Err(ParseError::TooManyArguments),
+    };
+    match keyword.as_str() {
+        "USER" => match args.as_slice() {
+            [] => Err(ParseError::MissingArgument("name")),
+            [name] => Ok(Command::User((*name).to_owned())),
+            _ => Err(ParseError::TooManyArguments),
+        },
+        "APOP" => Ok(Command::Apop),
+        "STAT" => none(Command::Stat),
+        "NOOP" => none(Command::Noop),
+        "RSET" => none(Command::Rset),
+        "QUIT" => none(Command::Quit),
+        "CAPA" => none(Command::Capa),
+        "STLS" => none(Command::Stls),
+        "LIST" => optional_num(&args).map(Command::List),
+        "UIDL" => optional_num(&args).map(Command::Uidl),
+        "RETR" => one_num(&args).map(Command::Retr),
+        "DELE" => one_num(&args).map(Command::Dele),
+        "TOP" => match args.as_slice() {
+            [] => Err(ParseError::MissingArgument("message number")),
+            [_] => Err(ParseError::MissingArgument("line count")),
+            [n, lines] => Ok(Command::Top {
+                msg: msg_num(n)?,
+                lines: count(lines)?,
+            }),
+            _ => Err(ParseError::TooManyArguments),
+        },
+        "AUTH" => match args.as_slice() {
+            [] => Ok(Command::Auth {
+                mechanism: None,
+                initial: None,
+            }),
+            [mech] => Ok(Command::Auth {
+                mechanism: Some(check_len(mech, 20)?.to_ascii_uppercase()),
+                initial: None,
+            }),
+            [mech, initial] => Ok(Command::Auth {
+                mechanism: Some(check_len(mech, 20)?.to_ascii_uppercase()),
+                initial: Some(Secret::new(*initial)),
+            }),
+            _ => Err(ParseError::TooManyArguments),
+        },
+        "XCLIENT" => parse_xclient(&args).map(Command::Xclient),
+        _ => Err(ParseError::UnknownCommand),
+    }
+}
+
+fn parse_xclient(args: &[&str]) -> Result<Xclient, ParseError> {
+    let (mut addr, mut port, mut hop, mut sig) = (None, None, None, None);
+    for arg in args {
+        let (name, value) = arg
+            .split_once('=')
+            .ok_or(ParseError::BadXclient("attribute without '='"))?;
+        let slot = match name.to_ascii_uppercase().as_str() {
+            "ADDR" => &mut addr,
+            "PORT" => &mut port,
+            "HOP" => &mut hop,
+            "SIG" => &mut sig,
+            _ => return Err(ParseError::BadXclient("unknown attribute")),
+        };
+        if slot.replace(value).is_some() {
+            return Err(ParseError::BadXclient("repeated attribute"));
+        }
+    }
+    let addr = addr
+        .ok_or(ParseError::BadXclient("ADDR missing"))?
+        .parse::<IpAddr>()
+        .map_err(|_| ParseError::BadXclient("bad ADDR"))?;
+    let port = port.ok_or(ParseError::BadXclient("PORT missing"))?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ParseError::BadXclient("bad PORT"));
+    }
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| ParseError::BadXclient("bad PORT"))?;
+    let hop = hop.ok_or(ParseError::BadXclient("HOP missing"))?;
+    if hop.is_empty() || hop.len() > 64 {
+        return Err(ParseError::BadXclient("bad HOP"));
+    }
+    let sig = sig.ok_or(ParseError::BadXclient("SIG missing"))?;
+    if sig.len() != 64 || !sig.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ParseError::BadXclient("bad SIG"));
+    }
+    Ok(Xclient {
+        addr,
+        port,
+        hop: hop.to_owned(),
+        sig: sig.to_ascii_lowercase(),
+    })
+}
+
+/// A client's answer to a SASL challenge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SaslResponse {
+    /// `*`: the client cancels the exchange.
+    Cancel,
+    /// The decoded response (it holds the password).
+    Data(SecretBytes),
+}
+
+/// Bytes that must never be logged.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes(<{} octets>)", self.0.len())
+    }
+}
+
+/// Decode a base64 SASL response (`=` alone is the empty response).
+pub fn decode_sasl(text: &str) -> Result<SecretBytes, ParseError> {
+    let text = text.trim_end_matches([' ', '\t']);
+    if text == "=" || text.is_empty() {
+        return Ok(SecretBytes(Vec::new()));
+    }
+    BASE64
+        .decode(text)
+        .map(SecretBytes)
+        .map_err(|_| ParseError::BadBase64)
+}
+
+/// Parse a SASL continuation line.
+pub fn parse_sasl_response(line: &[u8]) -> Result<SaslResponse, ParseError> {
+    let text = text_of(line)?;
+    if text.trim() == "*" {
+        return Ok(SaslResponse::Cancel);
+    }
+    decode_sasl(text.trim()).map(SaslResponse::Data)
+}
+
+/// The three fields of a SASL PLAIN message (RFC 4616).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlainCredentials {
+    /// Authorization identity; empty when the client acts as itself.
+    pub authzid: String,
+    /// Authentication identity: the login name.
+    pub authcid: String,
+    /// The password.
+    pub password: Secret,
+}
+
+/// Split a decoded PLAIN message into its fields (each must be UTF-8, non-empty except the
+/// authzid, and at most [`MAX_ARG_LEN`] octets).
+pub fn decode_plain(message: &[u8]) -> Result<PlainCredentials, ParseError> {
+    let mut parts = message.split(|&b| b == 0);
+    let (Some(authzid), Some(authcid), Some(password), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ParseError::BadPlain);
+    };
+    let field = |bytes: &[u8]| -> Result<String, ParseError> {
+        if bytes.len() > MAX_ARG_LEN {
+            return Err(ParseError::ArgumentTooLong);
+        }
+        String::from_utf8(bytes.to_vec()).map_err(|_| ParseError::BadPlain)
+    };
+    let (authzid, authcid, password) = (field(authzid)?, field(authcid)?, field(password)?);
+    if authcid.is_empty() || password.is_empty() {
+        return Err(ParseError::BadPlain);
+    }
+    Ok(PlainCredentials {
+        authzid,
+        authcid,
+        password: Secret::new(password),
+    })
+}
+
+/// Encode a PLAIN message (no authzid) as base64, for the forwarding client.
+pub fn encode_plain(authcid: &str, password: &str) -> String {
+    let mut message = Vec::with_capacity(authcid.len() + password.len() + 2);
+    message.push(0);
+    message.extend_from_slice(authcid.as_bytes());
+    message.push(0);
+    message.extend_from_slice(password.as_bytes());
+    BASE64.encode(message)
+}
+
+/// True for a `+OK` status line.
+pub fn is_ok(line: &[u8]) -> bool {
+    line.starts_with(b"+OK")
+}
+
+/// The RFC 1939 APOP-style timestamp (`<…@…>`) of a greeting line, if there is one.
+pub fn greeting_timestamp(greeting: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(trim_line_end(greeting)).ok()?;
+    let start = text.find('<')?;
+    let end = start + text[start..].find('>')?;
+    let stamp = &text[start..=end];
+    stamp.contains('@').then_some(stamp)
+}
+
+/// Append `body` to `out` as a POP3 multi-line payload: bare LF and bare CR become CRLF, lines
+/// starting with `.` get another `.`, and the payload ends with CRLF (the terminating `.CRLF` is
+/// not added). With `body_lines = Some(n)`, stop after the header, the empty line and `n` body
+/// lines (TOP).
+pub fn stuff_message(body: &[u8], body_lines: Option<u32>, out: &mut Vec<u8>) {
+    out.reserve(body.len() + body.len() / 64 + 2);
+    let mut in_header = true;
+    let mut lines_left = body_lines;
+    let mut rest = body;
+    while !rest.is_empty() {
+        if !in_header && lines_left == Some(0) {
+            break;
+        }
+        let (line, next) = match rest.iter().position(|&b| b == b'\n') {
+            Some(pos) => (&rest[..pos], &rest[pos + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        // A stray CR inside a line would end it for some clients: make it a line end too.
+        for (i, piece) in line.split(|&b| b == b'\r').enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"\r\n");
+                if piece.first() == Some(&b'.') {
+                    out.push(b'.');
+                }
+            }
+            out.extend_from_slice(piece);
+        }
+        out.extend_from_slice(b"\r\n");
+        if in_header {
+            if line.is_empty() {
+                in_header = false;
+            }
+        } else if let Some(n) = lines_left.as_mut() {
+            *n -= 1;
+        }
+        rest = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(s: &str) -> Secret {
+        Secret::new(s)
+    }
+
+    #[test]
+    fn command_table() {
+        use Command::*;
+        use ParseError::*;
+        let long = "a".repeat(256);
+        let cases: Vec<(String, Result<Command, ParseError>)> = vec![
+            ("USER info\r\n".into(), Ok(User("info".into()))),
+            (
+                "user info%client2.com\r\n".into(),
+                Ok(User("info%client2.com".into())),
+            ),
+            ("USER\r\n".into(), Err(MissingArgument("name"))),
+            ("USER a b\r\n".into(), Err(TooManyArguments)),
+            (format!("USER {long}\r\n"), Err(ArgumentTooLong)),
+            (
+                format!("USER {}\r\n", &long[..255]),
+                Ok(User(long[..255].into())),
+            ),
+            ("PASS se cret \r\n".into(), Ok(Pass(secret("se cret ")))),
+            ("PASS\r\n".into(), Err(MissingArgument("password"))),
+            (format!("PASS {long}\r\n"), Err(ArgumentTooLong)),
+            ("APOP info 0123456789abcdef\r\n".into(), Ok(Apop)),
+            ("STAT\r\n".into(), Ok(Stat)),
+            ("stat\n".into(), Ok(Stat)),
+            ("STAT 1\r\n".into(), Err(TooManyArguments)),
+            ("LIST\r\n".into(), Ok(List(None))),
+            ("LIST 1\r\n".into(), Ok(List(Some(1)))),
+            ("LIST 0\r\n".into(), Err(BadNumber)),
+            ("LIST -1\r\n".into(), Err(BadNumber)),
+            ("LIST +1\r\n".into(), Err(BadNumber)),
+            ("LIST 4294967295\r\n".into(), Ok(List(Some(u32::MAX)))),
+            ("LIST 4294967296\r\n".into(), Err(BadNumber)),
+            ("LIST 99999999999999999999999\r\n".into(), Err(BadNumber)),
+            ("LIST 1x\r\n".into(), Err(BadNumber)),
+            ("LIST 1 2\r\n".into(), Err(TooManyArguments)),
+            ("RETR 7\r\n".into(), Ok(Retr(7))),
+            ("RETR\r\n".into(), Err(MissingArgument("message number"))),
+            ("RETR 0\r\n".into(), Err(BadNumber)),
+            ("RETR -3\r\n".into(), Err(BadNumber)),
+            ("DELE 2\r\n".into(), Ok(Dele(2))),
+            ("DELE 2 3\r\n".into(), Err(TooManyArguments)),
+            ("NOOP\r\n".into(), Ok(Noop)),
+            ("RSET\r\n".into(), Ok(Rset)),
+            ("QUIT\r\n".into(), Ok(Quit)),
+            ("  QUIT  \r\n".into(), Ok(Quit)),
+            ("TOP 1 0\r\n".into(), Ok(Top { msg: 1, lines: 0 })),
+            ("TOP 1 10\r\n".into(), Ok(Top { msg: 1, lines: 10 })),
+            ("TOP 1\r\n".into(), Err(MissingArgument("line count"))),
+            ("TOP 0 1\r\n".into(), Err(BadNumber)),
+            ("TOP 1 -1\r\n".into(), Err(BadNumber)),
+            ("TOP 1 4294967296\r\n".into(), Err(BadNumber)),
+            ("UIDL\r\n".into(), Ok(Uidl(None))),
+            ("UIDL 3\r\n".into(), Ok(Uidl(Some(3)))),
+            ("CAPA\r\n".into(), Ok(Capa)),
+            ("STLS\r\n".into(), Ok(Stls)),
+            (
+                "AUTH\r\n".into(),
+                Ok(Auth {
+                    mechanism: None,
+                    initial: None,
+                }),
+            ),
+            (
+                "AUTH plain\r\n".into(),
+                Ok(Auth {
+                    mechanism: Some("PLAIN".into()),
+                    initial: None,
+                }),
+            ),
+            (
+                "AUTH PLAIN AGluZm8Ac2VjcmV0\r\n".into(),
+                Ok(Auth {
+                    mechanism: Some("PLAIN".into()),
+                    initial: Some(secret("AGluZm8Ac2VjcmV0")),
+                }),
+            ),
+            ("AUTH PLAIN a b\r\n".into(), Err(TooManyArguments)),
+            ("\r\n".into(), Err(Empty)),
+            ("   \r\n".into(), Err(Empty)),
+            ("HELO x\r\n".into(), Err(UnknownCommand)),
+            ("XYZZYXYZZY\r\n".into(), Err(UnknownCommand)),
+            ("STAT\0\r\n".into(), Err(ControlCharacter)),
+            ("RETR 1\x1b\r\n".into(), Err(ControlCharacter)),
+            (
+                format!(
+                    "XCLIENT ADDR=203.0.113.9 PORT=51234 HOP=a SIG={}\r\n",
+                    "A".repeat(64)
+                ),
+                Ok(Xclient(super::Xclient {
+                    addr: "203.0.113.9".parse().unwrap(),
+                    port: 51234,
+                    hop: "a".into(),
+                    sig: "a".repeat(64),
+                })),
+            ),
+            (
+                format!("XCLIENT ADDR=::1 PORT=1 HOP=a SIG={}\r\n", "0".repeat(64)),
+                Ok(Xclient(super::Xclient {
+                    addr: "::1".parse().unwrap(),
+                    port: 1,
+                    hop: "a".into(),
+                    sig: "0".repeat(64),
+                })),
+            ),
+            (
+                "XCLIENT ADDR=1.2.3.4 PORT=1 HOP=a\r\n".into(),
+                Err(BadXclient("SIG missing")),
+            ),
+            (
+                format!(
+                    "XCLIENT ADDR=1.2.3.400 PORT=1 HOP=a SIG={}\r\n",
+                    "0".repeat(64)
+                ),
+                Err(BadXclient("bad ADDR")),
+            ),
+            (
+                format!(
+                    "XCLIENT ADDR=1.2.3.4 PORT=65536 HOP=a SIG={}\r\n",
+                    "0".repeat(64)
+                ),
+                Err(BadXclient("bad PORT")),
+            ),
+            (
+                format!(
+                    "XCLIENT ADDR=1.2.3.4 PORT=1 HOP=a SIG={}\r\n",
+                    "0".repeat(63)
+                ),
+                Err(BadXclient("bad SIG")),
+            ),
+            (
+                format!(
+                    "XCLIENT ADDR=1.2.3.4 ADDR=1.2.3.4 PORT=1 HOP=a SIG={}\r\n",
+                    "0".repeat(64)
+                ),
+                Err(BadXclient("repeated attribute")),
+            ),
+            (
+                "XCLIENT NAME=x\r\n".into(),
+                Err(BadXclient("unknown attribute")),
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse_command(line.as_bytes()), want, "line {line:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..600 {
+            let line: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed >> 24) as u8
+                })
+                .collect();
+            let _ = parse_command(&line);
+            let _ = parse_sasl_response(&line);
+            let _ = decode_plain(&line);
+        }
+        assert_eq!(parse_command(b"\xff\xfe\r\n"), Err(ParseError::NotUtf8));
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let cmd = parse_command(b"PASS hunter2\r\n").unwrap();
+        assert!(!format!("{cmd:?}").contains("hunter2"));
+        let plain = decode_plain(b"\0info\0hunter2").unwrap();
+        assert!(!format!("{plain:?}").contains("hunter2"));
+        let resp = parse_sasl_response(b"AGluZm8AaHVudGVyMg==\r\n").unwrap();
+        assert!(!format!("{resp:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn sasl_plain() {
+        let encoded = encode_plain("info@company.com", "pass word");
+        let SaslResponse::Data(bytes) =
+            parse_sasl_response(format!("{encoded}\r\n").as_bytes()).unwrap()
+        else {
+            panic!("cancelled")
+        };
+        let creds = decode_plain(&bytes.0).unwrap();
+        assert_eq!(creds.authzid, "");
+        assert_eq!(creds.authcid, "info@company.com");
+        assert_eq!(creds.password.expose(), "pass word");
+        assert_eq!(parse_sasl_response(b"*\r\n"), Ok(SaslResponse::Cancel));
+        assert_eq!(parse_sasl_response(b"!!!\r\n"), Err(ParseError::BadBase64));
+        assert_eq!(decode_sasl("="), Ok(SecretBytes(vec![])));
+        assert_eq!(decode_plain(b"info\0secret"), Err(ParseError::BadPlain));
+        assert_eq!(decode_plain(b"\0\0secret"), Err(ParseError::BadPlain));
+        assert_eq!(decode_plain(b"\0info\0"), Err(ParseError::BadPlain));
+        assert_eq!(decode_plain(b"\0a\0b\0c"), Err(ParseError::BadPlain));
+        let creds = decode_plain(b"admin\0info\0secret").unwrap();
+        assert_eq!(creds.authzid, "admin");
+    }
+
+    #[test]
+    fn greeting_timestamps() {
+        assert_eq!(
+            greeting_timestamp(b"+OK ready <1.2@host>\r\n"),
+            Some("<1.2@host>")
+        );
+        assert_eq!(greeting_timestamp(b"+OK ready\r\n"), None);
+        assert_eq!(greeting_timestamp(b"+OK <nohost>\r\n"), None);
+    }
+
+    fn stuffed(body: &[u8], lines: Option<u32>) -> Vec<u8> {
+        let mut out = Vec::new();
+        stuff_message(body, lines, &mut out);
+        out
+    }
+
+    #[test]
+    fn byte_stuffing_and_line_ends() {
+        assert_eq!(
+            stuffed(b"a\r\n.b\r\n..c\r\n", None),
+            b"a\r\n..b\r\n...c\r\n"
+        );
+        assert_eq!(stuffed(b"a\n.\nb", None), b"a\r\n..\r\nb\r\n");
+        assert_eq!(stuffed(b"a\rb\r\n", None), b"a\r\nb\r\n");
+        assert_eq!(stuffed(b"a\r.b\r\n", None), b"a\r\n..b\r\n");
+        assert_eq!(stuffed(b"", None), b"");
+        assert_eq!(stuffed(b".", None), b"..\r\n");
+    }
+
+    #[test]
+    fn top_lines() {
+        let msg = b"Subject: x\r\nFrom: y\r\n\r\nl1\r\n.l2\r\nl3\r\n";
+        assert_eq!(stuffed(msg, Some(0)), b"Subject: x\r\nFrom: y\r\n\r\n");
+        assert_eq!(
+            stuffed(msg, Some(2)),
+            b"Subject: x\r\nFrom: y\r\n\r\nl1\r\n..l2\r\n"
+        );
+        assert_eq!(stuffed(msg, Some(100)), stuffed(msg, None));
+        // No empty line: everything is header.
+        assert_eq!(stuffed(b"A: b\nC: d", Some(0)), b"A: b\r\nC: d\r\n");
+    }
+}
