@@ -1,0 +1,209 @@
+//! Three real nodes on 127.0.0.1–3 sharing example.com: lookups, caches, temporary
+//! failures, the creation guard and invalidation (DESIGN.md §4, §5).
+
+use std::time::{Duration, Instant};
+
+use ds_cluster::{Location, Purpose};
+use ds_testkit::Cluster;
+
+fn remote_node(loc: &Location) -> Option<&str> {
+    match loc {
+        Location::Remote(o) => Some(o.node.as_str()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_remote_unknown_and_tempfail() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    c.node(0)
+        .add_account("alice@example.com", "pw-alice")
+        .await?;
+    c.node(1).add_account("bob@example.com", "pw-bob").await?;
+    c.node(2)
+        .add_account("carol@example.com", "pw-carol")
+        .await?;
+    let a = &c.node(0).node().state.locator;
+
+    assert!(matches!(
+        a.locate("Alice@Example.com", Purpose::Rcpt).await,
+        Location::Local { ref address, enabled: true } if address == "alice@example.com"
+    ));
+    let bob = a.locate("bob@example.com", Purpose::Rcpt).await;
+    assert_eq!(remote_node(&bob), Some("node-b"), "{bob:?}");
+    let Location::Remote(owner) = &bob else {
+        unreachable!()
+    };
+    assert_eq!(owner.smtp, c.node(1).smtp().to_string());
+    assert_eq!(owner.pop3, c.node(1).pop3().to_string());
+    assert_eq!(
+        a.locate("nobody@example.com", Purpose::Rcpt).await,
+        Location::Unknown
+    );
+
+    // bob is cached on node-a; stop both owners.
+    c.node_mut(1).stop().await;
+    c.node_mut(2).stop().await;
+    let a = &c.node(0).node().state.locator;
+    let started = Instant::now();
+    let carol = a.locate("carol@example.com", Purpose::Rcpt).await;
+    assert!(matches!(carol, Location::TempFail(_)), "{carol:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // An unknown address is a temporary failure too while peers cannot be asked.
+    assert!(matches!(
+        a.locate("nobody@example.com", Purpose::Rcpt).await,
+        Location::TempFail(_)
+    ));
+    // The cached owner still resolves.
+    assert_eq!(
+        remote_node(&a.locate("bob@example.com", Purpose::Rcpt).await),
+        Some("node-b")
+    );
+    let report = c.node(0).node().state.peers_report().join("\n");
+    assert!(
+        report.contains("node-c") && report.contains("down"),
+        "{report}"
+    );
+
+    // Back up: the uncached address resolves again.
+    c.node_mut(2).restart().await?;
+    let a = &c.node(0).node().state.locator;
+    assert_eq!(
+        remote_node(&a.locate("carol@example.com", Purpose::Rcpt).await),
+        Some("node-c")
+    );
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_guard_race_and_unreachable_peer() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    for round in 0..3 {
+        let name = format!("race{round}@example.com");
+        let (r0, r1, r2) = tokio::join!(
+            c.node(0).add_account(&name, "pw"),
+            c.node(1).add_account(&name, "pw"),
+            c.node(2).add_account(&name, "pw"),
+        );
+        let ok = [r0.is_ok(), r1.is_ok(), r2.is_ok()];
+        assert_eq!(
+            ok.iter().filter(|x| **x).count(),
+            1,
+            "round {round}: {ok:?}"
+        );
+        let owners = c
+            .nodes
+            .iter()
+            .filter(|n| n.node().state.directory.account(&name).unwrap().is_some())
+            .count();
+        assert_eq!(owners, 1);
+    }
+    // An address a peer has cannot be created elsewhere.
+    c.node(1).add_account("taken@example.com", "pw").await?;
+    let e = c
+        .node(0)
+        .add_account("taken@example.com", "pw")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("taken@example.com"), "{e}");
+
+    // A stopped peer makes creation fail with a temporary error, unless forced.
+    c.node_mut(2).stop().await;
+    let st = c
+        .node(0)
+        .node()
+        .state
+        .create_account("lonely@example.com", "pw", false)
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    assert!(
+        c.node(0)
+            .node()
+            .state
+            .directory
+            .account("lonely@example.com")?
+            .is_none()
+    );
+    c.node(0)
+        .node()
+        .state
+        .create_account("lonely@example.com", "pw", true)
+        .await
+        .expect("forced creation");
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_account_invalidates_peer_caches() -> anyhow::Result<()> {
+    let c = Cluster::start(3).await?;
+    c.node(1).add_account("bob@example.com", "pw").await?;
+    for i in [0, 2] {
+        let l = &c.node(i).node().state.locator;
+        assert_eq!(
+            remote_node(&l.locate("bob@example.com", Purpose::Rcpt).await),
+            Some("node-b")
+        );
+        assert!(l.cached("bob@example.com").await.is_some());
+    }
+    let b = &c.node(1).node().state;
+    b.directory.delete_account("bob@example.com")?;
+    b.account_gone("bob@example.com").await;
+    for i in [0, 2] {
+        let l = &c.node(i).node().state.locator;
+        assert!(
+            l.cached("bob@example.com").await.is_none(),
+            "node {i} still caches bob"
+        );
+        assert_eq!(
+            l.locate("bob@example.com", Purpose::Rcpt).await,
+            Location::Unknown
+        );
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_secret_learns_nothing() -> anyhow::Result<()> {
+    let c = Cluster::start_with(3, |i, cfg| {
+        if i == 2 {
+            let p = cfg.node.data_dir.join("other.secret");
+            std::fs::write(&p, "a-completely-different-secret").unwrap();
+            cfg.cluster.secret_file = Some(p);
+        }
+    })
+    .await?;
+    // node-c cannot be asked (it is refused), so creating needs --force.
+    assert!(
+        c.node(0)
+            .add_account("alice@example.com", "pw")
+            .await
+            .is_err()
+    );
+    c.node(0)
+        .node()
+        .state
+        .create_account("alice@example.com", "pw", true)
+        .await
+        .expect("forced creation");
+    let intruder = &c.node(2).node().state.locator;
+    let loc = intruder.locate("alice@example.com", Purpose::Rcpt).await;
+    assert!(matches!(loc, Location::TempFail(_)), "{loc:?}");
+    // And the honest nodes cannot use it either: node-b sees a failure, not an answer.
+    let b = &c.node(1).node().state.locator;
+    assert_eq!(
+        remote_node(&b.locate("alice@example.com", Purpose::Rcpt).await),
+        Some("node-a")
+    );
+    let loc = b.locate("ghost@example.com", Purpose::Rcpt).await;
+    assert!(matches!(loc, Location::TempFail(_)), "{loc:?}");
+    c.shutdown().await;
+    Ok(())
+}
