@@ -247,7 +247,7 @@ impl proto::admin_server::Admin for AdminService {
                     .enumerate()
                     .map(|(i, s)| format!("{}. {s}", i + 1))
                     .collect();
-                out.push(format!("outcome: {}", res.outcome));
+                out.push(format!("local outcome: {}", res.outcome));
                 out.extend(node.where_is(&res.outcome).await);
                 Ok(lines(out))
             }
