@@ -346,3 +346,25 @@ smtp = "office-b.example.net:25"
         assert!(Config::parse("[[cluster.peer]]\nid = \"b\"\nminger = \"b:4069\"\n").is_err());
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// The docker-compose configurations in `deploy/` must stay valid.
+    #[test]
+    fn deploy_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let c = Config::load(&path).unwrap();
+                assert_eq!(c.cluster.peers.len(), 2, "{}", path.display());
+                assert!(c.domains.iter().any(|d| d.shared));
+                n += 1;
+            }
+        }
+        assert_eq!(n, 3);
+    }
+}
