@@ -17,6 +17,7 @@ use ds_directory::Directory;
 use ds_net::{ConnContext, MailStream, Shutdown, TlsAcceptor};
 use ds_store::{MailStore, Store};
 
+mod cluster;
 mod error;
 pub mod forward;
 pub mod locate;
