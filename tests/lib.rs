@@ -1,1 +1,173 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests and load tools: a raw SMTP client over TCP and a
+//! way to run Python's standard mail clients.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reply: code and the text of its last line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn is(&self, code: u16) -> bool {
+        self.code == code
+    }
+}
+
+/// A minimal SMTP client speaking raw bytes, for exact assertions.
+pub struct Smtp {
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Smtp {
+    /// Connects, reads the greeting and says EHLO.
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Smtp> {
+        let s = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr)).await??;
+        let (r, w) = s.into_split();
+        let mut c = Smtp {
+            r: BufReader::new(r),
+            w,
+        };
+        let greet = c.reply().await?;
+        anyhow::ensure!(greet.is(220), "greeting {greet:?}");
+        let ehlo = c.cmd("EHLO client.test").await?;
+        anyhow::ensure!(ehlo.is(250), "EHLO {ehlo:?}");
+        Ok(c)
+    }
+
+    /// Reads one (possibly multi-line) reply.
+    pub async fn reply(&mut self) -> anyhow::Result<Reply> {
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(TIMEOUT, self.r.read_line(&mut line))
+                .await
+                .context("reply timed out")??;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            let line = line.trim_end();
+            if line.len() < 3 {
+                bail!("short reply {line:?}");
+            }
+            let code: u16 = line[..3].parse().context("reply code")?;
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(Reply {
+                    code,
+                    text: line.get(4..).unwrap_or("").to_string(),
+                });
+            }
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        tokio::time::timeout(TIMEOUT, self.w.write_all(bytes)).await??;
+        Ok(())
+    }
+
+    pub async fn cmd(&mut self, line: &str) -> anyhow::Result<Reply> {
+        self.send_raw(format!("{line}\r\n").as_bytes()).await?;
+        self.reply().await
+    }
+
+    /// Sends DATA and the body (dot-stuffed here; `body` uses CRLF line ends).
+    pub async fn data(&mut self, body: &[u8]) -> anyhow::Result<Reply> {
+        let r = self.cmd("DATA").await?;
+        if !r.is(354) {
+            return Ok(r);
+        }
+        let mut out = Vec::with_capacity(body.len() + 64);
+        for line in body.split_inclusive(|b| *b == b'\n') {
+            if line.starts_with(b".") {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+        }
+        if !out.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        self.send_raw(&out).await?;
+        self.reply().await
+    }
+
+    /// One whole transaction; returns the replies to MAIL, each RCPT and DATA.
+    pub async fn send(
+        &mut self,
+        from: &str,
+        to: &[&str],
+        body: &[u8],
+    ) -> anyhow::Result<Vec<Reply>> {
+        let mut out = vec![self.cmd(&format!("MAIL FROM:<{from}>")).await?];
+        for t in to {
+            out.push(self.cmd(&format!("RCPT TO:<{t}>")).await?);
+        }
+        if out[1..].iter().any(|r| r.is(250)) && out[0].is(250) {
+            out.push(self.data(body).await?);
+        } else {
+            self.cmd("RSET").await?;
+        }
+        Ok(out)
+    }
+
+    pub async fn quit(mut self) -> anyhow::Result<()> {
+        let _ = self.cmd("QUIT").await;
+        Ok(())
+    }
+}
+
+/// A test message of about `size` bytes with CRLF line ends.
+pub fn message(subject: &str, size: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: sender@example.org\r\nTo: someone@example.com\r\nSubject: {subject}\r\nMessage-ID: <{subject}@test>\r\n\r\n"
+    )
+    .into_bytes();
+    let line = b"The quick brown fox jumps over the lazy dog, 0123456789.\r\n";
+    while m.len() + line.len() <= size {
+        m.extend_from_slice(line);
+    }
+    m
+}
+
+/// Runs a Python 3 script (Python's standard clients count as real clients) and returns its
+/// standard output; fails with its standard error.
+pub fn python(script: &str) -> anyhow::Result<String> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .context("running python3")?;
+    if !out.status.success() {
+        bail!(
+            "python failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -184,6 +184,11 @@ pub struct SmtpSection {
     /// Oldest a queued message may get before it bounces.
     #[serde(deserialize_with = "duration")]
     pub max_queue_age: Duration,
+    /// First retry delay of a queued message; doubled per attempt up to `retry_max`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_base: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
 }
 
 impl Default for SmtpSection {
@@ -191,6 +196,8 @@ impl Default for SmtpSection {
         Self {
             sender_check: true,
             max_queue_age: Duration::from_secs(5 * 24 * 3600),
+            retry_base: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
         }
     }
 }
