@@ -39,7 +39,7 @@ pub fn command_line(secret: &str, timestamp: &str, addr: IpAddr, port: u16, hop:
 }
 
 fn unhex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())
