@@ -208,7 +208,10 @@ mod tests {
             LoginName::parse(&format!("{long}@c.com")).unwrap_err(),
             NameError::LocalTooLong
         );
-        assert_eq!(LoginName::parse(&long).unwrap_err(), NameError::LocalTooLong);
+        assert_eq!(
+            LoginName::parse(&long).unwrap_err(),
+            NameError::LocalTooLong
+        );
         assert_eq!(
             LoginName::parse(&"a".repeat(400)).unwrap_err(),
             NameError::TooLong

@@ -201,9 +201,7 @@ impl Directory {
         }
         Ok(Resolution {
             steps,
-            outcome: Outcome::Error(format!(
-                "routing loop: more than {MAX_ROUTE_STEPS} steps"
-            )),
+            outcome: Outcome::Error(format!("routing loop: more than {MAX_ROUTE_STEPS} steps")),
         })
     }
 }

@@ -138,9 +138,7 @@ fn communigate_alias_and_moved_account() {
     dir.delete_account("john@company.com").unwrap();
     dir.add_account("j.smith@client1.com", "pw", 0).unwrap();
     dir.add_route("<john>", "j.smith@client1.com").unwrap();
-    let r = dir
-        .resolve_login("john", &ctx("127.0.0.1", None))
-        .unwrap();
+    let r = dir.resolve_login("john", &ctx("127.0.0.1", None)).unwrap();
     assert_eq!(r.outcome, account("j.smith@client1.com"));
     assert_eq!(r.steps[1].rule, "router");
     // Deleting the account removed its alias.
@@ -206,7 +204,13 @@ fn lists_and_accounts_conflicts() {
         Err(Error::Exists(..))
     ));
     assert!(dir.unsubscribe("staff", "info@company.com").unwrap());
-    assert!(dir.list("staff@company.com").unwrap().unwrap().members.is_empty());
+    assert!(
+        dir.list("staff@company.com")
+            .unwrap()
+            .unwrap()
+            .members
+            .is_empty()
+    );
 }
 
 #[test]
@@ -230,7 +234,11 @@ fn passwords_and_disabled_accounts() {
     assert!(dir.verify_password("info@company.com", "secret").unwrap());
     assert!(!dir.verify_password("info@company.com", "wrong").unwrap());
     assert!(!dir.verify_password("ghost@company.com", "secret").unwrap());
-    let hash = dir.account("info@company.com").unwrap().unwrap().password_hash;
+    let hash = dir
+        .account("info@company.com")
+        .unwrap()
+        .unwrap()
+        .password_hash;
     assert!(hash.starts_with("$argon2id$"), "{hash}");
     dir.set_enabled("info", false).unwrap();
     assert!(!dir.verify_password("info@company.com", "secret").unwrap());
