@@ -1,1 +1,63 @@
-//! ds-smtp
+//! ds-smtp: the SMTP side of a Domain Share node (DESIGN.md §6).
+//!
+//! - [`Smtp`]: the server session (ESMTP with PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES,
+//!   STARTTLS, SMTPUTF8, and `AUTH PLAIN` for peer nodes only), local delivery and queueing.
+//! - [`QueueRunner`]: relays queued messages to the owner node's SMTP endpoint, with back-off, a
+//!   single re-location on `550`, and an RFC 3464 DSN after the maximum queue age.
+//! - [`RecipientLocator`]: the narrow view of the cluster's `Locator` this crate needs; implemented
+//!   for `ds_cluster::Locator` by the node, and by simple fakes in tests.
+//!
+//! Reply codes follow DESIGN.md §4 and §9.
+
+mod base64;
+mod cluster;
+mod config;
+mod data;
+mod delivery;
+mod dsn;
+mod locate;
+mod queue;
+mod relay;
+mod reply;
+mod session;
+
+pub use config::SmtpConfig;
+pub use data::{DataEnd, DataReader};
+pub use locate::{BoxFuture, ListKeeper, Location, Owner, Purpose, RecipientLocator};
+pub use queue::QueueRunner;
+pub use session::Smtp;
+
+/// Prefix of the SASL authentication id a peer node relays with: `dshare-peer/<node-id>`.
+pub const PEER_AUTH_PREFIX: &str = "dshare-peer/";
+
+/// Everything that can go wrong in `ds-smtp` outside a client-facing reply.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] ds_store::Error),
+    #[error(transparent)]
+    Directory(#[from] ds_directory::Error),
+    #[error(transparent)]
+    Net(#[from] ds_net::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The relay peer answered with a reply that ends the attempt.
+    #[error("peer replied: {0}")]
+    Reply(String),
+    /// The relay peer broke the protocol or the attempt could not be made.
+    #[error("relay: {0}")]
+    Relay(String),
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Unix seconds now.
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

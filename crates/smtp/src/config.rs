@@ -1,0 +1,101 @@
+//! [`SmtpConfig`]: the SMTP server's and the queue's settings (DESIGN.md §9 limits).
+
+use std::fmt;
+use std::time::Duration;
+
+/// Settings of the SMTP server and the relay queue. `Default` gives the DESIGN.md values.
+#[derive(Clone)]
+pub struct SmtpConfig {
+    /// This node's host name: the greeting, `Received: by`, DSN `Reporting-MTA`.
+    pub hostname: String,
+    /// This node's id; the peer AUTH identity is `dshare-peer/<node_id>`.
+    pub node_id: String,
+    /// Largest message accepted (octets, before our trace headers); advertised as `SIZE`.
+    pub max_message_size: usize,
+    /// Recipients per transaction; over it `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Longest command line, CRLF included; over it `500 5.5.2`.
+    pub max_line: usize,
+    /// Idle timeout of a session (waiting for a command or a DATA line); then `421 4.4.2`.
+    pub idle_timeout: Duration,
+    /// Refuse `MAIL FROM` senders in a shared domain that no node owns (`550 5.1.0`).
+    pub sender_check: bool,
+    /// A queued message older than this is bounced to its sender (RFC 3464 DSN).
+    pub max_queue_age: Duration,
+    /// First retry delay; doubled per attempt up to `retry_max`. Whole seconds (the queue keeps
+    /// Unix seconds); at least one second is used.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// The cluster secret, the password of peer AUTH in both directions. Empty: peers cannot
+    /// authenticate and relays do not authenticate. Never logged.
+    pub cluster_secret: String,
+    /// Bound on each step of a relay connection (connect, each reply, TLS handshake); the
+    /// message transfer itself gets ten times as long.
+    pub relay_timeout: Duration,
+    /// Commands with an error reply before the session is closed with `421`.
+    pub max_errors: usize,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            node_id: "node".into(),
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 100,
+            max_line: 1000,
+            idle_timeout: Duration::from_secs(5 * 60),
+            sender_check: true,
+            max_queue_age: Duration::from_secs(5 * 24 * 3600),
+            retry_base: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            cluster_secret: String::new(),
+            relay_timeout: Duration::from_secs(60),
+            max_errors: 20,
+        }
+    }
+}
+
+impl fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("hostname", &self.hostname)
+            .field("node_id", &self.node_id)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_recipients", &self.max_recipients)
+            .field("max_line", &self.max_line)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("sender_check", &self.sender_check)
+            .field("max_queue_age", &self.max_queue_age)
+            .field("retry_base", &self.retry_base)
+            .field("retry_max", &self.retry_max)
+            .field("cluster_secret", &"<redacted>")
+            .field("relay_timeout", &self.relay_timeout)
+            .field("max_errors", &self.max_errors)
+            .finish()
+    }
+}
+
+impl SmtpConfig {
+    /// Delay before retry number `attempts` (1-based): `retry_base * 2^(attempts-1)`, capped.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let base = self.retry_base.max(Duration::from_secs(1));
+        let factor = 1u32 << attempts.saturating_sub(1).min(20);
+        base.saturating_mul(factor).min(self.retry_max.max(base))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let c = SmtpConfig::default();
+        let secs: Vec<u64> = (1..=8).map(|a| c.backoff(a).as_secs()).collect();
+        assert_eq!(secs, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(c.backoff(1000).as_secs(), 3600);
+        assert!(!format!("{c:?}").contains("secret\": \""));
+    }
+}

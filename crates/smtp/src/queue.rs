@@ -1,0 +1,315 @@
+//! [`QueueRunner`]: relays queued messages to the node that owns their recipients.
+//!
+//! Woken when a message is queued and by a timer (the earliest `next_attempt`, at most a minute).
+//! Each due entry is tried per owner endpoint; `250` → delivered, `550` → the Locator's
+//! `relocate` once (a new owner is tried at once, the same owner or none → failed), other 5xx →
+//! failed, 4xx or a connection failure → retried with exponential back-off. A failing owner keeps
+//! the message queued; it is never handed to another host. An entry older than the maximum age
+//! fails its pending recipients; failures go to the sender as an RFC 3464 DSN (never for a bounce).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ds_net::Shutdown;
+use ds_store::queue::{QueueEntry, RecipientState};
+
+use crate::locate::{Location, Purpose};
+use crate::relay::{RcptOutcome, relay};
+use crate::{Result, Smtp, dsn, now};
+
+/// Longest sleep between two scans of the queue.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// The queue runner of a node (one per node).
+#[derive(Debug, Clone)]
+pub struct QueueRunner {
+    smtp: Arc<Smtp>,
+}
+
+impl QueueRunner {
+    pub(crate) fn new(smtp: Arc<Smtp>) -> Self {
+        Self { smtp }
+    }
+
+    /// Runs until `shutdown`: processes due entries, then sleeps until the next one is due, a
+    /// message is queued, or a minute passed.
+    pub async fn run(self, shutdown: Shutdown) {
+        tracing::info!(queued = self.smtp.queue.len(), "queue runner started");
+        loop {
+            if shutdown.is_shutdown() {
+                break;
+            }
+            let wait = match self.run_once().await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    tracing::error!(error = %e, "queue run failed");
+                    Duration::from_secs(5)
+                }
+            };
+            tokio::select! {
+                () = self.smtp.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.wait() => break,
+            }
+        }
+        tracing::info!("queue runner stopped");
+    }
+
+    /// Processes every due entry once; returns how long to sleep before the next is due.
+    pub async fn run_once(&self) -> Result<Duration> {
+        let queue = &self.smtp.queue;
+        for entry in queue.due(now())? {
+            if let Err(e) = self.process(entry).await {
+                tracing::error!(error = %e, "queue entry processing failed");
+            }
+        }
+        metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
+        let next = queue.list()?.iter().map(|e| e.next_attempt).min();
+        Ok(match next {
+            Some(at) => Duration::from_secs(at.saturating_sub(now()).max(0) as u64)
+                .clamp(Duration::from_millis(200), MAX_SLEEP),
+            None => MAX_SLEEP,
+        })
+    }
+
+    async fn process(&self, mut entry: QueueEntry) -> Result<()> {
+        let smtp = &self.smtp;
+        let Some(body) = smtp.queue.body(entry.id)? else {
+            tracing::error!(id = entry.id, "queue entry without a body, dropped");
+            smtp.queue.remove(entry.id)?;
+            return Ok(());
+        };
+        let mut last_error = None;
+        // Round 0 may relocate a recipient after a 550; round 1 tries the new owners.
+        for round in 0..2 {
+            let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+            for i in 0..entry.recipients.len() {
+                let r = &entry.recipients[i];
+                if r.state != RecipientState::Pending {
+                    continue;
+                }
+                match (r.owner.clone(), r.endpoint.clone()) {
+                    (Some(owner), Some(endpoint)) => {
+                        groups.entry((owner, endpoint)).or_default().push(i)
+                    }
+                    // Never located (not written by this crate, but be safe): locate now.
+                    _ if round == 0 => {
+                        let address = r.address.clone();
+                        let location = smtp.locator.locate(&address, Purpose::Rcpt).await;
+                        self.apply_location(&mut entry, i, location, None, &body, &mut last_error)
+                            .await?;
+                    }
+                    _ => {}
+                }
+            }
+            let mut relocated = false;
+            for ((owner, endpoint), indexes) in groups {
+                let addresses: Vec<String> = indexes
+                    .iter()
+                    .map(|&i| entry.recipients[i].address.clone())
+                    .collect();
+                let outcomes = relay(
+                    &smtp.config,
+                    smtp.relay_tls.as_ref(),
+                    &endpoint,
+                    &entry.sender,
+                    &addresses,
+                    &body,
+                )
+                .await;
+                for (&i, outcome) in indexes.iter().zip(outcomes) {
+                    let address = entry.recipients[i].address.clone();
+                    match outcome {
+                        RcptOutcome::Delivered => {
+                            tracing::info!(id = entry.id, rcpt = %address, %owner, "relayed");
+                            metrics::counter!("dshare_smtp_messages_total", "result" => "relayed")
+                                .increment(1);
+                            entry.recipients[i].state = RecipientState::Delivered;
+                        }
+                        RcptOutcome::Failed(reason) => {
+                            tracing::info!(id = entry.id, rcpt = %address, %owner, %reason, "relay failed permanently");
+                            entry.recipients[i].state = RecipientState::Failed(reason);
+                        }
+                        RcptOutcome::Retry(reason) => {
+                            tracing::info!(id = entry.id, rcpt = %address, %owner, %reason, "relay deferred");
+                            last_error = Some(reason);
+                        }
+                        RcptOutcome::NoSuchUser(reason) => {
+                            let is_list_copy = matches!(smtp.directory.list(&address), Ok(Some(_)));
+                            if round > 0 || is_list_copy {
+                                entry.recipients[i].state = RecipientState::Failed(reason);
+                                continue;
+                            }
+                            tracing::info!(id = entry.id, rcpt = %address, %owner, "owner has no such user, locating again");
+                            let location = smtp.locator.relocate(&address).await;
+                            let before = entry.recipients[i].owner.clone();
+                            self.apply_location(
+                                &mut entry,
+                                i,
+                                location,
+                                Some(reason),
+                                &body,
+                                &mut last_error,
+                            )
+                            .await?;
+                            let r = &entry.recipients[i];
+                            relocated |= r.state == RecipientState::Pending && r.owner != before;
+                        }
+                    }
+                }
+            }
+            if !relocated {
+                break;
+            }
+        }
+        self.finish_attempt(entry, last_error).await
+    }
+
+    /// Applies a (re)location to a pending recipient. `refused` is the old owner's 550 reply.
+    async fn apply_location(
+        &self,
+        entry: &mut QueueEntry,
+        i: usize,
+        location: Location,
+        refused: Option<String>,
+        body: &[u8],
+        last_error: &mut Option<String>,
+    ) -> Result<()> {
+        let smtp = &self.smtp;
+        let failed = |why: String| RecipientState::Failed(refused.clone().unwrap_or(why));
+        let r = &mut entry.recipients[i];
+        match location {
+            Location::Remote(owner)
+                if owner.can_receive && r.owner.as_deref() != Some(&owner.node) =>
+            {
+                tracing::info!(id = entry.id, rcpt = %r.address, new_owner = %owner.node, "recipient moved, requeued to its owner");
+                r.address = owner.canonical;
+                r.owner = Some(owner.node);
+                r.endpoint = Some(owner.smtp);
+            }
+            Location::Local {
+                address,
+                enabled: true,
+            } => {
+                // The account lives here now: deliver it ourselves.
+                let mut message = format!("Return-Path: <{}>\r\n", entry.sender).into_bytes();
+                message.extend_from_slice(body);
+                let mail = smtp.mail.clone();
+                let account = address.clone();
+                tokio::task::spawn_blocking(move || mail.deliver(&account, &message))
+                    .await
+                    .map_err(|e| crate::Error::Task(e.to_string()))??;
+                tracing::info!(id = entry.id, rcpt = %address, "recipient is local now, delivered");
+                r.state = RecipientState::Delivered;
+            }
+            Location::TempFail(reason) if refused.is_none() => {
+                *last_error = Some(format!("lookup: {reason}"));
+            }
+            other => {
+                tracing::info!(id = entry.id, rcpt = %r.address, location = ?other, "recipient has no other owner, failed");
+                r.state = failed(format!("550 5.1.1 no such user ({other:?})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// After an attempt: finished or expired entries are removed (with a DSN for failures), the
+    /// rest rescheduled with back-off.
+    async fn finish_attempt(
+        &self,
+        mut entry: QueueEntry,
+        last_error: Option<String>,
+    ) -> Result<()> {
+        let smtp = &self.smtp;
+        let now = now();
+        entry.attempts += 1;
+        if last_error.is_some() {
+            entry.last_error = last_error;
+        }
+        let age = now.saturating_sub(entry.created);
+        if !entry.is_finished() && age >= smtp.config.max_queue_age.as_secs() as i64 {
+            let why = format!(
+                "gave up after {} attempts over {age} s; last error: {}",
+                entry.attempts,
+                entry.last_error.as_deref().unwrap_or("none")
+            );
+            for r in &mut entry.recipients {
+                if r.state == RecipientState::Pending {
+                    r.state = RecipientState::Failed(why.clone());
+                }
+            }
+        }
+        if entry.is_finished() {
+            let failed: Vec<(String, String)> = entry
+                .recipients
+                .iter()
+                .filter_map(|r| match &r.state {
+                    RecipientState::Failed(why) => Some((r.address.clone(), why.clone())),
+                    _ => None,
+                })
+                .collect();
+            if !failed.is_empty() {
+                self.bounce(&entry, &failed).await?;
+            }
+            smtp.queue.remove(entry.id)?;
+            tracing::info!(id = entry.id, failed = failed.len(), "queue entry done");
+        } else {
+            let delay = smtp.config.backoff(entry.attempts);
+            entry.next_attempt = now + delay.as_secs() as i64;
+            smtp.queue.update(&entry)?;
+            tracing::info!(id = entry.id, attempts = entry.attempts, retry_in = ?delay, "queue entry deferred");
+        }
+        smtp.store.flush_async().await?;
+        Ok(())
+    }
+
+    /// Sends a DSN for `failed` recipients to the entry's sender (never for a bounce).
+    async fn bounce(&self, entry: &QueueEntry, failed: &[(String, String)]) -> Result<()> {
+        let smtp = &self.smtp;
+        if entry.sender.is_empty() {
+            tracing::warn!(
+                id = entry.id,
+                "undeliverable bounce dropped (never bounce a bounce)"
+            );
+            return Ok(());
+        }
+        metrics::counter!("dshare_smtp_messages_total", "result" => "bounced").increment(1);
+        let headers = smtp
+            .queue
+            .body(entry.id)?
+            .map(|b| dsn::header_part(&b))
+            .unwrap_or_default();
+        let report = dsn::build(&smtp.config.hostname, entry, failed, &headers);
+        let sender = entry.sender.clone();
+        let location = match ds_directory::Address::parse(&sender) {
+            Ok(a) => smtp.locator.locate(&a.to_string(), Purpose::Rcpt).await,
+            Err(_) => Location::Unknown,
+        };
+        match location {
+            Location::Local { address, .. } => {
+                let mut message = b"Return-Path: <>\r\n".to_vec();
+                message.extend_from_slice(&report);
+                let mail = smtp.mail.clone();
+                tokio::task::spawn_blocking(move || mail.deliver(&address, &message))
+                    .await
+                    .map_err(|e| crate::Error::Task(e.to_string()))??;
+                tracing::info!(id = entry.id, %sender, "DSN delivered locally");
+            }
+            Location::Remote(owner) => {
+                let rcpt = ds_store::queue::QueuedRecipient {
+                    address: owner.canonical.clone(),
+                    owner: Some(owner.node.clone()),
+                    endpoint: Some(owner.smtp.clone()),
+                    state: RecipientState::Pending,
+                };
+                let id = smtp.queue.enqueue("", vec![rcpt], &report, false, now())?;
+                tracing::info!(id = entry.id, dsn_id = id, %sender, owner = %owner.node, "DSN queued");
+            }
+            other => {
+                tracing::warn!(id = entry.id, %sender, location = ?other, "DSN dropped: sender not in the cluster");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,661 @@
+//! [`Smtp`] and the server session: one connection, commands in order, replies buffered and
+//! flushed when no complete command is waiting (PIPELINING), DATA through [`DataReader`].
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ds_directory::{Address, Directory};
+use ds_net::{ConnContext, LineConn, MailStream, Shutdown, TlsAcceptor};
+use ds_store::Store;
+use ds_store::mailbox::MailStore;
+use ds_store::queue::QueueStore;
+use smtp_proto::{AUTH_PLAIN, MAIL_SMTPUTF8, Request};
+use subtle::ConstantTimeEq;
+use tokio::sync::Notify;
+
+use crate::data::{DataEnd, DataReader};
+use crate::locate::{Location, Owner, Purpose, RecipientLocator};
+use crate::queue::QueueRunner;
+use crate::reply::*;
+use crate::{PEER_AUTH_PREFIX, SmtpConfig, base64};
+
+/// Bound on the STARTTLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The SMTP service of a node: shared by every connection and the queue runner.
+pub struct Smtp {
+    pub(crate) config: SmtpConfig,
+    pub(crate) directory: Directory,
+    pub(crate) mail: MailStore,
+    pub(crate) queue: QueueStore,
+    pub(crate) store: Store,
+    pub(crate) locator: Arc<dyn RecipientLocator>,
+    tls: Option<TlsAcceptor>,
+    pub(crate) relay_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Woken when a message is queued.
+    pub(crate) wake: Arc<Notify>,
+    /// Transaction ids, unique per process run (combined with the start time).
+    next_id: AtomicU64,
+    started: u64,
+}
+
+impl std::fmt::Debug for Smtp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Smtp")
+            .field("config", &self.config)
+            .field("starttls", &self.tls.is_some())
+            .field("relay_tls", &self.relay_tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A recipient accepted by `RCPT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Rcpt {
+    /// A local account (canonical address).
+    Local(String),
+    /// A local mailing list.
+    List(String),
+    /// Owned by a peer.
+    Remote(Owner),
+}
+
+/// An accepted envelope, handed to delivery.
+#[derive(Debug)]
+pub(crate) struct Envelope {
+    pub id: String,
+    pub sender: String,
+    pub recipients: Vec<Rcpt>,
+    /// The peer node when the session is a relay hop.
+    pub hop: Option<String>,
+    pub helo: String,
+    pub peer: IpAddr,
+    pub with: &'static str,
+}
+
+struct Transaction {
+    sender: String,
+    smtputf8: bool,
+    recipients: Vec<Rcpt>,
+}
+
+enum Action {
+    Continue,
+    Close,
+    StartTls,
+    Data,
+}
+
+struct Session {
+    smtp: Arc<Smtp>,
+    ctx: ConnContext,
+    helo: Option<String>,
+    esmtp: bool,
+    /// Set after a successful peer AUTH: the peer's node id.
+    hop: Option<String>,
+    tx: Option<Transaction>,
+    errors: usize,
+}
+
+impl Smtp {
+    /// The service. `locator` answers where addresses live; `tls_acceptor` enables STARTTLS;
+    /// `relay_tls` (a client config trusting the cluster CA) makes relays require STARTTLS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: SmtpConfig,
+        directory: Directory,
+        mail: MailStore,
+        queue: QueueStore,
+        store: Store,
+        locator: Arc<dyn RecipientLocator>,
+        tls_acceptor: Option<TlsAcceptor>,
+        relay_tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Arc<Smtp> {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
+        Arc::new(Smtp {
+            config,
+            directory,
+            mail,
+            queue,
+            store,
+            locator,
+            tls: tls_acceptor,
+            relay_tls,
+            wake: Arc::new(Notify::new()),
+            next_id: AtomicU64::new(0),
+            started,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SmtpConfig {
+        &self.config
+    }
+
+    /// The relay queue runner; run it once per node (see [`QueueRunner::run`]).
+    pub fn queue_runner(self: &Arc<Self>) -> QueueRunner {
+        QueueRunner::new(Arc::clone(self))
+    }
+
+    /// Runs the relay queue until `shutdown`.
+    pub async fn run_queue(self: Arc<Self>, shutdown: Shutdown) {
+        self.queue_runner().run(shutdown).await;
+    }
+
+    pub(crate) fn new_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{:X}{:04X}", self.started, n)
+    }
+
+    /// Serves one connection; the handler for `ds_net::serve`.
+    pub async fn handle(self: Arc<Self>, stream: MailStream, ctx: ConnContext, shutdown: Shutdown) {
+        let mut session = Session {
+            smtp: self,
+            ctx,
+            helo: None,
+            esmtp: false,
+            hop: None,
+            tx: None,
+            errors: 0,
+        };
+        let conn = LineConn::new(stream);
+        match session.run(conn, &shutdown).await {
+            Ok(()) => tracing::debug!("smtp session closed"),
+            Err(e) => tracing::info!(error = %e, "smtp session ended"),
+        }
+    }
+}
+
+impl Session {
+    fn config(&self) -> &SmtpConfig {
+        &self.smtp.config
+    }
+
+    async fn run(
+        &mut self,
+        mut conn: LineConn<MailStream>,
+        shutdown: &Shutdown,
+    ) -> crate::Result<()> {
+        let greeting = format!("220 {} ESMTP Domain Share\r\n", self.config().hostname);
+        conn.write_all(greeting.as_bytes()).await?;
+        loop {
+            if !conn.buffered().contains(&b'\n') {
+                conn.flush().await?;
+            }
+            let (max_line, idle) = (self.config().max_line, self.config().idle_timeout);
+            let line = tokio::select! {
+                line = conn.read_line(max_line, idle) => line,
+                () = shutdown.wait() => {
+                    conn.write_all(SHUTTING_DOWN.as_bytes()).await?;
+                    conn.shutdown().await?;
+                    return Ok(());
+                }
+            };
+            let line = match line {
+                Ok(Some(line)) => line,
+                Ok(None) => return Ok(()),
+                Err(ds_net::Error::LineTooLong { .. }) => {
+                    if self.error(&mut conn, LINE_TOO_LONG).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(ds_net::Error::Timeout) => {
+                    tracing::info!("idle timeout");
+                    conn.write_all(TIMEOUT.as_bytes()).await?;
+                    let _ = conn.shutdown().await;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match self.command(&mut conn, &line).await? {
+                Action::Continue => {}
+                Action::Close => {
+                    let _ = conn.shutdown().await;
+                    return Ok(());
+                }
+                Action::StartTls => {
+                    let acceptor = self.smtp.tls.clone().ok_or_else(|| {
+                        crate::Error::Relay("STARTTLS without an acceptor".into())
+                    })?;
+                    conn = conn.start_tls(&acceptor, TLS_HANDSHAKE_TIMEOUT).await?;
+                    self.ctx.update_from(conn.get_ref());
+                    // RFC 3207: forget everything learnt before the handshake.
+                    self.helo = None;
+                    self.esmtp = false;
+                    self.hop = None;
+                    self.tx = None;
+                    tracing::debug!(sni = ?self.ctx.sni, "STARTTLS done");
+                }
+                Action::Data => {
+                    if !self.data(&mut conn).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues an error reply and counts it; true if the session must close (too many errors).
+    async fn error(&mut self, conn: &mut LineConn<MailStream>, reply: &str) -> crate::Result<bool> {
+        self.errors += 1;
+        if self.errors > self.config().max_errors {
+            tracing::info!(errors = self.errors, "too many errors, closing");
+            conn.write_all(TOO_MANY_ERRORS.as_bytes()).await?;
+            let _ = conn.shutdown().await;
+            return Ok(true);
+        }
+        conn.write_all(reply.as_bytes()).await?;
+        Ok(false)
+    }
+
+    async fn reply(
+        &mut self,
+        conn: &mut LineConn<MailStream>,
+        reply: &str,
+    ) -> crate::Result<Action> {
+        if reply.starts_with('5') || reply.starts_with("452") {
+            if self.error(conn, reply).await? {
+                return Ok(Action::Close);
+            }
+        } else {
+            conn.write_all(reply.as_bytes()).await?;
+        }
+        Ok(Action::Continue)
+    }
+
+    async fn command(
+        &mut self,
+        conn: &mut LineConn<MailStream>,
+        line: &[u8],
+    ) -> crate::Result<Action> {
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(request) => request,
+            Err(e) => {
+                let reply = parse_error_reply(e);
+                return self.reply(conn, &reply).await;
+            }
+        };
+        match request {
+            Request::Ehlo { host } => {
+                let reply = self.ehlo(&host, true);
+                self.reply(conn, &reply).await
+            }
+            Request::Helo { host } => {
+                let reply = self.ehlo(&host, false);
+                self.reply(conn, &reply).await
+            }
+            Request::Mail { from } => {
+                let reply = self.mail(from.address, from.size, from.flags).await;
+                self.reply(conn, reply.as_ref()).await
+            }
+            Request::Rcpt { to } => {
+                let reply = self.rcpt(&to.address).await;
+                self.reply(conn, reply).await
+            }
+            Request::Data => match &self.tx {
+                None => self.reply(conn, NEED_MAIL).await,
+                Some(tx) if tx.recipients.is_empty() => self.reply(conn, NEED_RCPT).await,
+                Some(_) => {
+                    conn.write_all(DATA_GO.as_bytes()).await?;
+                    Ok(Action::Data)
+                }
+            },
+            Request::Rset => {
+                self.tx = None;
+                self.reply(conn, OK).await
+            }
+            Request::Noop { .. } => self.reply(conn, OK).await,
+            Request::Quit => {
+                let bye = format!(
+                    "221 2.0.0 {} closing connection\r\n",
+                    self.config().hostname
+                );
+                conn.write_all(bye.as_bytes()).await?;
+                Ok(Action::Close)
+            }
+            Request::Vrfy { .. } => self.reply(conn, VRFY).await,
+            Request::Help { .. } => self.reply(conn, HELP).await,
+            Request::StartTls => {
+                if self.ctx.tls {
+                    self.reply(conn, ALREADY_TLS).await
+                } else if self.smtp.tls.is_none() {
+                    self.reply(conn, NO_TLS).await
+                } else {
+                    conn.write_all(STARTTLS_GO.as_bytes()).await?;
+                    Ok(Action::StartTls)
+                }
+            }
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => {
+                let reply = self.auth(conn, mechanism, &initial_response).await?;
+                self.reply(conn, reply).await
+            }
+            Request::Lhlo { .. }
+            | Request::Bdat { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.reply(conn, NOT_IMPLEMENTED).await,
+        }
+    }
+
+    fn auth_offered(&self) -> bool {
+        !self.config().cluster_secret.is_empty() && (self.ctx.tls || self.smtp.tls.is_none())
+    }
+
+    fn ehlo(&mut self, host: &str, esmtp: bool) -> String {
+        self.helo = Some(sanitize(host));
+        self.esmtp = esmtp;
+        self.tx = None;
+        let cfg = self.config();
+        let mut lines = vec![format!(
+            "{} Hello {} [{}]",
+            cfg.hostname,
+            sanitize(host),
+            self.ctx.peer.ip()
+        )];
+        if esmtp {
+            lines.push("PIPELINING".into());
+            lines.push(format!("SIZE {}", cfg.max_message_size));
+            lines.push("8BITMIME".into());
+            lines.push("ENHANCEDSTATUSCODES".into());
+            lines.push("SMTPUTF8".into());
+            if self.smtp.tls.is_some() && !self.ctx.tls {
+                lines.push("STARTTLS".into());
+            }
+            if self.auth_offered() && self.hop.is_none() {
+                lines.push("AUTH PLAIN".into());
+            }
+        }
+        let mut out = String::new();
+        let last = lines.len() - 1;
+        for (i, l) in lines.iter().enumerate() {
+            out.push_str(if i == last { "250 " } else { "250-" });
+            out.push_str(l);
+            out.push_str("\r\n");
+        }
+        out
+    }
+
+    async fn mail(&mut self, address: Cow<'_, str>, size: usize, flags: u64) -> Cow<'static, str> {
+        if self.helo.is_none() {
+            return NEED_HELO.into();
+        }
+        if self.tx.is_some() {
+            return NESTED_MAIL.into();
+        }
+        let max = self.config().max_message_size;
+        if size > max {
+            tracing::info!(size, max, "MAIL refused: declared SIZE over the limit");
+            return TOO_BIG.into();
+        }
+        let smtputf8 = flags & MAIL_SMTPUTF8 != 0;
+        if !address.is_ascii() && !smtputf8 {
+            return BAD_8BIT_ADDR.into();
+        }
+        let sender = address.into_owned();
+        if !sender.is_empty() && self.hop.is_none() && self.config().sender_check {
+            let Ok(parsed) = Address::parse(&sender) else {
+                return "501 5.1.7 Bad sender address syntax\r\n".into();
+            };
+            if self.smtp.directory.domains().is_shared(parsed.domain()) {
+                let normal = parsed.to_string();
+                match self.smtp.locator.locate(&normal, Purpose::Sender).await {
+                    Location::Unknown => {
+                        tracing::info!(sender = %normal, "MAIL refused: no node owns the sender");
+                        return UNKNOWN_SENDER.into();
+                    }
+                    Location::TempFail(reason) => {
+                        tracing::warn!(sender = %normal, %reason, "MAIL deferred: sender lookup failed");
+                        return TEMPFAIL_LOOKUP.into();
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.tx = Some(Transaction {
+            sender,
+            smtputf8,
+            recipients: Vec::new(),
+        });
+        SENDER_OK.into()
+    }
+
+    async fn rcpt(&mut self, address: &str) -> &'static str {
+        let Some(tx) = &self.tx else {
+            return NEED_MAIL;
+        };
+        if tx.recipients.len() >= self.config().max_recipients {
+            return TOO_MANY_RCPTS;
+        }
+        if !address.is_ascii() && !tx.smtputf8 {
+            return BAD_8BIT_ADDR;
+        }
+        let Ok(parsed) = Address::parse(address) else {
+            return "501 5.1.3 Bad recipient address syntax\r\n";
+        };
+        if !self.smtp.directory.domains().is_served(parsed.domain()) {
+            tracing::info!(rcpt = %parsed, "RCPT refused: domain not served (no relay)");
+            return RELAY_DENIED;
+        }
+        let normal = parsed.to_string();
+        let location = self.smtp.locator.locate(&normal, Purpose::Rcpt).await;
+        let hop = self.hop.is_some();
+        let rcpt = match location {
+            Location::Local { address, enabled } => {
+                if !enabled {
+                    return DISABLED;
+                }
+                Rcpt::Local(address)
+            }
+            Location::LocalList(list) => Rcpt::List(list),
+            Location::Remote(owner) if !hop => {
+                if !owner.can_receive {
+                    return DISABLED;
+                }
+                Rcpt::Remote(owner)
+            }
+            Location::External(to) if !hop => {
+                tracing::info!(rcpt = %normal, %to, "RCPT refused: routed outside the served domains");
+                return EXTERNAL_DENIED;
+            }
+            Location::TempFail(reason) if !hop => {
+                tracing::warn!(rcpt = %normal, %reason, "RCPT deferred: lookup failed");
+                return TEMPFAIL_LOOKUP;
+            }
+            other => {
+                tracing::info!(rcpt = %normal, hop, location = ?other, "RCPT refused: no such user here");
+                return UNKNOWN_USER;
+            }
+        };
+        if let Some(tx) = &mut self.tx
+            && !tx.recipients.contains(&rcpt)
+        {
+            tx.recipients.push(rcpt);
+        }
+        RCPT_OK
+    }
+
+    async fn auth(
+        &mut self,
+        conn: &mut LineConn<MailStream>,
+        mechanism: u64,
+        initial: &str,
+    ) -> crate::Result<&'static str> {
+        if self.helo.is_none() || !self.esmtp {
+            return Ok(NEED_HELO);
+        }
+        if self.hop.is_some() {
+            return Ok(ALREADY_AUTH);
+        }
+        if self.tx.is_some() {
+            return Ok(AUTH_IN_TX);
+        }
+        if mechanism != AUTH_PLAIN {
+            return Ok(AUTH_MECH);
+        }
+        if self.smtp.tls.is_some() && !self.ctx.tls {
+            return Ok(AUTH_ENCRYPT);
+        }
+        let response = if initial.is_empty() {
+            conn.write_all(AUTH_CONTINUE.as_bytes()).await?;
+            conn.flush().await?;
+            let (max_line, idle) = (self.config().max_line, self.config().idle_timeout);
+            match conn.read_line(max_line, idle).await {
+                Ok(Some(line)) => String::from_utf8_lossy(&line).trim_end().to_string(),
+                Ok(None) => return Err(ds_net::Error::UnexpectedEof.into()),
+                Err(ds_net::Error::LineTooLong { .. }) => return Ok(LINE_TOO_LONG),
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            initial.to_string()
+        };
+        if response == "*" {
+            return Ok(AUTH_CANCELLED);
+        }
+        let decoded = if response == "=" {
+            Some(Vec::new())
+        } else {
+            base64::decode(&response)
+        };
+        let Some(decoded) = decoded else {
+            return Ok(AUTH_BAD_B64);
+        };
+        match self.check_peer(&decoded) {
+            Some(node) => {
+                tracing::info!(peer_node = %node, "peer authenticated, session is a relay hop");
+                self.hop = Some(node);
+                Ok(AUTH_OK)
+            }
+            None => {
+                tracing::info!("AUTH refused (only peer nodes may authenticate)");
+                Ok(AUTH_FAILED)
+            }
+        }
+    }
+
+    /// SASL PLAIN `authzid NUL authcid NUL password`: a peer node with the cluster secret.
+    fn check_peer(&self, decoded: &[u8]) -> Option<String> {
+        let secret = self.config().cluster_secret.as_bytes();
+        if secret.is_empty() {
+            return None;
+        }
+        let mut parts = decoded.splitn(3, |&b| b == 0);
+        let (authz, authc, password) = (parts.next()?, parts.next()?, parts.next()?);
+        let authc = std::str::from_utf8(authc).ok()?;
+        let node = authc.strip_prefix(PEER_AUTH_PREFIX)?;
+        let password_ok: bool = password.ct_eq(secret).into();
+        let authz_ok = authz.is_empty() || authz == authc.as_bytes();
+        (password_ok && authz_ok && !node.is_empty()).then(|| node.to_string())
+    }
+
+    /// Reads the message after `354`, delivers it, replies. False if the connection must close.
+    async fn data(&mut self, conn: &mut LineConn<MailStream>) -> crate::Result<bool> {
+        let max = self.config().max_message_size;
+        let idle = self.config().idle_timeout;
+        let mut reader = DataReader::new(max);
+        // A DATA line may be long (but never longer than a message we would accept).
+        let line_cap = max.saturating_add(5).max(self.config().max_line);
+        loop {
+            if !conn.buffered().contains(&b'\n') {
+                conn.flush().await?;
+            }
+            match conn.read_line(line_cap, idle).await {
+                Ok(Some(line)) => {
+                    if let DataEnd::Done(_) = reader.push(&line) {
+                        break;
+                    }
+                }
+                Err(ds_net::Error::LineTooLong { .. }) => {
+                    // Over the message cap: keep reading to the end marker, then refuse.
+                    reader.overflow();
+                }
+                Ok(None) => {
+                    tracing::info!("connection closed during DATA");
+                    return Ok(false);
+                }
+                Err(ds_net::Error::Timeout) => {
+                    conn.write_all(TIMEOUT.as_bytes()).await?;
+                    let _ = conn.shutdown().await;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let tx = self.tx.take();
+        let Some(tx) = tx else {
+            return Ok(true);
+        };
+        if reader.too_big() {
+            tracing::info!(size = reader.len(), max, sender = %tx.sender, "message refused: too big");
+            metrics::counter!("dshare_smtp_messages_total", "result" => "too_big").increment(1);
+            self.reply(conn, TOO_BIG).await?;
+            return Ok(true);
+        }
+        let body = reader.into_body();
+        let with = match (self.esmtp, self.ctx.tls, self.hop.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let envelope = crate::session::Envelope {
+            id: self.smtp.new_id(),
+            sender: tx.sender,
+            recipients: tx.recipients,
+            hop: self.hop.clone(),
+            helo: self.helo.clone().unwrap_or_default(),
+            peer: self.ctx.peer.ip(),
+            with,
+        };
+        let reply = match self.smtp.accept(&envelope, body).await {
+            Ok(()) => {
+                metrics::counter!("dshare_smtp_messages_total", "result" => "accepted")
+                    .increment(1);
+                format!("250 2.0.0 OK id={}\r\n", envelope.id)
+            }
+            Err(e) => {
+                tracing::error!(id = %envelope.id, error = %e, "message not stored");
+                metrics::counter!("dshare_smtp_messages_total", "result" => "error").increment(1);
+                TEMP_LOCAL.to_string()
+            }
+        };
+        conn.write_all(reply.as_bytes()).await?;
+        Ok(true)
+    }
+}
+
+/// Printable ASCII only (HELO names go into headers and logs).
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .take(255)
+        .collect()
+}
+
+fn parse_error_reply(e: smtp_proto::Error) -> String {
+    use smtp_proto::Error as E;
+    match e {
+        E::UnknownCommand => UNKNOWN_COMMAND.to_string(),
+        E::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax\r\n".to_string(),
+        E::InvalidRecipientAddress => "501 5.1.3 Bad recipient address syntax\r\n".to_string(),
+        E::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}\r\n"),
+        E::InvalidParameter { param } => format!("501 5.5.4 Invalid parameter {param:?}\r\n"),
+        E::UnsupportedParameter { param } => {
+            format!("555 5.5.4 Unsupported parameter {:?}\r\n", sanitize(&param))
+        }
+        E::ResponseTooLong | E::NeedsMoreData { .. } => LINE_TOO_LONG.to_string(),
+        E::InvalidResponse { .. } => UNKNOWN_COMMAND.to_string(),
+    }
+}

@@ -1,0 +1,474 @@
+//! The SMTP server, local delivery, the relay queue and DSNs, on real loopback sockets.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use ds_net::tls::{Pki, client_config_with_ca, server_config_from_pem};
+use ds_net::TlsAcceptor;
+
+const ALICE: &str = "alice@company.com";
+const BOB: &str = "bob@company.com";
+
+#[tokio::test]
+async fn ehlo_advertises_the_extensions() {
+    let node = start("a", &[ALICE]).await;
+    let mut c = connect(node.addr).await;
+    let ehlo = c.cmd("EHLO client.example").await;
+    for ext in [
+        "250-PIPELINING",
+        "250-SIZE 52428800",
+        "250-8BITMIME",
+        "250-ENHANCEDSTATUSCODES",
+        "250-SMTPUTF8",
+        "250 AUTH PLAIN",
+    ] {
+        assert!(ehlo.contains(ext), "{ext} missing in {ehlo}");
+    }
+    assert!(!ehlo.contains("STARTTLS"), "no acceptor, no STARTTLS: {ehlo}");
+    assert!(c.cmd("HELP").await.starts_with("214 "));
+    assert!(c.cmd("VRFY bob").await.starts_with("252 "));
+    assert!(c.cmd("NOOP").await.starts_with("250 2.0.0"));
+    assert!(c.cmd("EXPN list").await.starts_with("502 5.5.1"));
+    assert!(c.cmd("FOO bar").await.starts_with("500 5.5.1"));
+    assert!(c.cmd("QUIT").await.starts_with("221 2.0.0"));
+}
+
+#[tokio::test]
+async fn local_delivery_is_byte_exact() {
+    let node = start("a", &[ALICE, BOB]).await;
+    let mut c = connect(node.addr).await;
+    c.cmd("EHLO client.example").await;
+    assert!(c.cmd("MAIL FROM:<sender@outside.org> BODY=8BITMIME").await.starts_with("250 2.1.0"));
+    assert!(c.cmd("RCPT TO:<Alice@Company.com>").await.starts_with("250 2.1.5"));
+    assert!(c.cmd("RCPT TO:<bob@company.com>").await.starts_with("250 2.1.5"));
+    assert!(c.cmd("DATA").await.starts_with("354 "));
+    // Dot lines, 8-bit octets, NUL, bare LF and bare CR are all kept as sent.
+    let body: &[u8] = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\tdot tab\r\n\
+        caf\xc3\xa9 \xff\x00 8bit\r\nbare\nlf\n.\nnot the end\r\nbare\rcr\r\n...\r\nend\r\n";
+    c.send(&stuffed(body)).await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    for account in [ALICE, BOB] {
+        let inbox = node.inbox(account);
+        assert_eq!(inbox.len(), 1);
+        let msg = &inbox[0];
+        assert!(msg.starts_with(b"Return-Path: <sender@outside.org>\r\nReceived: from client.example (127.0.0.1)\r\n\tby a.test (Domain Share) with ESMTP id "));
+        let text = String::from_utf8_lossy(msg);
+        assert!(text.contains(&format!("for <{account}>;")), "{text}");
+        assert_eq!(strip_trace(msg), body);
+    }
+    // An empty message and RSET between transactions.
+    c.cmd("MAIL FROM:<>").await;
+    c.cmd("RSET").await;
+    assert!(c.cmd("RCPT TO:<bob@company.com>").await.starts_with("503 5.5.1"));
+    c.cmd("MAIL FROM:<>").await;
+    c.cmd("RCPT TO:<bob@company.com>").await;
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c.cmd(".").await.starts_with("250 2.0.0"));
+    let inbox = node.inbox(BOB);
+    assert_eq!(inbox.len(), 2);
+    assert!(inbox[1].starts_with(b"Return-Path: <>\r\n"));
+    assert_eq!(strip_trace(&inbox[1]), b"");
+}
+
+#[tokio::test]
+async fn recipients_and_senders_are_checked() {
+    let node = start("a", &[ALICE]).await;
+    let mut c = connect(node.addr).await;
+    assert!(c.cmd("MAIL FROM:<x@outside.org>").await.starts_with("503 5.5.1"), "HELO first");
+    c.cmd("EHLO client.example").await;
+    // A sender in the shared domain that no node owns.
+    assert!(c.cmd("MAIL FROM:<ghost@company.com>").await.starts_with("550 5.1.0"));
+    assert!(c.cmd("MAIL FROM:<alice@company.com>").await.starts_with("250 2.1.0"));
+    assert!(c.cmd("MAIL FROM:<alice@company.com>").await.starts_with("503 5.5.1"));
+    assert!(c.cmd("RCPT TO:<nobody@company.com>").await.starts_with("550 5.1.1"));
+    assert!(c.cmd("RCPT TO:<someone@elsewhere.org>").await.starts_with("554 5.7.1"));
+    let r = c.cmd("RCPT TO:<broken").await;
+    assert!(r.starts_with("501 5."), "{r}");
+    assert!(c.cmd("DATA").await.starts_with("503 5.5.1"), "no recipient yet");
+    assert!(c.cmd("RCPT TO:<alice@company.com>").await.starts_with("250 2.1.5"));
+}
+
+#[tokio::test]
+async fn pipelined_commands_are_answered_in_order() {
+    let node = start("a", &[ALICE, BOB]).await;
+    let mut c = connect(node.addr).await;
+    c.send(
+        b"EHLO client.example\r\nMAIL FROM:<x@outside.org>\r\nRCPT TO:<alice@company.com>\r\n\
+          RCPT TO:<nobody@company.com>\r\nRCPT TO:<bob@company.com>\r\nDATA\r\n",
+    )
+    .await;
+    assert!(c.reply().await.starts_with("250-"));
+    assert!(c.reply().await.starts_with("250 2.1.0"));
+    assert!(c.reply().await.starts_with("250 2.1.5"));
+    assert!(c.reply().await.starts_with("550 5.1.1"));
+    assert!(c.reply().await.starts_with("250 2.1.5"));
+    assert!(c.reply().await.starts_with("354"));
+    c.send(b"Subject: p\r\n\r\nhello\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<bob@company.com>\r\nDATA\r\nsecond\r\n.\r\nQUIT\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250 2.0.0"));
+    assert!(c.reply().await.starts_with("250 2.1.0"));
+    assert!(c.reply().await.starts_with("250 2.1.5"));
+    assert!(c.reply().await.starts_with("354"));
+    assert!(c.reply().await.starts_with("250 2.0.0"));
+    assert!(c.reply().await.starts_with("221"));
+    assert_eq!(node.inbox(ALICE).len(), 1);
+    assert_eq!(node.inbox(BOB).len(), 2);
+    assert_eq!(strip_trace(&node.inbox(BOB)[1]), b"second\r\n");
+}
+
+#[tokio::test]
+async fn limits_have_their_codes() {
+    let mut opts = NodeOptions::new("a", &[ALICE, BOB, "carol@company.com", "dave@company.com"]);
+    opts.config.max_recipients = 3;
+    opts.config.max_message_size = 1000;
+    opts.config.max_errors = 50;
+    let node = start_with(opts).await;
+    let mut c = connect(node.addr).await;
+    c.cmd("EHLO client.example").await;
+    let long = format!("NOOP {}", "x".repeat(2000));
+    assert!(c.cmd(&long).await.starts_with("500 5.5.2"));
+    assert!(c.cmd("NOOP").await.starts_with("250"), "session goes on after a long line");
+    assert!(c.cmd("MAIL FROM:<x@outside.org> SIZE=5000").await.starts_with("552 5.3.4"));
+    assert!(c.cmd("MAIL FROM:<x@outside.org> SIZE=500").await.starts_with("250"));
+    for r in [ALICE, BOB, "carol@company.com"] {
+        assert!(c.cmd(&format!("RCPT TO:<{r}>")).await.starts_with("250 2.1.5"));
+    }
+    assert!(c.cmd("RCPT TO:<dave@company.com>").await.starts_with("452 4.5.3"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    let mut big = Vec::new();
+    for _ in 0..30 {
+        big.extend_from_slice(&[b'y'; 60]);
+        big.extend_from_slice(b"\r\n");
+    }
+    c.send(&stuffed(&big)).await;
+    assert!(c.reply().await.starts_with("552 5.3.4"));
+    assert!(node.inbox(ALICE).is_empty());
+    // The session is usable after a refused message.
+    c.cmd("MAIL FROM:<>").await;
+    c.cmd("RCPT TO:<alice@company.com>").await;
+    c.cmd("DATA").await;
+    assert!(c.cmd("small\r\n.").await.starts_with("250 2.0.0"));
+}
+
+#[tokio::test]
+async fn too_many_errors_and_idle_timeout_close_the_session() {
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.config.max_errors = 3;
+    opts.config.idle_timeout = Duration::from_millis(500);
+    let node = start_with(opts).await;
+    let mut c = connect(node.addr).await;
+    for _ in 0..3 {
+        assert!(c.cmd("BOGUS").await.starts_with("500"));
+    }
+    assert!(c.cmd("BOGUS").await.starts_with("421"));
+    let mut c = connect(node.addr).await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("421 4.4.2"), "{reply}");
+}
+
+fn pki_acceptor() -> (Pki, TlsAcceptor) {
+    let pki = Pki::generate("test CA");
+    let (cert, key) = pki.issue(&["localhost"], &["127.0.0.1".parse().unwrap()]);
+    let config = server_config_from_pem(&cert, &key).unwrap();
+    (pki, TlsAcceptor::from(config))
+}
+
+#[tokio::test]
+async fn starttls_upgrades_and_resets_the_session() {
+    let (pki, acceptor) = pki_acceptor();
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.tls = Some(acceptor);
+    let node = start_with(opts).await;
+    let mut c = connect(node.addr).await;
+    let ehlo = c.cmd("EHLO client.example").await;
+    assert!(ehlo.contains("250-STARTTLS"), "{ehlo}");
+    assert!(!ehlo.contains("AUTH"), "no AUTH before TLS: {ehlo}");
+    assert!(c.cmd("AUTH PLAIN AGR1bW15AHg=").await.starts_with("538 5.7.11"));
+    assert!(c.cmd("STARTTLS").await.starts_with("220 2.0.0"));
+    let tcp = c.stream.into_inner();
+    let connector = ds_net::TlsConnector::from(client_config_with_ca(&pki.ca_cert_pem()).unwrap());
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut c = Client {
+        stream: tokio::io::BufReader::new(tls),
+    };
+    assert!(c.cmd("MAIL FROM:<x@outside.org>").await.starts_with("503"), "state reset after TLS");
+    let ehlo = c.cmd("EHLO client.example").await;
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
+    assert!(c.cmd("STARTTLS").await.starts_with("503"));
+    c.cmd("MAIL FROM:<x@outside.org>").await;
+    c.cmd("RCPT TO:<alice@company.com>").await;
+    c.cmd("DATA").await;
+    assert!(c.cmd("Subject: tls\r\n\r\nsecret\r\n.").await.starts_with("250 2.0.0"));
+    let msg = String::from_utf8(node.inbox(ALICE).remove(0)).unwrap();
+    assert!(msg.contains("with ESMTPS id"), "{msg}");
+}
+
+#[tokio::test]
+async fn twenty_mib_message_arrives_byte_exact() {
+    let node = start("a", &[ALICE]).await;
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    let mut x: u32 = 12345;
+    while body.len() < 20 * 1024 * 1024 {
+        // Pseudo-random 8-bit lines, some starting with a period.
+        let len = 1 + (x % 200) as usize;
+        for _ in 0..len {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let b = (x >> 16) as u8;
+            body.push(if b == b'\r' || b == b'\n' { b'.' } else { b });
+        }
+        body.extend_from_slice(b"\r\n");
+    }
+    let mut c = connect(node.addr).await;
+    c.cmd("EHLO client.example").await;
+    c.cmd("MAIL FROM:<x@outside.org> BODY=8BITMIME").await;
+    c.cmd("RCPT TO:<alice@company.com>").await;
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    let started = std::time::Instant::now();
+    c.send(&stuffed(&body)).await;
+    let reply = c.reply().await;
+    let elapsed = started.elapsed();
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    eprintln!("20 MiB message accepted in {elapsed:?}");
+    let inbox = node.inbox(ALICE);
+    assert_eq!(strip_trace(&inbox[0]).len(), body.len());
+    assert!(strip_trace(&inbox[0]) == body.as_slice());
+}
+
+#[tokio::test]
+async fn python_smtplib_delivers() {
+    let node = start("a", &[ALICE]).await;
+    let port = node.addr.port();
+    let script = format!(
+        r#"
+import smtplib
+from email.message import EmailMessage
+m = EmailMessage()
+m["From"] = "py@outside.org"
+m["To"] = "alice@company.com"
+m["Subject"] = "from python"
+m.set_content(".dot line\nnon-ascii: café\n")
+with smtplib.SMTP("127.0.0.1", {port}, timeout=30) as s:
+    s.ehlo("python.example")
+    assert s.has_extn("pipelining") and s.has_extn("8bitmime") and s.has_extn("smtputf8")
+    print(s.send_message(m))
+    try:
+        s.sendmail("py@outside.org", ["nobody@company.com"], "Subject: x\r\n\r\nx\r\n")
+    except smtplib.SMTPRecipientsRefused as e:
+        print("refused", e.recipients["nobody@company.com"][0])
+"#
+    );
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("refused 550"), "{stdout}");
+    let msg = String::from_utf8(node.inbox(ALICE).remove(0)).unwrap();
+    assert!(msg.contains("Subject: from python"));
+    assert!(msg.contains(".dot line"), "{msg}");
+}
+
+#[tokio::test]
+async fn peer_auth_marks_a_hop_that_delivers_locally_only() {
+    let node = start("b", &[BOB]).await;
+    node.locator.set_remote(ALICE, "a", "127.0.0.1:9");
+    let mut c = connect(node.addr).await;
+    c.cmd("EHLO a.test").await;
+    // Regular users cannot authenticate; a wrong secret neither.
+    let user = b64(b"\0bob@company.com\0password");
+    assert!(c.cmd(&format!("AUTH PLAIN {user}")).await.starts_with("535 5.7.8"));
+    let wrong = b64(b"\0dshare-peer/a\0not-the-secret-at-all");
+    assert!(c.cmd(&format!("AUTH PLAIN {wrong}")).await.starts_with("535 5.7.8"));
+    // Without a hop, a peer-owned recipient is accepted (it would be queued).
+    c.cmd("MAIL FROM:<x@outside.org>").await;
+    assert!(c.cmd("RCPT TO:<alice@company.com>").await.starts_with("250 2.1.5"));
+    c.cmd("RSET").await;
+    // The peer, with the initial response on a second line.
+    assert!(c.cmd("AUTH PLAIN").await.starts_with("334"));
+    let token = b64(format!("\0dshare-peer/a\0{SECRET}").as_bytes());
+    assert!(c.cmd(&token).await.starts_with("235 2.7.0"));
+    c.cmd("MAIL FROM:<x@outside.org>").await;
+    assert!(c.cmd("RCPT TO:<alice@company.com>").await.starts_with("550 5.1.1"));
+    assert!(c.cmd("RCPT TO:<bob@company.com>").await.starts_with("250 2.1.5"));
+    c.cmd("DATA").await;
+    assert!(c.cmd("hop\r\n.").await.starts_with("250 2.0.0"));
+    assert!(node.queue.is_empty(), "a hop never queues");
+    let msg = String::from_utf8(node.inbox(BOB).remove(0)).unwrap();
+    assert!(msg.contains("with ESMTPA id"), "{msg}");
+}
+
+/// Binds a port and frees it: nothing listens there (until a node binds it again).
+async fn free_port() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn send_simple(node: &Node, from: &str, to: &[&str], body: &str) -> String {
+    let mut c = connect(node.addr).await;
+    c.cmd("EHLO client.example").await;
+    c.cmd(&format!("MAIL FROM:<{from}>")).await;
+    for r in to {
+        let reply = c.cmd(&format!("RCPT TO:<{r}>")).await;
+        assert!(reply.starts_with("250"), "{r}: {reply}");
+    }
+    c.cmd("DATA").await;
+    c.send(&stuffed(body.as_bytes())).await;
+    c.reply().await
+}
+
+#[tokio::test]
+async fn queue_retries_an_owner_that_is_down_then_delivers() {
+    let b_addr = free_port().await;
+    let a = start("a", &[ALICE]).await;
+    a.locator.set_remote(BOB, "b", &b_addr.to_string());
+    let reply = send_simple(&a, ALICE, &[ALICE, BOB], "Subject: mixed\r\n\r\nhi both\r\n").await;
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    // Local copy at once, the remote one queued and failing while b is down.
+    assert_eq!(a.inbox(ALICE).len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert!(entries[0].attempts >= 1, "{entries:?}");
+    assert!(entries[0].last_error.as_deref().unwrap_or("").contains("connect"), "{entries:?}");
+    assert_eq!(entries[0].recipients[0].owner.as_deref(), Some("b"));
+    // b comes up on the advertised port; the back-off (1 s, 2 s) brings the message over.
+    let mut opts = NodeOptions::new("b", &[BOB]);
+    opts.listener = Some(tokio::net::TcpListener::bind(b_addr).await.unwrap());
+    let b = start_with(opts).await;
+    let inbox = b.wait_inbox(BOB, 1, 15).await;
+    assert_eq!(inbox.len(), 1, "relayed after the owner came up");
+    let msg = String::from_utf8(inbox[0].clone()).unwrap();
+    assert!(msg.starts_with("Return-Path: <alice@company.com>\r\nReceived: from a.test"), "{msg}");
+    assert!(msg.contains("by b.test (Domain Share) with ESMTPA"), "{msg}");
+    assert!(msg.contains("by a.test (Domain Share) with ESMTP id"), "{msg}");
+    assert!(msg.ends_with("\r\n\r\nhi both\r\n"), "{msg}");
+    for _ in 0..50 {
+        if a.queue.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.queue.is_empty());
+}
+
+#[tokio::test]
+async fn queue_relays_over_starttls_with_the_cluster_ca() {
+    let (pki, acceptor) = pki_acceptor();
+    let mut opts = NodeOptions::new("b", &[BOB]);
+    opts.tls = Some(acceptor);
+    let b = start_with(opts).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.relay_tls = Some(client_config_with_ca(&pki.ca_cert_pem()).unwrap());
+    let a = start_with(opts).await;
+    a.locator.set_remote(BOB, "b", &format!("localhost:{}", b.addr.port()));
+    let reply = send_simple(&a, ALICE, &[BOB], "Subject: tls relay\r\n\r\n.dot\r\n").await;
+    assert!(reply.starts_with("250"));
+    let inbox = b.wait_inbox(BOB, 1, 10).await;
+    assert_eq!(inbox.len(), 1);
+    let msg = String::from_utf8(inbox[0].clone()).unwrap();
+    assert!(msg.contains("with ESMTPSA"), "{msg}");
+    assert!(msg.ends_with("\r\n\r\n.dot\r\n"), "{msg}");
+}
+
+#[tokio::test]
+async fn stale_owner_550_relocates_once() {
+    // c does not have bob (stale cache); relocation finds b.
+    let b = start("b", &[BOB]).await;
+    let c = start("c", &[]).await;
+    let a = start("a", &[ALICE]).await;
+    a.locator.set_remote(BOB, "c", &c.addr.to_string());
+    a.locator.relocated.lock().unwrap().insert(
+        BOB.to_string(),
+        ds_smtp::Location::Remote(ds_smtp::Owner {
+            node: "b".into(),
+            canonical: BOB.into(),
+            is_list: false,
+            can_receive: true,
+            smtp: b.addr.to_string(),
+        }),
+    );
+    assert!(send_simple(&a, ALICE, &[BOB], "Subject: moved\r\n\r\nx\r\n").await.starts_with("250"));
+    assert_eq!(b.wait_inbox(BOB, 1, 10).await.len(), 1);
+    assert_eq!(a.locator.relocations.lock().unwrap().as_slice(), [BOB]);
+    assert!(c.queue.is_empty(), "the stale owner never forwards a relayed message");
+
+    // Now relocation answers the same owner: the recipient fails and alice gets a DSN.
+    let ghost = "ghost@company.com";
+    a.locator.set_remote(ghost, "c", &c.addr.to_string());
+    assert!(send_simple(&a, ALICE, &[ghost], "Subject: lost\r\n\r\nx\r\n").await.starts_with("250"));
+    let inbox = a.wait_inbox(ALICE, 1, 10).await;
+    assert_eq!(inbox.len(), 1);
+    let dsn = String::from_utf8(inbox[0].clone()).unwrap();
+    assert!(dsn.starts_with("Return-Path: <>\r\n"), "{dsn}");
+    assert!(dsn.contains("Final-Recipient: rfc822; ghost@company.com"), "{dsn}");
+    assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
+    assert!(dsn.contains("Subject: lost"), "{dsn}");
+}
+
+#[tokio::test]
+async fn expired_message_bounces_to_the_sender() {
+    let down = free_port().await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.config.max_queue_age = Duration::from_secs(2);
+    let a = start_with(opts).await;
+    a.locator.set_remote(BOB, "b", &down.to_string());
+    assert!(send_simple(&a, ALICE, &[BOB], "Subject: doomed\r\n\r\nx\r\n").await.starts_with("250"));
+    let inbox = a.wait_inbox(ALICE, 1, 15).await;
+    assert_eq!(inbox.len(), 1, "DSN after the maximum age");
+    let dsn = String::from_utf8(inbox[0].clone()).unwrap();
+    assert!(dsn.contains("multipart/report"), "{dsn}");
+    assert!(dsn.contains("report-type"), "{dsn}");
+    assert!(dsn.contains("message/delivery-status"), "{dsn}");
+    assert!(dsn.contains("Action: failed"), "{dsn}");
+    assert!(dsn.contains("Status: 5.4.7"), "{dsn}");
+    assert!(a.queue.is_empty());
+    // A bounce is never bounced: an expired message with an empty sender just goes away.
+    assert!(send_simple(&a, "", &[BOB], "Subject: bounce\r\n\r\nx\r\n").await.starts_with("250"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(a.queue.is_empty());
+    assert_eq!(a.inbox(ALICE).len(), 1);
+}
+
+#[tokio::test]
+async fn list_post_goes_to_local_members_and_one_copy_per_keeper() {
+    let b = start("b", &[BOB]).await;
+    b.directory.add_list("team").unwrap();
+    b.directory.subscribe("team", BOB).unwrap();
+    b.directory.subscribe("team", ALICE).unwrap();
+    let a = start("a", &[ALICE, "carol@company.com"]).await;
+    a.directory.add_list("team").unwrap();
+    a.directory.subscribe("team", ALICE).unwrap();
+    a.directory.subscribe("team", "carol@company.com").unwrap();
+    a.directory.subscribe("team", "nobody@company.com").unwrap();
+    a.locator.keepers.lock().unwrap().insert(
+        "team@company.com".into(),
+        vec![ds_smtp::ListKeeper {
+            node: "b".into(),
+            smtp: b.addr.to_string(),
+        }],
+    );
+    assert!(send_simple(&a, "x@outside.org", &["team@company.com"], "Subject: team\r\n\r\nhello team\r\n").await.starts_with("250"));
+    assert_eq!(a.inbox(ALICE).len(), 1);
+    assert_eq!(a.inbox("carol@company.com").len(), 1);
+    // b's copy is delivered to b's local members only (alice is on b's list too, but not local).
+    assert_eq!(b.wait_inbox(BOB, 1, 10).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.queue.is_empty());
+    assert_eq!(a.inbox(ALICE).len(), 1);
+}
+
+#[allow(dead_code)]
+fn _assert_send(s: Arc<ds_smtp::Smtp>) -> impl Send {
+    s.run_queue(ds_net::Shutdown::never())
+}
