@@ -25,7 +25,7 @@ pub(crate) fn encode(input: &[u8]) -> String {
 /// Decodes padded base64; `None` on any invalid input.
 pub(crate) fn decode(input: &str) -> Option<Vec<u8>> {
     let input = input.trim().as_bytes();
-    if input.len() % 4 != 0 {
+    if !input.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(input.len() / 4 * 3);

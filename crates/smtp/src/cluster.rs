@@ -33,7 +33,9 @@ fn purpose(p: Purpose) -> ds_cluster::Purpose {
 
 impl RecipientLocator for ds_cluster::Locator {
     fn locate<'a>(&'a self, address: &'a str, p: Purpose) -> BoxFuture<'a, Location> {
-        Box::pin(async move { convert(ds_cluster::Locator::locate(self, address, purpose(p)).await) })
+        Box::pin(
+            async move { convert(ds_cluster::Locator::locate(self, address, purpose(p)).await) },
+        )
     }
 
     fn relocate<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Location> {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ds_net::tls::{Pki, client_config_with_ca, server_config_from_pem};
 use ds_net::TlsAcceptor;
+use ds_net::tls::{Pki, client_config_with_ca, server_config_from_pem};
 
 const ALICE: &str = "alice@company.com";
 const BOB: &str = "bob@company.com";
@@ -27,7 +27,10 @@ async fn ehlo_advertises_the_extensions() {
     ] {
         assert!(ehlo.contains(ext), "{ext} missing in {ehlo}");
     }
-    assert!(!ehlo.contains("STARTTLS"), "no acceptor, no STARTTLS: {ehlo}");
+    assert!(
+        !ehlo.contains("STARTTLS"),
+        "no acceptor, no STARTTLS: {ehlo}"
+    );
     assert!(c.cmd("HELP").await.starts_with("214 "));
     assert!(c.cmd("VRFY bob").await.starts_with("252 "));
     assert!(c.cmd("NOOP").await.starts_with("250 2.0.0"));
@@ -41,9 +44,21 @@ async fn local_delivery_is_byte_exact() {
     let node = start("a", &[ALICE, BOB]).await;
     let mut c = connect(node.addr).await;
     c.cmd("EHLO client.example").await;
-    assert!(c.cmd("MAIL FROM:<sender@outside.org> BODY=8BITMIME").await.starts_with("250 2.1.0"));
-    assert!(c.cmd("RCPT TO:<Alice@Company.com>").await.starts_with("250 2.1.5"));
-    assert!(c.cmd("RCPT TO:<bob@company.com>").await.starts_with("250 2.1.5"));
+    assert!(
+        c.cmd("MAIL FROM:<sender@outside.org> BODY=8BITMIME")
+            .await
+            .starts_with("250 2.1.0")
+    );
+    assert!(
+        c.cmd("RCPT TO:<Alice@Company.com>")
+            .await
+            .starts_with("250 2.1.5")
+    );
+    assert!(
+        c.cmd("RCPT TO:<bob@company.com>")
+            .await
+            .starts_with("250 2.1.5")
+    );
     assert!(c.cmd("DATA").await.starts_with("354 "));
     // Dot lines, 8-bit octets, NUL, bare LF and bare CR are all kept as sent.
     let body: &[u8] = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\tdot tab\r\n\
@@ -63,7 +78,11 @@ async fn local_delivery_is_byte_exact() {
     // An empty message and RSET between transactions.
     c.cmd("MAIL FROM:<>").await;
     c.cmd("RSET").await;
-    assert!(c.cmd("RCPT TO:<bob@company.com>").await.starts_with("503 5.5.1"));
+    assert!(
+        c.cmd("RCPT TO:<bob@company.com>")
+            .await
+            .starts_with("503 5.5.1")
+    );
     c.cmd("MAIL FROM:<>").await;
     c.cmd("RCPT TO:<bob@company.com>").await;
     assert!(c.cmd("DATA").await.starts_with("354"));
@@ -78,18 +97,50 @@ async fn local_delivery_is_byte_exact() {
 async fn recipients_and_senders_are_checked() {
     let node = start("a", &[ALICE]).await;
     let mut c = connect(node.addr).await;
-    assert!(c.cmd("MAIL FROM:<x@outside.org>").await.starts_with("503 5.5.1"), "HELO first");
+    assert!(
+        c.cmd("MAIL FROM:<x@outside.org>")
+            .await
+            .starts_with("503 5.5.1"),
+        "HELO first"
+    );
     c.cmd("EHLO client.example").await;
     // A sender in the shared domain that no node owns.
-    assert!(c.cmd("MAIL FROM:<ghost@company.com>").await.starts_with("550 5.1.0"));
-    assert!(c.cmd("MAIL FROM:<alice@company.com>").await.starts_with("250 2.1.0"));
-    assert!(c.cmd("MAIL FROM:<alice@company.com>").await.starts_with("503 5.5.1"));
-    assert!(c.cmd("RCPT TO:<nobody@company.com>").await.starts_with("550 5.1.1"));
-    assert!(c.cmd("RCPT TO:<someone@elsewhere.org>").await.starts_with("554 5.7.1"));
+    assert!(
+        c.cmd("MAIL FROM:<ghost@company.com>")
+            .await
+            .starts_with("550 5.1.0")
+    );
+    assert!(
+        c.cmd("MAIL FROM:<alice@company.com>")
+            .await
+            .starts_with("250 2.1.0")
+    );
+    assert!(
+        c.cmd("MAIL FROM:<alice@company.com>")
+            .await
+            .starts_with("503 5.5.1")
+    );
+    assert!(
+        c.cmd("RCPT TO:<nobody@company.com>")
+            .await
+            .starts_with("550 5.1.1")
+    );
+    assert!(
+        c.cmd("RCPT TO:<someone@elsewhere.org>")
+            .await
+            .starts_with("554 5.7.1")
+    );
     let r = c.cmd("RCPT TO:<broken").await;
     assert!(r.starts_with("501 5."), "{r}");
-    assert!(c.cmd("DATA").await.starts_with("503 5.5.1"), "no recipient yet");
-    assert!(c.cmd("RCPT TO:<alice@company.com>").await.starts_with("250 2.1.5"));
+    assert!(
+        c.cmd("DATA").await.starts_with("503 5.5.1"),
+        "no recipient yet"
+    );
+    assert!(
+        c.cmd("RCPT TO:<alice@company.com>")
+            .await
+            .starts_with("250 2.1.5")
+    );
 }
 
 #[tokio::test]
@@ -131,13 +182,32 @@ async fn limits_have_their_codes() {
     c.cmd("EHLO client.example").await;
     let long = format!("NOOP {}", "x".repeat(2000));
     assert!(c.cmd(&long).await.starts_with("500 5.5.2"));
-    assert!(c.cmd("NOOP").await.starts_with("250"), "session goes on after a long line");
-    assert!(c.cmd("MAIL FROM:<x@outside.org> SIZE=5000").await.starts_with("552 5.3.4"));
-    assert!(c.cmd("MAIL FROM:<x@outside.org> SIZE=500").await.starts_with("250"));
+    assert!(
+        c.cmd("NOOP").await.starts_with("250"),
+        "session goes on after a long line"
+    );
+    assert!(
+        c.cmd("MAIL FROM:<x@outside.org> SIZE=5000")
+            .await
+            .starts_with("552 5.3.4")
+    );
+    assert!(
+        c.cmd("MAIL FROM:<x@outside.org> SIZE=500")
+            .await
+            .starts_with("250")
+    );
     for r in [ALICE, BOB, "carol@company.com"] {
-        assert!(c.cmd(&format!("RCPT TO:<{r}>")).await.starts_with("250 2.1.5"));
+        assert!(
+            c.cmd(&format!("RCPT TO:<{r}>"))
+                .await
+                .starts_with("250 2.1.5")
+        );
     }
-    assert!(c.cmd("RCPT TO:<dave@company.com>").await.starts_with("452 4.5.3"));
+    assert!(
+        c.cmd("RCPT TO:<dave@company.com>")
+            .await
+            .starts_with("452 4.5.3")
+    );
     assert!(c.cmd("DATA").await.starts_with("354"));
     let mut big = Vec::new();
     for _ in 0..30 {
@@ -185,9 +255,13 @@ async fn starttls_upgrades_and_resets_the_session() {
     let node = start_with(opts).await;
     let mut c = connect(node.addr).await;
     let ehlo = c.cmd("EHLO client.example").await;
-    assert!(ehlo.contains("250-STARTTLS"), "{ehlo}");
+    assert!(ehlo.contains("250 STARTTLS"), "{ehlo}");
     assert!(!ehlo.contains("AUTH"), "no AUTH before TLS: {ehlo}");
-    assert!(c.cmd("AUTH PLAIN AGR1bW15AHg=").await.starts_with("538 5.7.11"));
+    assert!(
+        c.cmd("AUTH PLAIN AGR1bW15AHg=")
+            .await
+            .starts_with("538 5.7.11")
+    );
     assert!(c.cmd("STARTTLS").await.starts_with("220 2.0.0"));
     let tcp = c.stream.into_inner();
     let connector = ds_net::TlsConnector::from(client_config_with_ca(&pki.ca_cert_pem()).unwrap());
@@ -198,7 +272,10 @@ async fn starttls_upgrades_and_resets_the_session() {
     let mut c = Client {
         stream: tokio::io::BufReader::new(tls),
     };
-    assert!(c.cmd("MAIL FROM:<x@outside.org>").await.starts_with("503"), "state reset after TLS");
+    assert!(
+        c.cmd("MAIL FROM:<x@outside.org>").await.starts_with("503"),
+        "state reset after TLS"
+    );
     let ehlo = c.cmd("EHLO client.example").await;
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
     assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
@@ -206,7 +283,11 @@ async fn starttls_upgrades_and_resets_the_session() {
     c.cmd("MAIL FROM:<x@outside.org>").await;
     c.cmd("RCPT TO:<alice@company.com>").await;
     c.cmd("DATA").await;
-    assert!(c.cmd("Subject: tls\r\n\r\nsecret\r\n.").await.starts_with("250 2.0.0"));
+    assert!(
+        c.cmd("Subject: tls\r\n\r\nsecret\r\n.")
+            .await
+            .starts_with("250 2.0.0")
+    );
     let msg = String::from_utf8(node.inbox(ALICE).remove(0)).unwrap();
     assert!(msg.contains("with ESMTPS id"), "{msg}");
 }
@@ -272,7 +353,11 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=30) as s:
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("refused 550"), "{stdout}");
     let msg = String::from_utf8(node.inbox(ALICE).remove(0)).unwrap();
     assert!(msg.contains("Subject: from python"));
@@ -287,20 +372,40 @@ async fn peer_auth_marks_a_hop_that_delivers_locally_only() {
     c.cmd("EHLO a.test").await;
     // Regular users cannot authenticate; a wrong secret neither.
     let user = b64(b"\0bob@company.com\0password");
-    assert!(c.cmd(&format!("AUTH PLAIN {user}")).await.starts_with("535 5.7.8"));
+    assert!(
+        c.cmd(&format!("AUTH PLAIN {user}"))
+            .await
+            .starts_with("535 5.7.8")
+    );
     let wrong = b64(b"\0dshare-peer/a\0not-the-secret-at-all");
-    assert!(c.cmd(&format!("AUTH PLAIN {wrong}")).await.starts_with("535 5.7.8"));
+    assert!(
+        c.cmd(&format!("AUTH PLAIN {wrong}"))
+            .await
+            .starts_with("535 5.7.8")
+    );
     // Without a hop, a peer-owned recipient is accepted (it would be queued).
     c.cmd("MAIL FROM:<x@outside.org>").await;
-    assert!(c.cmd("RCPT TO:<alice@company.com>").await.starts_with("250 2.1.5"));
+    assert!(
+        c.cmd("RCPT TO:<alice@company.com>")
+            .await
+            .starts_with("250 2.1.5")
+    );
     c.cmd("RSET").await;
     // The peer, with the initial response on a second line.
     assert!(c.cmd("AUTH PLAIN").await.starts_with("334"));
     let token = b64(format!("\0dshare-peer/a\0{SECRET}").as_bytes());
     assert!(c.cmd(&token).await.starts_with("235 2.7.0"));
     c.cmd("MAIL FROM:<x@outside.org>").await;
-    assert!(c.cmd("RCPT TO:<alice@company.com>").await.starts_with("550 5.1.1"));
-    assert!(c.cmd("RCPT TO:<bob@company.com>").await.starts_with("250 2.1.5"));
+    assert!(
+        c.cmd("RCPT TO:<alice@company.com>")
+            .await
+            .starts_with("550 5.1.1")
+    );
+    assert!(
+        c.cmd("RCPT TO:<bob@company.com>")
+            .await
+            .starts_with("250 2.1.5")
+    );
     c.cmd("DATA").await;
     assert!(c.cmd("hop\r\n.").await.starts_with("250 2.0.0"));
     assert!(node.queue.is_empty(), "a hop never queues");
@@ -332,7 +437,13 @@ async fn queue_retries_an_owner_that_is_down_then_delivers() {
     let b_addr = free_port().await;
     let a = start("a", &[ALICE]).await;
     a.locator.set_remote(BOB, "b", &b_addr.to_string());
-    let reply = send_simple(&a, ALICE, &[ALICE, BOB], "Subject: mixed\r\n\r\nhi both\r\n").await;
+    let reply = send_simple(
+        &a,
+        ALICE,
+        &[ALICE, BOB],
+        "Subject: mixed\r\n\r\nhi both\r\n",
+    )
+    .await;
     assert!(reply.starts_with("250 2.0.0"), "{reply}");
     // Local copy at once, the remote one queued and failing while b is down.
     assert_eq!(a.inbox(ALICE).len(), 1);
@@ -340,7 +451,14 @@ async fn queue_retries_an_owner_that_is_down_then_delivers() {
     let entries = a.queue.list().unwrap();
     assert_eq!(entries.len(), 1);
     assert!(entries[0].attempts >= 1, "{entries:?}");
-    assert!(entries[0].last_error.as_deref().unwrap_or("").contains("connect"), "{entries:?}");
+    assert!(
+        entries[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("connect"),
+        "{entries:?}"
+    );
     assert_eq!(entries[0].recipients[0].owner.as_deref(), Some("b"));
     // b comes up on the advertised port; the back-off (1 s, 2 s) brings the message over.
     let mut opts = NodeOptions::new("b", &[BOB]);
@@ -349,9 +467,18 @@ async fn queue_retries_an_owner_that_is_down_then_delivers() {
     let inbox = b.wait_inbox(BOB, 1, 15).await;
     assert_eq!(inbox.len(), 1, "relayed after the owner came up");
     let msg = String::from_utf8(inbox[0].clone()).unwrap();
-    assert!(msg.starts_with("Return-Path: <alice@company.com>\r\nReceived: from a.test"), "{msg}");
-    assert!(msg.contains("by b.test (Domain Share) with ESMTPA"), "{msg}");
-    assert!(msg.contains("by a.test (Domain Share) with ESMTP id"), "{msg}");
+    assert!(
+        msg.starts_with("Return-Path: <alice@company.com>\r\nReceived: from a.test"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("by b.test (Domain Share) with ESMTPA"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("by a.test (Domain Share) with ESMTP id"),
+        "{msg}"
+    );
     assert!(msg.ends_with("\r\n\r\nhi both\r\n"), "{msg}");
     for _ in 0..50 {
         if a.queue.is_empty() {
@@ -371,7 +498,8 @@ async fn queue_relays_over_starttls_with_the_cluster_ca() {
     let mut opts = NodeOptions::new("a", &[ALICE]);
     opts.relay_tls = Some(client_config_with_ca(&pki.ca_cert_pem()).unwrap());
     let a = start_with(opts).await;
-    a.locator.set_remote(BOB, "b", &format!("localhost:{}", b.addr.port()));
+    a.locator
+        .set_remote(BOB, "b", &format!("localhost:{}", b.addr.port()));
     let reply = send_simple(&a, ALICE, &[BOB], "Subject: tls relay\r\n\r\n.dot\r\n").await;
     assert!(reply.starts_with("250"));
     let inbox = b.wait_inbox(BOB, 1, 10).await;
@@ -398,20 +526,34 @@ async fn stale_owner_550_relocates_once() {
             smtp: b.addr.to_string(),
         }),
     );
-    assert!(send_simple(&a, ALICE, &[BOB], "Subject: moved\r\n\r\nx\r\n").await.starts_with("250"));
+    assert!(
+        send_simple(&a, ALICE, &[BOB], "Subject: moved\r\n\r\nx\r\n")
+            .await
+            .starts_with("250")
+    );
     assert_eq!(b.wait_inbox(BOB, 1, 10).await.len(), 1);
     assert_eq!(a.locator.relocations.lock().unwrap().as_slice(), [BOB]);
-    assert!(c.queue.is_empty(), "the stale owner never forwards a relayed message");
+    assert!(
+        c.queue.is_empty(),
+        "the stale owner never forwards a relayed message"
+    );
 
     // Now relocation answers the same owner: the recipient fails and alice gets a DSN.
     let ghost = "ghost@company.com";
     a.locator.set_remote(ghost, "c", &c.addr.to_string());
-    assert!(send_simple(&a, ALICE, &[ghost], "Subject: lost\r\n\r\nx\r\n").await.starts_with("250"));
+    assert!(
+        send_simple(&a, ALICE, &[ghost], "Subject: lost\r\n\r\nx\r\n")
+            .await
+            .starts_with("250")
+    );
     let inbox = a.wait_inbox(ALICE, 1, 10).await;
     assert_eq!(inbox.len(), 1);
     let dsn = String::from_utf8(inbox[0].clone()).unwrap();
     assert!(dsn.starts_with("Return-Path: <>\r\n"), "{dsn}");
-    assert!(dsn.contains("Final-Recipient: rfc822; ghost@company.com"), "{dsn}");
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; ghost@company.com"),
+        "{dsn}"
+    );
     assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
     assert!(dsn.contains("Subject: lost"), "{dsn}");
 }
@@ -423,7 +565,11 @@ async fn expired_message_bounces_to_the_sender() {
     opts.config.max_queue_age = Duration::from_secs(2);
     let a = start_with(opts).await;
     a.locator.set_remote(BOB, "b", &down.to_string());
-    assert!(send_simple(&a, ALICE, &[BOB], "Subject: doomed\r\n\r\nx\r\n").await.starts_with("250"));
+    assert!(
+        send_simple(&a, ALICE, &[BOB], "Subject: doomed\r\n\r\nx\r\n")
+            .await
+            .starts_with("250")
+    );
     let inbox = a.wait_inbox(ALICE, 1, 15).await;
     assert_eq!(inbox.len(), 1, "DSN after the maximum age");
     let dsn = String::from_utf8(inbox[0].clone()).unwrap();
@@ -434,7 +580,11 @@ async fn expired_message_bounces_to_the_sender() {
     assert!(dsn.contains("Status: 5.4.7"), "{dsn}");
     assert!(a.queue.is_empty());
     // A bounce is never bounced: an expired message with an empty sender just goes away.
-    assert!(send_simple(&a, "", &[BOB], "Subject: bounce\r\n\r\nx\r\n").await.starts_with("250"));
+    assert!(
+        send_simple(&a, "", &[BOB], "Subject: bounce\r\n\r\nx\r\n")
+            .await
+            .starts_with("250")
+    );
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(a.queue.is_empty());
     assert_eq!(a.inbox(ALICE).len(), 1);
@@ -458,7 +608,16 @@ async fn list_post_goes_to_local_members_and_one_copy_per_keeper() {
             smtp: b.addr.to_string(),
         }],
     );
-    assert!(send_simple(&a, "x@outside.org", &["team@company.com"], "Subject: team\r\n\r\nhello team\r\n").await.starts_with("250"));
+    assert!(
+        send_simple(
+            &a,
+            "x@outside.org",
+            &["team@company.com"],
+            "Subject: team\r\n\r\nhello team\r\n"
+        )
+        .await
+        .starts_with("250")
+    );
     assert_eq!(a.inbox(ALICE).len(), 1);
     assert_eq!(a.inbox("carol@company.com").len(), 1);
     // b's copy is delivered to b's local members only (alice is on b's list too, but not local).

@@ -9,11 +9,13 @@ use std::time::Duration;
 use ds_cluster::{ClusterConfig, Endpoints};
 use ds_directory::{Directory, Domain, Domains, HashCost};
 use ds_net::{ListenOptions, MailStream, ShutdownTrigger, TlsAcceptor, serve, shutdown_pair};
-use ds_smtp::{BoxFuture, ListKeeper, Location, Owner, Purpose, RecipientLocator, Smtp, SmtpConfig};
+use ds_smtp::{
+    BoxFuture, ListKeeper, Location, Owner, Purpose, RecipientLocator, Smtp, SmtpConfig,
+};
 use ds_store::Store;
 use ds_store::mailbox::MailStore;
 use ds_store::queue::QueueStore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, AsyncBufReadExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 pub const SECRET: &str = "0123456789abcdef-cluster";
@@ -69,7 +71,14 @@ impl RecipientLocator for TestLocator {
         })
     }
     fn list_keepers<'a>(&'a self, list: &'a str) -> BoxFuture<'a, Vec<ListKeeper>> {
-        Box::pin(async move { self.keepers.lock().unwrap().get(list).cloned().unwrap_or_default() })
+        Box::pin(async move {
+            self.keepers
+                .lock()
+                .unwrap()
+                .get(list)
+                .cloned()
+                .unwrap_or_default()
+        })
     }
 }
 
@@ -141,10 +150,12 @@ pub async fn start_with(opts: NodeOptions) -> Node {
         }],
     )
     .unwrap();
-    let directory = Directory::new(&store, domains).unwrap().with_hash_cost(HashCost {
-        memory_kib: 64,
-        iterations: 1,
-    });
+    let directory = Directory::new(&store, domains)
+        .unwrap()
+        .with_hash_cost(HashCost {
+            memory_kib: 64,
+            iterations: 1,
+        });
     for a in &opts.accounts {
         directory.add_account(a, "password", 0).unwrap();
     }
@@ -179,7 +190,12 @@ pub async fn start_with(opts: NodeOptions) -> Node {
         let smtp = smtp.clone();
         move |stream: MailStream, ctx, sd| smtp.clone().handle(stream, ctx, sd)
     };
-    tokio::spawn(serve(listener, ListenOptions::new("smtp"), handler, shutdown.clone()));
+    tokio::spawn(serve(
+        listener,
+        ListenOptions::new("smtp"),
+        handler,
+        shutdown.clone(),
+    ));
     if opts.queue_runner {
         tokio::spawn(smtp.clone().run_queue(shutdown));
     }
@@ -204,7 +220,12 @@ impl Node {
         };
         messages
             .iter()
-            .map(|m| self.mail.message_body(account, "INBOX", m.uid).unwrap().unwrap())
+            .map(|m| {
+                self.mail
+                    .message_body(account, "INBOX", m.uid)
+                    .unwrap()
+                    .unwrap()
+            })
             .collect()
     }
 
@@ -266,7 +287,8 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
     /// Reads until EOF.
     pub async fn rest(&mut self) -> String {
         let mut s = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.stream.read_to_end(&mut s)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), self.stream.read_to_end(&mut s)).await;
         String::from_utf8_lossy(&s).into_owned()
     }
 }
@@ -292,7 +314,10 @@ pub fn stuffed(body: &[u8]) -> Vec<u8> {
 pub fn strip_trace(message: &[u8]) -> &[u8] {
     let mut rest = message;
     loop {
-        let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+        let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return rest;
+        };
+        let line_end = line_end + 2;
         let is_trace = rest.starts_with(b"Return-Path:") || rest.starts_with(b"Received:");
         let is_cont = rest.starts_with(b"\t");
         if !(is_trace || is_cont) {
@@ -306,7 +331,9 @@ pub fn b64(data: &[u8]) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
             if i <= c.len() {
                 out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
