@@ -431,6 +431,7 @@ impl Session {
         let resolution = match self.pop3.directory.resolve_login(name, &ctx) {
             Ok(resolution) => resolution,
             Err(ds_directory::Error::Name(_)) => {
+                self.throttle_wait(None).await;
                 self.verify(&format!("invalid@{}", self.pop3.config.hostname), &password)
                     .await?;
                 return self.auth_failed(conn, None, "invalid login name").await;
@@ -610,6 +611,8 @@ impl Session {
                 .record_failure(self.client.ip(), Some(address));
             self.failed_logins += 1;
             count_login("failed");
+        } else if text.starts_with("-ERR [IN-USE]") {
+            count_login("in_use");
         } else {
             count_login("tempfail");
         }
