@@ -12,8 +12,9 @@ use tokio::task::JoinHandle;
 
 use ds_cluster::{ClusterConfig, Endpoints, Location, Locator, PeerConfig, Purpose};
 use ds_directory::{Account, Directory, Domain, Domains, HashCost, Outcome};
+use ds_net::{ListenOptions, TlsAcceptor};
 use ds_net::{Shutdown, ShutdownTrigger, shutdown_pair};
-use ds_store::Store;
+use ds_store::{MailStore, QueueStore, Store};
 
 pub mod admin;
 pub mod config;
@@ -87,6 +88,10 @@ pub struct NodeState {
     pub store: Store,
     pub directory: Directory,
     pub locator: Locator,
+    pub mail: MailStore,
+    pub queue: QueueStore,
+    /// Wakes the queue runner after an operator's `queue retry`.
+    queue_wake: Arc<tokio::sync::Notify>,
 }
 
 impl NodeState {
@@ -181,15 +186,57 @@ impl NodeState {
     }
 
     pub fn queue_report(&self) -> std::result::Result<Vec<String>, String> {
-        Ok(vec![])
+        let entries = self.queue.list().map_err(|e| e.to_string())?;
+        if entries.is_empty() {
+            return Ok(vec!["queue is empty".into()]);
+        }
+        let now = now();
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let rcpts: Vec<String> = e
+                    .recipients
+                    .iter()
+                    .map(|r| {
+                        let owner = r.owner.as_deref().unwrap_or("?");
+                        format!("{} via {owner} {:?}", r.address, r.state)
+                    })
+                    .collect();
+                format!(
+                    "{} from=<{}> size={} age={}s attempts={} next_in={}s{} to: {}{}",
+                    e.id,
+                    e.sender,
+                    e.size,
+                    now - e.created,
+                    e.attempts,
+                    (e.next_attempt - now).max(0),
+                    if e.hop { " hop" } else { "" },
+                    rcpts.join(", "),
+                    e.last_error
+                        .map(|x| format!(" last_error={x:?}"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect())
     }
 
     pub fn queue_retry(&self, id: u64) -> std::result::Result<(), String> {
-        Err(format!("no queued message {id}"))
+        if self.queue.get(id).map_err(|e| e.to_string())?.is_none() {
+            return Err(format!("no queued message {id}"));
+        }
+        self.queue.retry_now(id).map_err(|e| e.to_string())?;
+        self.queue_wake.notify_one();
+        Ok(())
     }
 
     pub fn queue_delete(&self, id: u64) -> std::result::Result<(), String> {
-        Err(format!("no queued message {id}"))
+        match self.queue.remove(id).map_err(|e| e.to_string())? {
+            Some(_) => {
+                tracing::warn!(id, "queued message deleted by the operator");
+                Ok(())
+            }
+            None => Err(format!("no queued message {id}")),
+        }
     }
 }
 
@@ -309,12 +356,51 @@ impl Node {
         cluster.allowed_domains = config.cluster.allowed_domains.clone();
         let locator = Locator::new(cluster, directory.clone(), &store)?;
 
+        let mail = MailStore::new(&store)?;
+        let queue = QueueStore::new(&store)?;
+        let acceptor = TlsAcceptor::from(ds_net::tls::server_config_from_pem(&tls.cert, &tls.key)?);
+        let peer_tls = match &ca_pem {
+            Some(ca) => Some(ds_net::tls::client_config_with_ca(ca)?),
+            None => None,
+        };
+        let limits = config.limits.clone();
+        let listen_opts = |protocol: &'static str| ListenOptions {
+            max_connections: limits.max_connections,
+            max_per_ip: limits.max_connections_per_ip,
+            ..ListenOptions::new(protocol)
+        };
+        let smtp = ds_smtp::Smtp::new(
+            ds_smtp::SmtpConfig {
+                hostname: config.node.advertise.clone(),
+                node_id: config.node.id.clone(),
+                max_message_size: limits.message_size,
+                max_recipients: limits.recipients,
+                max_line: limits.smtp_line,
+                idle_timeout: limits.smtp_idle,
+                sender_check: config.smtp.sender_check,
+                max_queue_age: config.smtp.max_queue_age,
+                retry_base: config.smtp.retry_base,
+                retry_max: config.smtp.retry_max,
+                cluster_secret: secret.clone(),
+                ..Default::default()
+            },
+            directory.clone(),
+            mail.clone(),
+            queue.clone(),
+            store.clone(),
+            Arc::new(locator.clone()),
+            Some(acceptor.clone()),
+            peer_tls.clone(),
+        );
         let state = Arc::new(NodeState {
             config,
             data_dir,
             store,
             directory,
             locator,
+            mail,
+            queue,
+            queue_wake: smtp.queue_waker(),
         });
         let (trigger, shutdown) = shutdown_pair();
         let mut tasks = vec![];
@@ -326,6 +412,16 @@ impl Node {
                 shutdown.clone(),
             )));
         }
+        for l in smtp_l {
+            let s = smtp.clone();
+            tasks.push(tokio::spawn(ds_net::serve(
+                l,
+                listen_opts("smtp"),
+                move |st, ctx, sd| s.clone().handle(st, ctx, sd),
+                shutdown.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(smtp.clone().run_queue(shutdown.clone())));
         for l in minger_l {
             let svc = state.locator.minger_service();
             let tls = Some((tls.cert.clone(), tls.key.clone()));

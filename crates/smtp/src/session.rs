@@ -144,6 +144,11 @@ impl Smtp {
         QueueRunner::new(Arc::clone(self))
     }
 
+    /// Notifying this wakes the queue runner (after an operator's `queue retry`, say).
+    pub fn queue_waker(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
+    }
+
     /// Runs the relay queue until `shutdown`.
     pub async fn run_queue(self: Arc<Self>, shutdown: Shutdown) {
         self.queue_runner().run(shutdown).await;

@@ -93,6 +93,11 @@ impl TestNode {
     /// Stops the node (graceful); its data and addresses stay for [`TestNode::restart`].
     pub async fn stop(&mut self) {
         if let Some(node) = self.node.take() {
+            // A restarted node keeps its ports, as a real one would: peers cache them.
+            let a = node.addrs().clone();
+            let l = &mut self.config.listen;
+            (l.smtp, l.pop3, l.pop3s, l.admin, l.metrics) =
+                (a.smtp, a.pop3, a.pop3s, a.admin, a.metrics);
             node.shutdown().await;
         }
     }

@@ -1,0 +1,255 @@
+//! SMTP across three real nodes: local delivery, relays to the owner, temporary failures,
+//! the durable queue, lists, and byte-exact bodies (DESIGN.md §4, §6).
+
+use std::time::Duration;
+
+use ds_cluster::Purpose;
+use ds_testkit::{Cluster, TestNode};
+use dshare_e2e::{Smtp, eventually, message, python};
+
+fn inbox(n: &TestNode, account: &str) -> Vec<Vec<u8>> {
+    let mail = &n.node().state.mail;
+    mail.messages(account, "INBOX")
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| mail.message_body(account, "INBOX", m.uid).ok().flatten())
+        .collect()
+}
+
+async fn cluster() -> anyhow::Result<Cluster> {
+    Cluster::start_with(3, |_, c| {
+        c.smtp.retry_base = Duration::from_secs(1);
+        c.smtp.retry_max = Duration::from_secs(2);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_and_relayed_delivery_with_python_smtplib() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    c.node(0).add_account("alice@example.com", "pw").await?;
+    c.node(2).add_account("carol@example.com", "pw").await?;
+    let a = c.node(0).smtp();
+    let out = python(&format!(
+        r#"
+import smtplib
+s = smtplib.SMTP("{}", {}, timeout=30)
+s.ehlo("py.test")
+refused = s.sendmail("someone@elsewhere.org", ["alice@example.com", "Carol@Example.com"],
+    "Subject: hello\r\nMessage-ID: <py1@test>\r\n\r\nHello from Python.\r\n")
+print("refused", refused)
+try:
+    s.sendmail("someone@elsewhere.org", ["nobody@example.com"], "Subject: x\r\n\r\nx\r\n")
+except smtplib.SMTPRecipientsRefused as e:
+    print("nobody", e.recipients["nobody@example.com"][0])
+s.quit()
+"#,
+        a.ip(),
+        a.port()
+    ))?;
+    assert!(out.contains("refused {}"), "{out}");
+    assert!(out.contains("nobody 550"), "{out}");
+
+    let alice = inbox(c.node(0), "alice@example.com");
+    assert_eq!(alice.len(), 1);
+    let text = String::from_utf8_lossy(&alice[0]);
+    assert!(
+        text.starts_with("Return-Path: <someone@elsewhere.org>"),
+        "{text}"
+    );
+    assert!(text.contains("Received: from py.test"), "{text}");
+    assert!(text.ends_with("Hello from Python.\r\n"), "{text}");
+
+    assert!(
+        eventually(Duration::from_secs(20), || inbox(
+            c.node(2),
+            "carol@example.com"
+        )
+        .len()
+            == 1)
+        .await,
+        "relayed message did not reach node-c"
+    );
+    let carol = String::from_utf8_lossy(&inbox(c.node(2), "carol@example.com")[0]).into_owned();
+    assert!(carol.contains("Message-ID: <py1@test>"), "{carol}");
+    assert!(
+        carol.starts_with("Return-Path: <someone@elsewhere.org>"),
+        "{carol}"
+    );
+    // Nothing landed anywhere else, and the queue drained.
+    assert!(inbox(c.node(0), "carol@example.com").is_empty());
+    assert!(
+        eventually(Duration::from_secs(5), || c
+            .node(0)
+            .node()
+            .state
+            .queue
+            .is_empty())
+        .await
+    );
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_codes_follow_the_locator() -> anyhow::Result<()> {
+    let mut c = cluster().await?;
+    c.node(2).add_account("carol@example.com", "pw").await?;
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    assert!(s.cmd("MAIL FROM:<x@elsewhere.org>").await?.is(250));
+    let r = s.cmd("RCPT TO:<nobody@example.com>").await?;
+    assert_eq!((r.code, &r.text[..5]), (550, "5.1.1"), "{r:?}");
+    let r = s.cmd("RCPT TO:<someone@elsewhere.org>").await?;
+    assert_eq!((r.code, &r.text[..5]), (554, "5.7.1"), "{r:?}");
+    s.cmd("RSET").await?;
+    // The sender check: a shared-domain sender nobody owns.
+    let r = s.cmd("MAIL FROM:<ghost@example.com>").await?;
+    assert_eq!((r.code, &r.text[..5]), (550, "5.1.0"), "{r:?}");
+    s.quit().await?;
+
+    // Owner stopped and not cached: a temporary failure, never "unknown".
+    c.node_mut(2).stop().await;
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    assert!(s.cmd("MAIL FROM:<x@elsewhere.org>").await?.is(250));
+    let r = s.cmd("RCPT TO:<carol@example.com>").await?;
+    assert_eq!((r.code, &r.text[..5]), (451, "4.4.3"), "{r:?}");
+    let r = s.cmd("RCPT TO:<nobody@example.com>").await?;
+    assert_eq!((r.code, &r.text[..5]), (451, "4.4.3"), "{r:?}");
+    s.cmd("RSET").await?;
+    let r = s.cmd("MAIL FROM:<ghost@example.com>").await?;
+    assert_eq!((r.code, &r.text[..5]), (451, "4.4.3"), "{r:?}");
+    s.quit().await?;
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_owner_stopped_message_waits_in_the_queue() -> anyhow::Result<()> {
+    let mut c = cluster().await?;
+    c.node(2).add_account("carol@example.com", "pw").await?;
+    // node-a learns where carol lives, then carol's node goes down.
+    let loc = c
+        .node(0)
+        .node()
+        .state
+        .locator
+        .locate("carol@example.com", Purpose::Rcpt)
+        .await;
+    assert!(matches!(loc, ds_cluster::Location::Remote(_)), "{loc:?}");
+    c.node_mut(2).stop().await;
+
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    let r = s
+        .send(
+            "x@elsewhere.org",
+            &["carol@example.com"],
+            &message("queued", 2048),
+        )
+        .await?;
+    assert!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await?;
+    let q = c.node(0).node().state.queue_report().unwrap().join("\n");
+    assert!(q.contains("carol@example.com"), "{q}");
+
+    // Let a retry fail while the owner is down, then bring it back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(c.node(0).node().state.queue.len(), 1);
+    c.node_mut(2).restart().await?;
+    assert!(
+        eventually(Duration::from_secs(30), || inbox(
+            c.node(2),
+            "carol@example.com"
+        )
+        .len()
+            == 1)
+        .await,
+        "queued message was not delivered after the owner came back"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || c
+            .node(0)
+            .node()
+            .state
+            .queue
+            .is_empty())
+        .await
+    );
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_post_reaches_members_on_every_node_once() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let members = ["alice", "bob", "carol"];
+    for (i, m) in members.iter().enumerate() {
+        let n = c.node(i);
+        n.add_account(&format!("{m}@example.com"), "pw").await?;
+        let dir = &n.node().state.directory;
+        dir.add_list("team@example.com")?;
+        dir.subscribe("team@example.com", &format!("{m}@example.com"))?;
+    }
+    let mut s = Smtp::connect(c.node(1).smtp()).await?;
+    let r = s
+        .send(
+            "x@elsewhere.org",
+            &["team@example.com"],
+            &message("listpost", 1024),
+        )
+        .await?;
+    assert!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await?;
+    for (i, m) in members.iter().enumerate() {
+        let addr = format!("{m}@example.com");
+        assert!(
+            eventually(Duration::from_secs(20), || inbox(c.node(i), &addr).len()
+                == 1)
+            .await,
+            "{addr} did not get the post"
+        );
+    }
+    // No duplicates turn up later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(
+            inbox(c.node(i), &format!("{m}@example.com")).len(),
+            1,
+            "{m}"
+        );
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_arrive_byte_exact_through_a_relay() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    c.node(2).add_account("carol@example.com", "pw").await?;
+    let mut dotted = b"Subject: dots\r\n\r\n.\r\n..\r\n.leading dot\r\nend\r\n".to_vec();
+    dotted.extend_from_slice(b"8-bit: \xc3\xa9t\xc3\xa9 \xff\xfe\r\n");
+    let mut big = message("big", 20 * 1024 * 1024);
+    big.extend_from_slice(b".\r\n..two\r\n\xe2\x82\xac\r\n");
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    for body in [&dotted, &big] {
+        let r = s
+            .send("x@elsewhere.org", &["carol@example.com"], body)
+            .await?;
+        assert!(r.iter().all(|r| r.is(250)), "{r:?}");
+    }
+    s.quit().await?;
+    assert!(
+        eventually(Duration::from_secs(60), || inbox(
+            c.node(2),
+            "carol@example.com"
+        )
+        .len()
+            == 2)
+        .await
+    );
+    let got = inbox(c.node(2), "carol@example.com");
+    assert!(got[0].ends_with(&dotted), "dot-stuffed/8-bit body changed");
+    assert!(got[1].ends_with(&big), "20 MiB body changed");
+    assert!(got[1].len() < big.len() + 2048);
+    c.shutdown().await;
+    Ok(())
+}
