@@ -392,6 +392,21 @@ impl Node {
             Some(acceptor.clone()),
             peer_tls.clone(),
         );
+        let pop3 = ds_pop3::Pop3::new(
+            ds_pop3::Pop3Config {
+                hostname: config.node.advertise.clone(),
+                node_id: config.node.id.clone(),
+                idle_timeout: limits.pop3_idle,
+                cluster_secret: Some(secret.clone()),
+                ..Default::default()
+            },
+            directory.clone(),
+            mail.clone(),
+            store.clone(),
+            Arc::new(locator.clone()),
+            Some(acceptor.clone()),
+            peer_tls.clone(),
+        );
         let state = Arc::new(NodeState {
             config,
             data_dir,
@@ -422,6 +437,27 @@ impl Node {
             )));
         }
         tasks.push(tokio::spawn(smtp.clone().run_queue(shutdown.clone())));
+        let pop3_listeners = pop3_l
+            .into_iter()
+            .map(|l| (l, None))
+            .chain(pop3s_l.into_iter().map(|l| (l, Some(acceptor.clone()))));
+        for (l, implicit_tls) in pop3_listeners {
+            let p = pop3.clone();
+            let protocol = if implicit_tls.is_some() {
+                "pop3s"
+            } else {
+                "pop3"
+            };
+            tasks.push(tokio::spawn(ds_net::serve(
+                l,
+                ListenOptions {
+                    implicit_tls,
+                    ..listen_opts(protocol)
+                },
+                move |st, ctx, sd| p.clone().handle(st, ctx, sd),
+                shutdown.clone(),
+            )));
+        }
         for l in minger_l {
             let svc = state.locator.minger_service();
             let tls = Some((tls.cert.clone(), tls.key.clone()));
