@@ -1,0 +1,201 @@
+//! Nothing acknowledged is lost: a node killed with SIGKILL in the middle of a stream of
+//! messages still has, after a restart, every message it answered `250` to.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dshare");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16) {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "node did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start(config: &Path, ports: &[u16]) -> Child {
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for p in ports {
+        wait_listening(*p);
+    }
+    child
+}
+
+/// Sends messages until the connection breaks; records the subjects answered 250.
+fn sender(port: u16, id: usize, acked: Arc<Mutex<BTreeSet<String>>>, count: Arc<AtomicUsize>) {
+    let Ok(s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut reply = || -> Option<String> {
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Some(line);
+            }
+        }
+    };
+    reply();
+    if w.write_all(b"EHLO crash.test\r\n").is_err() || reply().is_none() {
+        return;
+    }
+    for n in 0.. {
+        let subject = format!("crash-{id}-{n}");
+        let body = format!(
+            "Subject: {subject}\r\n\r\n{}\r\n",
+            "payload line for the crash test\r\n".repeat(40)
+        );
+        let steps = [
+            "MAIL FROM:<load@elsewhere.org>\r\n".to_string(),
+            "RCPT TO:<alice@example.com>\r\n".to_string(),
+            "DATA\r\n".to_string(),
+            format!("{body}.\r\n"),
+        ];
+        for step in &steps {
+            if w.write_all(step.as_bytes()).is_err() {
+                return;
+            }
+            match reply() {
+                Some(l) if l.starts_with('2') || l.starts_with('3') => {}
+                _ => return,
+            }
+        }
+        acked.lock().unwrap().insert(subject);
+        count.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn sigkill_mid_stream_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, pop3, admin) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[node]
+id = "crash"
+data_dir = "{}"
+[listen]
+smtp = ["127.0.0.1:{smtp}"]
+pop3 = ["127.0.0.1:{pop3}"]
+imap = []
+minger = []
+admin = ["127.0.0.1:{admin}"]
+metrics = []
+"#,
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut node = start(&config, &[smtp, admin]);
+    let out = Command::new(BIN)
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "account",
+            "add",
+            "alice@example.com",
+            "--password",
+            "alice-pw",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..4)
+        .map(|id| {
+            let (a, c) = (acked.clone(), count.clone());
+            std::thread::spawn(move || sender(smtp, id, a, c))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count.load(Ordering::SeqCst) < 60 {
+        assert!(
+            Instant::now() < deadline,
+            "too slow to acknowledge messages"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    node.kill().unwrap(); // SIGKILL
+    node.wait().unwrap();
+    for s in senders {
+        s.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 60);
+
+    let mut node = start(&config, &[pop3]);
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            r#"
+import poplib
+p = poplib.POP3("127.0.0.1", {pop3}, timeout=60)
+p.user("alice"); p.pass_("alice-pw")
+for i in range(1, p.stat()[0] + 1):
+    for line in p.top(i, 0)[1]:
+        if line.startswith(b"Subject: "):
+            print(line[9:].decode())
+p.quit()
+"#
+        ))
+        .output()
+        .unwrap();
+    node.kill().unwrap();
+    node.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let lost: Vec<_> = acked.difference(&stored).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost: {lost:?}",
+        lost.len()
+    );
+    eprintln!(
+        "{} acknowledged, {} stored after SIGKILL",
+        acked.len(),
+        stored.len()
+    );
+}
