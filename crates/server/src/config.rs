@@ -83,7 +83,8 @@ impl Default for ListenSection {
             smtp: lo(2525),
             pop3: lo(1110),
             pop3s: vec![],
-            imap: lo(1143),
+            // IMAP is not served yet; DESIGN.md's 1143 is kept free for it.
+            imap: vec![],
             imaps: vec![],
             minger: lo(4069),
             admin: lo(4070),

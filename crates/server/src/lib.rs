@@ -310,6 +310,9 @@ impl Node {
             None => None,
         };
 
+        if !config.listen.imap.is_empty() || !config.listen.imaps.is_empty() {
+            tracing::warn!("IMAP is not served yet: listen.imap and listen.imaps are ignored");
+        }
         let smtp_l = bind_all(&config.listen.smtp, "SMTP").await?;
         let pop3_l = bind_all(&config.listen.pop3, "POP3").await?;
         let pop3s_l = bind_all(&config.listen.pop3s, "POP3S").await?;
