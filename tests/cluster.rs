@@ -153,8 +153,13 @@ async fn deleting_an_account_invalidates_peer_caches() -> anyhow::Result<()> {
         assert!(l.cached("bob@example.com").await.is_some());
     }
     let b = &c.node(1).node().state;
-    b.directory.delete_account("bob@example.com")?;
-    b.account_gone("bob@example.com").await;
+    b.mail
+        .deliver("bob@example.com", b"Subject: old\r\n\r\nold mail\r\n")?;
+    b.delete_account("bob@example.com").await?;
+    // The mailboxes went with the account: a new bob starts empty.
+    c.node(1).add_account("bob@example.com", "pw2").await?;
+    assert!(b.mail.messages("bob@example.com", "INBOX")?.is_empty());
+    b.delete_account("bob@example.com").await?;
     for i in [0, 2] {
         let l = &c.node(i).node().state.locator;
         assert!(

@@ -119,8 +119,7 @@ impl proto::admin_server::Admin for AdminService {
                 Ok(one(format!("created {}", account.address)))
             }
             Op::AccountDel(n) => {
-                let account = dir.delete_account(&n.name).map_err(status)?;
-                node.account_gone(&account.address).await;
+                let account = node.delete_account(&n.name).await?;
                 Ok(one(format!("deleted {}", account.address)))
             }
             Op::AccountList(f) => {

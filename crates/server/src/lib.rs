@@ -115,10 +115,23 @@ impl NodeState {
                 )),
                 other => tonic::Status::internal(other.to_string()),
             })?;
+        self.mail
+            .ensure_account(&account.address)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         self.store
             .flush_async()
             .await
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(account)
+    }
+
+    /// Deletes an account, its aliases and its mailboxes, and drops it from peers' caches.
+    pub async fn delete_account(&self, name: &str) -> std::result::Result<Account, tonic::Status> {
+        let account = self.directory.delete_account(name).map_err(admin::status)?;
+        self.mail
+            .delete_account(&account.address)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        self.account_gone(&account.address).await;
         Ok(account)
     }
 
