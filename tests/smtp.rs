@@ -154,15 +154,19 @@ async fn cached_owner_stopped_message_waits_in_the_queue() -> anyhow::Result<()>
     // Let a retry fail while the owner is down, then bring it back.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(c.node(0).node().state.queue.len(), 1);
+    let a = &c.node(0).node().state;
+    assert!(a.queue_delete(999_999).is_err());
+    let id = a.queue.list()?[0].id;
+    // Push the next attempt far out, so only the operator's `queue retry` can deliver it.
+    let mut entry = a.queue.get(id)?.unwrap();
+    entry.next_attempt = i64::MAX / 2;
+    a.queue.update(&entry)?;
     c.node_mut(2).restart().await?;
+    let a = &c.node(0).node().state;
+    a.queue_retry(id).map_err(anyhow::Error::msg)?;
+    let carol = || inbox(c.node(2), "carol@example.com").len() == 1;
     assert!(
-        eventually(Duration::from_secs(30), || inbox(
-            c.node(2),
-            "carol@example.com"
-        )
-        .len()
-            == 1)
-        .await,
+        eventually(Duration::from_secs(30), carol).await,
         "queued message was not delivered after the owner came back"
     );
     assert!(
