@@ -1,5 +1,5 @@
 //! `Locator::locate` latency and throughput on a three-node loopback cluster (real Minger
-//! servers over TLS with an rcgen CA), measured from node 0:
+//! servers over TLS with a test CA), measured from node 0:
 //!
 //! * `local`          — the account is in node 0's own directory;
 //! * `cached_remote`  — owned by node 1 and already in node 0's positive cache;
@@ -18,22 +18,17 @@
 //! ```
 
 use std::hint::black_box;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use ds_cluster::{
-    ClusterConfig, Endpoints, Location, Locator, MingerService, PeerConfig, Purpose, serve_minger,
-};
-use ds_directory::{Directory, Domain, Domains, HashCost};
-use ds_store::Store;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use tokio::net::TcpListener;
+use ds_cluster::{Location, Locator, Purpose};
 use tokio::runtime::Runtime;
 
-const SECRET: &str = "correct-horse-battery-staple";
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{Cluster, Node, Options};
 
 const LOCAL: &str = "alice@example.com";
 const CACHED: &str = "bob@example.com";
@@ -44,111 +39,18 @@ const UNKNOWN: &str = "nobody@example.com";
 const FAST_ITERATIONS: usize = 2000;
 const FANOUT_ITERATIONS: usize = 500;
 
-struct Pki {
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "bench cluster CA");
-        let key = KeyPair::generate().unwrap();
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            ca_pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A server certificate for `localhost` and 127.0.0.1: `(cert_pem, key_pem)`.
-    fn issue(&self) -> (Vec<u8>, Vec<u8>) {
-        let params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
-    }
-}
-
-fn directory(store: &Store) -> Directory {
-    let domains = Domains::new(
-        "example.com",
-        vec![Domain {
-            name: "example.com".into(),
-            shared: true,
-            addresses: vec![],
-        }],
-    )
-    .unwrap();
-    Directory::new(store, domains)
-        .unwrap()
-        .with_hash_cost(HashCost {
-            memory_kib: 64,
-            iterations: 1,
-        })
-}
-
-fn endpoints(id: &str) -> Endpoints {
-    Endpoints {
-        smtp: format!("{id}.test:25"),
-        pop3: format!("{id}.test:110"),
-        imap: format!("{id}.test:143"),
-    }
-}
-
-struct Node {
-    locator: Locator,
-    service: MingerService,
-    directory: Directory,
-    _store: Store,
-}
-
-/// Three nodes serving Minger over TLS on 127.0.0.1; the servers live as long as the
-/// runtime.
+/// Three nodes serving Minger over TLS on 127.0.0.1 (the tests' fixture), with the
+/// default 2 s lookup timeout.
 async fn start_cluster() -> Vec<Node> {
-    let pki = Pki::new();
-    let mut listeners = vec![];
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let mut nodes = vec![];
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let id = format!("office-{i}");
-        let mut config = ClusterConfig::new(&id, endpoints(&id), SECRET);
-        config.ca_pem = Some(pki.ca_pem.clone().into_bytes());
-        config.peers = addrs
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(j, addr)| PeerConfig {
-                id: format!("office-{j}"),
-                minger_url: format!("https://127.0.0.1:{}", addr.port()),
-                smtp: None,
-            })
-            .collect();
-        let store = Store::temporary().unwrap();
-        let directory = directory(&store);
-        let locator = Locator::new(config, directory.clone(), &store).unwrap();
-        let service = locator.minger_service();
-        tokio::spawn(serve_minger(
-            listener,
-            service.clone(),
-            Some(pki.issue()),
-            std::future::pending(),
-        ));
-        nodes.push(Node {
-            locator,
-            service,
-            directory,
-            _store: store,
-        });
-    }
-    nodes
+    Cluster::start(
+        3,
+        Options {
+            timeout: Duration::from_secs(2),
+            ..Options::default()
+        },
+    )
+    .await
+    .nodes
 }
 
 /// The bench fixture: node 0 locates; nodes 1 and 2 are its peers.

@@ -1,223 +1,16 @@
 //! Three real Minger servers on loopback over TLS, each with its own store and directory,
 //! sharing `example.com`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ds_cluster::proto::LookupRequest;
 use ds_cluster::proto::minger_client::MingerClient;
-use ds_cluster::{
-    ClusterConfig, Endpoints, Error, Kind, Location, Locator, MingerService, PeerConfig, PeerState,
-    Purpose, serve_minger,
-};
-use ds_directory::{Directory, Domain, Domains, HashCost};
+use ds_cluster::{ClusterConfig, Error, Kind, Location, Locator, PeerConfig, PeerState, Purpose};
 use ds_store::Store;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+mod common;
+use common::*;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-
-const SECRET: &str = "correct-horse-battery-staple";
-
-struct Pki {
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            ca_pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A server certificate for `localhost` and 127.0.0.1.
-    fn issue(&self) -> (Vec<u8>, Vec<u8>) {
-        let params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
-    }
-}
-
-fn directory(store: &Store) -> Directory {
-    let domains = Domains::new(
-        "example.com",
-        vec![
-            Domain {
-                name: "example.com".into(),
-                shared: true,
-                addresses: vec![],
-            },
-            Domain {
-                name: "private.example".into(),
-                shared: false,
-                addresses: vec![],
-            },
-        ],
-    )
-    .unwrap();
-    Directory::new(store, domains)
-        .unwrap()
-        .with_hash_cost(HashCost {
-            memory_kib: 64,
-            iterations: 1,
-        })
-}
-
-fn endpoints(id: &str) -> Endpoints {
-    Endpoints {
-        smtp: format!("{id}.test:25"),
-        pop3: format!("{id}.test:110"),
-        imap: format!("{id}.test:143"),
-    }
-}
-
-fn url(addr: SocketAddr) -> String {
-    format!("https://127.0.0.1:{}", addr.port())
-}
-
-struct Node {
-    id: String,
-    addr: SocketAddr,
-    locator: Locator,
-    service: MingerService,
-    directory: Directory,
-    tls: (Vec<u8>, Vec<u8>),
-    _store: Store,
-    server: Option<(oneshot::Sender<()>, JoinHandle<ds_cluster::Result<()>>)>,
-}
-
-impl Node {
-    async fn start_server(&mut self, listener: TcpListener) {
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(serve_minger(
-            listener,
-            self.service.clone(),
-            Some(self.tls.clone()),
-            async {
-                let _ = rx.await;
-            },
-        ));
-        self.server = Some((tx, task));
-    }
-
-    async fn stop(&mut self) {
-        if let Some((tx, task)) = self.server.take() {
-            let _ = tx.send(());
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), task)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
-    }
-
-    async fn restart(&mut self) {
-        let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.start_server(listener).await;
-    }
-}
-
-struct Options {
-    timeout: Duration,
-    negative_ttl: Duration,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            timeout: Duration::from_millis(400),
-            negative_ttl: Duration::ZERO,
-        }
-    }
-}
-
-struct Cluster {
-    pki: Arc<Pki>,
-    nodes: Vec<Node>,
-}
-
-impl Cluster {
-    async fn start(n: usize, options: Options) -> Self {
-        let pki = Arc::new(Pki::new("test cluster CA"));
-        let mut listeners = vec![];
-        for _ in 0..n {
-            listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
-        }
-        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let mut nodes = vec![];
-        for (i, listener) in listeners.into_iter().enumerate() {
-            let id = format!("office-{i}");
-            let mut config = ClusterConfig::new(&id, endpoints(&id), SECRET);
-            config.ca_pem = Some(pki.ca_pem.clone().into_bytes());
-            config.lookup_timeout = options.timeout;
-            config.negative_ttl = options.negative_ttl;
-            config.peers = addrs
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(j, addr)| PeerConfig {
-                    id: format!("office-{j}"),
-                    minger_url: url(*addr),
-                    smtp: None,
-                })
-                .collect();
-            let store = Store::temporary().unwrap();
-            let directory = directory(&store);
-            let locator = Locator::new(config, directory.clone(), &store).unwrap();
-            let mut node = Node {
-                id,
-                addr: addrs[i],
-                service: locator.minger_service(),
-                locator,
-                directory,
-                tls: pki.issue(),
-                _store: store,
-                server: None,
-            };
-            node.start_server(listener).await;
-            nodes.push(node);
-        }
-        Self { pki, nodes }
-    }
-
-    fn lookups_served(&self) -> Vec<u64> {
-        self.nodes
-            .iter()
-            .map(|n| n.service.lookups_served())
-            .collect()
-    }
-
-    /// A locator outside the cluster, with its own store, pointing at every node.
-    fn outsider(&self, ca_pem: &str, secret: &str) -> Locator {
-        let mut config = ClusterConfig::new("outsider", endpoints("outsider"), secret);
-        config.ca_pem = Some(ca_pem.as_bytes().to_vec());
-        config.lookup_timeout = Duration::from_millis(400);
-        config.peers = self
-            .nodes
-            .iter()
-            .map(|n| PeerConfig {
-                id: n.id.clone(),
-                minger_url: url(n.addr),
-                smtp: None,
-            })
-            .collect();
-        let store = Store::temporary().unwrap();
-        Locator::new(config, directory(&store), &store).unwrap()
-    }
-}
 
 fn remote(location: Location) -> ds_cluster::Owner {
     match location {
@@ -379,7 +172,7 @@ async fn silent_peer_costs_at_most_the_timeout() {
     // Accepts TCP (kernel backlog) but never speaks TLS.
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut config = ClusterConfig::new("office-x", endpoints("office-x"), SECRET);
-    config.ca_pem = Some(c.pki.ca_pem.clone().into_bytes());
+    config.ca_pem = Some(c.pki.ca_cert_pem());
     config.lookup_timeout = Duration::from_millis(1000);
     config.peers = vec![
         PeerConfig {
@@ -437,7 +230,7 @@ async fn wrong_secret_and_foreign_ca_are_refused() {
         .unwrap()
         .tls_config(
             ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(&c.pki.ca_pem))
+                .ca_certificate(Certificate::from_pem(c.pki.ca_cert_pem()))
                 .domain_name("localhost"),
         )
         .unwrap()
@@ -472,7 +265,7 @@ async fn wrong_secret_and_foreign_ca_are_refused() {
     );
 
     // A Locator with the wrong secret: TempFail, not Unknown.
-    let outsider = c.outsider(&c.pki.ca_pem, "wrong-secret-0123456789");
+    let outsider = c.outsider(&c.pki.ca_cert_pem(), "wrong-secret-0123456789");
     let location = outsider.locate("bob@example.com", Purpose::Rcpt).await;
     assert!(
         matches!(location, Location::TempFail(ref r) if r.contains("Unauthenticated")),
@@ -480,14 +273,14 @@ async fn wrong_secret_and_foreign_ca_are_refused() {
     );
 
     // A Locator that trusts another CA refuses the peers' certificates: TempFail.
-    let other = Pki::new("another CA");
-    let outsider = c.outsider(&other.ca_pem, SECRET);
+    let other = ds_net::tls::Pki::generate("another CA");
+    let outsider = c.outsider(&other.ca_cert_pem(), SECRET);
     let location = outsider.locate("bob@example.com", Purpose::Rcpt).await;
     assert!(matches!(location, Location::TempFail(_)), "{location:?}");
     assert_eq!(c.nodes[1].service.lookups_served(), 1);
 
     // With the right CA and secret the outsider finds bob.
-    let insider = c.outsider(&c.pki.ca_pem, SECRET);
+    let insider = c.outsider(&c.pki.ca_cert_pem(), SECRET);
     assert_eq!(
         remote(insider.locate("bob@example.com", Purpose::Rcpt).await).node,
         "office-1"
@@ -517,7 +310,7 @@ async fn concurrent_lookups_share_one_fan_out() {
     // for the whole timeout, so all 20 callers join the first one.
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut config = ClusterConfig::new("office-x", endpoints("office-x"), SECRET);
-    config.ca_pem = Some(c.pki.ca_pem.clone().into_bytes());
+    config.ca_pem = Some(c.pki.ca_cert_pem());
     config.lookup_timeout = Duration::from_millis(400);
     config.peers = vec![
         PeerConfig {
