@@ -16,6 +16,10 @@ fn inbox(n: &TestNode, account: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+fn queue_empty(n: &TestNode) -> bool {
+    n.node().state.queue.is_empty()
+}
+
 async fn cluster() -> anyhow::Result<Cluster> {
     Cluster::start_with(3, |_, c| {
         c.smtp.retry_base = Duration::from_secs(1);
@@ -78,15 +82,7 @@ s.quit()
     );
     // Nothing landed anywhere else, and the queue drained.
     assert!(inbox(c.node(0), "carol@example.com").is_empty());
-    assert!(
-        eventually(Duration::from_secs(5), || c
-            .node(0)
-            .node()
-            .state
-            .queue
-            .is_empty())
-        .await
-    );
+    assert!(eventually(Duration::from_secs(5), || queue_empty(c.node(0))).await);
     c.shutdown().await;
     Ok(())
 }
@@ -169,15 +165,7 @@ async fn cached_owner_stopped_message_waits_in_the_queue() -> anyhow::Result<()>
         eventually(Duration::from_secs(30), carol).await,
         "queued message was not delivered after the owner came back"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || c
-            .node(0)
-            .node()
-            .state
-            .queue
-            .is_empty())
-        .await
-    );
+    assert!(eventually(Duration::from_secs(5), || queue_empty(c.node(0))).await);
     c.shutdown().await;
     Ok(())
 }
