@@ -8,10 +8,12 @@
 //! every accepted message is in bob's INBOX on node 1).
 //!
 //! Run: `cargo bench -p dshare-e2e --bench smtp_load`; override the load with
-//! `SMTP_LOAD_SESSIONS` and `SMTP_LOAD_MESSAGES` (defaults 20 × 50). Without `--bench` among the
+//! `SMTP_LOAD_SESSIONS` and `SMTP_LOAD_MESSAGES` (defaults 20 × 500). Without `--bench` among the
 //! arguments (`cargo test --all-targets`) it runs a tiny smoke version (2 × 2).
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ds_testkit::{Cluster, TestNode};
@@ -22,6 +24,38 @@ const SENDER: &str = "load@elsewhere.org";
 const ALICE: &str = "alice@example.com";
 const BOB: &str = "bob@example.com";
 const E2E_TIMEOUT: Duration = Duration::from_secs(300);
+/// With no progress (a reply, growth of the INBOX polled) for this long the tool reports a stall and exits
+/// rather than hanging; longer than the client's 30 s reply timeout.
+const STALL: Duration = Duration::from_secs(45);
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+static PROGRESS_MS: AtomicU64 = AtomicU64::new(0);
+static PHASE: AtomicU64 = AtomicU64::new(0);
+const PHASES: [&str; 4] = ["cluster start", "local", "relayed", "shutdown"];
+
+fn progress() {
+    let epoch = EPOCH.get_or_init(Instant::now);
+    PROGRESS_MS.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+}
+
+/// Exits the process if nothing progressed for [`STALL`] (e.g. a deadlocked store).
+fn watchdog() {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let last = Duration::from_millis(PROGRESS_MS.load(Ordering::Relaxed));
+            if epoch.elapsed().saturating_sub(last) > STALL {
+                let phase = PHASES[PHASE.load(Ordering::Relaxed) as usize];
+                eprintln!(
+                    "smtp_load: STALLED — no progress for {STALL:?} during {phase:?}; the nodes \
+                     appear hung (e.g. a store deadlock); giving up"
+                );
+                std::process::exit(2);
+            }
+        }
+    });
+}
 
 /// What one session did.
 #[derive(Default)]
@@ -75,7 +109,9 @@ async fn session(
     };
     for i in 0..messages {
         let body = message(&format!("load-{scenario}-{client}-{i}"), SIZE);
-        match transaction(&mut s, rcpt, &body).await {
+        let r = transaction(&mut s, rcpt, &body).await;
+        progress();
+        match r {
             Ok(Ok(latency)) => {
                 out.accepted += 1;
                 out.latencies.push(latency);
@@ -186,8 +222,15 @@ async fn scenario(
         Some((node, before)) => {
             let want = before + accepted;
             let deadline = Instant::now() + E2E_TIMEOUT;
+            let mut seen = 0;
             let done = loop {
-                if inbox_len(node, rcpt) >= want {
+                let n = inbox_len(node, rcpt);
+                if n != seen {
+                    // Only growth counts: a stuck relay must trip the watchdog.
+                    seen = n;
+                    progress();
+                }
+                if n >= want {
                     break Some(start.elapsed());
                 }
                 if Instant::now() > deadline {
@@ -218,7 +261,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn print_table(sessions: usize, messages: usize, outcomes: &[Outcome]) {
+fn print_header(sessions: usize, messages: usize) {
     println!();
     println!(
         "smtp_load: {sessions} sessions x {messages} messages of {} KiB, 2-node cluster",
@@ -228,32 +271,31 @@ fn print_table(sessions: usize, messages: usize, outcomes: &[Outcome]) {
         "{:<9} {:>6} {:>5} {:>8} {:>11} {:>8} {:>8} {:>8} {:>8}",
         "scenario", "ok", "fail", "wall s", "accepted/s", "p50 ms", "p99 ms", "e2e s", "e2e/s"
     );
-    for o in outcomes {
-        let (e2e_s, e2e_rate) = match o.e2e {
-            None => ("-".to_string(), "-".to_string()),
-            Some(None) => ("timeout".to_string(), "-".to_string()),
-            Some(Some(d)) => (
-                format!("{:.2}", d.as_secs_f64()),
-                format!("{:.1}", rate(o.accepted, d)),
-            ),
-        };
-        println!(
-            "{:<9} {:>6} {:>5} {:>8.2} {:>11.1} {:>8.2} {:>8.2} {:>8} {:>8}",
-            o.name,
-            o.accepted,
-            o.failed,
-            o.wall.as_secs_f64(),
-            rate(o.accepted, o.wall),
-            ms(o.p50),
-            ms(o.p99),
-            e2e_s,
-            e2e_rate
-        );
-    }
-    for o in outcomes {
-        for e in o.errors.iter().take(5) {
-            println!("  {} error: {e}", o.name);
-        }
+}
+
+fn print_row(o: &Outcome) {
+    let (e2e_s, e2e_rate) = match o.e2e {
+        None => ("-".to_string(), "-".to_string()),
+        Some(None) => ("timeout".to_string(), "-".to_string()),
+        Some(Some(d)) => (
+            format!("{:.2}", d.as_secs_f64()),
+            format!("{:.1}", rate(o.accepted, d)),
+        ),
+    };
+    println!(
+        "{:<9} {:>6} {:>5} {:>8.2} {:>11.1} {:>8.2} {:>8.2} {:>8} {:>8}",
+        o.name,
+        o.accepted,
+        o.failed,
+        o.wall.as_secs_f64(),
+        rate(o.accepted, o.wall),
+        ms(o.p50),
+        ms(o.p99),
+        e2e_s,
+        e2e_rate
+    );
+    for e in o.errors.iter().take(5) {
+        println!("  {} error: {e}", o.name);
     }
 }
 
@@ -266,10 +308,17 @@ async fn run(sessions: usize, messages: usize) -> anyhow::Result<bool> {
     c.node(0).add_account(ALICE, "pw").await?;
     c.node(1).add_account(BOB, "pw").await?;
     let via = c.node(0).smtp();
+    print_header(sessions, messages);
 
+    PHASE.store(1, Ordering::Relaxed);
+    progress();
     let alice_before = inbox_len(c.node(0), ALICE);
     let local = scenario("local", via, ALICE, sessions, messages, None).await;
     let alice_grew = inbox_len(c.node(0), ALICE).saturating_sub(alice_before);
+    print_row(&local);
+
+    PHASE.store(2, Ordering::Relaxed);
+    progress();
 
     let bob_before = inbox_len(c.node(1), BOB);
     let relayed = scenario(
@@ -282,9 +331,9 @@ async fn run(sessions: usize, messages: usize) -> anyhow::Result<bool> {
     )
     .await;
     let queue_left = c.node(0).node().state.queue.len();
+    print_row(&relayed);
 
     let outcomes = [local, relayed];
-    print_table(sessions, messages, &outcomes);
 
     let mut ok = true;
     let total = sessions * messages;
@@ -312,6 +361,8 @@ async fn run(sessions: usize, messages: usize) -> anyhow::Result<bool> {
         println!("  note: node 0's queue still holds {queue_left} entries after delivery");
     }
 
+    PHASE.store(3, Ordering::Relaxed);
+    progress();
     c.shutdown().await;
     Ok(ok)
 }
@@ -321,7 +372,7 @@ fn main() -> anyhow::Result<()> {
     let (sessions, messages) = if bench {
         (
             env_usize("SMTP_LOAD_SESSIONS", 20),
-            env_usize("SMTP_LOAD_MESSAGES", 50),
+            env_usize("SMTP_LOAD_MESSAGES", 500),
         )
     } else {
         (2, 2)
@@ -329,6 +380,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    progress();
+    watchdog();
     let ok = rt.block_on(run(sessions, messages))?;
     if !ok {
         std::process::exit(1);
