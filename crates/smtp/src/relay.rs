@@ -54,12 +54,16 @@ impl Client {
                 .ok_or("connection closed by peer")?;
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end();
-            if line.len() < 3 || lines.len() >= MAX_REPLY_LINES {
+            if lines.len() >= MAX_REPLY_LINES {
                 return Err(format!("bad reply {line:?}"));
             }
-            let code: u16 = line[..3]
-                .parse()
-                .map_err(|_| format!("bad reply {line:?}"))?;
+            // Peer input: never slice a str at a byte offset that may fall inside a character.
+            let code: u16 = match line.as_bytes().get(..3) {
+                Some(digits) if digits.iter().all(u8::is_ascii_digit) => {
+                    digits.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0'))
+                }
+                _ => return Err(format!("bad reply {line:?}")),
+            };
             let more = line.as_bytes().get(3) == Some(&b'-');
             lines.push(line.get(4..).unwrap_or("").to_string());
             if !more {

@@ -631,3 +631,43 @@ async fn list_post_goes_to_local_members_and_one_copy_per_keeper() {
 fn _assert_send(s: Arc<ds_smtp::Smtp>) -> impl Send {
     s.run_queue(ds_net::Shutdown::never())
 }
+
+/// A fake peer that sends `greeting` on every connection, then stays silent. Returns its address.
+async fn fake_peer(greeting: &'static [u8]) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(greeting).await;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(s);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_non_ascii_reply_from_a_peer_does_not_panic_the_queue_runner() {
+    let peer = fake_peer("25\u{e9} greeting with a split character\r\n".as_bytes()).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    a.locator.set_remote(BOB, "b", &peer.to_string());
+    assert!(
+        send_simple(&a, ALICE, &[BOB], "Subject: x\r\n\r\nx\r\n")
+            .await
+            .starts_with("250")
+    );
+    let runner = a.smtp.queue_runner();
+    let pass = tokio::spawn(async move { runner.run_once().await.map(|_| ()) });
+    let result = pass.await;
+    assert!(result.is_ok(), "queue runner panicked: {result:?}");
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "kept for a retry");
+    assert_eq!(entries[0].attempts, 1);
+    let error = entries[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("bad reply"), "{error}");
+}
