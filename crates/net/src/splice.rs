@@ -12,11 +12,14 @@ use crate::Result;
 /// Size of each direction's copy buffer.
 const BUF_SIZE: usize = 16 * 1024;
 
-/// After one side closed, how long the other direction may still drain (capped by the idle timeout).
+/// After one side closed, how long the other direction may go without moving an octet before the
+/// splice ends (capped by the idle timeout). While it keeps moving it is not cut: a client that
+/// half-closes after its last command still gets the whole (possibly long) answer.
 const LINGER: Duration = Duration::from_secs(5);
 
 /// Copy `a` → `b` and `b` → `a` until one side closes (its EOF is passed on as a write shutdown and the
-/// other direction gets a short linger to finish), or nothing moved for `idle_timeout`.
+/// other direction may finish, as long as it never stalls for the short linger), or nothing moved for
+/// `idle_timeout`.
 /// Returns the octets copied `(a to b, b to a)`. An I/O error on either side ends the splice with the
 /// error.
 pub async fn splice<A, B>(a: A, b: B, idle_timeout: Duration) -> Result<(u64, u64)>
@@ -51,11 +54,11 @@ where
     let linger = LINGER.min(idle_timeout);
     let outcome: Result<()> = tokio::select! {
         res = &mut forward => match res {
-            Ok(()) => finish(backward, linger).await,
+            Ok(()) => finish(backward, linger, &last_activity, start).await,
             Err(e) => Err(e),
         },
         res = &mut backward => match res {
-            Ok(()) => finish(forward, linger).await,
+            Ok(()) => finish(forward, linger, &last_activity, start).await,
             Err(e) => Err(e),
         },
         () = &mut idle => {
@@ -70,15 +73,34 @@ where
     ))
 }
 
-/// Let the remaining direction run for at most `linger`.
+/// Let the remaining direction run until it ends or moves nothing for `linger` (counted from the
+/// other side's EOF or the last octet copied, whichever is later).
 async fn finish(
-    rest: std::pin::Pin<&mut impl std::future::Future<Output = Result<()>>>,
+    mut rest: std::pin::Pin<&mut impl std::future::Future<Output = Result<()>>>,
     linger: Duration,
+    last_activity: &AtomicU64,
+    start: Instant,
 ) -> Result<()> {
-    match tokio::time::timeout(linger, rest).await {
-        Ok(res) => res,
-        Err(_) => Ok(()),
+    loop {
+        let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+        let deadline = start + last + linger;
+        if Instant::now() >= deadline {
+            tracing::debug!(
+                ?linger,
+                "splice: other side closed, this one stalled; closing"
+            );
+            return Ok(());
+        }
+        tokio::select! {
+            res = &mut rest => return res,
+            () = tokio::time::sleep_until(deadline) => {}
+        }
     }
+}
+
+fn mark(last_activity: &AtomicU64, start: Instant) {
+    let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    last_activity.store(elapsed, Ordering::Relaxed);
 }
 
 /// Copy until EOF, then shut down the writer.
@@ -97,14 +119,15 @@ where
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
-            // Pass the close on; the other side may already be gone.
+            // Pass the close on; the other side may already be gone. The EOF starts the
+            // other direction's linger.
             let _ = to.shutdown().await;
+            mark(last_activity, start);
             return Ok(());
         }
         to.write_all(&buf[..n]).await?;
         to.flush().await?;
         copied.fetch_add(n as u64, Ordering::Relaxed);
-        let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        last_activity.store(elapsed, Ordering::Relaxed);
+        mark(last_activity, start);
     }
 }

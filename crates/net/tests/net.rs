@@ -511,3 +511,47 @@ async fn shutdown_signal_reaches_every_clone() {
             .is_err()
     );
 }
+
+/// The client half-closes after its last command (`… QUIT` then FIN, as `nc -N` or a script does);
+/// the owner's answer is long and slow to come. The splice must keep copying it while it keeps
+/// moving, not cut it a fixed few seconds after the client's FIN.
+#[tokio::test(start_paused = true)]
+async fn splice_keeps_draining_after_a_half_close_while_data_moves() {
+    let (mut client, proxy_in) = tokio::io::duplex(64);
+    let (proxy_out, mut owner) = tokio::io::duplex(64);
+    let proxy = tokio::spawn(splice(proxy_in, proxy_out, Duration::from_secs(600)));
+
+    client.write_all(b"RETR 1\r\n").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut cmd = Vec::new();
+    owner.read_to_end(&mut cmd).await.unwrap();
+    assert_eq!(cmd, b"RETR 1\r\n");
+
+    // 20 chunks, one every 2 s: 40 s in all, never 5 s without an octet.
+    let sender = tokio::spawn(async move {
+        for i in 0..20u8 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            owner.write_all(&[b'a' + i; 10]).await.unwrap();
+        }
+        owner.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got.len(), 200, "answer cut after the client's FIN");
+    sender.await.unwrap();
+    let (up, down) = proxy.await.unwrap().unwrap();
+    assert_eq!((up, down), (8, 200));
+}
+
+/// After one side closed, the other direction is dropped once it stops moving for a while.
+#[tokio::test(start_paused = true)]
+async fn splice_ends_soon_after_a_half_close_when_nothing_moves() {
+    let (mut client, proxy_in) = tokio::io::duplex(64);
+    let (proxy_out, _owner) = tokio::io::duplex(64);
+    let started = tokio::time::Instant::now();
+    let proxy = tokio::spawn(splice(proxy_in, proxy_out, Duration::from_secs(600)));
+    client.shutdown().await.unwrap();
+    proxy.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(60), "{took:?}");
+}
