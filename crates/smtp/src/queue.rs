@@ -59,20 +59,32 @@ impl QueueRunner {
     /// Processes every due entry once; returns how long to sleep before the next is due.
     pub async fn run_once(&self) -> Result<Duration> {
         let queue = &self.smtp.queue;
+        let mut failed = false;
         for entry in queue.due(now())? {
+            let id = entry.id;
             if let Err(e) = self.process(entry).await {
-                tracing::error!(error = %e, "queue entry processing failed");
+                tracing::error!(id, error = %e, "queue entry processing failed");
+                failed = true;
             }
         }
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
         let next = queue.list()?.iter().map(|e| e.next_attempt).min();
-        Ok(match next {
+        let wait = match next {
             Some(at) => Duration::from_secs(at.saturating_sub(now()).max(0) as u64)
                 .clamp(Duration::from_millis(200), MAX_SLEEP),
             None => MAX_SLEEP,
+        };
+        // An entry that could not even be rescheduled is still due: do not spin on it.
+        Ok(if failed {
+            wait.max(self.smtp.config.backoff(1))
+        } else {
+            wait
         })
     }
 
+    /// One attempt at an entry. Whatever happens, what was achieved (recipients relayed or
+    /// delivered) is written back and the entry is rescheduled with back-off, so an error never
+    /// leads to relaying the same recipient again at once.
     async fn process(&self, mut entry: QueueEntry) -> Result<()> {
         let smtp = &self.smtp;
         let Some(body) = smtp.queue.body(entry.id)? else {
@@ -80,6 +92,14 @@ impl QueueRunner {
             smtp.queue.remove(entry.id)?;
             return Ok(());
         };
+        let last_error = self.attempt(&mut entry, &body).await;
+        self.finish_attempt(entry, last_error).await
+    }
+
+    /// Relays (and relocates) the pending recipients of `entry`, updating their states; returns
+    /// the last temporary error.
+    async fn attempt(&self, entry: &mut QueueEntry, body: &[u8]) -> Option<String> {
+        let smtp = &self.smtp;
         let mut last_error = None;
         // Round 0 may relocate a recipient after a 550; round 1 tries the new owners.
         for round in 0..2 {
@@ -97,8 +117,8 @@ impl QueueRunner {
                     _ if round == 0 => {
                         let address = r.address.clone();
                         let location = smtp.locator.locate(&address, Purpose::Rcpt).await;
-                        self.apply_location(&mut entry, i, location, None, &body, &mut last_error)
-                            .await?;
+                        self.apply_location(entry, i, location, None, body, &mut last_error)
+                            .await;
                     }
                     _ => {}
                 }
@@ -115,7 +135,7 @@ impl QueueRunner {
                     &endpoint,
                     &entry.sender,
                     &addresses,
-                    &body,
+                    body,
                 )
                 .await;
                 for (&i, outcome) in indexes.iter().zip(outcomes) {
@@ -145,14 +165,14 @@ impl QueueRunner {
                             let location = smtp.locator.relocate(&address).await;
                             let before = entry.recipients[i].owner.clone();
                             self.apply_location(
-                                &mut entry,
+                                entry,
                                 i,
                                 location,
                                 Some(reason),
-                                &body,
+                                body,
                                 &mut last_error,
                             )
-                            .await?;
+                            .await;
                             let r = &entry.recipients[i];
                             relocated |= r.state == RecipientState::Pending && r.owner != before;
                         }
@@ -163,10 +183,11 @@ impl QueueRunner {
                 break;
             }
         }
-        self.finish_attempt(entry, last_error).await
+        last_error
     }
 
-    /// Applies a (re)location to a pending recipient. `refused` is the old owner's 550 reply.
+    /// Applies a (re)location to a pending recipient. `refused` is the old owner's 550 reply. A
+    /// local delivery that fails leaves the recipient pending with `last_error` set.
     async fn apply_location(
         &self,
         entry: &mut QueueEntry,
@@ -175,7 +196,7 @@ impl QueueRunner {
         refused: Option<String>,
         body: &[u8],
         last_error: &mut Option<String>,
-    ) -> Result<()> {
+    ) {
         let smtp = &self.smtp;
         let failed = |why: String| RecipientState::Failed(refused.clone().unwrap_or(why));
         let r = &mut entry.recipients[i];
@@ -197,11 +218,22 @@ impl QueueRunner {
                 message.extend_from_slice(body);
                 let mail = smtp.mail.clone();
                 let account = address.clone();
-                tokio::task::spawn_blocking(move || mail.deliver(&account, &message))
-                    .await
-                    .map_err(|e| crate::Error::Task(e.to_string()))??;
-                tracing::info!(id = entry.id, rcpt = %address, "recipient is local now, delivered");
-                r.state = RecipientState::Delivered;
+                let delivered =
+                    tokio::task::spawn_blocking(move || mail.deliver(&account, &message))
+                        .await
+                        .map_err(|e| crate::Error::Task(e.to_string()))
+                        .and_then(|r| r.map_err(crate::Error::from));
+                match delivered {
+                    Ok(_) => {
+                        tracing::info!(id = entry.id, rcpt = %address, "recipient is local now, delivered");
+                        r.state = RecipientState::Delivered;
+                    }
+                    Err(e) => {
+                        // Stays pending (the other recipients' outcomes are kept); retried later.
+                        tracing::error!(id = entry.id, rcpt = %address, error = %e, "local delivery of a relocated recipient failed");
+                        *last_error = Some(format!("local delivery to {address}: {e}"));
+                    }
+                }
             }
             Location::TempFail(reason) if refused.is_none() => {
                 *last_error = Some(format!("lookup: {reason}"));
@@ -211,7 +243,6 @@ impl QueueRunner {
                 r.state = failed(format!("550 5.1.1 no such user ({other:?})"));
             }
         }
-        Ok(())
     }
 
     /// After an attempt: finished or expired entries are removed (with a DSN for failures), the
@@ -249,8 +280,16 @@ impl QueueRunner {
                     _ => None,
                 })
                 .collect();
-            if !failed.is_empty() {
-                self.bounce(&entry, &failed).await?;
+            if !failed.is_empty()
+                && let Err(e) = self.bounce(&entry, &failed).await
+            {
+                // Keep the entry (its recipients' states included) and try the DSN again later.
+                let delay = smtp.config.backoff(entry.attempts);
+                entry.next_attempt = now + delay.as_secs() as i64;
+                entry.last_error = Some(format!("DSN not sent: {e}"));
+                smtp.queue.update(&entry)?;
+                smtp.store.flush_async().await?;
+                return Err(e);
             }
             smtp.queue.remove(entry.id)?;
             tracing::info!(id = entry.id, failed = failed.len(), "queue entry done");

@@ -671,3 +671,88 @@ async fn a_non_ascii_reply_from_a_peer_does_not_panic_the_queue_runner() {
     let error = entries[0].last_error.clone().unwrap_or_default();
     assert!(error.contains("bad reply"), "{error}");
 }
+
+#[tokio::test]
+async fn a_local_error_in_a_queue_run_keeps_what_was_relayed_and_backs_off() {
+    // One entry for c: dave is relayed to c; c answers 550 for carol (a stale owner) and
+    // relocation says carol is now local to a, whose delivery then fails (a corrupt mailbox
+    // record).
+    let carol = "carol@company.com";
+    let dave = "dave@company.com";
+    let broken = "broken@company.com";
+    let c = start("c", &[dave]).await;
+    let a = start("a", &[ALICE]).await;
+    a.store
+        .blobs("mail_mailboxes")
+        .unwrap()
+        .insert(format!("{broken}\0INBOX"), b"not a mailbox record")
+        .unwrap();
+    a.locator.set_remote(dave, "c", &c.addr.to_string());
+    a.locator.set_remote(carol, "c", &c.addr.to_string());
+    a.locator.relocated.lock().unwrap().insert(
+        carol.to_string(),
+        ds_smtp::Location::Local {
+            address: broken.to_string(),
+            enabled: true,
+        },
+    );
+    assert!(
+        send_simple(&a, ALICE, &[carol, dave], "Subject: x\r\n\r\nonce\r\n")
+            .await
+            .starts_with("250")
+    );
+    assert_eq!(c.wait_inbox(dave, 1, 10).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(c.inbox(dave).len(), 1, "dave is never relayed twice");
+    let tries = a.locator.relocations.lock().unwrap().len();
+    assert!(
+        tries <= 3,
+        "back-off after a local error, not a hot loop: {tries} tries"
+    );
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let states: Vec<_> = entries[0].recipients.iter().map(|r| &r.state).collect();
+    assert_eq!(
+        states,
+        [
+            &ds_store::queue::RecipientState::Pending,
+            &ds_store::queue::RecipientState::Delivered,
+        ],
+        "{entries:?}"
+    );
+    assert!(entries[0].attempts >= 1);
+}
+
+#[tokio::test]
+async fn a_dsn_that_cannot_be_delivered_keeps_the_entry_and_backs_off() {
+    // ghost fails for good at c; the DSN goes to a local sender whose mailbox record is corrupt.
+    let sender = "broken@company.com";
+    let ghost = "ghost@company.com";
+    let c = start("c", &[]).await;
+    let a = start("a", &[ALICE, sender]).await;
+    a.store
+        .blobs("mail_mailboxes")
+        .unwrap()
+        .insert(format!("{sender}\0INBOX"), b"not a mailbox record")
+        .unwrap();
+    a.locator.set_remote(ghost, "c", &c.addr.to_string());
+    assert!(
+        send_simple(&a, sender, &[ghost], "Subject: x\r\n\r\nx\r\n")
+            .await
+            .starts_with("250")
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let tries = a.locator.relocations.lock().unwrap().len();
+    assert_eq!(tries, 1, "the failed recipient is not relayed again");
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "kept until the DSN is out");
+    assert!(
+        matches!(
+            entries[0].recipients[0].state,
+            ds_store::queue::RecipientState::Failed(_)
+        ),
+        "{entries:?}"
+    );
+    let error = entries[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("DSN not sent"), "{error}");
+}
