@@ -187,7 +187,7 @@ impl Session {
                     self.state = State::Authorization { user: None };
                     tracing::debug!(sni = ?self.ctx.sni, "STLS done");
                 }
-                Flow::Splice(owner) => return self.splice(conn, *owner).await,
+                Flow::Splice(owner) => return self.splice(conn, *owner, &shutdown).await,
             }
         }
     }
@@ -754,8 +754,10 @@ impl Session {
         Ok(())
     }
 
-    /// Copy bytes between the client and the owner until either side closes.
-    async fn splice(&self, mut client: Conn, owner: Conn) -> Result<()> {
+    /// Copy bytes between the client and the owner until either side closes, the splice is idle,
+    /// or this node shuts down (both connections are then closed: the owner ends its session
+    /// without an UPDATE and releases the maildrop).
+    async fn splice(&self, mut client: Conn, owner: Conn, shutdown: &Shutdown) -> Result<()> {
         client.flush().await?;
         let (mut client, client_buffered) = client.into_parts();
         let (mut owner, owner_buffered) = owner.into_parts();
@@ -763,8 +765,15 @@ impl Session {
         // Commands the client pipelined behind its login go to the owner first.
         write_all_timeout(&mut owner, &client_buffered, write_timeout).await?;
         write_all_timeout(&mut client, &owner_buffered, write_timeout).await?;
-        let (up, down) = ds_net::splice(client, owner, self.pop3.config.idle_timeout).await?;
-        tracing::info!(up, down, "forwarded session ended");
+        tokio::select! {
+            copied = ds_net::splice(client, owner, self.pop3.config.idle_timeout) => {
+                let (up, down) = copied?;
+                tracing::info!(up, down, "forwarded session ended");
+            }
+            () = shutdown.wait() => {
+                tracing::info!("shutting down, forwarded session closed");
+            }
+        }
         Ok(())
     }
 }

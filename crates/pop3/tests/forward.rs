@@ -397,3 +397,67 @@ async fn stale_owner_is_located_again_once() {
     assert_eq!(c.login("bob", PASSWORD).await, AUTH_FAILED);
     pair.stop().await;
 }
+
+/// Shutting the front node down ends a forwarded session at once (the owner's side sees the close
+/// and drops the maildrop lock), rather than leaving it spliced until the idle timeout or the
+/// drain's grace period.
+#[tokio::test]
+async fn shutdown_ends_a_forwarded_session() {
+    let parts_b = Parts::temporary();
+    parts_b.account("bob@company.com");
+    parts_b.deliver("bob@company.com", MSG1);
+    let mut b = parts_b.node(
+        test_config("office-b"),
+        Arc::new(ds_pop3::NoPeers),
+        None,
+        None,
+    );
+    let b_pop3 = b.listen("127.0.0.1", None).await;
+    let owner = OwnerLookup::Remote(Pop3Owner {
+        node: "office-b".into(),
+        canonical: "bob@company.com".into(),
+        pop3: b_pop3.to_string(),
+    });
+    let a = Parts::temporary().node(test_config("office-a"), Arc::new(Fixed(owner)), None, None);
+
+    // The front's connection handler, driven by hand with a shutdown signal of our own.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = listener.local_addr().unwrap();
+    let (trigger, shutdown) = ds_net::shutdown_pair();
+    let pop3 = Arc::clone(&a.pop3);
+    let handler = tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let ctx = ds_net::ConnContext {
+            peer,
+            local: tcp.local_addr().unwrap(),
+            sni: None,
+            tls: false,
+            protocol: "pop3",
+        };
+        pop3.handle(ds_net::MailStream::Plain(tcp), ctx, shutdown)
+            .await;
+    });
+
+    let mut c = Client::connect(front).await;
+    let ok = c.login("bob", PASSWORD).await;
+    assert!(ok.starts_with("+OK bob@company.com has 1 messages"), "{ok}");
+    assert_eq!(c.cmd("STAT").await, format!("+OK 1 {}", MSG1.len()));
+    assert!(b.pop3.locks().is_locked("bob@company.com"));
+
+    trigger.trigger();
+    tokio::time::timeout(Duration::from_secs(5), handler)
+        .await
+        .expect("the forwarded session ends on shutdown")
+        .unwrap();
+    assert!(c.closed().await);
+    for _ in 0..100 {
+        if !b.pop3.locks().is_locked("bob@company.com") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!b.pop3.locks().is_locked("bob@company.com"));
+    // Nothing was deleted, and the owner serves bob again.
+    assert_eq!(b.mail.messages("bob@company.com", INBOX).unwrap().len(), 1);
+    b.stop().await;
+}
