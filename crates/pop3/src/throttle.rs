@@ -57,15 +57,18 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 
     fn fail(&mut self, key: &K, cfg: &ThrottleConfig, now: Instant) {
-        if self.entries.len() >= cfg.max_entries && !self.entries.contains_key(key) {
+        // At least one key, or there would be no median to cut at (and nothing to throttle).
+        let max_entries = cfg.max_entries.max(1);
+        if self.entries.len() >= max_entries && !self.entries.contains_key(key) {
             self.entries
                 .retain(|_, e| now.duration_since(e.last) < cfg.forget_after);
-            if self.entries.len() >= cfg.max_entries {
+            if self.entries.len() >= max_entries {
                 // Still full of live keys: drop the oldest half rather than grow without bound.
                 let mut ages: Vec<Instant> = self.entries.values().map(|e| e.last).collect();
                 ages.sort_unstable();
-                let cut = ages[ages.len() / 2];
-                self.entries.retain(|_, e| e.last > cut);
+                if let Some(&cut) = ages.get(ages.len() / 2) {
+                    self.entries.retain(|_, e| e.last > cut);
+                }
             }
         }
         let entry = self.entries.entry(key.clone()).or_insert(Entry {
@@ -206,5 +209,17 @@ mod tests {
         }
         assert!(t.ips.lock().unwrap().entries.len() <= 10);
         assert!(t.delay(IpAddr::V4([10, 0, 0, 99].into()), None) > Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_max_entries_does_not_panic() {
+        let t = LoginThrottle::new(ThrottleConfig {
+            max_entries: 0,
+            ..ThrottleConfig::default()
+        });
+        t.record_failure(IP, Some("a@x"));
+        t.record_failure(OTHER, Some("b@x"));
+        assert!(t.ips.lock().unwrap().entries.len() <= 1);
+        assert_eq!(t.delay(OTHER, Some("b@x")), Duration::from_millis(500));
     }
 }
