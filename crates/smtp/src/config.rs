@@ -30,7 +30,7 @@ pub struct SmtpConfig {
     /// The cluster secret, the password of peer AUTH in both directions. Empty: peers cannot
     /// authenticate and relays do not authenticate. Never logged.
     pub cluster_secret: String,
-    /// Bound on each step of a relay connection (connect, each reply, TLS handshake); the
+    /// Bound on each step of a relay connection (connect, each reply, each write, TLS handshake); the
     /// message transfer itself gets ten times as long.
     pub relay_timeout: Duration,
     /// Commands with an error reply before the session is closed with `421`.

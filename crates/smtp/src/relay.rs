@@ -130,10 +130,9 @@ async fn attempt(
         .map_err(|_| format!("connect to {endpoint}: timed out"))?
         .map_err(|e| format!("connect to {endpoint}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let mut client = Client {
-        conn: LineConn::new(MailStream::Plain(tcp)),
-        timeout,
-    };
+    let mut conn = LineConn::new(MailStream::Plain(tcp));
+    conn.set_write_timeout(timeout);
+    let mut client = Client { conn, timeout };
     let greeting = client.read_reply(timeout).await?;
     if greeting.code != 220 {
         return Ok(fail_all(&greeting, "greeting", recipients.len()));
@@ -163,6 +162,7 @@ async fn attempt(
             .await
             .map_err(|e| format!("TLS with {endpoint}: {e}"))?;
         client.conn = LineConn::new(stream);
+        client.conn.set_write_timeout(timeout);
         caps = client.command(&ehlo).await?;
         if caps.code != 250 {
             return Ok(fail_all(&caps, "EHLO after STARTTLS", recipients.len()));
@@ -220,23 +220,25 @@ async fn attempt(
         let all = fail_all(&go, "DATA", recipients.len());
         return Ok(merge(outcomes, all));
     }
-    let wire = stuff(body);
-    client
-        .conn
-        .write_all(&wire)
-        .await
-        .map_err(|e| format!("sending body: {e}"))?;
-    client
-        .conn
-        .write_all(b".\r\n")
-        .await
-        .map_err(|e| format!("sending body: {e}"))?;
-    client
-        .conn
-        .flush()
-        .await
-        .map_err(|e| format!("sending body: {e}"))?;
-    let done = client.read_reply(timeout.saturating_mul(10)).await?;
+    // The transfer and the final reply together get ten steps' time (each write is bounded
+    // too), so a peer that stops reading cannot hold the queue runner.
+    let transfer = timeout.saturating_mul(10);
+    let done = tokio::time::timeout(transfer, async {
+        let wire = stuff(body);
+        let conn = &mut client.conn;
+        conn.write_all(&wire)
+            .await
+            .map_err(|e| format!("sending body: {e}"))?;
+        conn.write_all(b".\r\n")
+            .await
+            .map_err(|e| format!("sending body: {e}"))?;
+        conn.flush()
+            .await
+            .map_err(|e| format!("sending body: {e}"))?;
+        client.read_reply(transfer).await
+    })
+    .await
+    .map_err(|_| format!("sending body: no answer within {transfer:?}"))??;
     let all = if done.code == 250 {
         vec![RcptOutcome::Delivered; recipients.len()]
     } else {

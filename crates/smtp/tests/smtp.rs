@@ -756,3 +756,68 @@ async fn a_dsn_that_cannot_be_delivered_keeps_the_entry_and_backs_off() {
     let error = entries[0].last_error.clone().unwrap_or_default();
     assert!(error.contains("DSN not sent"), "{error}");
 }
+
+/// A fake peer that answers EHLO, MAIL, RCPT and DATA, then stops reading (its receive
+/// window fills up and the sender's writes block).
+async fn stalling_peer() -> std::net::SocketAddr {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut s = tokio::io::BufReader::new(s);
+                let _ = s.get_mut().write_all(b"220 stall ESMTP\r\n").await;
+                let mut line = String::new();
+                while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let reply: &[u8] = match line.get(..4).unwrap_or("") {
+                        "EHLO" => b"250-stall\r\n250 SIZE 100000000\r\n",
+                        "DATA" => b"354 go\r\n",
+                        "AUTH" => b"235 ok\r\n",
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = s.get_mut().write_all(reply).await;
+                    if line.starts_with("DATA") {
+                        tokio::time::sleep(Duration::from_secs(120)).await;
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_the_body_times_out() {
+    let peer = stalling_peer().await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.queue_runner = false;
+    opts.config.relay_timeout = Duration::from_millis(300);
+    let a = start_with(opts).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let body = vec![b'x'; 32 << 20];
+    let rcpt = ds_store::queue::QueuedRecipient {
+        address: BOB.into(),
+        owner: Some("b".into()),
+        endpoint: Some(peer.to_string()),
+        state: ds_store::queue::RecipientState::Pending,
+    };
+    a.queue
+        .enqueue(ALICE, vec![rcpt], &body, false, now)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let pass = tokio::time::timeout(Duration::from_secs(20), a.smtp.queue_runner().run_once())
+        .await
+        .expect("the relay attempt is bounded by ten relay timeouts");
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1);
+    let error = entries[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("body"), "{error}");
+}
