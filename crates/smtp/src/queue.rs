@@ -2,8 +2,9 @@
 //!
 //! Woken when a message is queued and by a timer (the earliest `next_attempt`, at most a minute).
 //! Each due entry is tried per owner endpoint; `250` → delivered, `550` → the Locator's
-//! `relocate` once (a new owner is tried at once, the same owner or none → failed), other 5xx →
-//! failed, 4xx or a connection failure → retried with exponential back-off. A failing owner keeps
+//! `relocate` once (a new owner is tried at once, the same owner or none → failed, a failed lookup
+//! → retried later), other 5xx → failed, 4xx or a connection failure → retried with exponential
+//! back-off. A failing owner keeps
 //! the message queued; it is never handed to another host. An entry older than the maximum age
 //! fails its pending recipients; failures go to the sender as an RFC 3464 DSN (never for a bounce).
 
@@ -235,7 +236,14 @@ impl QueueRunner {
                     }
                 }
             }
-            Location::TempFail(reason) if refused.is_none() => {
+            Location::TempFail(reason) => {
+                // Nobody can say now where the recipient lives: keep it queued. After a 550 the
+                // refusing owner is forgotten, so the next attempt locates the address afresh.
+                tracing::info!(id = entry.id, rcpt = %r.address, %reason, "recipient lookup failed, deferred");
+                if refused.is_some() {
+                    r.owner = None;
+                    r.endpoint = None;
+                }
                 *last_error = Some(format!("lookup: {reason}"));
             }
             other => {

@@ -821,3 +821,30 @@ async fn a_peer_that_stops_reading_the_body_times_out() {
     let error = entries[0].last_error.clone().unwrap_or_default();
     assert!(error.contains("body"), "{error}");
 }
+
+#[tokio::test]
+async fn a_lookup_that_fails_after_a_550_defers_instead_of_bouncing() {
+    // c no longer has carol; when a asks again, the peers cannot be reached.
+    let carol = "carol@company.com";
+    let c = start("c", &[]).await;
+    let a = start("a", &[ALICE]).await;
+    a.locator.set_remote(carol, "c", &c.addr.to_string());
+    a.locator.relocated.lock().unwrap().insert(
+        carol.to_string(),
+        ds_smtp::Location::TempFail("peer b unreachable".into()),
+    );
+    assert!(
+        send_simple(&a, ALICE, &[carol], "Subject: x\r\n\r\nx\r\n")
+            .await
+            .starts_with("250")
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(a.inbox(ALICE).is_empty(), "no DSN for a temporary failure");
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "still queued");
+    let r = &entries[0].recipients[0];
+    assert_eq!(r.state, ds_store::queue::RecipientState::Pending, "{r:?}");
+    assert_eq!(r.owner, None, "the refusing owner is forgotten: {r:?}");
+    let error = entries[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("peer b unreachable"), "{error}");
+}
