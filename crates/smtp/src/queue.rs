@@ -329,9 +329,13 @@ impl QueueRunner {
             .unwrap_or_default();
         let report = dsn::build(&smtp.config.hostname, entry, failed, &headers);
         let sender = entry.sender.clone();
-        let location = match ds_directory::Address::parse(&sender) {
-            Ok(a) => smtp.locator.locate(&a.to_string(), Purpose::Rcpt).await,
-            Err(_) => Location::Unknown,
+        let (address, location) = match ds_directory::Address::parse(&sender) {
+            Ok(a) => {
+                let address = a.to_string();
+                let location = smtp.locator.locate(&address, Purpose::Rcpt).await;
+                (address, location)
+            }
+            Err(_) => (sender.clone(), Location::Unknown),
         };
         match location {
             Location::Local { address, .. } => {
@@ -352,6 +356,13 @@ impl QueueRunner {
                 };
                 let id = smtp.queue.enqueue("", vec![rcpt], &report, false, now())?;
                 tracing::info!(id = entry.id, dsn_id = id, %sender, owner = %owner.node, "DSN queued");
+            }
+            Location::TempFail(reason) => {
+                // Queued with its recipient not located yet: the runner locates it on a later
+                // attempt (and bounces nothing if it fails: the DSN's sender is empty).
+                let rcpt = ds_store::queue::QueuedRecipient::new(address);
+                let id = smtp.queue.enqueue("", vec![rcpt], &report, false, now())?;
+                tracing::info!(id = entry.id, dsn_id = id, %sender, %reason, "DSN queued, sender lookup failed for now");
             }
             other => {
                 tracing::warn!(id = entry.id, %sender, location = ?other, "DSN dropped: sender not in the cluster");

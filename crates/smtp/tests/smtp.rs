@@ -848,3 +848,46 @@ async fn a_lookup_that_fails_after_a_550_defers_instead_of_bouncing() {
     let error = entries[0].last_error.clone().unwrap_or_default();
     assert!(error.contains("peer b unreachable"), "{error}");
 }
+
+#[tokio::test]
+async fn a_dsn_whose_sender_cannot_be_located_now_is_queued_not_dropped() {
+    let carol = "carol@company.com";
+    let ghost = "ghost@company.com";
+    let b = start("b", &[carol]).await;
+    let c = start("c", &[]).await;
+    let a = start("a", &[ALICE]).await;
+    a.locator.set_remote(ghost, "c", &c.addr.to_string());
+    a.locator.located.lock().unwrap().insert(
+        carol.to_string(),
+        ds_smtp::Location::TempFail("peer b unreachable".into()),
+    );
+    // carol (on b) wrote to ghost, who fails for good; the DSN's lookup of carol tempfails.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let rcpt = ds_store::queue::QueuedRecipient {
+        address: ghost.into(),
+        owner: Some("c".into()),
+        endpoint: Some(c.addr.to_string()),
+        state: ds_store::queue::RecipientState::Pending,
+    };
+    a.queue
+        .enqueue(carol, vec![rcpt], b"Subject: lost\r\n\r\nx\r\n", false, now)
+        .unwrap();
+    a.smtp.queue_waker().notify_one();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "the DSN waits in the queue: {entries:?}");
+    assert_eq!(entries[0].sender, "");
+    // The peers answer again: the DSN reaches carol on b.
+    a.locator.located.lock().unwrap().clear();
+    a.locator.set_remote(carol, "b", &b.addr.to_string());
+    let inbox = b.wait_inbox(carol, 1, 10).await;
+    assert_eq!(inbox.len(), 1);
+    let dsn = String::from_utf8(inbox[0].clone()).unwrap();
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; ghost@company.com"),
+        "{dsn}"
+    );
+}

@@ -25,6 +25,8 @@ pub const DOMAIN: &str = "company.com";
 pub struct TestLocator {
     pub local: ds_cluster::Locator,
     pub remote: Mutex<HashMap<String, Owner>>,
+    /// Fixed answers of `locate` (before the local store and `remote`).
+    pub located: Mutex<HashMap<String, Location>>,
     /// What `relocate` answers (defaults to `remote`).
     pub relocated: Mutex<HashMap<String, Location>>,
     pub keepers: Mutex<HashMap<String, Vec<ListKeeper>>>,
@@ -46,6 +48,10 @@ impl TestLocator {
     }
 
     async fn find(&self, address: &str, purpose: Purpose) -> Location {
+        let fixed = self.located.lock().unwrap().get(address).cloned();
+        if let Some(location) = fixed {
+            return location;
+        }
         let found = RecipientLocator::locate(&self.local, address, purpose).await;
         if found == Location::Unknown
             && let Some(owner) = self.remote.lock().unwrap().get(address)
@@ -166,6 +172,7 @@ pub async fn start_with(opts: NodeOptions) -> Node {
     let locator = Arc::new(TestLocator {
         local,
         remote: Mutex::default(),
+        located: Mutex::default(),
         relocated: Mutex::default(),
         keepers: Mutex::default(),
         relocations: Mutex::default(),
