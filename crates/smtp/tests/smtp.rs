@@ -891,3 +891,18 @@ async fn a_dsn_whose_sender_cannot_be_located_now_is_queued_not_dropped() {
         "{dsn}"
     );
 }
+
+#[tokio::test]
+async fn plaintext_pipelined_after_starttls_is_refused() {
+    // CVE-2011-0411: commands sent in clear text with STARTTLS must not run inside TLS.
+    let (_pki, acceptor) = pki_acceptor();
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.tls = Some(acceptor);
+    let node = start_with(opts).await;
+    let mut c = connect(node.addr).await;
+    c.cmd("EHLO client.example").await;
+    c.send(b"STARTTLS\r\nMAIL FROM:<x@outside.org>\r\n").await;
+    assert!(c.reply().await.starts_with("220 2.0.0"));
+    let rest = c.rest().await;
+    assert_eq!(rest, "", "the connection is closed, nothing answered");
+}
