@@ -69,7 +69,7 @@ impl QueueRunner {
             }
         }
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
-        let next = queue.list()?.iter().map(|e| e.next_attempt).min();
+        let next = queue.next_due();
         let wait = match next {
             Some(at) => Duration::from_secs(at.saturating_sub(now()).max(0) as u64)
                 .clamp(Duration::from_millis(200), MAX_SLEEP),

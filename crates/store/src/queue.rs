@@ -6,6 +6,9 @@
 //! in one transaction. Nothing here flushes: the SMTP server calls [`Store::flush_async`]
 //! before it answers `250` to the message it queued.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -84,13 +87,17 @@ impl QueueEntry {
     }
 }
 
-/// The outbound queue. Cheap to clone.
+/// The outbound queue. Cheap to clone; a node builds one and clones it, since the clones
+/// share the in-memory schedule.
 #[derive(Clone)]
 pub struct QueueStore {
     store: Store,
     entries: Table<QueueEntry>,
     entries_tree: sled::Tree,
     bodies: sled::Tree,
+    /// `(next_attempt, id)` of every entry, rebuilt from disk at start: due entries, the
+    /// next due time and the length without scanning the queue.
+    schedule: Arc<Mutex<BTreeSet<(i64, u64)>>>,
 }
 
 impl std::fmt::Debug for QueueStore {
@@ -112,12 +119,38 @@ fn tx_result<T>(r: std::result::Result<T, TransactionError<Error>>) -> Result<T>
 
 impl QueueStore {
     pub fn new(store: &Store) -> Result<QueueStore> {
+        let entries: Table<QueueEntry> = store.table(ENTRIES)?;
+        let schedule = entries
+            .iter()
+            .map(|kv| kv.map(|(_, e)| (e.next_attempt, e.id)))
+            .collect::<Result<BTreeSet<_>>>()?;
         Ok(QueueStore {
             store: store.clone(),
-            entries: store.table(ENTRIES)?,
+            entries,
             entries_tree: store.tree(ENTRIES)?,
             bodies: store.tree(BODIES)?,
+            schedule: Arc::new(Mutex::new(schedule)),
         })
+    }
+
+    fn schedule(&self) -> MutexGuard<'_, BTreeSet<(i64, u64)>> {
+        self.schedule.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves an entry in the schedule after its `next_attempt` changed.
+    fn reschedule(&self, id: u64, old: Option<i64>, new: Option<i64>) {
+        let mut s = self.schedule();
+        if let Some(old) = old {
+            s.remove(&(old, id));
+        }
+        if let Some(new) = new {
+            s.insert((new, id));
+        }
+    }
+
+    /// When the earliest entry is due, if any.
+    pub fn next_due(&self) -> Option<i64> {
+        self.schedule().first().map(|(at, _)| *at)
     }
 
     /// Queues a message for its recipients, due at once. Returns the entry id.
@@ -161,6 +194,7 @@ impl QueueStore {
                 Ok::<_, ConflictableTransactionError<Error>>(())
             }),
         )?;
+        self.reschedule(entry.id, None, Some(entry.next_attempt));
         Ok(entry.id)
     }
 
@@ -178,22 +212,35 @@ impl QueueStore {
         self.entries.iter().map(|kv| kv.map(|(_, v)| v)).collect()
     }
 
-    /// Entries whose `next_attempt` is not after `now`, oldest first (a full scan: the queue
-    /// is expected to stay small).
+    /// Entries whose `next_attempt` is not after `now`, earliest first; reads only those.
     pub fn due(&self, now: i64) -> Result<Vec<QueueEntry>> {
-        let mut due = self.list()?;
-        due.retain(|e| e.next_attempt <= now);
+        let ids: Vec<u64> = self
+            .schedule()
+            .range(..=(now, u64::MAX))
+            .map(|(_, id)| *id)
+            .collect();
+        let mut due = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(e) = self.get(id)? {
+                due.push(e);
+            }
+        }
         Ok(due)
     }
 
     /// Writes back an entry (after an attempt). `NotFound` if it was removed meanwhile;
     /// an update never brings a removed entry back.
     pub fn update(&self, entry: &QueueEntry) -> Result<()> {
-        let updated = self
-            .entries
-            .update(key(entry.id), |current| current.map(|_| entry.clone()))?;
+        let mut old = None;
+        let updated = self.entries.update(key(entry.id), |current| {
+            old = current.as_ref().map(|c| c.next_attempt);
+            current.map(|_| entry.clone())
+        })?;
         match updated {
-            Some(_) => Ok(()),
+            Some(_) => {
+                self.reschedule(entry.id, old, Some(entry.next_attempt));
+                Ok(())
+            }
             None => Err(Error::NotFound(format!("no queue entry {}", entry.id))),
         }
     }
@@ -207,7 +254,7 @@ impl QueueStore {
                 Ok::<_, ConflictableTransactionError<Error>>(entries.remove(&k[..])?)
             },
         ))?;
-        removed
+        let removed: Option<QueueEntry> = removed
             .map(|v| {
                 serde_json::from_slice(&v).map_err(|source| Error::Corrupt {
                     table: ENTRIES.to_string(),
@@ -215,30 +262,39 @@ impl QueueStore {
                     source,
                 })
             })
-            .transpose()
+            .transpose()?;
+        if let Some(e) = &removed {
+            self.reschedule(id, Some(e.next_attempt), None);
+        }
+        Ok(removed)
     }
 
     /// Makes an entry due at once. `NotFound` if there is no such entry.
     pub fn retry_now(&self, id: u64) -> Result<()> {
+        let mut old = None;
         let updated = self.entries.update(key(id), |current| {
+            old = current.as_ref().map(|c| c.next_attempt);
             current.map(|mut e| {
                 e.next_attempt = 0;
                 e
             })
         })?;
         match updated {
-            Some(_) => Ok(()),
+            Some(_) => {
+                self.reschedule(id, old, Some(0));
+                Ok(())
+            }
             None => Err(Error::NotFound(format!("no queue entry {id}"))),
         }
     }
 
-    /// Number of queued entries.
+    /// Number of queued entries (from the schedule: no scan).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.schedule().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.schedule().is_empty()
     }
 }
 
@@ -282,6 +338,7 @@ mod tests {
         assert_eq!(q.body(a).unwrap(), Some(b"body\r\n\0".to_vec()));
 
         assert_eq!(q.due(150).unwrap().len(), 1);
+        assert_eq!(q.next_due(), Some(100));
         let mut e = q.get(a).unwrap().unwrap();
         e.attempts += 1;
         e.next_attempt = 1_000;
@@ -295,7 +352,9 @@ mod tests {
             q.due(500).unwrap().iter().map(|e| e.id).collect::<Vec<_>>(),
             [b]
         );
+        assert_eq!(q.next_due(), Some(200));
         q.retry_now(a).unwrap();
+        assert_eq!(q.next_due(), Some(0));
         assert_eq!(q.due(500).unwrap().len(), 2);
 
         assert_eq!(q.remove(a).unwrap().map(|e| e.id), Some(a));
@@ -306,6 +365,7 @@ mod tests {
         assert!(q.get(a).unwrap().is_none());
         assert!(matches!(q.retry_now(a), Err(Error::NotFound(_))));
         assert_eq!(q.len(), 1);
+        assert_eq!(q.next_due(), Some(200));
         assert_eq!(store.tree(BODIES).unwrap().len(), 1);
     }
 
@@ -345,6 +405,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let q = QueueStore::new(&store).unwrap();
         assert_eq!(q.len(), 1);
+        assert_eq!(q.due(1).unwrap().len(), 1, "schedule rebuilt from disk");
         let e = q.get(id).unwrap().unwrap();
         assert_eq!(e.recipients[0].address, "b@company.com");
         assert_eq!(q.body(id).unwrap(), Some(b"persist".to_vec()));
