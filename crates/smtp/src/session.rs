@@ -446,7 +446,14 @@ impl Session {
         if !address.is_ascii() && !tx.smtputf8 {
             return BAD_8BIT_ADDR;
         }
-        let Ok(parsed) = Address::parse(address) else {
+        // RFC 5321 §4.5.1: `<postmaster>` without a domain must be accepted; it is the
+        // main domain's postmaster. smtp-proto hands it over as an empty address.
+        let parsed = if address.is_empty() || address.eq_ignore_ascii_case("postmaster") {
+            Address::new("postmaster", self.smtp.directory.domains().main())
+        } else {
+            Address::parse(address)
+        };
+        let Ok(parsed) = parsed else {
             return "501 5.1.3 Bad recipient address syntax\r\n";
         };
         if !self.smtp.directory.domains().is_served(parsed.domain()) {

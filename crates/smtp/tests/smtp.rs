@@ -130,6 +130,10 @@ async fn recipients_and_senders_are_checked() {
             .await
             .starts_with("554 5.7.1")
     );
+    // `<postmaster>` without a domain is the main domain's postmaster (RFC 5321 §4.5.1):
+    // located like any address (here nobody has it), never a syntax error.
+    let r = c.cmd("RCPT TO:<Postmaster>").await;
+    assert!(r.starts_with("550 5.1.1"), "{r}");
     let r = c.cmd("RCPT TO:<broken").await;
     assert!(r.starts_with("501 5."), "{r}");
     assert!(
