@@ -7,20 +7,50 @@
 //! back-off. A failing owner keeps
 //! the message queued; it is never handed to another host. An entry older than the maximum age
 //! fails its pending recipients; failures go to the sender as an RFC 3464 DSN (never for a bounce).
+//!
+//! A pass groups the due entries by the owner endpoint of their first pending recipient; up to
+//! [`MAX_OWNERS_AT_ONCE`] workers take whole groups, so each entry is processed by exactly one
+//! worker, and a worker relays a group's entries one after another over one authenticated
+//! session per endpoint ([`RelaySessions`]), closed when the group is done or idle.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ds_net::Shutdown;
 use ds_store::queue::{QueueEntry, RecipientState};
+use tokio::task::JoinSet;
 
 use crate::locate::{Location, Purpose};
-use crate::relay::{RcptOutcome, relay};
+use crate::relay::{RcptOutcome, RelaySessions};
 use crate::{Result, Smtp, dsn, now};
 
 /// Longest sleep between two scans of the queue.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Owner groups relayed at the same time in a pass.
+const MAX_OWNERS_AT_ONCE: usize = 4;
+/// A relay session unused for this long is closed (Postfix's connection cache time limit).
+const SESSION_IDLE: Duration = Duration::from_secs(2);
+
+/// Due entries of one pass that one worker relays in order: those whose first pending recipient
+/// has the same owner endpoint.
+type Group = Vec<QueueEntry>;
+
+/// Splits due entries into [`Group`]s, keeping the due order inside a group and between the
+/// groups' first entries.
+fn groups(due: Vec<QueueEntry>) -> VecDeque<Group> {
+    let mut index: HashMap<Option<String>, usize> = HashMap::new();
+    let mut groups: Vec<Group> = Vec::new();
+    for entry in due {
+        let endpoint = entry.pending().find_map(|r| r.endpoint.clone());
+        let at = *index.entry(endpoint).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[at].push(entry);
+    }
+    groups.into()
+}
 
 /// The queue runner of a node (one per node).
 #[derive(Debug, Clone)]
@@ -60,12 +90,24 @@ impl QueueRunner {
     /// Processes every due entry once; returns how long to sleep before the next is due.
     pub async fn run_once(&self) -> Result<Duration> {
         let queue = &self.smtp.queue;
+        let groups = groups(queue.due(now())?);
+        let workers = groups.len().min(MAX_OWNERS_AT_ONCE);
+        let groups = Arc::new(Mutex::new(groups));
+        let mut tasks = JoinSet::new();
+        for _ in 0..workers {
+            let runner = self.clone();
+            let groups = Arc::clone(&groups);
+            tasks.spawn(async move { runner.work(&groups).await });
+        }
         let mut failed = false;
-        for entry in queue.due(now())? {
-            let id = entry.id;
-            if let Err(e) = self.process(entry).await {
-                tracing::error!(id, error = %e, "queue entry processing failed");
-                failed = true;
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(worker_failed) => failed |= worker_failed,
+                Err(e) => {
+                    // The entries it held stay due and are tried again after a back-off.
+                    tracing::error!(error = %e, "queue worker failed");
+                    failed = true;
+                }
             }
         }
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
@@ -83,23 +125,52 @@ impl QueueRunner {
         })
     }
 
+    /// One worker of a pass: takes groups until none is left and relays each group's entries
+    /// in order, reusing its sessions. Returns whether an entry could not be processed.
+    async fn work(&self, groups: &Mutex<VecDeque<Group>>) -> bool {
+        let smtp = &self.smtp;
+        let mut failed = false;
+        loop {
+            let group = groups.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+            let Some(group) = group else {
+                break;
+            };
+            let mut sessions = RelaySessions::new(&smtp.config, smtp.relay_tls.as_ref());
+            for entry in group {
+                let id = entry.id;
+                if let Err(e) = self.process(entry, &mut sessions).await {
+                    tracing::error!(id, error = %e, "queue entry processing failed");
+                    failed = true;
+                }
+                sessions.close_idle(SESSION_IDLE).await;
+            }
+            sessions.close_all().await;
+        }
+        failed
+    }
+
     /// One attempt at an entry. Whatever happens, what was achieved (recipients relayed or
     /// delivered) is written back and the entry is rescheduled with back-off, so an error never
     /// leads to relaying the same recipient again at once.
-    async fn process(&self, mut entry: QueueEntry) -> Result<()> {
+    async fn process(&self, mut entry: QueueEntry, sessions: &mut RelaySessions<'_>) -> Result<()> {
         let smtp = &self.smtp;
         let Some(body) = smtp.queue.body(entry.id)? else {
             tracing::error!(id = entry.id, "queue entry without a body, dropped");
             smtp.queue.remove(entry.id)?;
             return Ok(());
         };
-        let last_error = self.attempt(&mut entry, &body).await;
+        let last_error = self.attempt(&mut entry, &body, sessions).await;
         self.finish_attempt(entry, last_error).await
     }
 
     /// Relays (and relocates) the pending recipients of `entry`, updating their states; returns
     /// the last temporary error.
-    async fn attempt(&self, entry: &mut QueueEntry, body: &[u8]) -> Option<String> {
+    async fn attempt(
+        &self,
+        entry: &mut QueueEntry,
+        body: &[u8],
+        sessions: &mut RelaySessions<'_>,
+    ) -> Option<String> {
         let smtp = &self.smtp;
         let mut last_error = None;
         // Round 0 may relocate a recipient after a 550; round 1 tries the new owners.
@@ -130,15 +201,9 @@ impl QueueRunner {
                     .iter()
                     .map(|&i| entry.recipients[i].address.clone())
                     .collect();
-                let outcomes = relay(
-                    &smtp.config,
-                    smtp.relay_tls.as_ref(),
-                    &endpoint,
-                    &entry.sender,
-                    &addresses,
-                    body,
-                )
-                .await;
+                let outcomes = sessions
+                    .relay(&endpoint, &entry.sender, &addresses, body)
+                    .await;
                 for (&i, outcome) in indexes.iter().zip(outcomes) {
                     let address = entry.recipients[i].address.clone();
                     match outcome {

@@ -1,8 +1,14 @@
-//! The relay client: one SMTP transaction to a peer node's endpoint, with STARTTLS verified
-//! against the cluster CA (required when a CA is configured) and peer `AUTH PLAIN`.
+//! The relay client: SMTP sessions to peer nodes' endpoints, with STARTTLS verified against the
+//! cluster CA (required when a CA is configured) and peer `AUTH PLAIN`.
+//!
+//! [`RelaySessions`] keeps one authenticated session per owner endpoint open between the
+//! messages of a queue worker (as Postfix's connection cache does): a later transaction starts
+//! with `RSET`, and a cached session found broken before the message could have been accepted is
+//! replaced by a new one, once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ds_net::{LineConn, MailStream, TlsConnector};
 use tokio::net::TcpStream;
@@ -25,6 +31,8 @@ pub(crate) enum RcptOutcome {
 /// Longest reply we read from a peer (lines and number of lines).
 const MAX_REPLY_LINE: usize = 2048;
 const MAX_REPLY_LINES: usize = 64;
+/// Longest wait for the peer's answer to `QUIT` when a session is closed.
+const QUIT_WAIT: Duration = Duration::from_secs(2);
 
 struct Reply {
     code: u16,
@@ -85,167 +93,342 @@ impl Client {
     }
 }
 
-/// One relay attempt: every recipient gets an outcome.
-pub(crate) async fn relay(
-    config: &SmtpConfig,
-    tls: Option<&Arc<rustls::ClientConfig>>,
-    endpoint: &str,
-    sender: &str,
-    recipients: &[String],
-    body: &[u8],
-) -> Vec<RcptOutcome> {
-    match attempt(config, tls, endpoint, sender, recipients, body).await {
-        Ok(outcomes) => outcomes,
-        Err(reason) => vec![RcptOutcome::Retry(reason); recipients.len()],
-    }
-}
-
-/// A whole-transaction failure: permanent for 5xx, else temporary.
-fn fail_all(reply: &Reply, step: &str, n: usize) -> Vec<RcptOutcome> {
+/// The outcome of a whole transaction that ended with `reply`: permanent for 5xx, else
+/// temporary.
+fn fail_one(reply: &Reply, step: &str) -> RcptOutcome {
     let reason = format!("{step}: {}", reply.text());
-    let outcome = if reply.code >= 500 {
+    if reply.code >= 500 {
         RcptOutcome::Failed(reason)
     } else {
         RcptOutcome::Retry(reason)
-    };
-    vec![outcome; n]
+    }
 }
 
-async fn attempt(
-    config: &SmtpConfig,
-    tls: Option<&Arc<rustls::ClientConfig>>,
-    endpoint: &str,
-    sender: &str,
-    recipients: &[String],
-    body: &[u8],
-) -> Result<Vec<RcptOutcome>, String> {
-    let timeout = config.relay_timeout;
-    let host = endpoint
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .ok_or_else(|| format!("bad endpoint {endpoint:?}"))?
-        .to_string();
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(endpoint))
-        .await
-        .map_err(|_| format!("connect to {endpoint}: timed out"))?
-        .map_err(|e| format!("connect to {endpoint}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let mut conn = LineConn::new(MailStream::Plain(tcp));
-    conn.set_write_timeout(timeout);
-    let mut client = Client { conn, timeout };
-    let greeting = client.read_reply(timeout).await?;
-    if greeting.code != 220 {
-        return Ok(fail_all(&greeting, "greeting", recipients.len()));
+/// A whole-transaction failure for `n` recipients.
+fn fail_all(reply: &Reply, step: &str, n: usize) -> Vec<RcptOutcome> {
+    vec![fail_one(reply, step); n]
+}
+
+/// Why a transaction on an open session ended without a reply to every step. The session is
+/// unusable afterwards.
+#[derive(Debug)]
+enum TxError {
+    /// The session failed before the end of the message was sent: the peer cannot have
+    /// accepted it, so the transaction may be made again on a new session.
+    NotSent(String),
+    /// The session failed while the message was sent or its final reply awaited: whether the
+    /// peer took it is unknown (retried later, as any temporary failure).
+    Unknown(String),
+}
+
+impl TxError {
+    fn reason(self) -> String {
+        match self {
+            TxError::NotSent(r) | TxError::Unknown(r) => r,
+        }
     }
-    let ehlo = format!("EHLO {}\r\n", config.hostname);
-    let mut caps = client.command(&ehlo).await?;
-    if caps.code != 250 {
-        return Ok(fail_all(&caps, "EHLO", recipients.len()));
-    }
-    if let Some(tls) = tls {
-        if !has_cap(&caps, "STARTTLS") {
-            return Err(format!(
-                "{endpoint} does not offer STARTTLS (required with a cluster CA)"
-            ));
-        }
-        let go = client.command("STARTTLS\r\n").await?;
-        if go.code != 220 {
-            return Err(format!("STARTTLS refused: {}", go.text()));
-        }
-        let (stream, buffered) = client.conn.into_parts();
-        if !buffered.is_empty() {
-            return Err("peer sent data after its STARTTLS reply".into());
-        }
-        let connector = TlsConnector::from(Arc::clone(tls));
-        let stream = stream
-            .connect_tls(&connector, &host, timeout)
+}
+
+/// An SMTP session with one peer endpoint: greeted, upgraded to TLS when a CA is configured and
+/// authenticated when a cluster secret is set; usable for consecutive transactions.
+struct RelaySession {
+    client: Client,
+    /// The EHLO reply the transactions go by (the one after STARTTLS, if any).
+    caps: Reply,
+    /// Transactions begun on this session; every one after the first starts with `RSET`.
+    transactions: u64,
+    /// The peer answered `421` (it is closing the channel): never used again.
+    closing: bool,
+    /// When the last transaction ended (or the session was opened).
+    last_used: Instant,
+}
+
+impl RelaySession {
+    /// Connects, greets, secures and authenticates. `Err` is the outcome of every recipient
+    /// that was to go over this session.
+    async fn open(
+        config: &SmtpConfig,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        endpoint: &str,
+    ) -> Result<RelaySession, RcptOutcome> {
+        let timeout = config.relay_timeout;
+        let retry = RcptOutcome::Retry;
+        let host = endpoint
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+            .ok_or_else(|| retry(format!("bad endpoint {endpoint:?}")))?
+            .to_string();
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(endpoint))
             .await
-            .map_err(|e| format!("TLS with {endpoint}: {e}"))?;
-        client.conn = LineConn::new(stream);
-        client.conn.set_write_timeout(timeout);
-        caps = client.command(&ehlo).await?;
+            .map_err(|_| retry(format!("connect to {endpoint}: timed out")))?
+            .map_err(|e| retry(format!("connect to {endpoint}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let mut conn = LineConn::new(MailStream::Plain(tcp));
+        conn.set_write_timeout(timeout);
+        let mut client = Client { conn, timeout };
+        let greeting = client.read_reply(timeout).await.map_err(retry)?;
+        if greeting.code != 220 {
+            return Err(fail_one(&greeting, "greeting"));
+        }
+        let ehlo = format!("EHLO {}\r\n", config.hostname);
+        let mut caps = client.command(&ehlo).await.map_err(retry)?;
         if caps.code != 250 {
-            return Ok(fail_all(&caps, "EHLO after STARTTLS", recipients.len()));
+            return Err(fail_one(&caps, "EHLO"));
+        }
+        if let Some(tls) = tls {
+            if !has_cap(&caps, "STARTTLS") {
+                return Err(retry(format!(
+                    "{endpoint} does not offer STARTTLS (required with a cluster CA)"
+                )));
+            }
+            let go = client.command("STARTTLS\r\n").await.map_err(retry)?;
+            if go.code != 220 {
+                return Err(retry(format!("STARTTLS refused: {}", go.text())));
+            }
+            let (stream, buffered) = client.conn.into_parts();
+            if !buffered.is_empty() {
+                return Err(retry("peer sent data after its STARTTLS reply".into()));
+            }
+            let connector = TlsConnector::from(Arc::clone(tls));
+            let stream = stream
+                .connect_tls(&connector, &host, timeout)
+                .await
+                .map_err(|e| retry(format!("TLS with {endpoint}: {e}")))?;
+            client.conn = LineConn::new(stream);
+            client.conn.set_write_timeout(timeout);
+            caps = client.command(&ehlo).await.map_err(retry)?;
+            if caps.code != 250 {
+                return Err(fail_one(&caps, "EHLO after STARTTLS"));
+            }
+        }
+        if !config.cluster_secret.is_empty() {
+            let token = format!(
+                "\0{PEER_AUTH_PREFIX}{}\0{}",
+                config.node_id, config.cluster_secret
+            );
+            let auth = client
+                .command(&format!(
+                    "AUTH PLAIN {}\r\n",
+                    base64::encode(token.as_bytes())
+                ))
+                .await
+                .map_err(retry)?;
+            if auth.code != 235 {
+                // A misconfigured peer: keep the message, never hand it over unauthenticated.
+                return Err(retry(format!("peer AUTH refused: {}", auth.text())));
+            }
+        }
+        metrics::counter!("dshare_smtp_relay_sessions_total").increment(1);
+        Ok(RelaySession {
+            client,
+            caps,
+            transactions: 0,
+            closing: false,
+            last_used: Instant::now(),
+        })
+    }
+
+    /// A command whose `421` reply means the peer is closing the session.
+    async fn command(&mut self, cmd: &str, step: &str) -> Result<Reply, TxError> {
+        let reply = self.client.command(cmd).await.map_err(TxError::NotSent)?;
+        if reply.code == 421 {
+            self.closing = true;
+            return Err(TxError::NotSent(format!("{step}: {}", reply.text())));
+        }
+        Ok(reply)
+    }
+
+    /// One MAIL/RCPT/DATA transaction (after `RSET` on a used session). `Ok` holds an outcome
+    /// per recipient, taken from the peer's replies only.
+    async fn transaction(
+        &mut self,
+        sender: &str,
+        recipients: &[String],
+        body: &[u8],
+    ) -> Result<Vec<RcptOutcome>, TxError> {
+        let result = self.exchange(sender, recipients, body).await;
+        self.transactions += 1;
+        self.last_used = Instant::now();
+        result
+    }
+
+    async fn exchange(
+        &mut self,
+        sender: &str,
+        recipients: &[String],
+        body: &[u8],
+    ) -> Result<Vec<RcptOutcome>, TxError> {
+        if self.transactions > 0 {
+            let reply = self.command("RSET\r\n", "RSET").await?;
+            if reply.code != 250 {
+                self.closing = true;
+                return Err(TxError::NotSent(format!("RSET: {}", reply.text())));
+            }
+        }
+        let caps = &self.caps;
+        let mut mail = format!("MAIL FROM:<{sender}>");
+        if has_cap(caps, "SIZE") {
+            mail.push_str(&format!(" SIZE={}", body.len()));
+        }
+        if !body.is_ascii() && has_cap(caps, "8BITMIME") {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if (!sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()))
+            && has_cap(caps, "SMTPUTF8")
+        {
+            mail.push_str(" SMTPUTF8");
+        }
+        mail.push_str("\r\n");
+        let reply = self.command(&mail, "MAIL").await?;
+        if reply.code != 250 {
+            return Ok(fail_all(&reply, "MAIL", recipients.len()));
+        }
+        let mut outcomes = Vec::with_capacity(recipients.len());
+        for rcpt in recipients {
+            let reply = self
+                .command(&format!("RCPT TO:<{rcpt}>\r\n"), "RCPT")
+                .await?;
+            outcomes.push(match reply.code {
+                250 | 251 => None,
+                550 => Some(RcptOutcome::NoSuchUser(format!("RCPT: {}", reply.text()))),
+                500..=599 => Some(RcptOutcome::Failed(format!("RCPT: {}", reply.text()))),
+                _ => Some(RcptOutcome::Retry(format!("RCPT: {}", reply.text()))),
+            });
+        }
+        if outcomes.iter().all(Option::is_some) {
+            return Ok(outcomes.into_iter().flatten().collect());
+        }
+        let go = self.command("DATA\r\n", "DATA").await?;
+        if go.code != 354 {
+            let all = fail_all(&go, "DATA", recipients.len());
+            return Ok(merge(outcomes, all));
+        }
+        // From here on the peer may take the message: a broken session leaves its fate unknown.
+        // The transfer and the final reply together get ten steps' time (each write is bounded
+        // too), so a peer that stops reading cannot hold the queue runner.
+        let transfer = self.client.timeout.saturating_mul(10);
+        let client = &mut self.client;
+        let done = tokio::time::timeout(transfer, async {
+            let wire = stuff(body);
+            let conn = &mut client.conn;
+            conn.write_all(&wire)
+                .await
+                .map_err(|e| format!("sending body: {e}"))?;
+            conn.write_all(b".\r\n")
+                .await
+                .map_err(|e| format!("sending body: {e}"))?;
+            conn.flush()
+                .await
+                .map_err(|e| format!("sending body: {e}"))?;
+            client.read_reply(transfer).await
+        })
+        .await
+        .map_err(|_| TxError::Unknown(format!("sending body: no answer within {transfer:?}")))?
+        .map_err(TxError::Unknown)?;
+        if done.code == 421 {
+            self.closing = true;
+        }
+        let all = if done.code == 250 {
+            vec![RcptOutcome::Delivered; recipients.len()]
+        } else {
+            fail_all(&done, "end of DATA", recipients.len())
+        };
+        Ok(merge(outcomes, all))
+    }
+
+    /// Ends the session politely (a bounded wait for the peer's answer).
+    async fn quit(mut self) {
+        if !self.closing {
+            let _ = tokio::time::timeout(QUIT_WAIT, self.client.command("QUIT\r\n")).await;
         }
     }
-    if !config.cluster_secret.is_empty() {
-        let token = format!(
-            "\0{PEER_AUTH_PREFIX}{}\0{}",
-            config.node_id, config.cluster_secret
-        );
-        let auth = client
-            .command(&format!(
-                "AUTH PLAIN {}\r\n",
-                base64::encode(token.as_bytes())
-            ))
-            .await?;
-        if auth.code != 235 {
-            // A misconfigured peer: keep the message, never hand it over unauthenticated.
-            return Err(format!("peer AUTH refused: {}", auth.text()));
+}
+
+/// The relay sessions of one queue worker: at most one open session per owner endpoint,
+/// reused for consecutive messages and closed by [`RelaySessions::close_idle`] and
+/// [`RelaySessions::close_all`]. Never shared between workers.
+pub(crate) struct RelaySessions<'a> {
+    config: &'a SmtpConfig,
+    tls: Option<&'a Arc<rustls::ClientConfig>>,
+    open: HashMap<String, RelaySession>,
+}
+
+impl<'a> RelaySessions<'a> {
+    pub(crate) fn new(config: &'a SmtpConfig, tls: Option<&'a Arc<rustls::ClientConfig>>) -> Self {
+        Self {
+            config,
+            tls,
+            open: HashMap::new(),
         }
     }
-    let mut mail = format!("MAIL FROM:<{sender}>");
-    if has_cap(&caps, "SIZE") {
-        mail.push_str(&format!(" SIZE={}", body.len()));
+
+    /// One relay attempt of a message to `endpoint`: every recipient gets an outcome. Uses the
+    /// open session to `endpoint` if there is one; if that turns out broken before the message
+    /// was sent, a new session is opened once. A transaction is never repeated after the
+    /// message was (partly) sent.
+    pub(crate) async fn relay(
+        &mut self,
+        endpoint: &str,
+        sender: &str,
+        recipients: &[String],
+        body: &[u8],
+    ) -> Vec<RcptOutcome> {
+        let n = recipients.len();
+        if let Some(mut session) = self.open.remove(endpoint) {
+            match session.transaction(sender, recipients, body).await {
+                Ok(outcomes) => {
+                    self.keep(endpoint, session).await;
+                    return outcomes;
+                }
+                Err(TxError::NotSent(reason)) => {
+                    tracing::debug!(%endpoint, %reason, "cached relay session broken, reopening");
+                }
+                Err(e @ TxError::Unknown(_)) => return vec![RcptOutcome::Retry(e.reason()); n],
+            }
+        }
+        let mut session = match RelaySession::open(self.config, self.tls, endpoint).await {
+            Ok(session) => session,
+            Err(outcome) => return vec![outcome; n],
+        };
+        match session.transaction(sender, recipients, body).await {
+            Ok(outcomes) => {
+                self.keep(endpoint, session).await;
+                outcomes
+            }
+            Err(e) => vec![RcptOutcome::Retry(e.reason()); n],
+        }
     }
-    if !body.is_ascii() && has_cap(&caps, "8BITMIME") {
-        mail.push_str(" BODY=8BITMIME");
+
+    async fn keep(&mut self, endpoint: &str, session: RelaySession) {
+        if session.closing {
+            return;
+        }
+        if let Some(old) = self.open.insert(endpoint.to_string(), session) {
+            old.quit().await;
+        }
     }
-    if (!sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()))
-        && has_cap(&caps, "SMTPUTF8")
-    {
-        mail.push_str(" SMTPUTF8");
+
+    /// Closes the sessions unused for `idle` or longer.
+    pub(crate) async fn close_idle(&mut self, idle: Duration) {
+        let stale: Vec<String> = self
+            .open
+            .iter()
+            .filter(|(_, s)| s.last_used.elapsed() >= idle)
+            .map(|(e, _)| e.clone())
+            .collect();
+        for endpoint in stale {
+            if let Some(session) = self.open.remove(&endpoint) {
+                session.quit().await;
+            }
+        }
     }
-    mail.push_str("\r\n");
-    let reply = client.command(&mail).await?;
-    if reply.code != 250 {
-        return Ok(fail_all(&reply, "MAIL", recipients.len()));
+
+    /// Closes every session.
+    pub(crate) async fn close_all(&mut self) {
+        for (_, session) in self.open.drain() {
+            session.quit().await;
+        }
     }
-    let mut outcomes = Vec::with_capacity(recipients.len());
-    for rcpt in recipients {
-        let reply = client.command(&format!("RCPT TO:<{rcpt}>\r\n")).await?;
-        outcomes.push(match reply.code {
-            250 | 251 => None,
-            550 => Some(RcptOutcome::NoSuchUser(format!("RCPT: {}", reply.text()))),
-            500..=599 => Some(RcptOutcome::Failed(format!("RCPT: {}", reply.text()))),
-            _ => Some(RcptOutcome::Retry(format!("RCPT: {}", reply.text()))),
-        });
-    }
-    if outcomes.iter().all(Option::is_some) {
-        let _ = client.command("QUIT\r\n").await;
-        return Ok(outcomes.into_iter().flatten().collect());
-    }
-    let go = client.command("DATA\r\n").await?;
-    if go.code != 354 {
-        let all = fail_all(&go, "DATA", recipients.len());
-        return Ok(merge(outcomes, all));
-    }
-    // The transfer and the final reply together get ten steps' time (each write is bounded
-    // too), so a peer that stops reading cannot hold the queue runner.
-    let transfer = timeout.saturating_mul(10);
-    let done = tokio::time::timeout(transfer, async {
-        let wire = stuff(body);
-        let conn = &mut client.conn;
-        conn.write_all(&wire)
-            .await
-            .map_err(|e| format!("sending body: {e}"))?;
-        conn.write_all(b".\r\n")
-            .await
-            .map_err(|e| format!("sending body: {e}"))?;
-        conn.flush()
-            .await
-            .map_err(|e| format!("sending body: {e}"))?;
-        client.read_reply(transfer).await
-    })
-    .await
-    .map_err(|_| format!("sending body: no answer within {transfer:?}"))??;
-    let all = if done.code == 250 {
-        vec![RcptOutcome::Delivered; recipients.len()]
-    } else {
-        fail_all(&done, "end of DATA", recipients.len())
-    };
-    let _ = client.command("QUIT\r\n").await;
-    Ok(merge(outcomes, all))
 }
 
 /// Per-recipient refusals win over the transaction's outcome.

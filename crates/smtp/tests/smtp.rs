@@ -910,3 +910,265 @@ async fn plaintext_pipelined_after_starttls_is_refused() {
     let rest = c.rest().await;
     assert_eq!(rest, "", "the connection is closed, nothing answered");
 }
+
+/// A TCP relay in front of `target` that counts the connections it accepted and those that
+/// ended. Returns its address and the two counters.
+async fn counting_proxy(
+    target: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (o, c) = (opened.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            o.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, opened, closed)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Queues a message for `rcpt` at the owner `node` listening on `endpoint`.
+fn enqueue_for(node: &Node, rcpt: &str, owner: &str, endpoint: &str, body: &str) -> u64 {
+    let r = ds_store::queue::QueuedRecipient {
+        address: rcpt.into(),
+        owner: Some(owner.into()),
+        endpoint: Some(endpoint.into()),
+        state: ds_store::queue::RecipientState::Pending,
+    };
+    node.queue
+        .enqueue(ALICE, vec![r], body.as_bytes(), false, unix_now())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_tls_session_per_owner_carries_consecutive_messages() {
+    use std::sync::atomic::Ordering;
+    let carol = "carol@company.com";
+    let pki = Pki::generate("test CA");
+    let acceptor = || {
+        let (cert, key) = pki.issue(&["localhost"], &["127.0.0.1".parse().unwrap()]);
+        TlsAcceptor::from(server_config_from_pem(&cert, &key).unwrap())
+    };
+    let mut opts = NodeOptions::new("b", &[BOB]);
+    opts.tls = Some(acceptor());
+    let b = start_with(opts).await;
+    let mut opts = NodeOptions::new("c", &[carol]);
+    opts.tls = Some(acceptor());
+    let c = start_with(opts).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.relay_tls = Some(client_config_with_ca(&pki.ca_cert_pem()).unwrap());
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    let (to_b, b_opened, b_closed) = counting_proxy(b.addr).await;
+    let (to_c, c_opened, c_closed) = counting_proxy(c.addr).await;
+    let to_b = format!("localhost:{}", to_b.port());
+    let to_c = format!("localhost:{}", to_c.port());
+    const N: usize = 6;
+    for i in 0..N {
+        enqueue_for(
+            &a,
+            BOB,
+            "b",
+            &to_b,
+            &format!("Subject: b{i}\r\n\r\nfor bob {i}\r\n"),
+        );
+        enqueue_for(
+            &a,
+            carol,
+            "c",
+            &to_c,
+            &format!("Subject: c{i}\r\n\r\nfor carol {i}\r\n"),
+        );
+    }
+    a.smtp.queue_runner().run_once().await.unwrap();
+    assert!(a.queue.is_empty(), "{:?}", a.queue.list().unwrap());
+    for (node, account, who) in [(&b, BOB, "bob"), (&c, carol, "carol")] {
+        let inbox = node.inbox(account);
+        assert_eq!(inbox.len(), N, "each message once");
+        for (i, m) in inbox.iter().enumerate() {
+            let m = String::from_utf8_lossy(m);
+            assert!(m.contains("with ESMTPSA"), "TLS and peer AUTH: {m}");
+            assert!(m.ends_with(&format!("for {who} {i}\r\n")), "in order: {m}");
+        }
+    }
+    assert_eq!(b_opened.load(Ordering::SeqCst), 1, "one session to b");
+    assert_eq!(c_opened.load(Ordering::SeqCst), 1, "one session to c");
+    // The pass closed its sessions when it was done.
+    for _ in 0..50 {
+        if b_closed.load(Ordering::SeqCst) == 1 && c_closed.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b_closed.load(Ordering::SeqCst), 1, "session to b closed");
+    assert_eq!(c_closed.load(Ordering::SeqCst), 1, "session to c closed");
+}
+
+/// What a [`scripted_peer`] saw.
+#[derive(Default)]
+struct PeerLog {
+    connections: std::sync::atomic::AtomicUsize,
+    /// The bodies received (end of DATA seen), in order, answered or not.
+    bodies: std::sync::Mutex<Vec<String>>,
+}
+
+/// A minimal SMTP peer. Each connection is closed, without a word, after `per_session`
+/// accepted messages; the `die_on`-th body overall (1-based) is read but never answered (the
+/// connection is closed instead).
+async fn scripted_peer(
+    per_session: usize,
+    die_on: Option<usize>,
+) -> (std::net::SocketAddr, Arc<PeerLog>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let log = Arc::new(PeerLog::default());
+    let peer_log = log.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            peer_log.connections.fetch_add(1, Ordering::SeqCst);
+            let log = peer_log.clone();
+            tokio::spawn(async move {
+                let mut s = tokio::io::BufReader::new(s);
+                let _ = s.get_mut().write_all(b"220 scripted ESMTP\r\n").await;
+                let mut accepted = 0;
+                let mut line = String::new();
+                while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let reply: &[u8] = match line.get(..4).unwrap_or("") {
+                        "EHLO" => b"250-scripted\r\n250 SIZE 100000000\r\n",
+                        "AUTH" => b"235 ok\r\n",
+                        "QUIT" => b"221 bye\r\n",
+                        "DATA" => b"354 go\r\n",
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = s.get_mut().write_all(reply).await;
+                    if line.starts_with("QUIT") {
+                        return;
+                    }
+                    if line.starts_with("DATA") {
+                        let mut body = String::new();
+                        loop {
+                            let mut l = String::new();
+                            if s.read_line(&mut l).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if l == ".\r\n" {
+                                break;
+                            }
+                            body.push_str(&l);
+                        }
+                        let n = {
+                            let mut bodies = log.bodies.lock().unwrap();
+                            bodies.push(body);
+                            bodies.len()
+                        };
+                        if die_on == Some(n) {
+                            return;
+                        }
+                        let _ = s.get_mut().write_all(b"250 queued\r\n").await;
+                        accepted += 1;
+                        if accepted == per_session {
+                            return;
+                        }
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+#[tokio::test]
+async fn a_reused_session_closed_between_messages_is_reopened_once() {
+    use std::sync::atomic::Ordering;
+    // The peer drops every session after two messages: the third finds its cached session
+    // dead at RSET and goes over a new one, in the same pass.
+    let (peer, log) = scripted_peer(2, None).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    let endpoint = peer.to_string();
+    for i in 0..5 {
+        enqueue_for(
+            &a,
+            BOB,
+            "b",
+            &endpoint,
+            &format!("Subject: {i}\r\n\r\nmessage {i}\r\n"),
+        );
+    }
+    a.smtp.queue_runner().run_once().await.unwrap();
+    assert!(a.queue.is_empty(), "{:?}", a.queue.list().unwrap());
+    let bodies = log.bodies.lock().unwrap().clone();
+    let expected: Vec<String> = (0..5)
+        .map(|i| format!("Subject: {i}\r\n\r\nmessage {i}\r\n"))
+        .collect();
+    assert_eq!(bodies, expected, "every message once, in order");
+    assert_eq!(log.connections.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_reused_session_lost_after_the_body_keeps_that_entry_only() {
+    use std::sync::atomic::Ordering;
+    // The session dies after the second body, before its reply: that entry stays queued with
+    // its error (not sent again in this pass); the ones before and after are relayed.
+    let (peer, log) = scripted_peer(usize::MAX, Some(2)).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    let endpoint = peer.to_string();
+    let ids: Vec<u64> = (0..3)
+        .map(|i| {
+            enqueue_for(
+                &a,
+                BOB,
+                "b",
+                &endpoint,
+                &format!("Subject: {i}\r\n\r\nmessage {i}\r\n"),
+            )
+        })
+        .collect();
+    a.smtp.queue_runner().run_once().await.unwrap();
+    let bodies = log.bodies.lock().unwrap().clone();
+    let expected: Vec<String> = (0..3)
+        .map(|i| format!("Subject: {i}\r\n\r\nmessage {i}\r\n"))
+        .collect();
+    assert_eq!(
+        bodies, expected,
+        "the unanswered message is not sent again at once"
+    );
+    assert_eq!(log.connections.load(Ordering::SeqCst), 2);
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].id, ids[1]);
+    assert_eq!(entries[0].attempts, 1);
+    assert_eq!(
+        entries[0].recipients[0].state,
+        ds_store::queue::RecipientState::Pending
+    );
+    let error = entries[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("connection closed"), "{error}");
+}
