@@ -65,10 +65,28 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating if needed) the database in `dir` and checks its schema version.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir.join("db"))
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+            .mode(sled::Mode::HighThroughput);
+        // A database closed a moment ago in this process (a node restarted in place) may
+        // still be letting go of its file lock from sled's background threads: wait briefly
+        // rather than fail. Another process holding it still fails after the wait.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock") =>
+                {
+                    attempts += 1;
+                    if attempts >= 40 {
+                        return Err(sled::Error::Io(e).into());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
         Self::init(db)
     }
 
