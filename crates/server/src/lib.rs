@@ -374,7 +374,7 @@ impl Node {
 
         let mail = MailStore::new(&store)?;
         let queue = QueueStore::new(&store)?;
-        let acceptor = TlsAcceptor::from(ds_net::tls::server_config_from_pem(&tls.cert, &tls.key)?);
+        let acceptor = TlsAcceptor::from(tls.server.clone());
         let peer_tls = match &ca_pem {
             Some(ca) => Some(ds_net::tls::client_config_with_ca(ca)?),
             None => None,
@@ -530,6 +530,8 @@ impl Node {
 pub struct TlsMaterial {
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
+    /// The same certificate as a rustls configuration, for the mail listeners.
+    pub server: Arc<rustls::ServerConfig>,
 }
 
 fn load_tls(config: &Config, data_dir: &Path) -> Result<TlsMaterial> {
@@ -546,9 +548,9 @@ fn load_tls(config: &Config, data_dir: &Path) -> Result<TlsMaterial> {
             ds_net::tls::load_or_create_self_signed(data_dir, &names)?
         }
     };
-    // Fail at start, not at the first handshake.
-    ds_net::tls::server_config_from_pem(&cert, &key)?;
-    Ok(TlsMaterial { cert, key })
+    // Parsed now, so a bad certificate fails the start, not the first handshake.
+    let server = ds_net::tls::server_config_from_pem(&cert, &key)?;
+    Ok(TlsMaterial { cert, key, server })
 }
 
 /// The cluster secret: from `cluster.secret_file`, else generated once in the data dir.
