@@ -107,6 +107,19 @@ impl proto::admin_server::Admin for AdminService {
             .into_inner()
             .op
             .ok_or_else(|| Status::invalid_argument("empty request"))?;
+        let reply = self.execute(op).await?;
+        // What the operator was told is done is on disk.
+        self.node
+            .store
+            .flush_async()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(reply)
+    }
+}
+
+impl AdminService {
+    async fn execute(&self, op: Op) -> Result<Response<AdminReply>, Status> {
         let dir = &self.node.directory;
         // Directory work hashes passwords and touches the disk: keep it off the reactor.
         let node = self.node.clone();
