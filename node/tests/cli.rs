@@ -293,3 +293,26 @@ fn wrong_admin_token_is_refused() {
     let e = err(&dshare(&cfg, &["account", "list"], None));
     assert!(e.contains("bad admin token"), "{e}");
 }
+
+#[test]
+fn json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port("127.0.0.1");
+    let cfg = write_config(dir.path(), admin);
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut first).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first.trim_start().starts_with('{') && first.contains("\"level\""),
+        "{first}"
+    );
+}
