@@ -2,10 +2,10 @@
 //! Kept in the store so that a peer's reservation and this node's own creation exclude each
 //! other through one atomic compare-and-swap.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ds_directory::Directory;
-use ds_store::{Store, Table};
+use ds_store::{Store, Table, unix_now};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -35,13 +35,6 @@ pub(crate) enum Refused {
 #[derive(Debug, Clone)]
 pub(crate) struct Reservations {
     table: Table<Reservation>,
-}
-
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 impl Reservations {

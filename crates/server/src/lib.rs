@@ -14,7 +14,7 @@ use ds_cluster::{ClusterConfig, Endpoints, Location, Locator, PeerConfig, Purpos
 use ds_directory::{Account, Directory, Domain, Domains, HashCost, Outcome};
 use ds_net::{ListenOptions, TlsAcceptor};
 use ds_net::{Shutdown, ShutdownTrigger, shutdown_pair};
-use ds_store::{MailStore, QueueStore, Store};
+use ds_store::{MailStore, QueueStore, Store, unix_now};
 
 pub mod admin;
 pub mod config;
@@ -105,7 +105,7 @@ impl NodeState {
         use ds_cluster::Error as E;
         let account = self
             .locator
-            .create_account(name, password, force, now())
+            .create_account(name, password, force, unix_now())
             .await
             .map_err(|e| match e {
                 E::Directory(d) => admin::status(d),
@@ -203,7 +203,7 @@ impl NodeState {
         if entries.is_empty() {
             return Ok(vec!["queue is empty".into()]);
         }
-        let now = now();
+        let now = unix_now();
         Ok(entries
             .into_iter()
             .map(|e| {
@@ -251,13 +251,6 @@ impl NodeState {
             None => Err(format!("no queued message {id}")),
         }
     }
-}
-
-pub(crate) fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Options that are not part of the configuration file.

@@ -10,7 +10,8 @@ use mail_builder::headers::date::Date;
 
 use crate::locate::{Location, Purpose};
 use crate::session::{Envelope, Rcpt};
-use crate::{Error, Result, Smtp, now};
+use crate::{Error, Result, Smtp};
+use ds_store::unix_now;
 
 /// Where one accepted message goes.
 #[derive(Debug, Default)]
@@ -47,7 +48,7 @@ impl Smtp {
             env.with,
             env.id,
             for_clause,
-            Date::new(now()).to_rfc822(),
+            Date::new(unix_now()).to_rfc822(),
         )
     }
 
@@ -173,7 +174,7 @@ impl Smtp {
                 let mut message = Vec::with_capacity(header.len() + stored_body.len());
                 message.extend_from_slice(header.as_bytes());
                 message.extend_from_slice(&stored_body);
-                queue.enqueue(&sender, recipients, &message, false, now())?;
+                queue.enqueue(&sender, recipients, &message, false, unix_now())?;
             }
             Ok(n)
         })

@@ -50,7 +50,7 @@ pub(crate) fn build(
     failed: &[(String, String)],
     original_headers: &str,
 ) -> Vec<u8> {
-    let now = crate::now();
+    let now = ds_store::unix_now();
     let mut text = format!(
         "This is the mail system at {hostname}.\r\n\r\n\
          Your message could not be delivered to the following recipients:\r\n\r\n"

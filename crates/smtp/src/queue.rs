@@ -23,7 +23,8 @@ use tokio::task::JoinSet;
 
 use crate::locate::{Location, Purpose};
 use crate::relay::{RcptOutcome, RelaySessions};
-use crate::{Result, Smtp, dsn, now};
+use crate::{Result, Smtp, dsn};
+use ds_store::unix_now;
 
 /// Longest sleep between two scans of the queue.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -90,7 +91,7 @@ impl QueueRunner {
     /// Processes every due entry once; returns how long to sleep before the next is due.
     pub async fn run_once(&self) -> Result<Duration> {
         let queue = &self.smtp.queue;
-        let groups = groups(queue.due(now())?);
+        let groups = groups(queue.due(unix_now())?);
         let workers = groups.len().min(MAX_OWNERS_AT_ONCE);
         let groups = Arc::new(Mutex::new(groups));
         let mut tasks = JoinSet::new();
@@ -113,7 +114,7 @@ impl QueueRunner {
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
         let next = queue.next_due();
         let wait = match next {
-            Some(at) => Duration::from_secs(at.saturating_sub(now()).max(0) as u64)
+            Some(at) => Duration::from_secs(at.saturating_sub(unix_now()).max(0) as u64)
                 .clamp(Duration::from_millis(200), MAX_SLEEP),
             None => MAX_SLEEP,
         };
@@ -326,7 +327,7 @@ impl QueueRunner {
         last_error: Option<String>,
     ) -> Result<()> {
         let smtp = &self.smtp;
-        let now = now();
+        let now = unix_now();
         entry.attempts += 1;
         if last_error.is_some() {
             entry.last_error = last_error;
@@ -419,14 +420,18 @@ impl QueueRunner {
                     endpoint: Some(owner.smtp.clone()),
                     state: RecipientState::Pending,
                 };
-                let id = smtp.queue.enqueue("", vec![rcpt], &report, false, now())?;
+                let id = smtp
+                    .queue
+                    .enqueue("", vec![rcpt], &report, false, unix_now())?;
                 tracing::info!(id = entry.id, dsn_id = id, %sender, owner = %owner.node, "DSN queued");
             }
             Location::TempFail(reason) => {
                 // Queued with its recipient not located yet: the runner locates it on a later
                 // attempt (and bounces nothing if it fails: the DSN's sender is empty).
                 let rcpt = ds_store::queue::QueuedRecipient::new(address);
-                let id = smtp.queue.enqueue("", vec![rcpt], &report, false, now())?;
+                let id = smtp
+                    .queue
+                    .enqueue("", vec![rcpt], &report, false, unix_now())?;
                 tracing::info!(id = entry.id, dsn_id = id, %sender, %reason, "DSN queued, sender lookup failed for now");
             }
             other => {

@@ -49,6 +49,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Unix seconds now: the clock of every timestamp the store keeps (internal dates, queue
+/// times, reservations).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// Handle on the node's database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {

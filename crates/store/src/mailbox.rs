@@ -20,14 +20,12 @@
 //! of the database (time-seeded, strictly increasing), so a name that is deleted and created
 //! again gets a new one; every change bumps the mailbox's `highest_modseq`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use crate::{Error, Result, Store};
+use crate::{Error, Result, Store, unix_now};
 
 const MAILBOXES: &str = "mail_mailboxes";
 const MESSAGES: &str = "mail_messages";
@@ -159,13 +157,6 @@ fn decode<T: DeserializeOwned>(
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(Error::Encode)
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn account_prefix(account: &str) -> Vec<u8> {
@@ -413,7 +404,7 @@ impl MailStore {
 
     /// A UIDVALIDITY never handed out before: the current time, or one more than the last.
     fn next_uidvalidity(&self) -> Result<u32> {
-        let now = now().clamp(1, i64::from(u32::MAX)) as u32;
+        let now = unix_now().clamp(1, i64::from(u32::MAX)) as u32;
         let next = |old: Option<&[u8]>| {
             let last = old
                 .and_then(|v| v.try_into().ok().map(u32::from_be_bytes))
@@ -501,7 +492,9 @@ impl MailStore {
             for (name, special_use) in DEFAULT_MAILBOXES {
                 self.create_if_missing(account, name, Some(special_use), true)?;
             }
-            let record = AccountRecord { provisioned: now() };
+            let record = AccountRecord {
+                provisioned: unix_now(),
+            };
             self.accounts.insert(account, encode(&record)?)?;
         }
         Ok(())
@@ -743,7 +736,7 @@ impl MailStore {
     /// the current time. Returns the UID. Does not flush.
     pub fn deliver(&self, account: &str, body: &[u8]) -> Result<u32> {
         self.ensure_account(account)?;
-        self.append(account, INBOX, body, &[], now())
+        self.append(account, INBOX, body, &[], unix_now())
             .map(|(_, uid)| uid)
     }
 
