@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ds_directory::{Outcome, ResolveContext};
 use ds_net::{ConnContext, LineConn, MailStream, Shutdown};
@@ -101,10 +101,7 @@ fn make_timestamp(hostname: &str) -> String {
         tracing::error!("system random number generator failed");
     }
     let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("<{hex}.{secs}@{hostname}>")
+    format!("<{hex}.{}@{hostname}>", ds_store::unix_now())
 }
 
 fn domain_of(address: &str) -> &str {
