@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use ds_server::config::DomainSection;
+use ds_server::config::Domain;
 use ds_testkit::{Cluster, TestNode};
 use dshare_e2e::{Smtp, eventually, message, python};
 
@@ -163,17 +163,17 @@ async fn multihoming_sample_over_pop3() -> anyhow::Result<()> {
     let c = Cluster::start_with(1, |_, cfg| {
         cfg.node.main_domain = "company.com".into();
         cfg.domains = vec![
-            DomainSection {
+            Domain {
                 name: "company.com".into(),
                 shared: false,
                 addresses: vec!["127.0.0.1".parse().unwrap()],
             },
-            DomainSection {
+            Domain {
                 name: "client1.com".into(),
                 shared: false,
                 addresses: vec!["127.0.0.2".parse().unwrap()],
             },
-            DomainSection {
+            Domain {
                 name: "client2.com".into(),
                 shared: false,
                 addresses: vec![],

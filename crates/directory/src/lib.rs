@@ -46,14 +46,17 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// One domain this node serves, from the configuration.
+/// One domain this node serves: a `[[domain]]` section of the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Domain {
-    /// ASCII lower-case name.
+    /// Normalised to ASCII lower case by [`Domains::new`].
     pub name: String,
     /// Its accounts are split across the cluster: misses are asked of peers.
+    #[serde(default)]
     pub shared: bool,
     /// Local IP addresses assigned to this domain (multihoming).
+    #[serde(default)]
     pub addresses: Vec<IpAddr>,
 }
 

@@ -1,11 +1,13 @@
 //! The node's TOML configuration (DESIGN.md §8). Every section has defaults, so an empty
 //! file, or no file at all, is a working single node on loopback.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+pub use ds_directory::Domain;
 
 use crate::{Error, Result};
 
@@ -15,7 +17,7 @@ use crate::{Error, Result};
 pub struct Config {
     pub node: NodeSection,
     #[serde(rename = "domain")]
-    pub domains: Vec<DomainSection>,
+    pub domains: Vec<Domain>,
     pub listen: ListenSection,
     pub tls: TlsSection,
     pub cluster: ClusterSection,
@@ -45,18 +47,6 @@ impl Default for NodeSection {
             advertise: "127.0.0.1".into(),
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DomainSection {
-    pub name: String,
-    /// Its accounts are split across the cluster.
-    #[serde(default)]
-    pub shared: bool,
-    /// Local IP addresses assigned to the domain (multihoming).
-    #[serde(default)]
-    pub addresses: Vec<IpAddr>,
 }
 
 /// Each service listens on a list of `host:port`; an empty list disables it.

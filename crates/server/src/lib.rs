@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use ds_cluster::{ClusterConfig, Endpoints, Location, Locator, PeerConfig, Purpose};
-use ds_directory::{Account, Directory, Domain, Domains, HashCost, Outcome};
+use ds_directory::{Account, Directory, Domains, HashCost, Outcome};
 use ds_net::{ListenOptions, TlsAcceptor};
 use ds_net::{Shutdown, ShutdownTrigger, shutdown_pair};
 use ds_store::{MailStore, QueueStore, Store, unix_now};
@@ -292,18 +292,7 @@ impl Node {
         std::fs::create_dir_all(&data_dir)
             .map_err(io(format!("cannot create data dir {}", data_dir.display())))?;
         let store = Store::open(&data_dir)?;
-        let domains = Domains::new(
-            &config.node.main_domain,
-            config
-                .domains
-                .iter()
-                .map(|d| Domain {
-                    name: d.name.clone(),
-                    shared: d.shared,
-                    addresses: d.addresses.clone(),
-                })
-                .collect(),
-        )?;
+        let domains = Domains::new(&config.node.main_domain, config.domains.clone())?;
         let mut directory = Directory::new(&store, domains)?;
         if let Some(cost) = opts.hash_cost {
             directory = directory.with_hash_cost(cost);

@@ -13,7 +13,7 @@ use tempfile::TempDir;
 
 use ds_directory::HashCost;
 use ds_net::tls::Pki;
-use ds_server::config::{DomainSection, PeerSection};
+use ds_server::config::{Domain, PeerSection};
 use ds_server::{Config, Node, StartOptions};
 
 /// A cheap Argon2id cost so tests do not spend their time hashing.
@@ -166,7 +166,7 @@ impl Cluster {
             c.node.data_dir = dir.path().to_path_buf();
             c.node.main_domain = "example.com".into();
             c.node.advertise = node_ip(i).to_string();
-            c.domains = vec![DomainSection {
+            c.domains = vec![Domain {
                 name: "example.com".into(),
                 shared: true,
                 addresses: vec![],
