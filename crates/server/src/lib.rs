@@ -234,10 +234,10 @@ impl NodeState {
     }
 
     pub fn queue_retry(&self, id: u64) -> std::result::Result<(), String> {
-        if self.queue.get(id).map_err(|e| e.to_string())?.is_none() {
-            return Err(format!("no queued message {id}"));
-        }
-        self.queue.retry_now(id).map_err(|e| e.to_string())?;
+        self.queue.retry_now(id).map_err(|e| match e {
+            ds_store::Error::NotFound(_) => format!("no queued message {id}"),
+            other => other.to_string(),
+        })?;
         self.queue_wake.notify_one();
         Ok(())
     }
