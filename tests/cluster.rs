@@ -212,31 +212,3 @@ async fn a_node_with_the_wrong_secret_learns_nothing() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_lookups_and_peer_latency() -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = Cluster::start(2).await?;
-    c.node(1).add_account("bob@example.com", "pw").await?;
-    let a = &c.node(0).node().state.locator;
-    assert_eq!(
-        remote_node(&a.locate("bob@example.com", Purpose::Rcpt).await),
-        Some("node-b")
-    );
-    a.locate("bob@example.com", Purpose::Rcpt).await;
-    let addr = c.node(0).node().addrs().metrics[0];
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    for want in [
-        "dshare_lookups_total{outcome=\"remote\"}",
-        "dshare_lookup_cache_total{result=\"hit\"}",
-        "dshare_peer_rpc_seconds",
-    ] {
-        assert!(body.contains(want), "missing {want} in:\n{body}");
-    }
-    c.shutdown().await;
-    Ok(())
-}

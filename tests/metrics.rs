@@ -1,0 +1,60 @@
+//! `/metrics` counts what a node did. A test binary of its own: the Prometheus recorder is
+//! process-wide, so no other test may add to the counters read here.
+
+use ds_cluster::{Location, Purpose};
+use ds_testkit::Cluster;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    anyhow::ensure!(body.starts_with("HTTP/1.1 200"), "{body}");
+    Ok(body)
+}
+
+/// The value of the series whose line starts with `series`, 0 if absent.
+fn value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_lookups_cache_hits_and_peer_latency() -> anyhow::Result<()> {
+    let c = Cluster::start(2).await?;
+    c.node(1).add_account("bob@example.com", "pw").await?;
+    let addr = c.node(0).node().addrs().metrics[0];
+    let before = scrape(addr).await?;
+    let a = &c.node(0).node().state.locator;
+    for _ in 0..3 {
+        assert!(matches!(
+            a.locate("bob@example.com", Purpose::Rcpt).await,
+            Location::Remote(_)
+        ));
+    }
+    let after = scrape(addr).await?;
+    let delta = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(
+        delta("dshare_lookups_total{outcome=\"remote\"}"),
+        3.0,
+        "{after}"
+    );
+    assert_eq!(
+        delta("dshare_lookup_cache_total{result=\"miss\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        delta("dshare_lookup_cache_total{result=\"hit\"}"),
+        2.0,
+        "{after}"
+    );
+    assert!(
+        after.contains("dshare_peer_rpc_seconds{peer=\"node-b\""),
+        "{after}"
+    );
+    c.shutdown().await;
+    Ok(())
+}
