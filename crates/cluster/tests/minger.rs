@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 
 use ds_cluster::proto::LookupRequest;
 use ds_cluster::proto::minger_client::MingerClient;
-use ds_cluster::{ClusterConfig, Error, Kind, Location, Locator, PeerConfig, PeerState, Purpose};
-use ds_store::Store;
-use tokio::net::TcpListener;
+use ds_cluster::{Error, Kind, Location, PeerState, Purpose};
 mod common;
 use common::*;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -169,25 +167,7 @@ async fn stopped_peer_is_tempfail_but_cached_owner_still_resolves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_peer_costs_at_most_the_timeout() {
     let c = Cluster::start(2, Options::default()).await;
-    // Accepts TCP (kernel backlog) but never speaks TLS.
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = ClusterConfig::new("office-x", endpoints("office-x"), SECRET);
-    config.ca_pem = Some(c.pki.ca_cert_pem());
-    config.lookup_timeout = Duration::from_millis(1000);
-    config.peers = vec![
-        PeerConfig {
-            id: "office-0".into(),
-            minger_url: url(c.nodes[0].addr),
-            smtp: None,
-        },
-        PeerConfig {
-            id: "silent".into(),
-            minger_url: url(silent.local_addr().unwrap()),
-            smtp: Some("silent.test:2525".into()),
-        },
-    ];
-    let store = Store::temporary().unwrap();
-    let locator = Locator::new(config, directory(&store), &store).unwrap();
+    let (locator, _silent) = c.with_silent_peer(0, Duration::from_millis(1000)).await;
     let started = Instant::now();
     let location = locator.locate("nobody@example.com", Purpose::Rcpt).await;
     assert!(
@@ -308,24 +288,7 @@ async fn concurrent_lookups_share_one_fan_out() {
 
     // Misses are shared too while the fan-out is under way: a silent peer keeps it open
     // for the whole timeout, so all 20 callers join the first one.
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = ClusterConfig::new("office-x", endpoints("office-x"), SECRET);
-    config.ca_pem = Some(c.pki.ca_cert_pem());
-    config.lookup_timeout = Duration::from_millis(400);
-    config.peers = vec![
-        PeerConfig {
-            id: "office-1".into(),
-            minger_url: url(c.nodes[1].addr),
-            smtp: None,
-        },
-        PeerConfig {
-            id: "silent".into(),
-            minger_url: url(silent.local_addr().unwrap()),
-            smtp: None,
-        },
-    ];
-    let store = Store::temporary().unwrap();
-    let x = Locator::new(config, directory(&store), &store).unwrap();
+    let (x, _silent) = c.with_silent_peer(1, Duration::from_millis(400)).await;
     let lookups = (0..20).map(|_| {
         let x = x.clone();
         tokio::spawn(async move { x.locate("nobody@example.com", Purpose::Rcpt).await })

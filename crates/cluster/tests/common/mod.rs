@@ -185,4 +185,28 @@ impl Cluster {
         let store = Store::temporary().unwrap();
         Locator::new(config, directory(&store), &store).unwrap()
     }
+
+    /// A locator outside the cluster asking node `i` and a peer that accepts TCP (kernel
+    /// backlog) but never speaks TLS. Keep the returned listener alive for the test.
+    pub async fn with_silent_peer(&self, i: usize, timeout: Duration) -> (Locator, TcpListener) {
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut config = ClusterConfig::new("office-x", endpoints("office-x"), SECRET);
+        config.ca_pem = Some(self.pki.ca_cert_pem());
+        config.lookup_timeout = timeout;
+        config.peers = vec![
+            PeerConfig {
+                id: self.nodes[i].id.clone(),
+                minger_url: url(self.nodes[i].addr),
+                smtp: None,
+            },
+            PeerConfig {
+                id: "silent".into(),
+                minger_url: url(silent.local_addr().unwrap()),
+                smtp: None,
+            },
+        ];
+        let store = Store::temporary().unwrap();
+        let locator = Locator::new(config, directory(&store), &store).unwrap();
+        (locator, silent)
+    }
 }
