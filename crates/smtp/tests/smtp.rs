@@ -31,12 +31,12 @@ async fn ehlo_advertises_the_extensions() {
         !ehlo.contains("STARTTLS"),
         "no acceptor, no STARTTLS: {ehlo}"
     );
-    assert!(c.cmd("HELP").await.starts_with("214 "));
-    assert!(c.cmd("VRFY bob").await.starts_with("252 "));
-    assert!(c.cmd("NOOP").await.starts_with("250 2.0.0"));
-    assert!(c.cmd("EXPN list").await.starts_with("502 5.5.1"));
-    assert!(c.cmd("FOO bar").await.starts_with("500 5.5.1"));
-    assert!(c.cmd("QUIT").await.starts_with("221 2.0.0"));
+    c.expect("HELP", "214 ").await;
+    c.expect("VRFY bob", "252 ").await;
+    c.expect("NOOP", "250 2.0.0").await;
+    c.expect("EXPN list", "502 5.5.1").await;
+    c.expect("FOO bar", "500 5.5.1").await;
+    c.expect("QUIT", "221 2.0.0").await;
 }
 
 #[tokio::test]
@@ -44,22 +44,11 @@ async fn local_delivery_is_byte_exact() {
     let node = start("a", &[ALICE, BOB]).await;
     let mut c = connect(node.addr).await;
     c.cmd("EHLO client.example").await;
-    assert!(
-        c.cmd("MAIL FROM:<sender@outside.org> BODY=8BITMIME")
-            .await
-            .starts_with("250 2.1.0")
-    );
-    assert!(
-        c.cmd("RCPT TO:<Alice@Company.com>")
-            .await
-            .starts_with("250 2.1.5")
-    );
-    assert!(
-        c.cmd("RCPT TO:<bob@company.com>")
-            .await
-            .starts_with("250 2.1.5")
-    );
-    assert!(c.cmd("DATA").await.starts_with("354 "));
+    c.expect("MAIL FROM:<sender@outside.org> BODY=8BITMIME", "250 2.1.0")
+        .await;
+    c.expect("RCPT TO:<Alice@Company.com>", "250 2.1.5").await;
+    c.expect("RCPT TO:<bob@company.com>", "250 2.1.5").await;
+    c.expect("DATA", "354 ").await;
     // Dot lines, 8-bit octets, NUL, bare LF and bare CR are all kept as sent.
     let body: &[u8] = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\tdot tab\r\n\
         caf\xc3\xa9 \xff\x00 8bit\r\nbare\nlf\n.\nnot the end\r\nbare\rcr\r\n...\r\nend\r\n";
@@ -78,15 +67,11 @@ async fn local_delivery_is_byte_exact() {
     // An empty message and RSET between transactions.
     c.cmd("MAIL FROM:<>").await;
     c.cmd("RSET").await;
-    assert!(
-        c.cmd("RCPT TO:<bob@company.com>")
-            .await
-            .starts_with("503 5.5.1")
-    );
+    c.expect("RCPT TO:<bob@company.com>", "503 5.5.1").await;
     c.cmd("MAIL FROM:<>").await;
     c.cmd("RCPT TO:<bob@company.com>").await;
-    assert!(c.cmd("DATA").await.starts_with("354"));
-    assert!(c.cmd(".").await.starts_with("250 2.0.0"));
+    c.expect("DATA", "354").await;
+    c.expect(".", "250 2.0.0").await;
     let inbox = node.inbox(BOB);
     assert_eq!(inbox.len(), 2);
     assert!(inbox[1].starts_with(b"Return-Path: <>\r\n"));
@@ -97,39 +82,15 @@ async fn local_delivery_is_byte_exact() {
 async fn recipients_and_senders_are_checked() {
     let node = start("a", &[ALICE]).await;
     let mut c = connect(node.addr).await;
-    assert!(
-        c.cmd("MAIL FROM:<x@outside.org>")
-            .await
-            .starts_with("503 5.5.1"),
-        "HELO first"
-    );
+    c.expect("MAIL FROM:<x@outside.org>", "503 5.5.1").await;
     c.cmd("EHLO client.example").await;
     // A sender in the shared domain that no node owns.
-    assert!(
-        c.cmd("MAIL FROM:<ghost@company.com>")
-            .await
-            .starts_with("550 5.1.0")
-    );
-    assert!(
-        c.cmd("MAIL FROM:<alice@company.com>")
-            .await
-            .starts_with("250 2.1.0")
-    );
-    assert!(
-        c.cmd("MAIL FROM:<alice@company.com>")
-            .await
-            .starts_with("503 5.5.1")
-    );
-    assert!(
-        c.cmd("RCPT TO:<nobody@company.com>")
-            .await
-            .starts_with("550 5.1.1")
-    );
-    assert!(
-        c.cmd("RCPT TO:<someone@elsewhere.org>")
-            .await
-            .starts_with("554 5.7.1")
-    );
+    c.expect("MAIL FROM:<ghost@company.com>", "550 5.1.0").await;
+    c.expect("MAIL FROM:<alice@company.com>", "250 2.1.0").await;
+    c.expect("MAIL FROM:<alice@company.com>", "503 5.5.1").await;
+    c.expect("RCPT TO:<nobody@company.com>", "550 5.1.1").await;
+    c.expect("RCPT TO:<someone@elsewhere.org>", "554 5.7.1")
+        .await;
     // `<postmaster>` without a domain is the main domain's postmaster (RFC 5321 §4.5.1):
     // located like any address (here nobody has it), never a syntax error.
     let r = c.cmd("RCPT TO:<Postmaster>").await;
@@ -140,11 +101,7 @@ async fn recipients_and_senders_are_checked() {
         c.cmd("DATA").await.starts_with("503 5.5.1"),
         "no recipient yet"
     );
-    assert!(
-        c.cmd("RCPT TO:<alice@company.com>")
-            .await
-            .starts_with("250 2.1.5")
-    );
+    c.expect("RCPT TO:<alice@company.com>", "250 2.1.5").await;
 }
 
 #[tokio::test]
@@ -190,16 +147,9 @@ async fn limits_have_their_codes() {
         c.cmd("NOOP").await.starts_with("250"),
         "session goes on after a long line"
     );
-    assert!(
-        c.cmd("MAIL FROM:<x@outside.org> SIZE=5000")
-            .await
-            .starts_with("552 5.3.4")
-    );
-    assert!(
-        c.cmd("MAIL FROM:<x@outside.org> SIZE=500")
-            .await
-            .starts_with("250")
-    );
+    c.expect("MAIL FROM:<x@outside.org> SIZE=5000", "552 5.3.4")
+        .await;
+    c.expect("MAIL FROM:<x@outside.org> SIZE=500", "250").await;
     for r in [ALICE, BOB, "carol@company.com"] {
         assert!(
             c.cmd(&format!("RCPT TO:<{r}>"))
@@ -207,12 +157,8 @@ async fn limits_have_their_codes() {
                 .starts_with("250 2.1.5")
         );
     }
-    assert!(
-        c.cmd("RCPT TO:<dave@company.com>")
-            .await
-            .starts_with("452 4.5.3")
-    );
-    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.expect("RCPT TO:<dave@company.com>", "452 4.5.3").await;
+    c.expect("DATA", "354").await;
     let mut big = Vec::new();
     for _ in 0..30 {
         big.extend_from_slice(&[b'y'; 60]);
@@ -225,7 +171,7 @@ async fn limits_have_their_codes() {
     c.cmd("MAIL FROM:<>").await;
     c.cmd("RCPT TO:<alice@company.com>").await;
     c.cmd("DATA").await;
-    assert!(c.cmd("small\r\n.").await.starts_with("250 2.0.0"));
+    c.expect("small\r\n.", "250 2.0.0").await;
 }
 
 #[tokio::test]
@@ -236,9 +182,9 @@ async fn too_many_errors_and_idle_timeout_close_the_session() {
     let node = start_with(opts).await;
     let mut c = connect(node.addr).await;
     for _ in 0..3 {
-        assert!(c.cmd("BOGUS").await.starts_with("500"));
+        c.expect("BOGUS", "500").await;
     }
-    assert!(c.cmd("BOGUS").await.starts_with("421"));
+    c.expect("BOGUS", "421").await;
     let mut c = connect(node.addr).await;
     let reply = c.reply().await;
     assert!(reply.starts_with("421 4.4.2"), "{reply}");
@@ -261,12 +207,8 @@ async fn starttls_upgrades_and_resets_the_session() {
     let ehlo = c.cmd("EHLO client.example").await;
     assert!(ehlo.contains("250 STARTTLS"), "{ehlo}");
     assert!(!ehlo.contains("AUTH"), "no AUTH before TLS: {ehlo}");
-    assert!(
-        c.cmd("AUTH PLAIN AGR1bW15AHg=")
-            .await
-            .starts_with("538 5.7.11")
-    );
-    assert!(c.cmd("STARTTLS").await.starts_with("220 2.0.0"));
+    c.expect("AUTH PLAIN AGR1bW15AHg=", "538 5.7.11").await;
+    c.expect("STARTTLS", "220 2.0.0").await;
     let tcp = c.stream.into_inner();
     let connector = ds_net::TlsConnector::from(client_config_with_ca(&pki.ca_cert_pem()).unwrap());
     let tls = connector
@@ -283,15 +225,12 @@ async fn starttls_upgrades_and_resets_the_session() {
     let ehlo = c.cmd("EHLO client.example").await;
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
     assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
-    assert!(c.cmd("STARTTLS").await.starts_with("503"));
+    c.expect("STARTTLS", "503").await;
     c.cmd("MAIL FROM:<x@outside.org>").await;
     c.cmd("RCPT TO:<alice@company.com>").await;
     c.cmd("DATA").await;
-    assert!(
-        c.cmd("Subject: tls\r\n\r\nsecret\r\n.")
-            .await
-            .starts_with("250 2.0.0")
-    );
+    c.expect("Subject: tls\r\n\r\nsecret\r\n.", "250 2.0.0")
+        .await;
     let msg = String::from_utf8(node.inbox(ALICE).remove(0)).unwrap();
     assert!(msg.contains("with ESMTPS id"), "{msg}");
 }
@@ -315,7 +254,7 @@ async fn twenty_mib_message_arrives_byte_exact() {
     c.cmd("EHLO client.example").await;
     c.cmd("MAIL FROM:<x@outside.org> BODY=8BITMIME").await;
     c.cmd("RCPT TO:<alice@company.com>").await;
-    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.expect("DATA", "354").await;
     let started = std::time::Instant::now();
     c.send(&stuffed(&body)).await;
     let reply = c.reply().await;
@@ -376,42 +315,22 @@ async fn peer_auth_marks_a_hop_that_delivers_locally_only() {
     c.cmd("EHLO a.test").await;
     // Regular users cannot authenticate; a wrong secret neither.
     let user = b64(b"\0bob@company.com\0password");
-    assert!(
-        c.cmd(&format!("AUTH PLAIN {user}"))
-            .await
-            .starts_with("535 5.7.8")
-    );
+    c.expect(&format!("AUTH PLAIN {user}"), "535 5.7.8").await;
     let wrong = b64(b"\0dshare-peer/a\0not-the-secret-at-all");
-    assert!(
-        c.cmd(&format!("AUTH PLAIN {wrong}"))
-            .await
-            .starts_with("535 5.7.8")
-    );
+    c.expect(&format!("AUTH PLAIN {wrong}"), "535 5.7.8").await;
     // Without a hop, a peer-owned recipient is accepted (it would be queued).
     c.cmd("MAIL FROM:<x@outside.org>").await;
-    assert!(
-        c.cmd("RCPT TO:<alice@company.com>")
-            .await
-            .starts_with("250 2.1.5")
-    );
+    c.expect("RCPT TO:<alice@company.com>", "250 2.1.5").await;
     c.cmd("RSET").await;
     // The peer, with the initial response on a second line.
-    assert!(c.cmd("AUTH PLAIN").await.starts_with("334"));
+    c.expect("AUTH PLAIN", "334").await;
     let token = b64(format!("\0dshare-peer/a\0{SECRET}").as_bytes());
     assert!(c.cmd(&token).await.starts_with("235 2.7.0"));
     c.cmd("MAIL FROM:<x@outside.org>").await;
-    assert!(
-        c.cmd("RCPT TO:<alice@company.com>")
-            .await
-            .starts_with("550 5.1.1")
-    );
-    assert!(
-        c.cmd("RCPT TO:<bob@company.com>")
-            .await
-            .starts_with("250 2.1.5")
-    );
+    c.expect("RCPT TO:<alice@company.com>", "550 5.1.1").await;
+    c.expect("RCPT TO:<bob@company.com>", "250 2.1.5").await;
     c.cmd("DATA").await;
-    assert!(c.cmd("hop\r\n.").await.starts_with("250 2.0.0"));
+    c.expect("hop\r\n.", "250 2.0.0").await;
     assert!(node.queue.is_empty(), "a hop never queues");
     let msg = String::from_utf8(node.inbox(BOB).remove(0)).unwrap();
     assert!(msg.contains("with ESMTPA id"), "{msg}");

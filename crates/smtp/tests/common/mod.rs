@@ -291,6 +291,17 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
         self.reply().await
     }
 
+    /// Sends a command and asserts its reply starts with `want` (a code, or code and
+    /// enhanced status); returns the reply.
+    pub async fn expect(&mut self, line: &str, want: &str) -> String {
+        let reply = self.cmd(line).await;
+        assert!(
+            reply.starts_with(want),
+            "{line:?}: expected {want}, got {reply:?}"
+        );
+        reply
+    }
+
     /// Reads until EOF.
     pub async fn rest(&mut self) -> String {
         let mut s = Vec::new();
