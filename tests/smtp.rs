@@ -20,6 +20,30 @@ fn queue_empty(n: &TestNode) -> bool {
     n.node().state.queue.is_empty()
 }
 
+/// node-a learns that carol lives on node-c, node-c stops, and a message for carol is
+/// accepted by node-a into its queue.
+async fn queue_for_stopped_owner(c: &mut Cluster, subject: &str) -> anyhow::Result<()> {
+    let loc = c
+        .node(0)
+        .node()
+        .state
+        .locator
+        .locate("carol@example.com", Purpose::Rcpt)
+        .await;
+    anyhow::ensure!(matches!(loc, ds_cluster::Location::Remote(_)), "{loc:?}");
+    c.node_mut(2).stop().await;
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    let r = s
+        .send(
+            "x@elsewhere.org",
+            &["carol@example.com"],
+            &message(subject, 2048),
+        )
+        .await?;
+    anyhow::ensure!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await
+}
+
 async fn cluster() -> anyhow::Result<Cluster> {
     Cluster::start_with(3, |_, c| {
         c.smtp.retry_base = Duration::from_secs(1);
@@ -123,27 +147,7 @@ async fn reply_codes_follow_the_locator() -> anyhow::Result<()> {
 async fn cached_owner_stopped_message_waits_in_the_queue() -> anyhow::Result<()> {
     let mut c = cluster().await?;
     c.node(2).add_account("carol@example.com", "pw").await?;
-    // node-a learns where carol lives, then carol's node goes down.
-    let loc = c
-        .node(0)
-        .node()
-        .state
-        .locator
-        .locate("carol@example.com", Purpose::Rcpt)
-        .await;
-    assert!(matches!(loc, ds_cluster::Location::Remote(_)), "{loc:?}");
-    c.node_mut(2).stop().await;
-
-    let mut s = Smtp::connect(c.node(0).smtp()).await?;
-    let r = s
-        .send(
-            "x@elsewhere.org",
-            &["carol@example.com"],
-            &message("queued", 2048),
-        )
-        .await?;
-    assert!(r.iter().all(|r| r.is(250)), "{r:?}");
-    s.quit().await?;
+    queue_for_stopped_owner(&mut c, "queued").await?;
     let q = c.node(0).node().state.queue_report().unwrap().join("\n");
     assert!(q.contains("carol@example.com"), "{q}");
 
@@ -172,20 +176,7 @@ async fn operator_retry_delivers_before_the_back_off() -> anyhow::Result<()> {
     })
     .await?;
     c.node(2).add_account("carol@example.com", "pw").await?;
-    let a = &c.node(0).node().state;
-    let loc = a.locator.locate("carol@example.com", Purpose::Rcpt).await;
-    assert!(matches!(loc, ds_cluster::Location::Remote(_)), "{loc:?}");
-    c.node_mut(2).stop().await;
-    let mut s = Smtp::connect(c.node(0).smtp()).await?;
-    let r = s
-        .send(
-            "x@elsewhere.org",
-            &["carol@example.com"],
-            &message("retry", 1024),
-        )
-        .await?;
-    assert!(r.iter().all(|r| r.is(250)), "{r:?}");
-    s.quit().await?;
+    queue_for_stopped_owner(&mut c, "retry").await?;
 
     // The first attempt fails at once and the next one is a minute away.
     let a = &c.node(0).node().state;

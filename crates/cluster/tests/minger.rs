@@ -8,7 +8,6 @@ use ds_cluster::proto::minger_client::MingerClient;
 use ds_cluster::{Error, Kind, Location, PeerState, Purpose};
 mod common;
 use common::*;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 fn remote(location: Location) -> ds_cluster::Owner {
     match location {
@@ -206,17 +205,7 @@ async fn wrong_secret_and_foreign_ca_are_refused() {
         .unwrap();
 
     // A raw client: no secret, then a wrong one.
-    let channel = Endpoint::from_shared(url(c.nodes[1].addr))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(c.pki.ca_cert_pem()))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = c.channel(1).await;
     let mut client = MingerClient::new(channel);
     let request = LookupRequest {
         address: "bob@example.com".into(),
@@ -458,17 +447,7 @@ async fn health_service_reports_serving() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let c = Cluster::start(1, Options::default()).await;
-    let channel = Endpoint::from_shared(url(c.nodes[0].addr))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(c.pki.ca_cert_pem()))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = c.channel(0).await;
     let mut health = HealthClient::new(channel);
     let reply = health
         .check(HealthCheckRequest {

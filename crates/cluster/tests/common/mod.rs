@@ -209,4 +209,21 @@ impl Cluster {
         let locator = Locator::new(config, directory(&store), &store).unwrap();
         (locator, silent)
     }
+
+    /// A raw gRPC channel to node `i`, over TLS verified against the test CA.
+    pub async fn channel(&self, i: usize) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(url(self.nodes[i].addr))
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(
+                        self.pki.ca_cert_pem(),
+                    ))
+                    .domain_name("localhost"),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
 }
