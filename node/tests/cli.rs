@@ -1,20 +1,11 @@
 //! The `dshare` binary end to end: a real node process, driven by the real CLI.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_dshare");
-
-fn free_port(ip: &str) -> u16 {
-    TcpListener::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{BIN, free_port, serve};
 
 /// A config with two domains on 127.0.0.1 (company.com, main) and 127.0.0.2 (client1.com),
 /// plus client2.com with no address: the CommuniGate Pro multihoming sample.
@@ -55,32 +46,6 @@ metrics = []
     path
 }
 
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(config: &Path, admin: u16) -> Serve {
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "node did not start listening");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Serve(child)
-}
-
 fn dshare(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(BIN)
         .arg("-c")
@@ -117,9 +82,9 @@ fn err(out: &Output) -> String {
 #[test]
 fn accounts_survive_restart_and_bad_input_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port("127.0.0.1");
+    let admin = free_port();
     let cfg = write_config(dir.path(), admin);
-    let node = serve(&cfg, admin);
+    let node = serve(&cfg, &[admin]);
 
     let out = dshare(
         &cfg,
@@ -174,7 +139,7 @@ fn accounts_survive_restart_and_bad_input_changes_nothing() {
 
     // A restart keeps the account.
     drop(node);
-    let _node = serve(&cfg, admin);
+    let _node = serve(&cfg, &[admin]);
     assert_eq!(
         ok(&dshare(&cfg, &["account", "list"], None)).trim(),
         "info@company.com"
@@ -184,9 +149,9 @@ fn accounts_survive_restart_and_bad_input_changes_nothing() {
 #[test]
 fn lookup_shows_the_communigate_samples() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port("127.0.0.1");
+    let admin = free_port();
     let cfg = write_config(dir.path(), admin);
-    let _node = serve(&cfg, admin);
+    let _node = serve(&cfg, &[admin]);
     for a in [
         "info@company.com",
         "info@client1.com",
@@ -286,9 +251,9 @@ fn malformed_config_is_refused_with_the_key() {
 #[test]
 fn wrong_admin_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port("127.0.0.1");
+    let admin = free_port();
     let cfg = write_config(dir.path(), admin);
-    let _node = serve(&cfg, admin);
+    let _node = serve(&cfg, &[admin]);
     std::fs::write(dir.path().join("data/admin.token"), "not-the-token").unwrap();
     let e = err(&dshare(&cfg, &["account", "list"], None));
     assert!(e.contains("bad admin token"), "{e}");
@@ -297,7 +262,7 @@ fn wrong_admin_token_is_refused() {
 #[test]
 fn json_logs() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port("127.0.0.1");
+    let admin = free_port();
     let cfg = write_config(dir.path(), admin);
     let mut child = Command::new(BIN)
         .args(["--log-format", "json", "serve", "--config"])

@@ -3,45 +3,14 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_dshare");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_listening(port: u16) {
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "node did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start(config: &Path, ports: &[u16]) -> Child {
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for p in ports {
-        wait_listening(*p);
-    }
-    child
-}
+mod common;
+use common::{free_port, serve};
 
 /// Sends messages until the connection breaks; records the subjects answered 250.
 fn sender(port: u16, id: usize, acked: Arc<Mutex<BTreeSet<String>>>, count: Arc<AtomicUsize>) {
@@ -116,8 +85,8 @@ metrics = []
         ),
     )
     .unwrap();
-    let mut node = start(&config, &[smtp, admin]);
-    let out = Command::new(BIN)
+    let node = serve(&config, &[smtp, admin]);
+    let out = Command::new(common::BIN)
         .arg("-c")
         .arg(&config)
         .args([
@@ -151,15 +120,14 @@ metrics = []
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    node.kill().unwrap(); // SIGKILL
-    node.wait().unwrap();
+    node.kill(); // SIGKILL
     for s in senders {
         s.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 60);
 
-    let mut node = start(&config, &[pop3]);
+    let node = serve(&config, &[pop3]);
     let out = Command::new("python3")
         .arg("-c")
         .arg(format!(
@@ -176,8 +144,7 @@ p.quit()
         ))
         .output()
         .unwrap();
-    node.kill().unwrap();
-    node.wait().unwrap();
+    node.kill();
     assert!(
         out.status.success(),
         "{}",
