@@ -6,17 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use ds_server::config::Domain;
-use ds_testkit::{Cluster, TestNode};
+use ds_testkit::Cluster;
 use dshare_e2e::{Smtp, eventually, message, python};
-
-fn inbox_len(n: &TestNode, account: &str) -> usize {
-    n.node()
-        .state
-        .mail
-        .messages(account, "INBOX")
-        .map(|m| m.len())
-        .unwrap_or(0)
-}
 
 /// A poplib session that prints STAT, the UIDL list and every message's SHA-256.
 fn pop_dump(addr: SocketAddr, user: &str, pass: &str) -> anyhow::Result<String> {
@@ -56,10 +47,10 @@ async fn forwarded_session_equals_direct_session() -> anyhow::Result<()> {
     }
     s.quit().await?;
     assert!(
-        eventually(Duration::from_secs(20), || inbox_len(
-            c.node(1),
-            "bob@example.com"
-        ) == 3)
+        eventually(Duration::from_secs(20), || c
+            .node(1)
+            .inbox_len("bob@example.com")
+            == 3)
         .await
     );
 
@@ -127,7 +118,7 @@ p.quit()
         ip = a.ip(),
         port = a.port()
     ))?;
-    assert_eq!(inbox_len(c.node(1), "bob@example.com"), 2);
+    assert_eq!(c.node(1).inbox_len("bob@example.com"), 2);
     c.shutdown().await;
     Ok(())
 }

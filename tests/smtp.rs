@@ -7,15 +7,6 @@ use ds_cluster::Purpose;
 use ds_testkit::{Cluster, TestNode};
 use dshare_e2e::{Smtp, eventually, message, python};
 
-fn inbox(n: &TestNode, account: &str) -> Vec<Vec<u8>> {
-    let mail = &n.node().state.mail;
-    mail.messages(account, "INBOX")
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|m| mail.message_body(account, "INBOX", m.uid).ok().flatten())
-        .collect()
-}
-
 fn queue_empty(n: &TestNode) -> bool {
     n.node().state.queue.is_empty()
 }
@@ -78,7 +69,7 @@ s.quit()
     assert!(out.contains("refused {}"), "{out}");
     assert!(out.contains("nobody 550"), "{out}");
 
-    let alice = inbox(c.node(0), "alice@example.com");
+    let alice = c.node(0).inbox("alice@example.com");
     assert_eq!(alice.len(), 1);
     let text = String::from_utf8_lossy(&alice[0]);
     assert!(
@@ -89,23 +80,22 @@ s.quit()
     assert!(text.ends_with("Hello from Python.\r\n"), "{text}");
 
     assert!(
-        eventually(Duration::from_secs(20), || inbox(
-            c.node(2),
-            "carol@example.com"
-        )
-        .len()
+        eventually(Duration::from_secs(20), || c
+            .node(2)
+            .inbox("carol@example.com")
+            .len()
             == 1)
         .await,
         "relayed message did not reach node-c"
     );
-    let carol = String::from_utf8_lossy(&inbox(c.node(2), "carol@example.com")[0]).into_owned();
+    let carol = String::from_utf8_lossy(&c.node(2).inbox("carol@example.com")[0]).into_owned();
     assert!(carol.contains("Message-ID: <py1@test>"), "{carol}");
     assert!(
         carol.starts_with("Return-Path: <someone@elsewhere.org>"),
         "{carol}"
     );
     // Nothing landed anywhere else, and the queue drained.
-    assert!(inbox(c.node(0), "carol@example.com").is_empty());
+    assert!(c.node(0).inbox("carol@example.com").is_empty());
     assert!(eventually(Duration::from_secs(5), || queue_empty(c.node(0))).await);
     c.shutdown().await;
     Ok(())
@@ -156,7 +146,7 @@ async fn cached_owner_stopped_message_waits_in_the_queue() -> anyhow::Result<()>
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(c.node(0).node().state.queue.len(), 1);
     c.node_mut(2).restart().await?;
-    let carol = || inbox(c.node(2), "carol@example.com").len() == 1;
+    let carol = || c.node(2).inbox("carol@example.com").len() == 1;
     assert!(
         eventually(Duration::from_secs(30), carol).await,
         "queued message was not delivered after the owner came back"
@@ -190,7 +180,7 @@ async fn operator_retry_delivers_before_the_back_off() -> anyhow::Result<()> {
     assert!(eventually(Duration::from_secs(10), failed).await);
     let id = a.queue.list()?[0].id;
     c.node_mut(2).restart().await?;
-    let carol = || inbox(c.node(2), "carol@example.com").len() == 1;
+    let carol = || c.node(2).inbox("carol@example.com").len() == 1;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         !carol(),
@@ -234,7 +224,7 @@ async fn list_post_reaches_members_on_every_node_once() -> anyhow::Result<()> {
     for (i, m) in members.iter().enumerate() {
         let addr = format!("{m}@example.com");
         assert!(
-            eventually(Duration::from_secs(20), || inbox(c.node(i), &addr).len()
+            eventually(Duration::from_secs(20), || c.node(i).inbox(&addr).len()
                 == 1)
             .await,
             "{addr} did not get the post"
@@ -243,11 +233,7 @@ async fn list_post_reaches_members_on_every_node_once() -> anyhow::Result<()> {
     // No duplicates turn up later.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for (i, m) in members.iter().enumerate() {
-        assert_eq!(
-            inbox(c.node(i), &format!("{m}@example.com")).len(),
-            1,
-            "{m}"
-        );
+        assert_eq!(c.node(i).inbox(&format!("{m}@example.com")).len(), 1, "{m}");
     }
     c.shutdown().await;
     Ok(())
@@ -270,15 +256,14 @@ async fn bodies_arrive_byte_exact_through_a_relay() -> anyhow::Result<()> {
     }
     s.quit().await?;
     assert!(
-        eventually(Duration::from_secs(60), || inbox(
-            c.node(2),
-            "carol@example.com"
-        )
-        .len()
+        eventually(Duration::from_secs(60), || c
+            .node(2)
+            .inbox("carol@example.com")
+            .len()
             == 2)
         .await
     );
-    let got = inbox(c.node(2), "carol@example.com");
+    let got = c.node(2).inbox("carol@example.com");
     assert!(got[0].ends_with(&dotted), "dot-stuffed/8-bit body changed");
     assert!(got[1].ends_with(&big), "20 MiB body changed");
     assert!(got[1].len() < big.len() + 2048);

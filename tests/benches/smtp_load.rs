@@ -171,15 +171,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn inbox_len(n: &TestNode, account: &str) -> usize {
-    n.node()
-        .state
-        .mail
-        .messages(account, "INBOX")
-        .map(|m| m.len())
-        .unwrap_or(0)
-}
-
 /// Runs one scenario: `sessions` clients against `addr`, each sending `messages` to `rcpt`.
 /// With `deliver_to`, also waits until the INBOX there holds `before + accepted` messages.
 async fn scenario(
@@ -224,7 +215,7 @@ async fn scenario(
             let deadline = Instant::now() + E2E_TIMEOUT;
             let mut seen = 0;
             let done = loop {
-                let n = inbox_len(node, rcpt);
+                let n = node.inbox_len(rcpt);
                 if n != seen {
                     // Only growth counts: a stuck relay must trip the watchdog.
                     seen = n;
@@ -312,15 +303,15 @@ async fn run(sessions: usize, messages: usize) -> anyhow::Result<bool> {
 
     PHASE.store(1, Ordering::Relaxed);
     progress();
-    let alice_before = inbox_len(c.node(0), ALICE);
+    let alice_before = c.node(0).inbox_len(ALICE);
     let local = scenario("local", via, ALICE, sessions, messages, None).await;
-    let alice_grew = inbox_len(c.node(0), ALICE).saturating_sub(alice_before);
+    let alice_grew = c.node(0).inbox_len(ALICE).saturating_sub(alice_before);
     print_row(&local);
 
     PHASE.store(2, Ordering::Relaxed);
     progress();
 
-    let bob_before = inbox_len(c.node(1), BOB);
+    let bob_before = c.node(1).inbox_len(BOB);
     let relayed = scenario(
         "relayed",
         via,

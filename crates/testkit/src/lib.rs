@@ -80,6 +80,22 @@ impl TestNode {
         self.config.node.data_dir.clone()
     }
 
+    /// The bodies in an account's INBOX on this node, in UID order (none if it has no INBOX).
+    pub fn inbox(&self, account: &str) -> Vec<Vec<u8>> {
+        let mail = &self.node().state.mail;
+        mail.messages(account, "INBOX")
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| mail.message_body(account, "INBOX", m.uid).ok().flatten())
+            .collect()
+    }
+
+    /// How many messages an account's INBOX on this node holds.
+    pub fn inbox_len(&self, account: &str) -> usize {
+        let mail = &self.node().state.mail;
+        mail.messages(account, "INBOX").map_or(0, |m| m.len())
+    }
+
     /// Creates an account through the node's creation guard (peers are asked first).
     pub async fn add_account(&self, name: &str, password: &str) -> anyhow::Result<()> {
         self.node()
