@@ -348,10 +348,11 @@ impl Directory {
 
     /// Accounts, optionally of one domain, in address order.
     pub fn accounts(&self, domain: Option<&str>) -> Result<Vec<Account>> {
+        let suffix = domain.map(|d| format!("@{d}"));
         let mut out = vec![];
         for kv in self.accounts.iter() {
             let (_, a) = kv?;
-            if domain.is_none_or(|d| a.address.ends_with(&format!("@{d}"))) {
+            if suffix.as_deref().is_none_or(|s| a.address.ends_with(s)) {
                 out.push(a);
             }
         }
