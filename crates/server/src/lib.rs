@@ -131,15 +131,16 @@ impl NodeState {
         self.mail
             .delete_account(&account.address)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        self.store
+            .flush_async()
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         self.account_gone(&account.address).await;
         Ok(account)
     }
 
     /// An address stopped being an active account here: drop it from every peer's cache.
     pub async fn account_gone(&self, address: &str) {
-        if let Err(e) = self.store.flush_async().await {
-            tracing::error!(error = %e, "flush failed");
-        }
         self.locator.invalidate_everywhere(address).await;
     }
 
