@@ -1,6 +1,7 @@
 //! ds-message: what a stored message looks like to IMAP (RFC 3501), with no I/O.
 //!
 //! - [`envelope`]: the ENVELOPE of a message (raw header values, RFC 3501 §7.4.2).
+//! - [`body_structure`] / [`body`]: BODYSTRUCTURE (with extension data) and BODY.
 //! - [`mutf7`]: modified UTF-7 mailbox names (RFC 3501 §5.1.3).
 //!
 //! Every function accepts any bytes: malformed MIME gives a best-effort answer, never a panic,
@@ -8,10 +9,12 @@
 
 use imap_types::core::{IString, Literal, NString, Quoted};
 
+mod bodystructure;
 mod envelope;
 mod mime;
 pub mod mutf7;
 
+pub use bodystructure::{body, body_structure};
 pub use envelope::envelope;
 pub use mime::{MAX_DEPTH, MAX_PARTS};
 
