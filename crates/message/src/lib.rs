@@ -2,6 +2,8 @@
 //!
 //! - [`envelope`]: the ENVELOPE of a message (raw header values, RFC 3501 §7.4.2).
 //! - [`body_structure`] / [`body`]: BODYSTRUCTURE (with extension data) and BODY.
+//! - [`section_bytes`]: the bytes of `BODY[section]` (HEADER, HEADER.FIELDS(.NOT), TEXT, MIME,
+//!   part numbers through message/rfc822 parts), byte-exact slices of the stored message.
 //! - [`mutf7`]: modified UTF-7 mailbox names (RFC 3501 §5.1.3).
 //!
 //! Every function accepts any bytes: malformed MIME gives a best-effort answer, never a panic,
@@ -13,10 +15,12 @@ mod bodystructure;
 mod envelope;
 mod mime;
 pub mod mutf7;
+mod section;
 
 pub use bodystructure::{body, body_structure};
 pub use envelope::envelope;
 pub use mime::{MAX_DEPTH, MAX_PARTS};
+pub use section::section_bytes;
 
 /// An IMAP string for arbitrary header bytes: quoted when it fits the quoted syntax, else a
 /// literal (8-bit/UTF-8 text, RFC 6532). NUL, CR and LF are dropped (unfolding), so the value is
