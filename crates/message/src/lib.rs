@@ -4,6 +4,7 @@
 //! - [`body_structure`] / [`body`]: BODYSTRUCTURE (with extension data) and BODY.
 //! - [`section_bytes`]: the bytes of `BODY[section]` (HEADER, HEADER.FIELDS(.NOT), TEXT, MIME,
 //!   part numbers through message/rfc822 parts), byte-exact slices of the stored message.
+//! - [`search`]: evaluates a SEARCH key against one message ([`search::Candidate`]).
 //! - [`mutf7`]: modified UTF-7 mailbox names (RFC 3501 §5.1.3).
 //!
 //! Every function accepts any bytes: malformed MIME gives a best-effort answer, never a panic,
@@ -15,6 +16,7 @@ mod bodystructure;
 mod envelope;
 mod mime;
 pub mod mutf7;
+pub mod search;
 mod section;
 
 pub use bodystructure::{body, body_structure};
