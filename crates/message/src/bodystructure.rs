@@ -64,7 +64,7 @@ fn disposition_tail(msg: &[u8], e: &Entity) -> Option<Disposition<'static>> {
     })
 }
 
-fn structure_of(msg: &[u8], e: &Entity, extended: bool) -> BodyStructure<'static> {
+pub(crate) fn structure_of(msg: &[u8], e: &Entity, extended: bool) -> BodyStructure<'static> {
     if let Content::Multipart(children) = &e.content {
         let bodies: Vec<BodyStructure<'static>> = children
             .iter()

@@ -7,10 +7,18 @@
 //! - [`search`]: evaluates a SEARCH key against one message ([`search::Candidate`]).
 //! - [`mutf7`]: modified UTF-7 mailbox names (RFC 3501 §5.1.3).
 //!
+//! [`ParsedMessage`] parses once and answers all of these for one message (a FETCH of several
+//! items); the free functions parse on every call.
+//!
 //! Every function accepts any bytes: malformed MIME gives a best-effort answer, never a panic,
 //! and the work is bounded ([`MAX_DEPTH`], [`MAX_PARTS`]).
 
+use std::borrow::Cow;
+
+use imap_types::body::BodyStructure;
 use imap_types::core::{IString, Literal, NString, Quoted};
+use imap_types::envelope::Envelope;
+use imap_types::fetch::Section;
 
 mod bodystructure;
 mod envelope;
@@ -45,4 +53,50 @@ pub(crate) fn istring(v: &[u8]) -> IString<'static> {
 
 pub(crate) fn nstring(v: Option<&[u8]>) -> NString<'static> {
     NString(v.map(istring))
+}
+
+/// One message, its MIME structure parsed once (byte ranges only, the message is borrowed).
+#[derive(Debug, Clone)]
+pub struct ParsedMessage<'m> {
+    msg: &'m [u8],
+    root: mime::Entity,
+}
+
+impl<'m> ParsedMessage<'m> {
+    pub fn new(msg: &'m [u8]) -> Self {
+        ParsedMessage {
+            msg,
+            root: mime::parse(msg),
+        }
+    }
+
+    /// The raw message.
+    pub fn raw(&self) -> &'m [u8] {
+        self.msg
+    }
+
+    /// Octets of the top-level header, blank line included (where `BODY[TEXT]` starts).
+    pub fn header_len(&self) -> usize {
+        self.root.header.len()
+    }
+
+    /// See [`envelope()`].
+    pub fn envelope(&self) -> Envelope<'static> {
+        envelope::envelope_of(self.msg, &self.root)
+    }
+
+    /// See [`body_structure()`].
+    pub fn body_structure(&self) -> BodyStructure<'static> {
+        bodystructure::structure_of(self.msg, &self.root, true)
+    }
+
+    /// See [`body()`].
+    pub fn body(&self) -> BodyStructure<'static> {
+        bodystructure::structure_of(self.msg, &self.root, false)
+    }
+
+    /// See [`section_bytes()`]; borrowed from the message except for HEADER.FIELDS(.NOT).
+    pub fn section(&self, section: Option<&Section<'_>>, mime: bool) -> Option<Cow<'m, [u8]>> {
+        section::section_of(self.msg, &self.root, section, mime)
+    }
 }

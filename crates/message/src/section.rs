@@ -6,6 +6,7 @@
 //! `TEXT` after a part number apply to message/rfc822 parts only; `MIME` is a part's own header.
 //! A part that does not exist gives `None`.
 
+use std::borrow::Cow;
 use std::num::NonZeroU32;
 
 use imap_types::core::AString;
@@ -17,30 +18,42 @@ use crate::mime::{self, Content, Entity};
 /// [`Section::Part`] = `BODY[part.MIME]` (imap-types also models that as [`Section::Mime`]).
 /// `None` if the part does not exist.
 pub fn section_bytes(msg: &[u8], section: Option<&Section<'_>>, mime: bool) -> Option<Vec<u8>> {
-    let Some(section) = section else {
-        return Some(msg.to_vec());
-    };
-    let root = mime::parse(msg);
     match section {
-        Section::Part(part) if mime => Some(msg[find(&root, part)?.header.clone()].to_vec()),
-        Section::Mime(part) => Some(msg[find(&root, part)?.header.clone()].to_vec()),
-        Section::Part(part) => Some(msg[find(&root, part)?.body.clone()].to_vec()),
-        Section::Header(part) => {
-            Some(msg[message_at(&root, part.as_ref())?.header.clone()].to_vec())
-        }
-        Section::Text(part) => Some(msg[message_at(&root, part.as_ref())?.body.clone()].to_vec()),
-        Section::HeaderFields(part, names) => Some(header_fields(
+        None => Some(msg.to_vec()),
+        Some(_) => section_of(msg, &mime::parse(msg), section, mime).map(Cow::into_owned),
+    }
+}
+
+/// [`section_bytes`] over an already parsed tree; borrowed unless HEADER.FIELDS(.NOT) had to
+/// assemble the fields.
+pub(crate) fn section_of<'m>(
+    msg: &'m [u8],
+    root: &Entity,
+    section: Option<&Section<'_>>,
+    mime: bool,
+) -> Option<Cow<'m, [u8]>> {
+    let Some(section) = section else {
+        return Some(Cow::Borrowed(msg));
+    };
+    let slice = |r: std::ops::Range<usize>| Some(Cow::Borrowed(&msg[r]));
+    match section {
+        Section::Part(part) if mime => slice(find(root, part)?.header.clone()),
+        Section::Mime(part) => slice(find(root, part)?.header.clone()),
+        Section::Part(part) => slice(find(root, part)?.body.clone()),
+        Section::Header(part) => slice(message_at(root, part.as_ref())?.header.clone()),
+        Section::Text(part) => slice(message_at(root, part.as_ref())?.body.clone()),
+        Section::HeaderFields(part, names) => Some(Cow::Owned(header_fields(
             msg,
-            message_at(&root, part.as_ref())?,
+            message_at(root, part.as_ref())?,
             names.as_ref(),
             true,
-        )),
-        Section::HeaderFieldsNot(part, names) => Some(header_fields(
+        ))),
+        Section::HeaderFieldsNot(part, names) => Some(Cow::Owned(header_fields(
             msg,
-            message_at(&root, part.as_ref())?,
+            message_at(root, part.as_ref())?,
             names.as_ref(),
             false,
-        )),
+        ))),
     }
 }
 

@@ -226,3 +226,69 @@ fn sections_of_single_part_message() {
     check(b"Subject: x\r\n", "TEXT", Some(b""));
     check(b"Subject: x\r\n", "HEADER", Some(b"Subject: x\r\n"));
 }
+
+#[test]
+fn rfc3501_fetch_example() {
+    // The message behind the FETCH example of RFC 3501 §7.4.2: 3028 octets in 92 lines of body.
+    let mut msg = b"Date: Wed, 17 Jul 1996 02:23:25 -0700 (PDT)\r\n\
+From: Terry Gray <gray@cac.washington.edu>\r\n\
+Subject: IMAP4rev1 WG mtg summary and minutes\r\n\
+To: imap@cac.washington.edu\r\n\
+cc: minutes@CNRI.Reston.VA.US, John Klensin <KLENSIN@MIT.EDU>\r\n\
+Message-Id: <B27397-0100000@cac.washington.edu>\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: TEXT/PLAIN; CHARSET=US-ASCII\r\n\r\n"
+        .to_vec();
+    for line in 0..92 {
+        let width = if line < 84 { 31 } else { 30 };
+        msg.extend(std::iter::repeat_n(b'x', width));
+        msg.extend_from_slice(b"\r\n");
+    }
+    assert_eq!(
+        envelope_text(envelope(&msg)),
+        r#"("Wed, 17 Jul 1996 02:23:25 -0700 (PDT)" "IMAP4rev1 WG mtg summary and minutes" (("Terry Gray" NIL "gray" "cac.washington.edu")) (("Terry Gray" NIL "gray" "cac.washington.edu")) (("Terry Gray" NIL "gray" "cac.washington.edu")) ((NIL NIL "imap" "cac.washington.edu")) ((NIL NIL "minutes" "CNRI.Reston.VA.US")("John Klensin" NIL "KLENSIN" "MIT.EDU")) NIL NIL "<B27397-0100000@cac.washington.edu>")"#
+    );
+    assert_eq!(
+        body_text(body(&msg)),
+        r#"("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 3028 92)"#
+    );
+}
+
+#[test]
+fn parsed_message_answers_like_the_free_functions() {
+    use std::borrow::Cow;
+    for msg in [MIXED, FORWARD, BARE] {
+        let parsed = ds_message::ParsedMessage::new(msg);
+        assert_eq!(parsed.envelope(), envelope(msg));
+        assert_eq!(parsed.body_structure(), body_structure(msg));
+        assert_eq!(parsed.body(), body(msg));
+        for spec in [
+            "",
+            "HEADER",
+            "TEXT",
+            "1",
+            "2",
+            "1.1",
+            "2.HEADER",
+            "2.1",
+            "HEADER.FIELDS (FROM)",
+        ] {
+            let s = section(spec);
+            for mime in [false, true] {
+                assert_eq!(
+                    parsed.section(s.as_ref(), mime).map(Cow::into_owned),
+                    section_bytes(msg, s.as_ref(), mime),
+                    "{spec}"
+                );
+            }
+        }
+        assert!(matches!(
+            parsed.section(section("TEXT").as_ref(), false),
+            Some(Cow::Borrowed(_))
+        ));
+        assert_eq!(
+            &msg[parsed.header_len()..],
+            &section_bytes(msg, section("TEXT").as_ref(), false).unwrap()[..]
+        );
+    }
+}
