@@ -149,11 +149,17 @@ fn tokenize(v: &[u8]) -> Vec<Token> {
 fn phrase(tokens: &[&Token]) -> Vec<u8> {
     let mut out = Vec::new();
     for t in tokens {
-        if let Token::Word { text, space } = t {
-            if *space && !out.is_empty() {
-                out.push(b' ');
+        match t {
+            Token::Word { text, space } => {
+                if *space && !out.is_empty() {
+                    out.push(b' ');
+                }
+                out.extend_from_slice(text);
             }
-            out.extend_from_slice(text);
+            // An unquoted `@` or `:` in a display name (`a@b.c <a@b.c>`) is kept as written.
+            Token::Special(c) => out.push(*c),
+            Token::Literal(text) => out.extend_from_slice(text),
+            Token::Comment(_) => {}
         }
     }
     out
@@ -332,12 +338,13 @@ mod tests {
     #[test]
     fn address_forms() {
         let got = show(&parse_addresses(
-            b"\"Doe, John\" <john@example.com>, plain@example.org (Plain Person), =?UTF-8?Q?J=C3=B6rg?= <j@x.de>, <@r1,@r2:u@h>, Bare Name <bare>",
+            b"\"Doe, John\" <john@example.com>, a@b.c <a@b.c>, plain@example.org (Plain Person), =?UTF-8?Q?J=C3=B6rg?= <j@x.de>, <@r1,@r2:u@h>, Bare Name <bare>",
         ));
         assert_eq!(
             got,
             [
                 [o("Doe, John"), None, o("john"), o("example.com")],
+                [o("a@b.c"), None, o("a"), o("b.c")],
                 [o("Plain Person"), None, o("plain"), o("example.org")],
                 [o("=?UTF-8?Q?J=C3=B6rg?="), None, o("j"), o("x.de")],
                 [None, o("@r1,@r2"), o("u"), o("h")],

@@ -192,6 +192,9 @@ fn line_end(msg: &[u8], pos: usize, end: usize) -> usize {
 }
 
 /// Splits the header into fields; returns them and the offset where the body starts.
+///
+/// An entity whose first line is not a header field (nor an mbox `From ` line) has no header:
+/// its body starts right away. Later lines that are not fields are skipped.
 fn parse_header(msg: &[u8], range: Range<usize>) -> (Vec<Field>, usize) {
     let mut fields: Vec<Field> = Vec::new();
     let mut pos = range.start;
@@ -207,20 +210,32 @@ fn parse_header(msg: &[u8], range: Range<usize>) -> (Vec<Field>, usize) {
                 last.value.end = content_end;
                 last.line.end = end;
             }
-        } else if let Some(colon) = line.iter().position(|&b| b == b':') {
-            let mut name_end = pos + colon;
-            while name_end > pos && matches!(msg[name_end - 1], b' ' | b'\t') {
-                name_end -= 1;
-            }
-            fields.push(Field {
-                name: pos..name_end,
-                value: (pos + colon + 1)..content_end.max(pos + colon + 1),
-                line: pos..end,
-            });
+        } else if let Some(field) = field_at(msg, pos, content_end, end) {
+            fields.push(field);
+        } else if pos == range.start && !line.starts_with(b"From ") {
+            return (fields, range.start);
         }
         pos = end;
     }
     (fields, range.end)
+}
+
+/// The field starting a line, if the line is `name: value` with a name of visible characters.
+fn field_at(msg: &[u8], pos: usize, content_end: usize, end: usize) -> Option<Field> {
+    let colon = pos + msg[pos..content_end].iter().position(|&b| b == b':')?;
+    let mut name_end = colon;
+    while name_end > pos && matches!(msg[name_end - 1], b' ' | b'\t') {
+        name_end -= 1;
+    }
+    let name = &msg[pos..name_end];
+    if name.is_empty() || name.iter().any(|&b| b <= b' ' || b == 0x7f) {
+        return None;
+    }
+    Some(Field {
+        name: pos..name_end,
+        value: (colon + 1)..content_end,
+        line: pos..end,
+    })
 }
 
 fn trailing_newline(line: &[u8]) -> usize {
@@ -507,6 +522,24 @@ mod tests {
         assert_eq!(&msg[children[0].header.clone()], b"\r\n");
         assert_eq!(&msg[children[1].header.clone()], b"X: y\r\n\r\n");
         assert_eq!(&msg[children[1].body.clone()], b"two\r\n");
+    }
+
+    #[test]
+    fn headerless_part_is_all_body() {
+        let msg = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nhello world\r\nX: y\r\n--b--\r\n";
+        let root = parse(msg);
+        let Content::Multipart(children) = &root.content else {
+            panic!("not multipart")
+        };
+        assert!(children[0].fields.is_empty());
+        assert_eq!(&msg[children[0].header.clone()], b"");
+        assert_eq!(&msg[children[0].body.clone()], b"hello world\r\nX: y");
+        // An mbox From line does not end the header; a junk line later is skipped.
+        let msg =
+            b"From a@b Mon Jan  1 00:00:00 2024\r\nSubject: s\r\njunk line\r\nTo: t@x\r\n\r\nbody";
+        let root = parse(msg);
+        assert_eq!(root.fields.len(), 2);
+        assert_eq!(&msg[root.body.clone()], b"body");
     }
 
     #[test]
