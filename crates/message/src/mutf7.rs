@@ -59,11 +59,14 @@ fn sextet(b: u8) -> Option<u32> {
 
 /// Decodes a modified UTF-7 mailbox name; `None` if it is not valid, canonical modified UTF-7
 /// (8-bit or control bytes, an unterminated or malformed `&…-` run, leftover non-zero bits,
-/// a printable ASCII character encoded in base64, or broken UTF-16 surrogates).
+/// a printable ASCII character encoded in base64, two runs back to back, or broken UTF-16
+/// surrogates).
 pub fn decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = String::with_capacity(s.len());
     let mut i = 0;
+    // Where the last base64 run ended: a run right after it should have been one run.
+    let mut run_end = usize::MAX;
     while i < bytes.len() {
         let b = bytes[i];
         if !(0x20..=0x7e).contains(&b) {
@@ -81,6 +84,10 @@ pub fn decode(s: &str) -> Option<String> {
             out.push('&');
             continue;
         }
+        if run_end == start - 1 {
+            return None;
+        }
+        run_end = i;
         let mut bits: u32 = 0;
         let mut nbits = 0u32;
         let mut units: Vec<u16> = Vec::new();
@@ -171,6 +178,36 @@ mod tests {
             "&U/BTFw-",      // '/' is not modified base64
         ] {
             assert_eq!(decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pseudo_random_round_trips() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let pool: Vec<char> = "aZ09 &-+,/~.&ä中📬\u{7f}\u{1}".chars().collect();
+        for _ in 0..5000 {
+            let len = (next() % 12) as usize;
+            let name: String = (0..len)
+                .map(|_| pool[(next() % pool.len() as u64) as usize])
+                .collect();
+            assert_eq!(
+                decode(&encode(&name)).as_deref(),
+                Some(name.as_str()),
+                "{name:?}"
+            );
+            // Any wire string that decodes is the canonical encoding of what it decodes to.
+            let wire: String = (0..len)
+                .map(|_| char::from(b"&-AZaz09+,/ "[(next() % 12) as usize]))
+                .collect();
+            if let Some(decoded) = decode(&wire) {
+                assert_eq!(encode(&decoded), wire);
+            }
         }
     }
 }
