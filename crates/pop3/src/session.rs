@@ -249,6 +249,9 @@ impl Session {
                 "-ERR [SYS/TEMP] Some deleted messages were not removed\r\n".to_owned()
             }
         };
+        // Release the maildrop before the reply goes out: a client (or a front node relaying
+        // for one) that reconnects as soon as it reads it must not find it still locked.
+        self.state = State::Authorization { user: None };
         conn.write_all(reply.as_bytes()).await?;
         Ok(Flow::Close)
     }
