@@ -13,6 +13,8 @@
 //! - [`forward`]: passing pipelined bytes on and splicing a logged-in session.
 //! - [`lock`]: [`MailboxLocks`], exclusive in-process locks by name (POP3 maildrops, IMAP
 //!   mailboxes).
+//! - [`imap_client`]: the IMAP forwarding dialogue with the owner (`STARTTLS`, `ID` with the
+//!   proof, `LOGIN`), and [`imap_client::verify_imap_id`] for the owner side.
 //!
 //! The byte splice itself stays in `ds-net` ([`ds_net::splice`]): it is stream mechanics with no
 //! knowledge of owners or protocols, next to the stream type it is tuned for.
@@ -20,6 +22,7 @@
 mod cluster;
 mod error;
 pub mod forward;
+pub mod imap_client;
 pub mod locate;
 pub mod lock;
 pub mod owner;
