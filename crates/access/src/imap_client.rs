@@ -605,6 +605,29 @@ mod tests {
             .collect()
     }
 
+    /// A login of bob with hop 1.
+    fn request<'a>(
+        endpoint: &'a str,
+        tls: OwnerTls<'a>,
+        password: &'a str,
+        client: &'a ConnContext,
+        session_id: &'a str,
+        key: &'a ProofKey,
+    ) -> OwnerLogin<'a> {
+        OwnerLogin {
+            endpoint,
+            tls,
+            server_name: "",
+            canonical: "bob@company.com",
+            password,
+            client,
+            session_id,
+            key,
+            hop: 1,
+            timeouts: Timeouts::default(),
+        }
+    }
+
     /// The quoted strings of `s`, unescaped.
     fn unquote_all(s: &str) -> Vec<Vec<u8>> {
         let mut out = vec![];
@@ -773,20 +796,16 @@ mod tests {
         let server = tokio::spawn(owner(listener, literal_plus, answer, acceptor));
         let key = ProofKey::from_cluster_secret(SECRET);
         let client = ctx();
-        let result = login_at_owner(OwnerLogin {
-            endpoint: &endpoint,
-            tls: connector
+        let result = login_at_owner(request(
+            &endpoint,
+            connector
                 .as_ref()
                 .map_or(OwnerTls::None, OwnerTls::StartTls),
-            server_name: "",
-            canonical: "bob@company.com",
             password,
-            client: &client,
-            session_id: "s-42",
-            key: &key,
-            hop: 1,
-            timeouts: Timeouts::default(),
-        })
+            &client,
+            "s-42",
+            &key,
+        ))
         .await;
         // Let the owner see the end of the connection.
         let result = match result {
@@ -865,18 +884,14 @@ mod tests {
             TlsConnector::from(ds_net::tls::client_config_with_ca(&ca.ca_cert_pem()).unwrap());
         let endpoint = format!("localhost:{port}");
         let (client, key) = (ctx(), ProofKey::from_cluster_secret(SECRET));
-        let result = login_at_owner(OwnerLogin {
-            endpoint: &endpoint,
-            tls: OwnerTls::StartTls(&connector),
-            server_name: "",
-            canonical: "bob@company.com",
-            password: "pw",
-            client: &client,
-            session_id: "s",
-            key: &key,
-            hop: 1,
-            timeouts: Timeouts::default(),
-        })
+        let result = login_at_owner(request(
+            &endpoint,
+            OwnerTls::StartTls(&connector),
+            "pw",
+            &client,
+            "s",
+            &key,
+        ))
         .await;
         let Err(OwnerLoginError::Unavailable(reason)) = result else {
             panic!("{result:?}")
@@ -903,19 +918,8 @@ mod tests {
         };
         let key = ProofKey::from_cluster_secret(SECRET);
         let client = ctx();
-        let result = login_at_owner(OwnerLogin {
-            endpoint: &endpoint,
-            tls: OwnerTls::None,
-            server_name: "",
-            canonical: "bob@company.com",
-            password: "x",
-            client: &client,
-            session_id: "s",
-            key: &key,
-            hop: 1,
-            timeouts: Timeouts::default(),
-        })
-        .await;
+        let result =
+            login_at_owner(request(&endpoint, OwnerTls::None, "x", &client, "s", &key)).await;
         assert!(matches!(result, Err(OwnerLoginError::Unavailable(_))));
     }
 
