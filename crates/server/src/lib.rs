@@ -399,8 +399,8 @@ impl Node {
                 hostname: config.node.advertise.clone(),
                 node_id: config.node.id.clone(),
                 idle_timeout: limits.pop3_idle,
-                proof_key: Some(proof_key),
-                throttle,
+                proof_key: Some(proof_key.clone()),
+                throttle: Arc::clone(&throttle),
                 ..Default::default()
             },
             directory.clone(),
