@@ -1,16 +1,28 @@
 //! [`splice`]: copy bytes both ways between two streams, used to proxy a POP3/IMAP session to the node
 //! that owns the mailbox.
+//!
+//! Tuned for throughput, since every octet of a forwarded session passes here: both directions run in
+//! one task over the two streams as they are (no `split`, so no lock per read or write), each with a
+//! 64 KiB buffer that is filled with everything the source has ready before it is written (a TLS
+//! source yields one 16 KiB record per read: gathered, a 100 KiB answer is two writes and two
+//! wake-ups of the reader on the far side instead of seven), and output is flushed only when the
+//! source has nothing more ready. The idle and half-close limits are kept by a watchdog that reads
+//! the time only when the task wakes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use crate::Result;
 
 /// Size of each direction's copy buffer.
-const BUF_SIZE: usize = 16 * 1024;
+const BUF_SIZE: usize = 64 * 1024;
 
 /// After one side closed, how long the other direction may go without moving an octet before the
 /// splice ends (capped by the idle timeout). While it keeps moving it is not cut: a client that
@@ -27,107 +39,287 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    // Milliseconds since `start` of the last octet moved, either way.
-    let last_activity = AtomicU64::new(0);
-    let a_to_b = AtomicU64::new(0);
-    let b_to_a = AtomicU64::new(0);
-    let (mut a_read, mut a_write) = tokio::io::split(a);
-    let (mut b_read, mut b_write) = tokio::io::split(b);
-
-    let idle = async {
-        loop {
-            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
-            let deadline = start + last + idle_timeout;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        closed: AtomicBool::new(false),
     };
-    tokio::pin!(idle);
-
-    let forward = copy_one_way(&mut a_read, &mut b_write, &a_to_b, &last_activity, start);
-    let backward = copy_one_way(&mut b_read, &mut a_write, &b_to_a, &last_activity, start);
-    tokio::pin!(forward, backward);
-
+    let mut a = Watched {
+        inner: a,
+        activity: &activity,
+        read: 0,
+    };
+    let mut b = Watched {
+        inner: b,
+        activity: &activity,
+        read: 0,
+    };
     let linger = LINGER.min(idle_timeout);
-    let outcome: Result<()> = tokio::select! {
-        res = &mut forward => match res {
-            Ok(()) => finish(backward, linger, &last_activity, start).await,
-            Err(e) => Err(e),
-        },
-        res = &mut backward => match res {
-            Ok(()) => finish(forward, linger, &last_activity, start).await,
-            Err(e) => Err(e),
-        },
-        () = &mut idle => {
-            tracing::debug!(?idle_timeout, "splice idle, closing");
-            Ok(())
+    let outcome = {
+        let copy = Bidirectional {
+            a: &mut a,
+            b: &mut b,
+            a_to_b: OneWay::new(),
+            b_to_a: OneWay::new(),
+        };
+        let watchdog = Watchdog {
+            activity: &activity,
+            idle_timeout,
+            linger,
+            sleep: Box::pin(tokio::time::sleep(idle_timeout)),
+        };
+        tokio::select! {
+            biased;
+            res = copy => res,
+            () = watchdog => Ok(()),
         }
     };
     outcome?;
-    Ok((
-        a_to_b.load(Ordering::Relaxed),
-        b_to_a.load(Ordering::Relaxed),
-    ))
+    Ok((a.read, b.read))
 }
 
-/// Let the remaining direction run until it ends or moves nothing for `linger` (counted from the
-/// other side's EOF or the last octet copied, whichever is later).
-async fn finish(
-    mut rest: std::pin::Pin<&mut impl std::future::Future<Output = Result<()>>>,
-    linger: Duration,
-    last_activity: &AtomicU64,
-    start: Instant,
-) -> Result<()> {
-    loop {
-        let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
-        let deadline = start + last + linger;
-        if Instant::now() >= deadline {
-            tracing::debug!(
-                ?linger,
-                "splice: other side closed, this one stalled; closing"
-            );
-            return Ok(());
-        }
-        tokio::select! {
-            res = &mut rest => return res,
-            () = tokio::time::sleep_until(deadline) => {}
+/// Both directions, polled in turn; done when both are.
+struct Bidirectional<'s, A, B> {
+    a: &'s mut A,
+    b: &'s mut B,
+    a_to_b: OneWay,
+    b_to_a: OneWay,
+}
+
+impl<A, B> Future for Bidirectional<'_, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let forward = this.a_to_b.poll_copy(cx, &mut *this.a, &mut *this.b)?;
+        let backward = this.b_to_a.poll_copy(cx, &mut *this.b, &mut *this.a)?;
+        if forward.is_ready() && backward.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
         }
     }
 }
 
-fn mark(last_activity: &AtomicU64, start: Instant) {
-    let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-    last_activity.store(elapsed, Ordering::Relaxed);
+/// One direction's buffer: `buf[written..filled]` is waiting to be written.
+struct OneWay {
+    buf: Box<[u8]>,
+    filled: usize,
+    written: usize,
+    /// The source sent EOF.
+    eof: bool,
+    /// Written since the last flush.
+    unflushed: bool,
+    /// EOF passed on (write side shut down): this direction is over.
+    done: bool,
 }
 
-/// Copy until EOF, then shut down the writer.
-async fn copy_one_way<R, W>(
-    from: &mut ReadHalf<R>,
-    to: &mut WriteHalf<W>,
-    copied: &AtomicU64,
-    last_activity: &AtomicU64,
-    start: Instant,
-) -> Result<()>
-where
-    R: AsyncRead,
-    W: AsyncWrite,
-{
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            // Pass the close on; the other side may already be gone. The EOF starts the
-            // other direction's linger.
-            let _ = to.shutdown().await;
-            mark(last_activity, start);
-            return Ok(());
+impl OneWay {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            filled: 0,
+            written: 0,
+            eof: false,
+            unflushed: false,
+            done: false,
         }
-        to.write_all(&buf[..n]).await?;
-        to.flush().await?;
-        copied.fetch_add(n as u64, Ordering::Relaxed);
-        mark(last_activity, start);
+    }
+
+    /// Move what can be moved now; `Ready` once EOF has been passed on.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Gather everything the source has ready, up to a full buffer.
+            let mut read_pending = false;
+            while !self.eof && self.filled < self.buf.len() {
+                let mut rb = ReadBuf::new(&mut self.buf[self.filled..]);
+                match Pin::new(&mut *from).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => self.eof = true,
+                    Poll::Ready(Ok(())) => self.filled += rb.filled().len(),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        read_pending = true;
+                        break;
+                    }
+                }
+            }
+            if self.written < self.filled {
+                match Pin::new(&mut *to).poll_write(cx, &self.buf[self.written..self.filled]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.written += n;
+                        self.unflushed = true;
+                        if self.written == self.filled {
+                            self.written = 0;
+                            self.filled = 0;
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            // Everything read so far is written: flush before waiting for more, or at the end.
+            if self.unflushed {
+                match Pin::new(&mut *to).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.eof {
+                // The other side may be gone already; its error does not matter any more.
+                return match Pin::new(&mut *to).poll_shutdown(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(_) => {
+                        self.done = true;
+                        Poll::Ready(Ok(()))
+                    }
+                };
+            }
+            if read_pending {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// When an octet last moved, and whether a side has closed; shared by both directions.
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start` of the last octet read, either way, or of the first EOF.
+    last_ms: AtomicU64,
+    /// A side has sent EOF: the other direction only lingers.
+    closed: AtomicBool,
+}
+
+impl Activity {
+    fn mark(&self) {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(elapsed, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A stream that records activity on the shared [`Activity`] and counts what was read from it.
+struct Watched<'a, S> {
+    inner: S,
+    activity: &'a Activity,
+    read: u64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let n = buf.filled().len() - before;
+            if n == 0 {
+                if buf.remaining() > 0 && !this.activity.closed.swap(true, Ordering::Relaxed) {
+                    // The first EOF starts the other direction's linger.
+                    this.activity.mark();
+                }
+            } else {
+                this.read += n as u64;
+                this.activity.mark();
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Ready once nothing moved for the idle timeout, or for the linger after a side closed. Its
+/// deadline is worked out afresh each time the task wakes, so activity and a close are seen at once.
+struct Watchdog<'a> {
+    activity: &'a Activity,
+    idle_timeout: Duration,
+    linger: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Future for Watchdog<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            let closed = this.activity.closed.load(Ordering::Relaxed);
+            let allowed = if closed {
+                this.linger
+            } else {
+                this.idle_timeout
+            };
+            let deadline = this.activity.last() + allowed;
+            if Instant::now() >= deadline {
+                if closed {
+                    tracing::debug!(linger = ?this.linger, "splice: other side closed, this one stalled; closing");
+                } else {
+                    tracing::debug!(idle_timeout = ?this.idle_timeout, "splice idle, closing");
+                }
+                return Poll::Ready(());
+            }
+            if this.sleep.deadline() != deadline {
+                this.sleep.as_mut().reset(deadline);
+            }
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
     }
 }

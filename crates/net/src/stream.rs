@@ -8,11 +8,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use crate::{Error, Result};
+
+/// Read buffer under a client-side TLS stream. rustls asks its transport for 4 KiB at a time,
+/// which would be one syscall each; through this buffer a forwarded session's downloads cost a
+/// read per 64 KiB instead.
+const CLIENT_TLS_READ_BUFFER: usize = 64 * 1024;
 
 /// What a session knows about its connection.
 #[derive(Clone, Debug)]
@@ -45,8 +50,9 @@ pub enum MailStream {
     Plain(TcpStream),
     /// Server side of a TLS connection (implicit TLS or after STARTTLS).
     ServerTls(Box<server::TlsStream<TcpStream>>),
-    /// Client side of a TLS connection (relay or forwarding to a peer).
-    ClientTls(Box<client::TlsStream<TcpStream>>),
+    /// Client side of a TLS connection (relay or forwarding to a peer); the TCP stream is read
+    /// through a buffer (see [`CLIENT_TLS_READ_BUFFER`]), written directly.
+    ClientTls(Box<client::TlsStream<BufReader<TcpStream>>>),
 }
 
 impl From<TcpStream> for MailStream {
@@ -76,7 +82,7 @@ impl MailStream {
         match self {
             MailStream::Plain(tcp) => tcp,
             MailStream::ServerTls(tls) => tls.get_ref().0,
-            MailStream::ClientTls(tls) => tls.get_ref().0,
+            MailStream::ClientTls(tls) => tls.get_ref().0.get_ref(),
         }
     }
 
@@ -115,6 +121,7 @@ impl MailStream {
         };
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| Error::InvalidServerName(server_name.to_owned()))?;
+        let tcp = BufReader::with_capacity(CLIENT_TLS_READ_BUFFER, tcp);
         let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
             .await
             .map_err(|_| Error::Timeout)??;

@@ -12,11 +12,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ds_access::{BoxFuture, ListKeeper, Locate, Location, NoPeers, Owner, ProofKey, Purpose};
 use ds_directory::{Directory, Domain, Domains, HashCost};
 use ds_net::tls::{Pki, client_config_with_ca, server_config_from_pem};
 use ds_net::{ListenOptions, Shutdown, TlsAcceptor};
-use ds_pop3::locate::BoxFuture;
-use ds_pop3::{NoPeers, OwnerLocator, OwnerLookup, Pop3, Pop3Config, Pop3Owner};
+use ds_pop3::{Pop3, Pop3Config};
 use ds_store::{MailStore, Store};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,12 +25,18 @@ const MESSAGES: usize = 100;
 const MESSAGE_SIZE: usize = 100 * 1024;
 const SECRET: &str = "bench-cluster-secret-0123456789";
 
-struct Fixed(OwnerLookup);
+struct Fixed(Location);
 
-impl OwnerLocator for Fixed {
-    fn locate_owner<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, OwnerLookup> {
+impl Locate for Fixed {
+    fn locate<'a>(&'a self, _address: &'a str, _purpose: Purpose) -> BoxFuture<'a, Location> {
         let answer = self.0.clone();
         Box::pin(async move { answer })
+    }
+    fn relocate<'a>(&'a self, address: &'a str, purpose: Purpose) -> BoxFuture<'a, Location> {
+        self.locate(address, purpose)
+    }
+    fn list_keepers<'a>(&'a self, _list: &'a str) -> BoxFuture<'a, Vec<ListKeeper>> {
+        Box::pin(async { Vec::new() })
     }
 }
 
@@ -56,7 +62,7 @@ fn config(id: &str) -> Pop3Config {
     Pop3Config {
         hostname: format!("{id}.bench"),
         node_id: id.into(),
-        cluster_secret: Some(SECRET.into()),
+        proof_key: Some(ProofKey::from_cluster_secret(SECRET)),
         ..Pop3Config::default()
     }
 }
@@ -159,10 +165,14 @@ async fn main() {
     // Two front nodes: plain hop and STLS hop.
     let front = |peer_tls: Option<Arc<rustls::ClientConfig>>| {
         let store = Store::temporary().unwrap();
-        let lookup = OwnerLookup::Remote(Pop3Owner {
+        let lookup = Location::Remote(Owner {
             node: "owner".into(),
             canonical: "bob@company.com".into(),
+            is_list: false,
+            can_receive: true,
+            smtp: String::new(),
             pop3: owner_addr.to_string(),
+            imap: String::new(),
         });
         Pop3::new(
             config("front"),

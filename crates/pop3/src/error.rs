@@ -7,6 +7,9 @@ pub enum Error {
     /// The connection (reading, writing, TLS).
     #[error(transparent)]
     Net(#[from] ds_net::Error),
+    /// Reaching the owner or splicing a forwarded session.
+    #[error(transparent)]
+    Access(#[from] ds_access::Error),
     /// The mailbox store.
     #[error("store: {0}")]
     Store(#[from] ds_store::Error),

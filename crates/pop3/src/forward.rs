@@ -7,10 +7,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ds_net::{LineConn, MailStream, TlsConnector};
-use tokio::net::TcpStream;
+use ds_access::Owner;
+use ds_access::owner::{self as link, OwnerConn};
+use ds_net::TlsConnector;
 
-use crate::locate::Pop3Owner;
 use crate::protocol::{self, MAX_COMMAND_LINE, MAX_INITIAL_RESPONSE, Secret};
 use crate::{Error, Pop3, Result, xclient};
 
@@ -37,7 +37,7 @@ pub enum OwnerAnswer {
     /// `+OK`: the session is open on the owner; relay `reply`, then splice.
     Accepted {
         /// The connection to the owner, logged in.
-        conn: LineConn<MailStream>,
+        conn: OwnerConn,
         /// The owner's `+OK` line, CRLF included.
         reply: Vec<u8>,
     },
@@ -50,50 +50,32 @@ pub enum OwnerAnswer {
     },
 }
 
-fn owner_err(owner: &Pop3Owner, reason: impl Into<String>) -> Error {
+fn owner_err(owner: &Owner, reason: impl Into<String>) -> Error {
     Error::Owner {
         node: owner.node.clone(),
         reason: reason.into(),
     }
 }
 
-/// The host part of `host:port` (`[v6]:port` too), for TLS server-name checks.
-fn host_of(endpoint: &str) -> &str {
-    let host = endpoint.rsplit_once(':').map_or(endpoint, |(host, _)| host);
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
 /// One status line from the owner, CRLF-terminated.
-async fn read_reply(
-    conn: &mut LineConn<MailStream>,
-    owner: &Pop3Owner,
-    timeout: Duration,
-) -> Result<Vec<u8>> {
-    match conn.read_line(MAX_COMMAND_LINE, timeout).await {
-        Ok(Some(mut line)) => {
-            if !line.ends_with(b"\r\n") {
-                line.pop();
-                line.extend_from_slice(b"\r\n");
-            }
-            Ok(line)
-        }
-        Ok(None) => Err(owner_err(owner, "closed the connection")),
-        Err(e) => Err(owner_err(owner, format!("reading a reply: {e}"))),
-    }
+async fn read_reply(conn: &mut OwnerConn, owner: &Owner, timeout: Duration) -> Result<Vec<u8>> {
+    link::read_reply(conn, &owner.pop3, MAX_COMMAND_LINE, timeout)
+        .await
+        .map_err(|e| owner_err(owner, e.to_string()))
 }
 
 async fn command(
-    conn: &mut LineConn<MailStream>,
-    owner: &Pop3Owner,
+    conn: &mut OwnerConn,
+    owner: &Owner,
     line: &[u8],
     timeout: Duration,
 ) -> Result<Vec<u8>> {
-    conn.write_all(line).await?;
-    conn.flush().await?;
-    read_reply(conn, owner, timeout).await
+    link::command(conn, &owner.pop3, line, MAX_COMMAND_LINE, timeout)
+        .await
+        .map_err(|e| owner_err(owner, e.to_string()))
 }
 
-fn expect_ok(reply: &[u8], owner: &Pop3Owner, what: &str) -> Result<()> {
+fn expect_ok(reply: &[u8], owner: &Owner, what: &str) -> Result<()> {
     if protocol::is_ok(reply) {
         Ok(())
     } else {
@@ -107,29 +89,26 @@ fn expect_ok(reply: &[u8], owner: &Pop3Owner, what: &str) -> Result<()> {
     }
 }
 
-/// Connect to `owner`, set the session up for `client` and log in as `owner.canonical` with
-/// `password`. `Err` means the owner could not be used (unreachable, no TLS, `XCLIENT` refused):
+/// Connect to `owner`'s POP3 endpoint, set the session up for `client` and log in as
+/// `owner.canonical` with `password`. `Err` means the owner could not be used (unreachable, no TLS, `XCLIENT` refused):
 /// the client gets `-ERR [SYS/TEMP]`.
 pub async fn login_at_owner(
     pop3: &Pop3,
-    owner: &Pop3Owner,
+    owner: &Owner,
     client: SocketAddr,
     method: LoginMethod,
     password: &Secret,
 ) -> Result<OwnerAnswer> {
     let timeout = pop3.config.peer_timeout;
-    let secret = pop3
+    let key = pop3
         .config
-        .cluster_secret
-        .as_deref()
+        .proof_key
+        .as_ref()
         .ok_or_else(|| owner_err(owner, "no cluster secret configured, cannot forward"))?;
 
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(&owner.pop3))
+    let mut conn = link::connect(&owner.pop3, timeout)
         .await
-        .map_err(|_| owner_err(owner, format!("connecting to {} timed out", owner.pop3)))?
-        .map_err(|e| owner_err(owner, format!("connecting to {}: {e}", owner.pop3)))?;
-    let _ = tcp.set_nodelay(true);
-    let mut conn = LineConn::new(MailStream::Plain(tcp));
+        .map_err(|e| owner_err(owner, e.to_string()))?;
 
     let greeting = read_reply(&mut conn, owner, timeout).await?;
     expect_ok(&greeting, owner, "greeting")?;
@@ -143,23 +122,18 @@ pub async fn login_at_owner(
         }
         let reply = command(&mut conn, owner, b"STLS\r\n", timeout).await?;
         expect_ok(&reply, owner, "STLS")?;
-        let (stream, buffered) = conn.into_parts();
-        if !buffered.is_empty() {
-            return Err(owner_err(owner, "sent data after its STLS reply"));
-        }
-        let stream = stream
-            .connect_tls(
-                &TlsConnector::from(tls.clone()),
-                host_of(&owner.pop3),
-                pop3.config.tls_handshake_timeout,
-            )
-            .await
-            .map_err(|e| owner_err(owner, format!("TLS: {e}")))?;
-        conn = LineConn::new(stream);
+        conn = link::start_tls(
+            conn,
+            &owner.pop3,
+            &TlsConnector::from(tls.clone()),
+            pop3.config.tls_handshake_timeout,
+        )
+        .await
+        .map_err(|e| owner_err(owner, e.to_string()))?;
     }
 
     let line = xclient::command_line(
-        secret,
+        key,
         &timestamp,
         client.ip(),
         client.port(),
@@ -206,11 +180,7 @@ fn refused(reply: Vec<u8>) -> OwnerAnswer {
 }
 
 /// Ask for CAPA; true if it lists STLS.
-async fn owner_offers_stls(
-    conn: &mut LineConn<MailStream>,
-    owner: &Pop3Owner,
-    timeout: Duration,
-) -> Result<bool> {
+async fn owner_offers_stls(conn: &mut OwnerConn, owner: &Owner, timeout: Duration) -> Result<bool> {
     let reply = command(conn, owner, b"CAPA\r\n", timeout).await?;
     if !protocol::is_ok(&reply) {
         return Ok(false);
@@ -224,17 +194,4 @@ async fn owner_offers_stls(
         stls |= line.eq_ignore_ascii_case(b"STLS\r\n");
     }
     Err(owner_err(owner, "CAPA answer too long"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::host_of;
-
-    #[test]
-    fn hosts() {
-        assert_eq!(host_of("office-b.example.net:110"), "office-b.example.net");
-        assert_eq!(host_of("127.0.0.1:1110"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:1110"), "::1");
-        assert_eq!(host_of("office-b"), "office-b");
-    }
 }

@@ -7,34 +7,26 @@
 //!   PLAIN, STLS, RESP-CODES, AUTH-RESP-CODE, PIPELINING); accounts owned by a peer are proxied to
 //!   the owner after it accepted the client's credentials ([`forward`]), with the client's address
 //!   passed in a signed `XCLIENT` ([`xclient`]).
-//! - [`LoginThrottle`]: growing delays after failed logins per IP and per account;
-//!   [`MaildropLocks`]: `-ERR [IN-USE]`.
+//! - The cluster lookup, the login throttle, the peer proof, the owner connection, the splice and
+//!   the maildrop locks (`-ERR [IN-USE]`) come from `ds-access`, shared with the other protocols.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use ds_access::{Locate, MailboxLocks, ProofKey};
 use ds_directory::Directory;
 use ds_net::{ConnContext, MailStream, Shutdown, TlsAcceptor};
 use ds_store::{MailStore, Store};
 
-mod cluster;
 mod error;
 pub mod forward;
-pub mod locate;
-pub mod lock;
 pub mod maildrop;
 pub mod protocol;
 mod session;
-pub mod throttle;
 pub mod xclient;
 
+pub use ds_access::{LoginThrottle, ThrottleConfig};
 pub use error::{Error, Result};
-pub use locate::{NoPeers, OwnerLocator, OwnerLookup, Pop3Owner};
-pub use lock::MaildropLocks;
-pub use throttle::{LoginThrottle, ThrottleConfig};
-
-/// Shortest cluster secret accepted for signing `XCLIENT` (the cluster's own minimum).
-pub const MIN_SECRET_LEN: usize = 16;
 
 /// How the POP3 service behaves. `Default` gives the documented defaults.
 #[derive(Clone)]
@@ -47,9 +39,9 @@ pub struct Pop3Config {
     pub idle_timeout: Duration,
     /// Idle timeout before authentication. Default 60 s.
     pub auth_timeout: Duration,
-    /// The cluster secret: signs the `XCLIENT` we send and checks the ones we receive. Without it
-    /// this node neither forwards nor accepts forwarded sessions.
-    pub cluster_secret: Option<String>,
+    /// The session-proof key: signs the `XCLIENT` we send and checks the ones we receive. Without
+    /// it this node neither forwards nor accepts forwarded sessions.
+    pub proof_key: Option<ProofKey>,
     /// Failed logins in one session before it is closed. Default 3.
     pub max_failed_logins: u32,
     /// Invalid commands in one session before it is closed. Default 20.
@@ -59,8 +51,8 @@ pub struct Pop3Config {
     pub peer_timeout: Duration,
     /// Bound on a TLS handshake (STLS, and to an owner). Default 10 s.
     pub tls_handshake_timeout: Duration,
-    /// Failed-login delays.
-    pub throttle: ThrottleConfig,
+    /// Failed-login delays; share one with the node's other login protocols.
+    pub throttle: Arc<LoginThrottle>,
 }
 
 impl Default for Pop3Config {
@@ -70,12 +62,12 @@ impl Default for Pop3Config {
             node_id: "node".into(),
             idle_timeout: Duration::from_secs(10 * 60),
             auth_timeout: Duration::from_secs(60),
-            cluster_secret: None,
+            proof_key: None,
             max_failed_logins: 3,
             max_bad_commands: 20,
             peer_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
-            throttle: ThrottleConfig::default(),
+            throttle: Arc::new(LoginThrottle::default()),
         }
     }
 }
@@ -87,10 +79,7 @@ impl std::fmt::Debug for Pop3Config {
             .field("node_id", &self.node_id)
             .field("idle_timeout", &self.idle_timeout)
             .field("auth_timeout", &self.auth_timeout)
-            .field(
-                "cluster_secret",
-                &self.cluster_secret.as_ref().map(|_| "<set>"),
-            )
+            .field("proof_key", &self.proof_key.as_ref().map(|_| "<set>"))
             .field("max_failed_logins", &self.max_failed_logins)
             .field("max_bad_commands", &self.max_bad_commands)
             .field("peer_timeout", &self.peer_timeout)
@@ -106,13 +95,12 @@ pub struct Pop3 {
     pub(crate) directory: Directory,
     pub(crate) mail: MailStore,
     pub(crate) store: Store,
-    pub(crate) locator: Arc<dyn OwnerLocator>,
+    pub(crate) locator: Arc<dyn Locate>,
     /// For STLS; `None`: STLS is not offered.
     pub(crate) tls_acceptor: Option<TlsAcceptor>,
     /// Trusts the cluster CA; `Some`: connections to owners must be upgraded with STLS.
     pub(crate) peer_tls: Option<Arc<rustls::ClientConfig>>,
-    pub(crate) locks: MaildropLocks,
-    pub(crate) throttle: LoginThrottle,
+    pub(crate) locks: MailboxLocks,
 }
 
 impl std::fmt::Debug for Pop3 {
@@ -127,7 +115,7 @@ impl std::fmt::Debug for Pop3 {
 
 impl Pop3 {
     /// The service. `locator` answers for addresses of shared domains this node does not have
-    /// (`ds_cluster::Locator` implements [`OwnerLocator`]; [`NoPeers`] for a lone node).
+    /// (`ds_cluster::Locator` implements [`Locate`]; `ds_access::NoPeers` for a lone node).
     /// `tls_acceptor` enables STLS; `peer_tls` (trusting the cluster CA) makes forwarded sessions
     /// use STLS to the owner.
     pub fn new(
@@ -135,18 +123,10 @@ impl Pop3 {
         directory: Directory,
         mail: MailStore,
         store: Store,
-        locator: Arc<dyn OwnerLocator>,
+        locator: Arc<dyn Locate>,
         tls_acceptor: Option<TlsAcceptor>,
         peer_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Arc<Pop3> {
-        if config
-            .cluster_secret
-            .as_ref()
-            .is_some_and(|s| s.len() < MIN_SECRET_LEN)
-        {
-            tracing::warn!("cluster secret shorter than {MIN_SECRET_LEN} characters");
-        }
-        let throttle = LoginThrottle::new(config.throttle.clone());
         Arc::new(Pop3 {
             config,
             directory,
@@ -155,8 +135,7 @@ impl Pop3 {
             locator,
             tls_acceptor,
             peer_tls,
-            locks: MaildropLocks::new(),
-            throttle,
+            locks: MailboxLocks::new(),
         })
     }
 
@@ -166,7 +145,7 @@ impl Pop3 {
     }
 
     /// The maildrop locks (to see whether an account is in a session).
-    pub fn locks(&self) -> &MaildropLocks {
+    pub fn locks(&self) -> &MailboxLocks {
         &self.locks
     }
 

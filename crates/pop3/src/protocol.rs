@@ -441,11 +441,7 @@ pub fn is_ok(line: &[u8]) -> bool {
 
 /// The RFC 1939 APOP-style timestamp (`<…@…>`) of a greeting line, if there is one.
 pub fn greeting_timestamp(greeting: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(trim_line_end(greeting)).ok()?;
-    let start = text.find('<')?;
-    let end = start + text[start..].find('>')?;
-    let stamp = &text[start..=end];
-    stamp.contains('@').then_some(stamp)
+    ds_access::proof::nonce_in(greeting)
 }
 
 /// Append `body` to `out` as a POP3 multi-line payload: bare LF and bare CR become CRLF, lines

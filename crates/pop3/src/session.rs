@@ -4,21 +4,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
+use ds_access::{LoginOwner, MailboxGuard, Owner, Service};
 use ds_directory::{Outcome, ResolveContext};
 use ds_net::{ConnContext, LineConn, MailStream, Shutdown};
 use ds_store::mailbox::INBOX;
-use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use crate::forward::{self, LoginMethod, NOT_HERE, OwnerAnswer};
-use crate::lock::MaildropGuard;
 use crate::maildrop::Maildrop;
 use crate::protocol::{
     self, Command, MAX_COMMAND_LINE, MAX_SASL_LINE, ParseError, SaslResponse, Secret, Xclient,
 };
-use crate::{OwnerLookup, Pop3, Pop3Owner, Result, count_login, xclient};
+use crate::{Pop3, Result, count_login, xclient};
 
 /// The reply to every failed login, whatever the reason (bad password, unknown user, list, …).
 pub const AUTH_FAILED: &str = "-ERR [AUTH] Authentication failed\r\n";
@@ -43,7 +41,7 @@ enum State {
     },
     Transaction {
         maildrop: Maildrop,
-        _lock: MaildropGuard,
+        _lock: MailboxGuard,
     },
 }
 
@@ -71,7 +69,7 @@ pub(crate) async fn run(pop3: Arc<Pop3>, stream: MailStream, ctx: ConnContext, s
         owner = tracing::field::Empty,
     );
     async move {
-        let timestamp = make_timestamp(&pop3.config.hostname);
+        let timestamp = ds_access::proof::greeting_nonce(&pop3.config.hostname);
         let mut session = Session {
             client: ctx.peer,
             pop3,
@@ -89,19 +87,6 @@ pub(crate) async fn run(pop3: Arc<Pop3>, stream: MailStream, ctx: ConnContext, s
     }
     .instrument(span)
     .await;
-}
-
-/// `<random.unixtime@host>`, fresh per connection.
-fn make_timestamp(hostname: &str) -> String {
-    use ring::rand::SecureRandom;
-    let mut nonce = [0u8; 12];
-    // A failure of the system RNG leaves zeros; the time still varies, and XCLIENT is refused by
-    // nobody for it — but log it, it should never happen.
-    if ring::rand::SystemRandom::new().fill(&mut nonce).is_err() {
-        tracing::error!("system random number generator failed");
-    }
-    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    format!("<{hex}.{}@{hostname}>", ds_store::unix_now())
 }
 
 fn domain_of(address: &str) -> &str {
@@ -264,6 +249,9 @@ impl Session {
                 "-ERR [SYS/TEMP] Some deleted messages were not removed\r\n".to_owned()
             }
         };
+        // Release the maildrop before the reply goes out: a client (or a front node relaying
+        // for one) that reconnects as soon as it reads it must not find it still locked.
+        self.state = State::Authorization { user: None };
         conn.write_all(reply.as_bytes()).await?;
         Ok(Flow::Close)
     }
@@ -323,14 +311,14 @@ impl Session {
 
     /// A peer's `XCLIENT`: accepted once, before `USER`, when its signature checks.
     fn xclient(&mut self, x: &Xclient, after_user: bool) -> &'static str {
-        let Some(secret) = self.pop3.config.cluster_secret.as_deref() else {
+        let Some(key) = &self.pop3.config.proof_key else {
             tracing::warn!(hop = %x.hop, "XCLIENT refused: no cluster secret configured");
             return "-ERR XCLIENT not available\r\n";
         };
         if self.forwarded_by.is_some() || after_user {
             return "-ERR XCLIENT not valid now\r\n";
         }
-        if !xclient::verify(secret, &self.timestamp, x) {
+        if !xclient::verify(key, &self.timestamp, x) {
             tracing::warn!(hop = %x.hop, "XCLIENT refused: bad signature");
             return "-ERR XCLIENT refused\r\n";
         }
@@ -455,6 +443,7 @@ impl Session {
                 if self.forwarded_by.is_some() {
                     // Never forwarded again: tell the front node its owner was wrong.
                     self.pop3
+                        .config
                         .throttle
                         .record_failure(self.client.ip(), address.as_deref());
                     count_login("failed");
@@ -469,7 +458,7 @@ impl Session {
     }
 
     async fn throttle_wait(&self, account: Option<&str>) {
-        let delay = self.pop3.throttle.delay(self.client.ip(), account);
+        let delay = self.pop3.config.throttle.delay(self.client.ip(), account);
         if !delay.is_zero() {
             tracing::debug!(?delay, "login throttled");
             tokio::time::sleep(delay).await;
@@ -503,7 +492,7 @@ impl Session {
                 .auth_failed(conn, Some(&address), "bad password or disabled account")
                 .await;
         }
-        self.pop3.throttle.record_success(&address);
+        self.pop3.config.throttle.record_success(&address);
         let Some(lock) = self.pop3.locks.try_lock(&address) else {
             count_login("in_use");
             tracing::info!(account = %address, "maildrop in use");
@@ -540,15 +529,19 @@ impl Session {
         method: LoginMethod,
     ) -> Result<Flow> {
         self.throttle_wait(Some(&address)).await;
-        let mut lookup = self.pop3.locator.locate_owner(&address).await;
+        let mut lookup = self
+            .pop3
+            .locator
+            .locate_login(&address, Service::Pop3)
+            .await;
         for attempt in 0..2 {
             let owner = match lookup {
-                OwnerLookup::Remote(owner) => owner,
-                OwnerLookup::NotFound(reason) => {
+                LoginOwner::Remote(owner) => owner,
+                LoginOwner::NotFound(reason) => {
                     let _ = self.verify(&address, &password).await;
                     return self.auth_failed(conn, Some(&address), &reason).await;
                 }
-                OwnerLookup::TempFail(reason) => {
+                LoginOwner::TempFail(reason) => {
                     return self.temp_failed(conn, &format!("locating: {reason}")).await;
                 }
             };
@@ -562,7 +555,11 @@ impl Session {
                 }
                 Ok(OwnerAnswer::Refused { not_here: true, .. }) if attempt == 0 => {
                     tracing::info!(owner = %owner.node, "owner does not have the account, locating again");
-                    lookup = self.pop3.locator.relocate_owner(&address).await;
+                    lookup = self
+                        .pop3
+                        .locator
+                        .relocate_login(&address, Service::Pop3)
+                        .await;
                 }
                 Ok(OwnerAnswer::Refused { reply, not_here }) => {
                     let reply = if not_here {
@@ -582,14 +579,14 @@ impl Session {
     async fn forwarded(
         &mut self,
         conn: &mut Conn,
-        owner: &Pop3Owner,
+        owner: &Owner,
         owner_conn: Conn,
         reply: &[u8],
     ) -> Result<Flow> {
         let span = tracing::Span::current();
         span.record("user", owner.canonical.as_str());
         span.record("owner", owner.node.as_str());
-        self.pop3.throttle.record_success(&owner.canonical);
+        self.pop3.config.throttle.record_success(&owner.canonical);
         count_login("forwarded");
         tracing::info!("logged in on the owner, forwarding");
         conn.write_all(reply).await?;
@@ -600,13 +597,14 @@ impl Session {
         &mut self,
         conn: &mut Conn,
         address: &str,
-        owner: &Pop3Owner,
+        owner: &Owner,
         reply: &[u8],
     ) -> Result<Flow> {
         let text = String::from_utf8_lossy(reply);
         if text.starts_with("-ERR [AUTH]") || !text.starts_with("-ERR [") {
             // A failed login as far as throttling goes (the owner throttled too).
             self.pop3
+                .config
                 .throttle
                 .record_failure(self.client.ip(), Some(address));
             self.failed_logins += 1;
@@ -639,7 +637,10 @@ impl Session {
         account: Option<&str>,
         reason: &str,
     ) -> Result<Flow> {
-        self.pop3.throttle.record_failure(self.client.ip(), account);
+        self.pop3
+            .config
+            .throttle
+            .record_failure(self.client.ip(), account);
         self.failed_logins += 1;
         count_login("failed");
         tracing::info!(account, reason, "login failed");
@@ -757,36 +758,18 @@ impl Session {
     /// Copy bytes between the client and the owner until either side closes, the splice is idle,
     /// or this node shuts down (both connections are then closed: the owner ends its session
     /// without an UPDATE and releases the maildrop).
-    async fn splice(&self, mut client: Conn, owner: Conn, shutdown: &Shutdown) -> Result<()> {
-        client.flush().await?;
-        let (mut client, client_buffered) = client.into_parts();
-        let (mut owner, owner_buffered) = owner.into_parts();
-        let write_timeout = ds_net::DEFAULT_WRITE_TIMEOUT;
-        // Commands the client pipelined behind its login go to the owner first.
-        write_all_timeout(&mut owner, &client_buffered, write_timeout).await?;
-        write_all_timeout(&mut client, &owner_buffered, write_timeout).await?;
-        tokio::select! {
-            copied = ds_net::splice(client, owner, self.pop3.config.idle_timeout) => {
-                let (up, down) = copied?;
-                tracing::info!(up, down, "forwarded session ended");
+    async fn splice(&self, client: Conn, owner: Conn, shutdown: &Shutdown) -> Result<()> {
+        let idle = self.pop3.config.idle_timeout;
+        match ds_access::splice_session(client, owner, idle, shutdown).await? {
+            Some(copied) => {
+                tracing::info!(
+                    up = copied.up,
+                    down = copied.down,
+                    "forwarded session ended"
+                );
             }
-            () = shutdown.wait() => {
-                tracing::info!("shutting down, forwarded session closed");
-            }
+            None => tracing::info!("shutting down, forwarded session closed"),
         }
         Ok(())
     }
-}
-
-async fn write_all_timeout(stream: &mut MailStream, data: &[u8], timeout: Duration) -> Result<()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    tokio::time::timeout(timeout, async {
-        stream.write_all(data).await?;
-        stream.flush().await
-    })
-    .await
-    .map_err(|_| ds_net::Error::Timeout)??;
-    Ok(())
 }

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use ds_access::{BoxFuture, ListKeeper, Locate, Location, Owner, ProofKey, Purpose};
 use ds_cluster::{ClusterConfig, Endpoints, Locator, PeerConfig, serve_minger};
 use ds_net::tls::{Pki, client_config_with_ca};
-use ds_pop3::locate::BoxFuture;
-use ds_pop3::{OwnerLocator, OwnerLookup, Pop3Owner, xclient};
+use ds_pop3::xclient;
 use ds_store::mailbox::INBOX;
 use tokio::net::TcpListener;
 
@@ -292,8 +292,9 @@ async fn xclient_is_checked_and_forwarded_logins_are_not_forwarded_again() {
     );
     assert_eq!(c.cmd(&bad).await, "-ERR XCLIENT refused");
     // Signed for another connection's greeting: refused too.
+    let key = ProofKey::from_cluster_secret(SECRET);
     let stolen = xclient::command_line(
-        SECRET,
+        &key,
         "<0.0@office-b.test>",
         ip("203.0.113.9"),
         51234,
@@ -308,14 +309,14 @@ async fn xclient_is_checked_and_forwarded_logins_are_not_forwarded_again() {
         .unwrap()
         .to_owned();
     let wrong = xclient::command_line(
-        "some-other-secret-0123456789",
+        &ProofKey::from_cluster_secret("some-other-secret-0123456789"),
         &stamp,
         ip("203.0.113.9"),
         51234,
         "office-a",
     );
     assert_eq!(c.cmd(wrong.trim_end()).await, "-ERR XCLIENT refused");
-    let good = xclient::command_line(SECRET, &stamp, ip("203.0.113.9"), 51234, "office-a");
+    let good = xclient::command_line(&key, &stamp, ip("203.0.113.9"), 51234, "office-a");
     assert_eq!(c.cmd(good.trim_end()).await, "+OK");
     assert_eq!(c.cmd(good.trim_end()).await, "-ERR XCLIENT not valid now");
     // alice lives on A: B must not forward back.
@@ -339,14 +340,33 @@ async fn connect_with_greeting(addr: SocketAddr) -> (Client<tokio::net::TcpStrea
     (c, greeting)
 }
 
-/// A locator that always names the same owner.
-struct Fixed(OwnerLookup);
+/// A locator that always gives the same answer.
+struct Fixed(Location);
 
-impl OwnerLocator for Fixed {
-    fn locate_owner<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, OwnerLookup> {
+impl Locate for Fixed {
+    fn locate<'a>(&'a self, _address: &'a str, _purpose: Purpose) -> BoxFuture<'a, Location> {
         let answer = self.0.clone();
         Box::pin(async move { answer })
     }
+    fn relocate<'a>(&'a self, address: &'a str, purpose: Purpose) -> BoxFuture<'a, Location> {
+        self.locate(address, purpose)
+    }
+    fn list_keepers<'a>(&'a self, _list: &'a str) -> BoxFuture<'a, Vec<ListKeeper>> {
+        Box::pin(async { Vec::new() })
+    }
+}
+
+/// bob's owner: `office-b`, serving POP3 at `pop3`.
+fn owner_at(node: &str, canonical: &str, pop3: &str) -> Location {
+    Location::Remote(Owner {
+        node: node.into(),
+        canonical: canonical.into(),
+        is_list: false,
+        can_receive: true,
+        smtp: String::new(),
+        pop3: pop3.into(),
+        imap: String::new(),
+    })
 }
 
 #[tokio::test]
@@ -357,12 +377,8 @@ async fn owner_unreachable_or_tempfail_is_sys_temp() {
         l.local_addr().unwrap()
     };
     for answer in [
-        OwnerLookup::Remote(Pop3Owner {
-            node: "office-z".into(),
-            canonical: "zed@company.com".into(),
-            pop3: closed.to_string(),
-        }),
-        OwnerLookup::TempFail("peer down".into()),
+        owner_at("office-z", "zed@company.com", &closed.to_string()),
+        Location::TempFail("peer down".into()),
     ] {
         let parts = Parts::temporary();
         let mut node = parts.node(test_config("a"), Arc::new(Fixed(answer)), None, None);
@@ -408,16 +424,12 @@ async fn shutdown_ends_a_forwarded_session() {
     parts_b.deliver("bob@company.com", MSG1);
     let mut b = parts_b.node(
         test_config("office-b"),
-        Arc::new(ds_pop3::NoPeers),
+        Arc::new(ds_access::NoPeers),
         None,
         None,
     );
     let b_pop3 = b.listen("127.0.0.1", None).await;
-    let owner = OwnerLookup::Remote(Pop3Owner {
-        node: "office-b".into(),
-        canonical: "bob@company.com".into(),
-        pop3: b_pop3.to_string(),
-    });
+    let owner = owner_at("office-b", "bob@company.com", &b_pop3.to_string());
     let a = Parts::temporary().node(test_config("office-a"), Arc::new(Fixed(owner)), None, None);
 
     // The front's connection handler, driven by hand with a shutdown signal of our own.

@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use ds_access::NoPeers;
 use ds_net::tls::{Pki, client_config_with_ca};
-use ds_pop3::NoPeers;
 use ds_store::Store;
 use ds_store::mailbox::INBOX;
 use rustls_pki_types::ServerName;

@@ -391,12 +391,16 @@ impl Node {
             Some(acceptor.clone()),
             peer_tls.clone(),
         );
+        // Shared by every login protocol of the node.
+        let throttle = Arc::new(ds_access::LoginThrottle::default());
+        let proof_key = ds_access::ProofKey::from_cluster_secret(&secret);
         let pop3 = ds_pop3::Pop3::new(
             ds_pop3::Pop3Config {
                 hostname: config.node.advertise.clone(),
                 node_id: config.node.id.clone(),
                 idle_timeout: limits.pop3_idle,
-                cluster_secret: Some(secret.clone()),
+                proof_key: Some(proof_key.clone()),
+                throttle: Arc::clone(&throttle),
                 ..Default::default()
             },
             directory.clone(),

@@ -4,18 +4,16 @@
 //!   STARTTLS, SMTPUTF8, and `AUTH PLAIN` for peer nodes only), local delivery and queueing.
 //! - [`QueueRunner`]: relays queued messages to the owner node's SMTP endpoint, with back-off, a
 //!   single re-location on `550`, and an RFC 3464 DSN after the maximum queue age.
-//! - [`RecipientLocator`]: the narrow view of the cluster's `Locator` this crate needs; implemented
-//!   for `ds_cluster::Locator` by the node, and by simple fakes in tests.
+//! - Where addresses live is asked through `ds_access::Locate` (the cluster's `Locator` in the
+//!   node, fakes in tests); its types are re-exported here.
 //!
 //! Reply codes follow DESIGN.md §4 and §9.
 
 mod base64;
-mod cluster;
 mod config;
 mod data;
 mod delivery;
 mod dsn;
-mod locate;
 mod queue;
 mod relay;
 mod reply;
@@ -23,7 +21,9 @@ mod session;
 
 pub use config::SmtpConfig;
 pub use data::{DataEnd, DataReader};
-pub use locate::{BoxFuture, ListKeeper, Location, Owner, Purpose, RecipientLocator};
+/// The crate's modules name the shared lookup types as `crate::locate::…`.
+use ds_access::locate;
+pub use ds_access::{BoxFuture, ListKeeper, Locate, Location, Owner, Purpose};
 pub use queue::QueueRunner;
 pub use session::Smtp;
 

@@ -229,7 +229,7 @@ impl QueueRunner {
                                 continue;
                             }
                             tracing::info!(id = entry.id, rcpt = %address, %owner, "owner has no such user, locating again");
-                            let location = smtp.locator.relocate(&address).await;
+                            let location = smtp.locator.relocate(&address, Purpose::Rcpt).await;
                             let before = entry.recipients[i].owner.clone();
                             self.apply_location(
                                 entry,

@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
 use crate::data::{DataEnd, DataReader};
-use crate::locate::{Location, Owner, Purpose, RecipientLocator};
+use crate::locate::{Locate, Location, Owner, Purpose};
 use crate::queue::QueueRunner;
 use crate::reply::*;
 use crate::{PEER_AUTH_PREFIX, SmtpConfig, base64};
@@ -32,7 +32,7 @@ pub struct Smtp {
     pub(crate) mail: MailStore,
     pub(crate) queue: QueueStore,
     pub(crate) store: Store,
-    pub(crate) locator: Arc<dyn RecipientLocator>,
+    pub(crate) locator: Arc<dyn Locate>,
     tls: Option<TlsAcceptor>,
     pub(crate) relay_tls: Option<Arc<rustls::ClientConfig>>,
     /// Woken when a message is queued.
@@ -110,7 +110,7 @@ impl Smtp {
         mail: MailStore,
         queue: QueueStore,
         store: Store,
-        locator: Arc<dyn RecipientLocator>,
+        locator: Arc<dyn Locate>,
         tls_acceptor: Option<TlsAcceptor>,
         relay_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Arc<Smtp> {

@@ -448,6 +448,8 @@ async fn stale_owner_550_relocates_once() {
             is_list: false,
             can_receive: true,
             smtp: b.addr.to_string(),
+            pop3: String::new(),
+            imap: String::new(),
         }),
     );
     send_simple(&a, ALICE, &[BOB], "Subject: moved\r\n\r\nx\r\n").await;

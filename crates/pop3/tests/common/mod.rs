@@ -7,9 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ds_access::{Locate, LoginThrottle, ProofKey};
 use ds_directory::{Directory, Domain, Domains, HashCost};
 use ds_net::{ListenOptions, ShutdownTrigger, TlsAcceptor, shutdown_pair};
-use ds_pop3::{OwnerLocator, Pop3, Pop3Config, ThrottleConfig};
+use ds_pop3::{Pop3, Pop3Config, ThrottleConfig};
 use ds_store::{MailStore, Store};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,12 +59,12 @@ pub fn test_config(node_id: &str) -> Pop3Config {
     Pop3Config {
         hostname: format!("{node_id}.test"),
         node_id: node_id.into(),
-        cluster_secret: Some(SECRET.into()),
-        throttle: ThrottleConfig {
+        proof_key: Some(ProofKey::from_cluster_secret(SECRET)),
+        throttle: Arc::new(LoginThrottle::new(ThrottleConfig {
             base: Duration::from_millis(5),
             max: Duration::from_millis(20),
             ..ThrottleConfig::default()
-        },
+        })),
         ..Pop3Config::default()
     }
 }
@@ -113,7 +114,7 @@ impl Parts {
     pub fn node(
         self,
         config: Pop3Config,
-        locator: Arc<dyn OwnerLocator>,
+        locator: Arc<dyn Locate>,
         tls_acceptor: Option<TlsAcceptor>,
         peer_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Node {

@@ -9,9 +9,7 @@ use std::time::Duration;
 use ds_cluster::{ClusterConfig, Endpoints};
 use ds_directory::{Directory, Domain, Domains, HashCost};
 use ds_net::{ListenOptions, MailStream, ShutdownTrigger, TlsAcceptor, serve, shutdown_pair};
-use ds_smtp::{
-    BoxFuture, ListKeeper, Location, Owner, Purpose, RecipientLocator, Smtp, SmtpConfig,
-};
+use ds_smtp::{BoxFuture, ListKeeper, Locate, Location, Owner, Purpose, Smtp, SmtpConfig};
 use ds_store::Store;
 use ds_store::mailbox::MailStore;
 use ds_store::queue::QueueStore;
@@ -43,6 +41,8 @@ impl TestLocator {
                 is_list: false,
                 can_receive: true,
                 smtp: smtp.to_string(),
+                pop3: String::new(),
+                imap: String::new(),
             },
         );
     }
@@ -52,7 +52,7 @@ impl TestLocator {
         if let Some(location) = fixed {
             return location;
         }
-        let found = RecipientLocator::locate(&self.local, address, purpose).await;
+        let found = Locate::locate(&self.local, address, purpose).await;
         if found == Location::Unknown
             && let Some(owner) = self.remote.lock().unwrap().get(address)
         {
@@ -62,17 +62,17 @@ impl TestLocator {
     }
 }
 
-impl RecipientLocator for TestLocator {
+impl Locate for TestLocator {
     fn locate<'a>(&'a self, address: &'a str, purpose: Purpose) -> BoxFuture<'a, Location> {
         Box::pin(self.find(address, purpose))
     }
-    fn relocate<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Location> {
+    fn relocate<'a>(&'a self, address: &'a str, purpose: Purpose) -> BoxFuture<'a, Location> {
         Box::pin(async move {
             self.relocations.lock().unwrap().push(address.to_string());
             let fixed = self.relocated.lock().unwrap().get(address).cloned();
             match fixed {
                 Some(l) => l,
-                None => self.find(address, Purpose::Rcpt).await,
+                None => self.find(address, purpose).await,
             }
         })
     }

@@ -1,6 +1,7 @@
 //! [`LoginThrottle`]: a growing delay after failed logins, per client IP address and per account
 //! (DESIGN.md §9). Each failure doubles the delay (from `base` up to `max`); a key that has been
-//! quiet for `forget_after` starts over. Reusable by any protocol front (POP3, IMAP, SMTP AUTH).
+//! quiet for `forget_after` starts over. One throttle is shared by every login protocol of a node
+//! (POP3, IMAP, SMTP AUTH), so a guesser cannot switch protocols to start over.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -1,6 +1,7 @@
-//! [`RecipientLocator`] for the cluster's `ds_cluster::Locator`.
+//! [`Locate`] for the cluster's `ds_cluster::Locator`: the one adapter between the cluster crate's
+//! answers and what the protocol fronts see.
 
-use crate::locate::{BoxFuture, ListKeeper, Location, Owner, Purpose, RecipientLocator};
+use crate::locate::{BoxFuture, ListKeeper, Locate, Location, Owner, Purpose};
 
 fn convert(location: ds_cluster::Location) -> Location {
     use ds_cluster::Location as L;
@@ -13,6 +14,8 @@ fn convert(location: ds_cluster::Location) -> Location {
             is_list: o.kind == ds_cluster::Kind::List,
             can_receive: o.can_receive,
             smtp: o.smtp,
+            pop3: o.pop3,
+            imap: o.imap,
         }),
         L::RemoteHost(address) => Location::External(address),
         L::Unknown => Location::Unknown,
@@ -28,20 +31,21 @@ fn purpose(p: Purpose) -> ds_cluster::Purpose {
     match p {
         Purpose::Rcpt => ds_cluster::Purpose::Rcpt,
         Purpose::Sender => ds_cluster::Purpose::Sender,
+        Purpose::Login => ds_cluster::Purpose::Login,
     }
 }
 
-impl RecipientLocator for ds_cluster::Locator {
+impl Locate for ds_cluster::Locator {
     fn locate<'a>(&'a self, address: &'a str, p: Purpose) -> BoxFuture<'a, Location> {
         Box::pin(
             async move { convert(ds_cluster::Locator::locate(self, address, purpose(p)).await) },
         )
     }
 
-    fn relocate<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Location> {
-        Box::pin(async move {
-            convert(ds_cluster::Locator::relocate(self, address, ds_cluster::Purpose::Rcpt).await)
-        })
+    fn relocate<'a>(&'a self, address: &'a str, p: Purpose) -> BoxFuture<'a, Location> {
+        Box::pin(
+            async move { convert(ds_cluster::Locator::relocate(self, address, purpose(p)).await) },
+        )
     }
 
     fn list_keepers<'a>(&'a self, list: &'a str) -> BoxFuture<'a, Vec<ListKeeper>> {
@@ -59,5 +63,48 @@ impl RecipientLocator for ds_cluster::Locator {
                 })
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ds_cluster::Kind;
+
+    use super::*;
+
+    fn owner(kind: Kind) -> ds_cluster::Owner {
+        ds_cluster::Owner {
+            node: "office-b".into(),
+            canonical: "bob@company.com".into(),
+            kind,
+            can_receive: true,
+            smtp: "b:25".into(),
+            pop3: "b:110".into(),
+            imap: "b:143".into(),
+        }
+    }
+
+    #[test]
+    fn cluster_locations_convert() {
+        let Location::Remote(o) = convert(ds_cluster::Location::Remote(owner(Kind::Account)))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (o.is_list, o.pop3.as_str(), o.imap.as_str()),
+            (false, "b:110", "b:143")
+        );
+        let Location::Remote(o) = convert(ds_cluster::Location::Remote(owner(Kind::List))) else {
+            panic!()
+        };
+        assert!(o.is_list);
+        assert_eq!(
+            convert(ds_cluster::Location::Refused("loop".into())),
+            Location::Unknown
+        );
+        assert_eq!(
+            convert(ds_cluster::Location::RemoteHost("x@y.org".into())),
+            Location::External("x@y.org".into())
+        );
     }
 }

@@ -1,0 +1,39 @@
+//! ds-access: what every login protocol of a node shares (DESIGN.md §2, §7) — the layer between
+//! the protocol fronts (`ds-smtp`, `ds-pop3`, `ds-imap`) and the cluster.
+//!
+//! - [`locate`]: [`Locate`], the one interface over the cluster's `Locator` (implemented for
+//!   `ds_cluster::Locator`; [`NoPeers`] for a node without peers and tests), with the owner's
+//!   endpoints per protocol and [`Location::for_login`].
+//! - [`throttle`]: [`LoginThrottle`], growing delays after failed logins per IP and per account,
+//!   one per node for every protocol.
+//! - [`proof`]: the peer proof of a forwarded session, an HMAC under a [`ProofKey`] over the
+//!   owner's greeting nonce and the forwarded fields.
+//! - [`owner`]: connecting to an owner with timeouts, line replies, STARTTLS verified against the
+//!   cluster CA.
+//! - [`forward`]: passing pipelined bytes on and splicing a logged-in session.
+//! - [`lock`]: [`MailboxLocks`], exclusive in-process locks by name (POP3 maildrops, IMAP
+//!   mailboxes).
+//! - [`imap_client`]: the IMAP forwarding dialogue with the owner (`STARTTLS`, `ID` with the
+//!   proof, `LOGIN`), and [`imap_client::verify_imap_id`] for the owner side.
+//!
+//! The byte splice itself stays in `ds-net` ([`ds_net::splice`]): it is stream mechanics with no
+//! knowledge of owners or protocols, next to the stream type it is tuned for.
+
+mod cluster;
+mod error;
+pub mod forward;
+pub mod imap_client;
+pub mod locate;
+pub mod lock;
+pub mod owner;
+pub mod proof;
+pub mod throttle;
+
+pub use error::{Error, Result};
+pub use forward::{Copied, splice_session};
+pub use locate::{
+    BoxFuture, ListKeeper, Locate, Location, LoginOwner, NoPeers, Owner, Purpose, Service,
+};
+pub use lock::{MailboxGuard, MailboxLocks};
+pub use proof::ProofKey;
+pub use throttle::{LoginThrottle, ThrottleConfig};
