@@ -23,10 +23,14 @@ fn main() {
     let queue = QueueStore::new(&store).unwrap();
     let a = "alice@company.com";
     let b = "bob@company.com";
-    mail.deliver(a, b"Return-Path: <x@y.org>\r\nSubject: one\r\n\r\nhello\r\n")
-        .unwrap();
+    mail.deliver(
+        a,
+        b"Return-Path: <x@y.org>\r\nSubject: one\r\n\r\nhello\r\n",
+    )
+    .unwrap();
     mail.deliver(a, &big_body()).unwrap();
-    mail.deliver(b, b"Subject: bare\n\nbare LF body\n.dot\n").unwrap();
+    mail.deliver(b, b"Subject: bare\n\nbare LF body\n.dot\n")
+        .unwrap();
     mail.add_flags(a, INBOX, 1, &["\\Seen".to_string(), "$Work".to_string()])
         .unwrap();
     mail.copy(a, INBOX, &[1, 2], "Trash").unwrap();
