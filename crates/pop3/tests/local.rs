@@ -49,7 +49,9 @@ async fn rfc1939_session_with_update_at_quit() {
         "{ok}"
     );
 
-    let sizes = [MSG1.len(), MSG2.len(), MSG3.len()];
+    // Sizes as RETR sends them (before byte-stuffing): MSG2's bare LFs count as CRLF and its
+    // last line gets one.
+    let sizes = [MSG1.len(), MSG2.len() + 7, MSG3.len()];
     let total: usize = sizes.iter().sum();
     assert_eq!(c.cmd("STAT").await, format!("+OK 3 {total}"));
     let (status, body) = c.multi_cmd("LIST").await;
@@ -73,11 +75,14 @@ async fn rfc1939_session_with_update_at_quit() {
         body,
         b"Subject: one\r\nFrom: a@example.net\r\n\r\nfirst line\r\n..dot line\r\n...two dots\r\nlast\r\n"
     );
-    let (_, body) = c.multi_cmd("RETR 2").await;
+    let (status, body) = c.multi_cmd("RETR 2").await;
     assert_eq!(
         body,
         b"Subject: two\r\nFrom: b@example.net\r\n\r\nbare lf\r\n..\r\nend\r\n"
     );
+    // What LIST said is what RETR sent (one stuffed period aside).
+    assert_eq!(status, format!("+OK {} octets", sizes[1]));
+    assert_eq!(body.len() - 1, sizes[1]);
     // TOP.
     let (status, body) = c.multi_cmd("TOP 3 1").await;
     assert!(status.starts_with("+OK"), "{status}");

@@ -21,7 +21,7 @@ mod relay;
 mod reply;
 mod session;
 
-pub use config::SmtpConfig;
+pub use config::{DEFAULT_BODIES_IN_FLIGHT, SmtpConfig};
 pub use data::{DataEnd, DataReader};
 pub use locate::{BoxFuture, ListKeeper, Location, Owner, Purpose, RecipientLocator};
 pub use queue::QueueRunner;
