@@ -106,6 +106,7 @@ async fn fifty_recipients_share_one_stored_body() {
     assert!(reply.starts_with("250 2.0.0"), "{reply}");
     node.store.flush().unwrap();
     let grown = dir_size(&dir) - before;
+    eprintln!("50 recipients of a 10 MiB message: data dir grew by {grown} octets");
     assert!(
         grown < 14 << 20,
         "50 recipients of 10 MiB grew the data dir by {grown} octets"
