@@ -37,9 +37,11 @@ fn sender(port: u16, id: usize, acked: Arc<Mutex<BTreeSet<String>>>, count: Arc<
     }
     for n in 0.. {
         let subject = format!("crash-{id}-{n}");
+        // Every third message is larger than the store keeps inline (a body file).
+        let lines = if n % 3 == 0 { 4000 } else { 40 };
         let body = format!(
-            "Subject: {subject}\r\n\r\n{}\r\n",
-            "payload line for the crash test\r\n".repeat(40)
+            "Subject: {subject}\r\n\r\n{}END-{subject}\r\n",
+            "payload line for the crash test\r\n".repeat(lines)
         );
         let steps = [
             "MAIL FROM:<load@elsewhere.org>\r\n".to_string(),
@@ -136,9 +138,13 @@ import poplib
 p = poplib.POP3("127.0.0.1", {pop3}, timeout=60)
 p.user("alice"); p.pass_("alice-pw")
 for i in range(1, p.stat()[0] + 1):
-    for line in p.top(i, 0)[1]:
+    lines = p.retr(i)[1]
+    for line in lines:
         if line.startswith(b"Subject: "):
-            print(line[9:].decode())
+            subject = line[9:].decode()
+            # Only a complete body counts as stored.
+            if lines[-1] == b"END-" + subject.encode():
+                print(subject)
 p.quit()
 "#
         ))

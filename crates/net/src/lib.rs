@@ -19,7 +19,7 @@ mod stream;
 pub mod tls;
 
 pub use error::{Error, Result};
-pub use limits::{PerIpGuard, PerIpLimiter};
+pub use limits::{BodyBudget, BudgetGuard, PerIpGuard, PerIpLimiter};
 pub use line::{DEFAULT_WRITE_TIMEOUT, LineConn};
 pub use listener::{ListenOptions, serve};
 pub use shutdown::{Drain, Shutdown, ShutdownTrigger, os_signal, shutdown_pair};

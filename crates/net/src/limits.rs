@@ -1,8 +1,72 @@
-//! Connection limits: [`PerIpLimiter`] counts open connections per client IP address.
+//! Connection limits: [`PerIpLimiter`] counts open connections per client IP address;
+//! [`BodyBudget`] bounds the bytes of message bodies held in memory node-wide.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+
+/// The node-wide budget for message bodies in flight: octets buffered in memory for messages
+/// being received (SMTP DATA, IMAP APPEND). A receiver takes its share before it buffers and
+/// gives it back when the message is stored or dropped; when the budget is spent, the message is
+/// refused with a temporary error. Reported as the gauge `dshare_bodies_in_flight_bytes` and the
+/// counter `dshare_bodies_in_flight_refused_total`.
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    cap: u64,
+    used: Arc<AtomicU64>,
+}
+
+impl BodyBudget {
+    /// A budget of `cap` octets (0 = none may be taken).
+    pub fn new(cap: u64) -> Self {
+        Self {
+            cap,
+            used: Arc::default(),
+        }
+    }
+
+    /// Takes `n` octets; `None` (and a refusal counted) if that would pass the cap.
+    pub fn try_take(&self, n: u64) -> Option<BudgetGuard> {
+        let taken = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.cap)
+            });
+        match taken {
+            Ok(before) => {
+                metrics::gauge!("dshare_bodies_in_flight_bytes").set((before + n) as f64);
+                Some(BudgetGuard {
+                    n,
+                    used: Arc::clone(&self.used),
+                })
+            }
+            Err(_) => {
+                metrics::counter!("dshare_bodies_in_flight_refused_total").increment(1);
+                None
+            }
+        }
+    }
+
+    /// Octets taken now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// A share of a [`BodyBudget`]; dropping it gives the share back.
+#[derive(Debug)]
+pub struct BudgetGuard {
+    n: u64,
+    used: Arc<AtomicU64>,
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        let before = self.used.fetch_sub(self.n, Ordering::AcqRel);
+        metrics::gauge!("dshare_bodies_in_flight_bytes").set(before.saturating_sub(self.n) as f64);
+    }
+}
 
 /// Counts open connections per IP address and refuses more than `max` at a time.
 #[derive(Clone, Debug)]
@@ -81,6 +145,19 @@ mod tests {
         assert_eq!(limiter.count(a), 1);
         assert!(limiter.try_acquire(a).is_some());
         assert_eq!(limiter.count(b), 0);
+    }
+
+    #[test]
+    fn body_budget_refuses_past_the_cap_and_gives_back_on_drop() {
+        let budget = BodyBudget::new(100);
+        let a = budget.try_take(60).unwrap();
+        assert!(budget.try_take(41).is_none());
+        let b = budget.try_take(40).unwrap();
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

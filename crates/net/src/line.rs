@@ -145,6 +145,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineConn<S> {
         Ok(Some(self.rbuf.split_to(take).to_vec()))
     }
 
+    /// The input buffered now, after one read (bounded by `timeout`) if there was none: at most
+    /// what was buffered plus one socket read. Empty = end of stream. Nothing is consumed: call
+    /// [`LineConn::consume`] with what was used; the rest (commands pipelined after a message,
+    /// say) stays buffered for the next read.
+    pub async fn fill_buf(&mut self, timeout: Duration) -> Result<&[u8]> {
+        if self.rbuf.is_empty() {
+            let deadline = Instant::now() + timeout;
+            self.fill(deadline).await?;
+        }
+        Ok(&self.rbuf)
+    }
+
+    /// Drops the first `n` octets of the buffered input (after [`LineConn::fill_buf`]).
+    pub fn consume(&mut self, n: usize) {
+        let n = n.min(self.rbuf.len());
+        self.rbuf.advance(n);
+        self.scanned = 0;
+        self.discarding = false;
+    }
+
     /// Queue output; it is written on [`LineConn::flush`], or at once when a lot is queued.
     pub async fn write_all(&mut self, data: &[u8]) -> Result<()> {
         self.wbuf.extend_from_slice(data);

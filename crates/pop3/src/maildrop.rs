@@ -12,7 +12,7 @@ use crate::Result;
 pub struct DropEntry {
     /// The message's IMAP UID in INBOX.
     pub uid: u32,
-    /// Size in octets as stored (CRLF line ends).
+    /// Size in octets as RETR sends it (every line end CRLF), before byte-stuffing.
     pub size: u64,
     /// Marked by `DELE` in this session.
     pub deleted: bool,
@@ -57,7 +57,11 @@ impl Maildrop {
             .into_iter()
             .map(|m| DropEntry {
                 uid: m.uid,
-                size: m.size,
+                size: if m.pop3_size == 0 {
+                    m.size
+                } else {
+                    m.pop3_size
+                },
                 deleted: false,
             })
             .collect();

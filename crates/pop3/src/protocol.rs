@@ -447,43 +447,111 @@ pub fn greeting_timestamp(greeting: &[u8]) -> Option<&str> {
 /// Append `body` to `out` as a POP3 multi-line payload: bare LF and bare CR become CRLF, lines
 /// starting with `.` get another `.`, and the payload ends with CRLF (the terminating `.CRLF` is
 /// not added). With `body_lines = Some(n)`, stop after the header, the empty line and `n` body
-/// lines (TOP).
+/// lines (TOP). [`MessageStuffer`] does the same chunk by chunk.
 pub fn stuff_message(body: &[u8], body_lines: Option<u32>, out: &mut Vec<u8>) {
-    out.reserve(body.len() + body.len() / 64 + 2);
-    let mut in_header = true;
-    let mut lines_left = body_lines;
-    let mut rest = body;
-    while !rest.is_empty() {
-        if !in_header && lines_left == Some(0) {
-            break;
+    let mut s = MessageStuffer::new(body_lines);
+    s.push(body, out);
+    s.finish(out);
+}
+
+/// [`stuff_message`] over a message read in chunks: any split of the input gives the same
+/// output, and only the current chunk is held.
+#[derive(Debug, Clone)]
+pub struct MessageStuffer {
+    /// At the start of a line piece (where a `.` is doubled).
+    piece_start: bool,
+    /// No octet of the current line seen yet.
+    line_start: bool,
+    /// A CR was seen: the next octet says whether it ends the line or splits it.
+    pending_cr: bool,
+    /// The current line has content (an octet or a CR inside it).
+    line_content: bool,
+    in_header: bool,
+    lines_left: Option<u32>,
+    done: bool,
+}
+
+impl MessageStuffer {
+    /// A stuffer for RETR (`None`) or TOP with `body_lines`.
+    pub fn new(body_lines: Option<u32>) -> Self {
+        Self {
+            piece_start: true,
+            line_start: true,
+            pending_cr: false,
+            line_content: false,
+            in_header: true,
+            lines_left: body_lines,
+            done: false,
         }
-        let (line, next) = match rest.iter().position(|&b| b == b'\n') {
-            Some(pos) => (&rest[..pos], &rest[pos + 1..]),
-            None => (rest, &rest[rest.len()..]),
-        };
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.first() == Some(&b'.') {
-            out.push(b'.');
+    }
+
+    /// True once TOP has all its lines (the rest of the message is not needed).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"\r\n");
+        if self.in_header {
+            if !self.line_content {
+                self.in_header = false;
+            }
+        } else if let Some(n) = self.lines_left.as_mut() {
+            *n = n.saturating_sub(1);
         }
-        // A stray CR inside a line would end it for some clients: make it a line end too.
-        for (i, piece) in line.split(|&b| b == b'\r').enumerate() {
-            if i > 0 {
+        self.line_start = true;
+        self.piece_start = true;
+        self.line_content = false;
+    }
+
+    /// Appends the stuffed form of `input` to `out`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        out.reserve(input.len() + input.len() / 64 + 2);
+        for &b in input {
+            if self.done {
+                return;
+            }
+            if self.pending_cr {
+                self.pending_cr = false;
+                if b == b'\n' {
+                    self.end_line(out);
+                    continue;
+                }
+                // A CR inside a line: a line end for the client too.
                 out.extend_from_slice(b"\r\n");
-                if piece.first() == Some(&b'.') {
-                    out.push(b'.');
+                self.piece_start = true;
+                self.line_content = true;
+            } else if self.line_start {
+                if !self.in_header && self.lines_left == Some(0) {
+                    self.done = true;
+                    return;
+                }
+                self.line_start = false;
+            }
+            match b {
+                b'\n' => self.end_line(out),
+                b'\r' => self.pending_cr = true,
+                _ => {
+                    if self.piece_start && b == b'.' {
+                        out.push(b'.');
+                    }
+                    out.push(b);
+                    self.piece_start = false;
+                    self.line_content = true;
                 }
             }
-            out.extend_from_slice(piece);
         }
-        out.extend_from_slice(b"\r\n");
-        if in_header {
-            if line.is_empty() {
-                in_header = false;
-            }
-        } else if let Some(n) = lines_left.as_mut() {
-            *n -= 1;
+    }
+
+    /// Ends the payload: the last line gets its CRLF.
+    pub fn finish(mut self, out: &mut Vec<u8>) {
+        if self.done {
+            return;
         }
-        rest = next;
+        if self.pending_cr || !self.line_start {
+            self.pending_cr = false;
+            self.end_line(out);
+        }
     }
 }
 
@@ -720,6 +788,29 @@ mod tests {
         assert_eq!(stuffed(b"a\r.b\r\n", None), b"a\r\n..b\r\n");
         assert_eq!(stuffed(b"", None), b"");
         assert_eq!(stuffed(b".", None), b"..\r\n");
+        assert_eq!(stuffed(b"a\r", None), b"a\r\n");
+        assert_eq!(stuffed(b"\r\r\n.x", None), b"\r\n\r\n..x\r\n");
+    }
+
+    #[test]
+    fn chunked_stuffing_equals_whole() {
+        let msg: &[u8] = b"Subject: x\r\nA: b\n\r\nl1\r.l2\n..l3\r\r\nl4\r";
+        for lines in [None, Some(0), Some(1), Some(2), Some(3)] {
+            let whole = stuffed(msg, lines);
+            for cut in 0..msg.len() {
+                let mut out = Vec::new();
+                let mut s = MessageStuffer::new(lines);
+                s.push(&msg[..cut], &mut out);
+                s.push(&msg[cut..], &mut out);
+                s.finish(&mut out);
+                assert_eq!(out, whole, "lines {lines:?} cut {cut}");
+            }
+            // Without TOP the payload's length, less the stuffed dots, is the CRLF size.
+            if lines.is_none() {
+                let dots = 2;
+                assert_eq!(whole.len() as u64 - dots, ds_store::body::LineEnds::of(msg));
+            }
+        }
     }
 
     #[test]

@@ -25,6 +25,9 @@ const BAD_STATE: &str = "-ERR command not valid in this state\r\n";
 
 type Conn = LineConn<MailStream>;
 
+/// Octets of a message read from the store per write to the client.
+const SEND_CHUNK: usize = 64 * 1024;
+
 /// What the read loop does after a command.
 enum Flow {
     Continue,
@@ -691,8 +694,14 @@ impl Session {
                     .extend_from_slice(format!("+OK {n} {}\r\n", maildrop.unique_id(e)).as_bytes()),
                 Err(e) => out.extend_from_slice(e.reply().as_bytes()),
             },
-            Command::Retr(n) => self.send_message(&mut out, n, None)?,
-            Command::Top { msg, lines } => self.send_message(&mut out, msg, Some(lines))?,
+            Command::Retr(n) => {
+                self.send_message(conn, n, None).await?;
+                return Ok(Flow::Continue);
+            }
+            Command::Top { msg, lines } => {
+                self.send_message(conn, msg, Some(lines)).await?;
+                return Ok(Flow::Continue);
+            }
             Command::Dele(n) => match maildrop.delete(n) {
                 Ok(()) => out.extend_from_slice(format!("+OK message {n} deleted\r\n").as_bytes()),
                 Err(e) => out.extend_from_slice(e.reply().as_bytes()),
@@ -718,40 +727,67 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    /// RETR (`lines = None`) or TOP: the status line, the byte-stuffed message, the final dot.
-    fn send_message(&self, out: &mut Vec<u8>, n: u32, lines: Option<u32>) -> Result<()> {
+    /// RETR (`lines = None`) or TOP: the status line, the byte-stuffed message, the final dot;
+    /// the message is read from the store and sent in chunks (TOP stops reading once it has its
+    /// lines).
+    async fn send_message(&self, conn: &mut Conn, n: u32, lines: Option<u32>) -> Result<()> {
         let State::Transaction { maildrop, .. } = &self.state else {
             return Ok(());
         };
         let entry = match maildrop.get(n) {
             Ok(e) => e,
             Err(e) => {
-                out.extend_from_slice(e.reply().as_bytes());
+                conn.write_all(e.reply().as_bytes()).await?;
                 return Ok(());
             }
         };
-        let body = match self
-            .pop3
-            .mail
-            .message_body(maildrop.account(), INBOX, entry.uid)
-        {
-            Ok(Some(body)) => body,
+        let mail = &self.pop3.mail;
+        let opened =
+            mail.message(maildrop.account(), INBOX, entry.uid)
+                .and_then(|meta| match meta {
+                    Some(meta) => mail.open_message(&meta),
+                    None => Ok(None),
+                });
+        let mut reader = match opened {
+            Ok(Some(reader)) => reader,
             Ok(None) => {
-                out.extend_from_slice(b"-ERR message no longer available\r\n");
+                conn.write_all(b"-ERR message no longer available\r\n")
+                    .await?;
                 return Ok(());
             }
             Err(e) => {
                 tracing::warn!(error = %e, uid = entry.uid, "reading a message failed");
-                out.extend_from_slice(b"-ERR [SYS/TEMP] cannot read the message now\r\n");
+                conn.write_all(b"-ERR [SYS/TEMP] cannot read the message now\r\n")
+                    .await?;
                 return Ok(());
             }
         };
-        match lines {
-            None => out.extend_from_slice(format!("+OK {} octets\r\n", entry.size).as_bytes()),
-            Some(_) => out.extend_from_slice(b"+OK top of message follows\r\n"),
+        let status = match lines {
+            None => format!("+OK {} octets\r\n", entry.size),
+            Some(_) => "+OK top of message follows\r\n".to_string(),
+        };
+        conn.write_all(status.as_bytes()).await?;
+        let mut stuffer = protocol::MessageStuffer::new(lines);
+        let mut buf = vec![0u8; SEND_CHUNK];
+        let mut out = Vec::with_capacity(SEND_CHUNK + SEND_CHUNK / 8);
+        loop {
+            // A failure here ends the session: the client already has `+OK` and part of the
+            // message.
+            let got = std::io::Read::read(&mut reader, &mut buf)?;
+            if got == 0 {
+                break;
+            }
+            out.clear();
+            stuffer.push(&buf[..got], &mut out);
+            conn.write_all(&out).await?;
+            if stuffer.is_done() {
+                break;
+            }
         }
-        protocol::stuff_message(&body, lines, out);
+        out.clear();
+        stuffer.finish(&mut out);
         out.extend_from_slice(b".\r\n");
+        conn.write_all(&out).await?;
         Ok(())
     }
 

@@ -243,7 +243,12 @@ async fn forwarded_sasl_plain_and_pipelining() {
         .await;
     let ok = c.line().await;
     assert!(ok.starts_with("+OK bob@company.com has 3 messages"), "{ok}");
-    let total = MSG1.len() + MSG2.len() + MSG3.len();
+    // Sizes as RETR sends them: MSG2's bare LFs count as CRLF.
+    let total: u64 = [MSG1, MSG2, MSG3]
+        .iter()
+        .map(|m| ds_store::body::LineEnds::of(m))
+        .sum();
+    assert_eq!(total, (MSG1.len() + MSG2.len() + MSG3.len() + 2) as u64);
     assert_eq!(c.line().await, format!("+OK 3 {total}"));
     assert!(c.line().await.starts_with("+OK 1 "));
     c.cmd("QUIT").await;

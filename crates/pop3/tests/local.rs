@@ -49,7 +49,9 @@ async fn rfc1939_session_with_update_at_quit() {
         "{ok}"
     );
 
-    let sizes = [MSG1.len(), MSG2.len(), MSG3.len()];
+    // Sizes as RETR sends them (before byte-stuffing): MSG2's bare LFs count as CRLF and its
+    // last line gets one.
+    let sizes = [MSG1.len(), MSG2.len() + 7, MSG3.len()];
     let total: usize = sizes.iter().sum();
     assert_eq!(c.cmd("STAT").await, format!("+OK 3 {total}"));
     let (status, body) = c.multi_cmd("LIST").await;
@@ -73,11 +75,14 @@ async fn rfc1939_session_with_update_at_quit() {
         body,
         b"Subject: one\r\nFrom: a@example.net\r\n\r\nfirst line\r\n..dot line\r\n...two dots\r\nlast\r\n"
     );
-    let (_, body) = c.multi_cmd("RETR 2").await;
+    let (status, body) = c.multi_cmd("RETR 2").await;
     assert_eq!(
         body,
         b"Subject: two\r\nFrom: b@example.net\r\n\r\nbare lf\r\n..\r\nend\r\n"
     );
+    // What LIST said is what RETR sent (one stuffed period aside).
+    assert_eq!(status, format!("+OK {} octets", sizes[1]));
+    assert_eq!(body.len() - 1, sizes[1]);
     // TOP.
     let (status, body) = c.multi_cmd("TOP 3 1").await;
     assert!(status.starts_with("+OK"), "{status}");
@@ -568,4 +573,43 @@ async fn shutdown_closes_sessions_without_update() {
         1
     );
     node.stop().await;
+}
+
+#[tokio::test]
+async fn large_message_is_streamed_and_its_size_is_what_retr_sends() {
+    let parts = company();
+    // Bigger than the store keeps inline and than one read: dot lines, bare LFs, a long line.
+    let mut msg = b"Subject: big\r\nFrom: a@example.net\n\r\n".to_vec();
+    for i in 0..20_000 {
+        msg.extend_from_slice(format!(".line {i}\n").as_bytes());
+    }
+    msg.extend_from_slice(&vec![b'x'; 100_000]);
+    msg.extend_from_slice(b"\r\nlast");
+    parts.deliver("info@company.com", &msg);
+    let (_node, addr) = node_with(parts).await;
+    let mut c = Client::connect(addr).await;
+    assert!(c.login("info", PASSWORD).await.starts_with("+OK"));
+    let list = c.cmd("LIST 1").await;
+    let size: usize = list.rsplit(' ').next().unwrap().parse().unwrap();
+    let (status, body) = c.multi_cmd("RETR 1").await;
+    assert_eq!(status, format!("+OK {size} octets"));
+    // Un-stuff: a line starting with ".." lost nothing but its first period.
+    let mut unstuffed = Vec::new();
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        unstuffed.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+    }
+    assert_eq!(unstuffed.len(), size);
+    let mut want = Vec::new();
+    let text = msg.clone();
+    for line in text.split(|&b| b == b'\n') {
+        want.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        want.extend_from_slice(b"\r\n");
+    }
+    assert_eq!(unstuffed, want);
+    let (_, top) = c.multi_cmd("TOP 1 2").await;
+    assert_eq!(
+        top,
+        b"Subject: big\r\nFrom: a@example.net\r\n\r\n..line 0\r\n..line 1\r\n"
+    );
+    c.cmd("QUIT").await;
 }

@@ -150,6 +150,11 @@ pub struct LimitsSection {
     pub pop3_idle: Duration,
     #[serde(deserialize_with = "duration")]
     pub imap_idle: Duration,
+    /// Node-wide bytes of message bodies held in memory while being received; past it new
+    /// messages get `452 4.3.1`.
+    pub bodies_in_flight: u64,
+    /// Bound on the database's page cache (bytes).
+    pub db_cache: u64,
 }
 
 impl Default for LimitsSection {
@@ -163,6 +168,8 @@ impl Default for LimitsSection {
             smtp_idle: Duration::from_secs(300),
             pop3_idle: Duration::from_secs(600),
             imap_idle: Duration::from_secs(1800),
+            bodies_in_flight: ds_smtp::DEFAULT_BODIES_IN_FLIGHT,
+            db_cache: ds_store::DEFAULT_CACHE_CAPACITY,
         }
     }
 }

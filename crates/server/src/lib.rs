@@ -285,6 +285,27 @@ fn local_addrs(ls: &[TcpListener]) -> Vec<SocketAddr> {
     ls.iter().filter_map(|l| l.local_addr().ok()).collect()
 }
 
+/// How often released body files are deleted.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Deletes the files of released message bodies now and then (the store keeps them until the
+/// release is on disk), until shutdown.
+async fn reap_bodies(store: Store, shutdown: ds_net::Shutdown) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(REAP_EVERY) => {}
+            () = shutdown.wait() => return,
+        }
+        let bodies = store.bodies().clone();
+        match tokio::task::spawn_blocking(move || bodies.reap()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(deleted = n, "released message bodies deleted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "deleting released message bodies failed"),
+            Err(e) => tracing::warn!(error = %e, "body reaper task failed"),
+        }
+    }
+}
+
 impl Node {
     /// Opens the store, binds every configured listener and starts serving.
     pub async fn start(config: Config, opts: StartOptions) -> Result<Node> {
@@ -292,7 +313,7 @@ impl Node {
         let data_dir = config.node.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .map_err(io(format!("cannot create data dir {}", data_dir.display())))?;
-        let store = Store::open(&data_dir)?;
+        let store = Store::open_with_cache(&data_dir, config.limits.db_cache)?;
         let domains = Domains::new(&config.node.main_domain, config.domains.clone())?;
         let mut directory = Directory::new(&store, domains)?;
         if let Some(cost) = opts.hash_cost {
@@ -363,6 +384,8 @@ impl Node {
             None => None,
         };
         let limits = config.limits.clone();
+        // Shared by every protocol that receives message bodies.
+        let body_budget = ds_net::BodyBudget::new(limits.bodies_in_flight);
         let listen_opts = |protocol: &'static str| ListenOptions {
             max_connections: limits.max_connections,
             max_per_ip: limits.max_connections_per_ip,
@@ -381,6 +404,7 @@ impl Node {
                 retry_base: config.smtp.retry_base,
                 retry_max: config.smtp.retry_max,
                 cluster_secret: secret.clone(),
+                body_budget: body_budget.clone(),
                 ..Default::default()
             },
             directory.clone(),
@@ -440,6 +464,10 @@ impl Node {
             )));
         }
         tasks.push(tokio::spawn(smtp.clone().run_queue(shutdown.clone())));
+        tasks.push(tokio::spawn(reap_bodies(
+            state.store.clone(),
+            shutdown.clone(),
+        )));
         let pop3_listeners = pop3_l
             .into_iter()
             .map(|l| (l, None))

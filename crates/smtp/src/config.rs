@@ -3,6 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
+/// Default node-wide budget for message bodies in flight (octets).
+pub const DEFAULT_BODIES_IN_FLIGHT: u64 = 256 * 1024 * 1024;
+
 /// Settings of the SMTP server and the relay queue. `Default` gives the DESIGN.md values.
 #[derive(Clone)]
 pub struct SmtpConfig {
@@ -35,6 +38,9 @@ pub struct SmtpConfig {
     pub relay_timeout: Duration,
     /// Commands with an error reply before the session is closed with `421`.
     pub max_errors: usize,
+    /// The node-wide budget for message bodies in flight (shared with IMAP APPEND); a message
+    /// that cannot get its share is refused with `452 4.3.1`.
+    pub body_budget: ds_net::BodyBudget,
 }
 
 impl Default for SmtpConfig {
@@ -53,6 +59,7 @@ impl Default for SmtpConfig {
             cluster_secret: String::new(),
             relay_timeout: Duration::from_secs(60),
             max_errors: 20,
+            body_budget: ds_net::BodyBudget::new(DEFAULT_BODIES_IN_FLIGHT),
         }
     }
 }
@@ -73,6 +80,7 @@ impl fmt::Debug for SmtpConfig {
             .field("cluster_secret", &"<redacted>")
             .field("relay_timeout", &self.relay_timeout)
             .field("max_errors", &self.max_errors)
+            .field("body_budget", &self.body_budget)
             .finish()
     }
 }

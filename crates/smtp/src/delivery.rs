@@ -2,10 +2,10 @@
 //! peers are queued (one entry per owner node), list posts fan out; one flush, then `250`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use ds_directory::Outcome;
-use ds_store::queue::QueuedRecipient;
+use ds_store::StagedBody;
+use ds_store::queue::{QueueEntry, QueuedRecipient};
 use mail_builder::headers::date::Date;
 
 use crate::locate::{Location, Purpose};
@@ -131,10 +131,11 @@ impl Smtp {
         }
     }
 
-    /// Delivers locally and queues for peers, then flushes once. `Ok` = durable.
-    pub(crate) async fn accept(&self, env: &Envelope, body: Vec<u8>) -> Result<()> {
+    /// Delivers locally and queues for peers, all sharing the one stored `body` (each copy
+    /// with its own `Return-Path`/`Received` prefix), then flushes once. `Ok` = durable.
+    pub(crate) async fn accept(&self, env: &Envelope, body: StagedBody) -> Result<()> {
         let plan = self.plan(env).await;
-        let body = Arc::new(body);
+        let size = body.body().len;
         let return_path = format!("Return-Path: <{}>\r\n", env.sender);
         let mut local = Vec::new();
         for account in &plan.local {
@@ -143,6 +144,7 @@ impl Smtp {
             local.push((account.clone(), header));
         }
         let mut remote = Vec::new();
+        let now = unix_now();
         for (node, (smtp, addresses)) in &plan.remote {
             let single = (addresses.len() == 1)
                 .then(|| addresses.iter().next())
@@ -157,25 +159,26 @@ impl Smtp {
                     state: ds_store::queue::RecipientState::Pending,
                 })
                 .collect();
-            remote.push((header, recipients));
+            let entry = QueueEntry {
+                id: 0,
+                sender: env.sender.clone(),
+                recipients,
+                created: now,
+                next_attempt: now,
+                attempts: 0,
+                last_error: None,
+                size: 0,
+                hop: false,
+                envid: None,
+                body: None,
+                prefix: String::new(),
+            };
+            remote.push((entry, header));
         }
         let (mail, queue) = (self.mail.clone(), self.queue.clone());
-        let sender = env.sender.clone();
-        let stored_body = Arc::clone(&body);
         let queued = tokio::task::spawn_blocking(move || -> Result<usize> {
-            for (account, header) in local {
-                let mut message = Vec::with_capacity(header.len() + stored_body.len());
-                message.extend_from_slice(header.as_bytes());
-                message.extend_from_slice(&stored_body);
-                mail.deliver(&account, &message)?;
-            }
             let n = remote.len();
-            for (header, recipients) in remote {
-                let mut message = Vec::with_capacity(header.len() + stored_body.len());
-                message.extend_from_slice(header.as_bytes());
-                message.extend_from_slice(&stored_body);
-                queue.enqueue(&sender, recipients, &message, false, unix_now())?;
-            }
+            mail.deliver_and_queue(&body, &local, Some((&queue, remote)))?;
             Ok(n)
         })
         .await
@@ -189,7 +192,7 @@ impl Smtp {
             id = %env.id,
             sender = %env.sender,
             hop = ?env.hop,
-            size = body.len(),
+            size,
             local = plan.local.len(),
             queued_for = ?plan.remote.keys().collect::<Vec<_>>(),
             "message accepted"

@@ -10,7 +10,7 @@ use mail_builder::headers::raw::Raw;
 use mail_builder::mime::MimePart;
 
 /// Cap on the original headers quoted in a DSN.
-const MAX_QUOTED_HEADERS: usize = 64 * 1024;
+pub(crate) const MAX_QUOTED_HEADERS: usize = 64 * 1024;
 
 /// The header section of a message (up to the first empty line), capped.
 pub(crate) fn header_part(body: &[u8]) -> String {
@@ -136,6 +136,8 @@ mod tests {
             size: 10,
             hop: false,
             envid: None,
+            body: None,
+            prefix: String::new(),
         };
         let headers = header_part(b"Subject: hi\r\nFrom: a@b\r\n\r\nbody\r\n");
         assert_eq!(headers, "Subject: hi\r\nFrom: a@b\r\n");

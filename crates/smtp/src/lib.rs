@@ -19,7 +19,7 @@ mod relay;
 mod reply;
 mod session;
 
-pub use config::SmtpConfig;
+pub use config::{DEFAULT_BODIES_IN_FLIGHT, SmtpConfig};
 pub use data::{DataEnd, DataReader};
 /// The crate's modules name the shared lookup types as `crate::locate::…`.
 use ds_access::locate;

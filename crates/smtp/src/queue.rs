@@ -22,7 +22,7 @@ use ds_store::queue::{QueueEntry, RecipientState};
 use tokio::task::JoinSet;
 
 use crate::locate::{Location, Purpose};
-use crate::relay::{RcptOutcome, RelaySessions};
+use crate::relay::{Outgoing, RcptOutcome, RelaySessions};
 use crate::{Result, Smtp, dsn};
 use ds_store::unix_now;
 
@@ -155,10 +155,19 @@ impl QueueRunner {
     /// leads to relaying the same recipient again at once.
     async fn process(&self, mut entry: QueueEntry, sessions: &mut RelaySessions<'_>) -> Result<()> {
         let smtp = &self.smtp;
-        let Some(body) = smtp.queue.body(entry.id)? else {
+        let stored = match entry.body {
+            Some(body) => smtp.store.bodies().open(body.id)?.map(|_| body),
+            None => None,
+        };
+        let Some(stored) = stored else {
             tracing::error!(id = entry.id, "queue entry without a body, dropped");
             smtp.queue.remove(entry.id)?;
             return Ok(());
+        };
+        let body = Outgoing {
+            bodies: smtp.store.bodies().clone(),
+            prefix: entry.prefix.clone(),
+            body: stored,
         };
         let last_error = self.attempt(&mut entry, &body, sessions).await;
         self.finish_attempt(entry, last_error).await
@@ -169,7 +178,7 @@ impl QueueRunner {
     async fn attempt(
         &self,
         entry: &mut QueueEntry,
-        body: &[u8],
+        body: &Outgoing,
         sessions: &mut RelaySessions<'_>,
     ) -> Option<String> {
         let smtp = &self.smtp;
@@ -261,7 +270,7 @@ impl QueueRunner {
         i: usize,
         location: Location,
         refused: Option<String>,
-        body: &[u8],
+        body: &Outgoing,
         last_error: &mut Option<String>,
     ) {
         let smtp = &self.smtp;
@@ -280,16 +289,17 @@ impl QueueRunner {
                 address,
                 enabled: true,
             } => {
-                // The account lives here now: deliver it ourselves.
-                let mut message = format!("Return-Path: <{}>\r\n", entry.sender).into_bytes();
-                message.extend_from_slice(body);
+                // The account lives here now: deliver it ourselves (sharing the stored body).
+                let prefix = format!("Return-Path: <{}>\r\n{}", entry.sender, body.prefix);
+                let stored = body.body;
                 let mail = smtp.mail.clone();
                 let account = address.clone();
-                let delivered =
-                    tokio::task::spawn_blocking(move || mail.deliver(&account, &message))
-                        .await
-                        .map_err(|e| crate::Error::Task(e.to_string()))
-                        .and_then(|r| r.map_err(crate::Error::from));
+                let delivered = tokio::task::spawn_blocking(move || {
+                    mail.deliver_stored(&account, &prefix, &stored)
+                })
+                .await
+                .map_err(|e| crate::Error::Task(e.to_string()))
+                .and_then(|r| r.map_err(crate::Error::from));
                 match delivered {
                     Ok(_) => {
                         tracing::info!(id = entry.id, rcpt = %address, "recipient is local now, delivered");
@@ -388,11 +398,18 @@ impl QueueRunner {
             return Ok(());
         }
         metrics::counter!("dshare_smtp_messages_total", "result" => "bounced").increment(1);
-        let headers = smtp
-            .queue
-            .body(entry.id)?
-            .map(|b| dsn::header_part(&b))
-            .unwrap_or_default();
+        // Only the start of the message is read: the header section is capped anyway.
+        let headers = match smtp.queue.open(entry)? {
+            Some(reader) => {
+                let mut start = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(reader, dsn::MAX_QUOTED_HEADERS as u64 + 4),
+                    &mut start,
+                )?;
+                dsn::header_part(&start)
+            }
+            None => String::new(),
+        };
         let report = dsn::build(&smtp.config.hostname, entry, failed, &headers);
         let sender = entry.sender.clone();
         let (address, location) = match ds_directory::Address::parse(&sender) {

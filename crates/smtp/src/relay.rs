@@ -13,8 +13,28 @@ use std::time::{Duration, Instant};
 use ds_net::{LineConn, MailStream, TlsConnector};
 use tokio::net::TcpStream;
 
-use crate::data::stuff;
+use ds_store::{Bodies, BodyRef};
+
+use crate::data::Stuffer;
 use crate::{PEER_AUTH_PREFIX, SmtpConfig, base64};
+
+/// Octets read from the store per write to the peer.
+const SEND_CHUNK: usize = 64 * 1024;
+
+/// A queued message to relay: its prefix and its stored body, read afresh (in chunks) for every
+/// transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub bodies: Bodies,
+    pub prefix: String,
+    pub body: BodyRef,
+}
+
+impl Outgoing {
+    fn size(&self) -> u64 {
+        self.prefix.len() as u64 + self.body.len
+    }
+}
 
 /// The fate of one recipient in a relay attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,7 +264,7 @@ impl RelaySession {
         &mut self,
         sender: &str,
         recipients: &[String],
-        body: &[u8],
+        body: &Outgoing,
     ) -> Result<Vec<RcptOutcome>, TxError> {
         let result = self.exchange(sender, recipients, body).await;
         self.transactions += 1;
@@ -256,7 +276,7 @@ impl RelaySession {
         &mut self,
         sender: &str,
         recipients: &[String],
-        body: &[u8],
+        body: &Outgoing,
     ) -> Result<Vec<RcptOutcome>, TxError> {
         if self.transactions > 0 {
             let reply = self.command("RSET\r\n", "RSET").await?;
@@ -268,9 +288,11 @@ impl RelaySession {
         let caps = &self.caps;
         let mut mail = format!("MAIL FROM:<{sender}>");
         if has_cap(caps, "SIZE") {
-            mail.push_str(&format!(" SIZE={}", body.len()));
+            mail.push_str(&format!(" SIZE={}", body.size()));
         }
-        if !body.is_ascii() && has_cap(caps, "8BITMIME") {
+        // The body is not scanned: our peers take 8BITMIME, and declaring it for 7-bit data is
+        // harmless.
+        if has_cap(caps, "8BITMIME") {
             mail.push_str(" BODY=8BITMIME");
         }
         if (!sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()))
@@ -309,12 +331,31 @@ impl RelaySession {
         let transfer = self.client.timeout.saturating_mul(10);
         let client = &mut self.client;
         let done = tokio::time::timeout(transfer, async {
-            let wire = stuff(body);
             let conn = &mut client.conn;
+            let mut reader = body
+                .bodies
+                .open_message(body.prefix.as_bytes(), body.body.id)
+                .map_err(|e| format!("reading the queued body: {e}"))?
+                .ok_or_else(|| "the queued body is gone".to_string())?;
+            let mut stuffer = Stuffer::new();
+            let mut buf = vec![0u8; SEND_CHUNK];
+            let mut wire = Vec::with_capacity(SEND_CHUNK + SEND_CHUNK / 16);
+            loop {
+                let n = std::io::Read::read(&mut reader, &mut buf)
+                    .map_err(|e| format!("reading the queued body: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                wire.clear();
+                stuffer.push(&buf[..n], &mut wire);
+                conn.write_all(&wire)
+                    .await
+                    .map_err(|e| format!("sending body: {e}"))?;
+            }
+            wire.clear();
+            stuffer.finish(&mut wire);
+            wire.extend_from_slice(b".\r\n");
             conn.write_all(&wire)
-                .await
-                .map_err(|e| format!("sending body: {e}"))?;
-            conn.write_all(b".\r\n")
                 .await
                 .map_err(|e| format!("sending body: {e}"))?;
             conn.flush()
@@ -371,7 +412,7 @@ impl<'a> RelaySessions<'a> {
         endpoint: &str,
         sender: &str,
         recipients: &[String],
-        body: &[u8],
+        body: &Outgoing,
     ) -> Vec<RcptOutcome> {
         let n = recipients.len();
         if let Some(mut session) = self.open.remove(endpoint) {

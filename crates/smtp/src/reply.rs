@@ -40,6 +40,8 @@ pub(crate) const AUTH_MECH: &str = "504 5.5.4 Unrecognized authentication type\r
 pub(crate) const AUTH_CANCELLED: &str = "501 5.0.0 Authentication cancelled\r\n";
 pub(crate) const AUTH_BAD_B64: &str = "501 5.5.2 Cannot decode response\r\n";
 pub(crate) const TEMP_LOCAL: &str = "451 4.3.0 Local error in processing, try again later\r\n";
+pub(crate) const NO_BUDGET: &str =
+    "452 4.3.1 Insufficient system resources (too many messages in flight), try again later\r\n";
 pub(crate) const TIMEOUT: &str = "421 4.4.2 Idle timeout, closing connection\r\n";
 pub(crate) const TOO_MANY_ERRORS: &str = "421 4.7.0 Too many errors, closing connection\r\n";
 pub(crate) const SHUTTING_DOWN: &str = "421 4.3.2 Service shutting down\r\n";

@@ -1,5 +1,6 @@
 //! [`Smtp`] and the server session: one connection, commands in order, replies buffered and
-//! flushed when no complete command is waiting (PIPELINING), DATA through [`DataReader`].
+//! flushed when no complete command is waiting (PIPELINING), DATA through [`DataReader`] in
+//! bounded chunks straight into the store's body writer.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -24,6 +25,11 @@ use crate::{PEER_AUTH_PREFIX, SmtpConfig, base64};
 
 /// Bound on the STARTTLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Body octets collected before they go to the store's writer.
+const CHUNK: usize = 64 * 1024;
+/// What one message in DATA may hold in memory (the writer's buffer, the chunk, one read), taken
+/// from the node's body budget.
+const IN_FLIGHT_PER_MESSAGE: u64 = (ds_store::INLINE_MAX + 2 * CHUNK) as u64;
 
 /// The SMTP service of a node: shared by every connection and the queue runner.
 pub struct Smtp {
@@ -571,37 +577,67 @@ impl Session {
         (password_ok && authz_ok && !node.is_empty()).then(|| node.to_string())
     }
 
-    /// Reads the message after `354`, delivers it, replies. False if the connection must close.
+    /// Reads the message after `354` in bounded chunks into the store's body writer, delivers
+    /// it, replies. False if the connection must close.
     async fn data(&mut self, conn: &mut LineConn<MailStream>) -> crate::Result<bool> {
         let max = self.config().max_message_size;
         let idle = self.config().idle_timeout;
         let mut reader = DataReader::new(max);
-        // A DATA line may be long (but never longer than a message we would accept).
-        let line_cap = max.saturating_add(5).max(self.config().max_line);
+        // Memory this message may hold: the writer's buffer and one chunk of input.
+        let budget = self.config().body_budget.try_take(IN_FLIGHT_PER_MESSAGE);
+        let mut writer = match budget {
+            Some(_) => match self.smtp.store.bodies().writer() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start storing a message");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut store_failed = budget.is_some() && writer.is_none();
+        let mut chunk = Vec::with_capacity(CHUNK);
+        conn.flush().await?;
         loop {
-            if !conn.buffered().contains(&b'\n') {
-                conn.flush().await?;
-            }
-            match conn.read_line(line_cap, idle).await {
-                Ok(Some(line)) => {
-                    if let DataEnd::Done(_) = reader.push(&line) {
-                        break;
-                    }
-                }
-                Err(ds_net::Error::LineTooLong { .. }) => {
-                    // Over the message cap: keep reading to the end marker, then refuse.
-                    reader.overflow();
-                }
-                Ok(None) => {
-                    tracing::info!("connection closed during DATA");
-                    return Ok(false);
-                }
+            let input = match conn.fill_buf(idle).await {
+                Ok(input) => input,
                 Err(ds_net::Error::Timeout) => {
                     conn.write_all(TIMEOUT.as_bytes()).await?;
                     let _ = conn.shutdown().await;
                     return Ok(false);
                 }
                 Err(e) => return Err(e.into()),
+            };
+            if input.is_empty() {
+                tracing::info!("connection closed during DATA");
+                return Ok(false);
+            }
+            let end = reader.push(input, &mut chunk);
+            let used = match end {
+                DataEnd::Done(n) => n,
+                DataEnd::More => input.len(),
+            };
+            conn.consume(used);
+            if reader.too_big() {
+                // Nothing of it is kept (dropping the writer removes a spilled file).
+                writer = None;
+                chunk.clear();
+            }
+            let done = matches!(end, DataEnd::Done(_));
+            if let Some(w) = &mut writer
+                && (chunk.len() >= CHUNK || done)
+            {
+                if let Err(e) = w.write(&chunk) {
+                    tracing::error!(error = %e, "storing a message failed");
+                    writer = None;
+                    store_failed = true;
+                }
+                chunk.clear();
+            } else if writer.is_none() {
+                chunk.clear();
+            }
+            if done {
+                break;
             }
         }
         let tx = self.tx.take();
@@ -614,7 +650,29 @@ impl Session {
             self.reply(conn, TOO_BIG).await?;
             return Ok(true);
         }
-        let body = reader.into_body();
+        if budget.is_none() {
+            tracing::warn!(sender = %tx.sender, "message refused: bodies in flight over the node's budget");
+            metrics::counter!("dshare_smtp_messages_total", "result" => "no_budget").increment(1);
+            self.reply(conn, NO_BUDGET).await?;
+            return Ok(true);
+        }
+        let finished = match writer {
+            Some(w) if !store_failed => tokio::task::spawn_blocking(move || w.finish())
+                .await
+                .map_err(|e| crate::Error::Task(e.to_string()))
+                .and_then(|r| r.map_err(crate::Error::from)),
+            _ => Err(crate::Error::Relay("message body not stored".into())),
+        };
+        drop(budget);
+        let body = match finished {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(error = %e, sender = %tx.sender, "message not stored");
+                metrics::counter!("dshare_smtp_messages_total", "result" => "error").increment(1);
+                conn.write_all(TEMP_LOCAL.as_bytes()).await?;
+                return Ok(true);
+            }
+        };
         let with = match (self.esmtp, self.ctx.tls, self.hop.is_some()) {
             (false, _, _) => "SMTP",
             (true, false, false) => "ESMTP",

@@ -11,16 +11,26 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod body;
 mod commit;
 pub mod mailbox;
+mod migrate;
 pub mod queue;
 
+pub use body::{Bodies, BodyReader, BodyRef, BodyWriter, INLINE_MAX, MessageReader, StagedBody};
 pub use mailbox::{MailStore, MailboxInfo, MessageMeta};
 pub use queue::{QueueEntry, QueueStore};
 
 /// The schema this build writes. Recorded in the database on first open; a database written
 /// by a newer schema is refused, an older one is migrated by [`Store::open`].
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// - 1: bodies as whole values (`mail_blobs`, `queue_bodies`), per-recipient headers inside them.
+/// - 2: bodies in [`Bodies`] (large ones in files), shared by reference count between messages
+///   and queue entries; per-recipient headers in a prefix beside the shared body.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Default bound on sled's page cache (bytes).
+pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 
 const META_TREE: &str = "meta";
 const SCHEMA_KEY: &[u8] = b"schema_version";
@@ -29,6 +39,8 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 pub enum Error {
     #[error("database: {0}")]
     Db(#[from] sled::Error),
+    #[error("body file: {0}")]
+    Io(#[from] std::io::Error),
     #[error("database transaction: {0}")]
     Transaction(String),
     #[error("record {key:?} in table {table} is corrupt: {source}")]
@@ -63,6 +75,7 @@ pub fn unix_now() -> i64 {
 pub struct Store {
     db: sled::Db,
     commit: std::sync::Arc<commit::GroupCommit>,
+    bodies: Bodies,
 }
 
 impl std::fmt::Debug for Store {
@@ -72,10 +85,18 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database in `dir` and checks its schema version.
+    /// Opens (creating if needed) the database in `dir` and checks its schema version; an
+    /// older schema is migrated in place. Sled's page cache is bounded by
+    /// [`DEFAULT_CACHE_CAPACITY`].
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_CAPACITY)
+    }
+
+    /// [`Store::open`] with sled's page cache bounded by `cache_capacity` bytes.
+    pub fn open_with_cache(dir: &Path, cache_capacity: u64) -> Result<Self> {
         let config = sled::Config::new()
             .path(dir.join("db"))
+            .cache_capacity(cache_capacity)
             .mode(sled::Mode::HighThroughput);
         // A database closed a moment ago in this process (a node restarted in place) may
         // still be letting go of its file lock from sled's background threads: wait briefly
@@ -96,20 +117,28 @@ impl Store {
                 other => break other?,
             }
         };
-        Self::init(db)
+        Self::init(db, dir, None)
     }
 
-    /// A database that lives only as long as this handle: for tests.
+    /// A database (and body directory) that lives only as long as this handle: for tests.
     pub fn temporary() -> Result<Self> {
-        Self::init(sled::Config::new().temporary(true).open()?)
+        let temp = tempfile::tempdir()?;
+        let db = sled::Config::new()
+            .path(temp.path().join("db"))
+            .cache_capacity(DEFAULT_CACHE_CAPACITY)
+            .temporary(true)
+            .open()?;
+        let dir = temp.path().to_path_buf();
+        Self::init(db, &dir, Some(temp))
     }
 
-    fn init(db: sled::Db) -> Result<Self> {
+    fn init(db: sled::Db, dir: &Path, temp: Option<tempfile::TempDir>) -> Result<Self> {
         let meta = db.open_tree(META_TREE)?;
-        match meta.get(SCHEMA_KEY)? {
+        let found = match meta.get(SCHEMA_KEY)? {
             None => {
                 meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
                 db.flush()?;
+                SCHEMA_VERSION
             }
             Some(v) => {
                 let found = v
@@ -120,11 +149,23 @@ impl Store {
                 if found > SCHEMA_VERSION {
                     return Err(Error::SchemaTooNew { found });
                 }
-                // Older schemas would be migrated here, one step at a time.
+                found
             }
+        };
+        let bodies = Bodies::open_dir(&db, dir, temp)?;
+        if found < 2 {
+            migrate::v1_to_v2(&db, &bodies)?;
+            meta.insert(SCHEMA_KEY, &2u32.to_be_bytes())?;
+            db.flush()?;
+            tracing::info!(from = found, to = 2, "database schema migrated");
         }
         let commit = std::sync::Arc::new(commit::GroupCommit::start(db.clone())?);
-        Ok(Self { db, commit })
+        Ok(Self { db, commit, bodies })
+    }
+
+    /// The body store.
+    pub fn bodies(&self) -> &Bodies {
+        &self.bodies
     }
 
     /// The schema version recorded in the database.

@@ -6,8 +6,9 @@
 //! - `mail_mailboxes`: `account \0 name` → JSON [`MailboxInfo`] (the record keeps the UID and
 //!   mod-sequence counters and the message/unseen counts, so `STATUS` is one read);
 //! - `mail_messages`: `mailbox id (u64 BE) ++ uid (u32 BE)` → JSON [`MessageMeta`];
-//! - `mail_blobs`: `blob id (u64 BE)` → the raw message bytes;
-//! - `mail_blob_refs`: `blob id (u64 BE)` → reference count (u64 BE); copies share a blob;
+//! - bodies in [`crate::Bodies`] (`mail_blobs` for small ones, files for large ones, reference
+//!   counts in `mail_blob_refs`): copies, and the recipients of one delivery, share a body;
+//!   a message keeps its own `prefix` (`Return-Path`/`Received` lines) beside the shared body;
 //! - `mail_accounts`: `account` → when its default mailboxes were provisioned;
 //! - `mail_counters`: the last UIDVALIDITY handed out.
 //!
@@ -25,12 +26,16 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use crate::{Error, Result, Store, unix_now};
+use crate::body::{BodyRef, BodyTx, DEAD_TREE, INLINE_TREE, LineEnds, MessageReader, REFS_TREE};
+use crate::queue::{QueueEntry, QueueStore};
+use crate::{Error, Result, StagedBody, Store, unix_now};
 
-const MAILBOXES: &str = "mail_mailboxes";
-const MESSAGES: &str = "mail_messages";
-const BLOBS: &str = "mail_blobs";
-const BLOB_REFS: &str = "mail_blob_refs";
+pub(crate) const MAILBOXES: &str = "mail_mailboxes";
+pub(crate) const MESSAGES: &str = "mail_messages";
+#[cfg(test)]
+const BLOBS: &str = INLINE_TREE;
+#[cfg(test)]
+const BLOB_REFS: &str = REFS_TREE;
 const ACCOUNTS: &str = "mail_accounts";
 const COUNTERS: &str = "mail_counters";
 const UIDVALIDITY_KEY: &[u8] = b"uidvalidity";
@@ -83,12 +88,20 @@ pub struct MessageMeta {
     pub flags: Vec<String>,
     /// Unix seconds.
     pub internal_date: i64,
-    /// Size of the body in bytes (RFC822.SIZE).
+    /// Size of the message in bytes, prefix and body (RFC822.SIZE).
     pub size: u64,
     /// The mod-sequence of the last change to this message.
     pub modseq: u64,
-    /// Body id for [`MailStore::body`]; shared by copies of the message.
+    /// Body id in [`crate::Bodies`]; shared by copies of the message and by the other
+    /// recipients of the same delivery.
     pub blob: u64,
+    /// This message's own first lines (`Return-Path`, `Received`), served before the shared
+    /// body; empty for messages stored whole.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    /// Size as POP3 sends it (every line end CRLF, before byte-stuffing).
+    #[serde(default)]
+    pub pop3_size: u64,
 }
 
 impl MessageMeta {
@@ -120,6 +133,7 @@ pub struct MailStore {
     messages: sled::Tree,
     blobs: sled::Tree,
     refs: sled::Tree,
+    dead: sled::Tree,
     accounts: sled::Tree,
     counters: sled::Tree,
 }
@@ -179,12 +193,21 @@ fn message_key(mailbox: u64, uid: u32) -> [u8; 12] {
     k
 }
 
-fn blob_key(blob: u64) -> [u8; 8] {
-    blob.to_be_bytes()
+/// A message's sizes from its prefix and body.
+fn sizes(prefix: &str, body: &BodyRef) -> (u64, u64) {
+    (
+        prefix.len() as u64 + body.len,
+        LineEnds::of(prefix.as_bytes()) + body.crlf_len,
+    )
 }
 
-fn read_u64(bytes: &[u8]) -> u64 {
-    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+fn check_prefix(prefix: &str) -> Result<()> {
+    if !prefix.is_empty() && !prefix.ends_with("\r\n") {
+        return Err(Error::Conflict(
+            "a message prefix must end with CRLF".to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// `INBOX` in any case is INBOX; other names are case-sensitive.
@@ -269,12 +292,11 @@ fn not_found(account: &str, name: &str) -> Error {
     Error::NotFound(format!("no mailbox {name:?} for {account}"))
 }
 
-/// The transactional view over the four trees that change together.
+/// The transactional view over the trees that change together.
 struct Tx<'a> {
     mailboxes: &'a TransactionalTree,
     messages: &'a TransactionalTree,
-    blobs: &'a TransactionalTree,
-    refs: &'a TransactionalTree,
+    body: BodyTx<'a>,
 }
 
 impl Tx<'_> {
@@ -318,30 +340,12 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn new_blob(&self, blob: u64, body: &[u8]) -> TxResult<()> {
-        self.blobs.insert(&blob_key(blob)[..], body)?;
-        self.refs
-            .insert(&blob_key(blob)[..], &1u64.to_be_bytes()[..])?;
-        Ok(())
-    }
-
     fn retain_blob(&self, blob: u64) -> TxResult<()> {
-        let count = self.refs.get(blob_key(blob))?.map_or(0, |v| read_u64(&v));
-        self.refs
-            .insert(&blob_key(blob)[..], &(count + 1).to_be_bytes()[..])?;
-        Ok(())
+        self.body.retain(blob)
     }
 
     fn release_blob(&self, blob: u64) -> TxResult<()> {
-        let count = self.refs.get(blob_key(blob))?.map_or(0, |v| read_u64(&v));
-        if count <= 1 {
-            self.refs.remove(&blob_key(blob)[..])?;
-            self.blobs.remove(&blob_key(blob)[..])?;
-        } else {
-            self.refs
-                .insert(&blob_key(blob)[..], &(count - 1).to_be_bytes()[..])?;
-        }
-        Ok(())
+        self.body.release(blob)
     }
 
     /// Removes a message from `info` (the caller writes `info` back), releasing its blob.
@@ -380,8 +384,9 @@ impl MailStore {
             store: store.clone(),
             mailboxes: store.tree(MAILBOXES)?,
             messages: store.tree(MESSAGES)?,
-            blobs: store.tree(BLOBS)?,
-            refs: store.tree(BLOB_REFS)?,
+            blobs: store.tree(INLINE_TREE)?,
+            refs: store.tree(REFS_TREE)?,
+            dead: store.tree(DEAD_TREE)?,
             accounts: store.tree(ACCOUNTS)?,
             counters: store.tree(COUNTERS)?,
         })
@@ -389,16 +394,20 @@ impl MailStore {
 
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
         tx_result(
-            (&self.mailboxes, &self.messages, &self.blobs, &self.refs).transaction(
-                |(mailboxes, messages, blobs, refs)| {
+            (
+                &self.mailboxes,
+                &self.messages,
+                &self.blobs,
+                &self.refs,
+                &self.dead,
+            )
+                .transaction(|(mailboxes, messages, inline, refs, dead)| {
                     f(&Tx {
                         mailboxes,
                         messages,
-                        blobs,
-                        refs,
+                        body: BodyTx { inline, refs, dead },
                     })
-                },
-            ),
+                }),
         )
     }
 
@@ -708,11 +717,26 @@ impl MailStore {
         flags: &[String],
         internal_date: i64,
     ) -> Result<(u32, u32)> {
+        let staged = self.store.bodies().stage(body)?;
+        self.append_staged(account, mailbox, &staged, flags, internal_date)
+    }
+
+    /// [`MailStore::append`] of a body received through a [`crate::BodyWriter`] (IMAP
+    /// `APPEND` of a large literal).
+    pub fn append_staged(
+        &self,
+        account: &str,
+        mailbox: &str,
+        body: &StagedBody,
+        flags: &[String],
+        internal_date: i64,
+    ) -> Result<(u32, u32)> {
         let name = canonical_name(mailbox);
         let key = mailbox_key(account, &name);
-        let blob = self.store.next_id()?;
         let flags = normalize_flags(flags);
-        self.transact(|tx| {
+        let body_ref = body.body();
+        let (size, pop3_size) = sizes("", &body_ref);
+        let done = self.transact(|tx| {
             let mut info = tx
                 .mailbox(&key)?
                 .ok_or_else(|| abort(not_found(account, &name)))?;
@@ -721,23 +745,168 @@ impl MailStore {
                 uid: 0,
                 flags: flags.clone(),
                 internal_date,
-                size: body.len() as u64,
+                size,
                 modseq: 0,
-                blob,
+                blob: body_ref.id,
+                prefix: String::new(),
+                pop3_size,
             };
-            tx.new_blob(blob, body)?;
+            tx.body.add_staged(body, 1)?;
             tx.add_message(&mut info, &mut meta)?;
             tx.put_mailbox(&key, &info)?;
             Ok((info.uidvalidity, meta.uid))
-        })
+        })?;
+        body.mark_committed();
+        Ok(done)
     }
 
     /// Local delivery: [`MailStore::ensure_account`], then appends to INBOX with no flags and
     /// the current time. Returns the UID. Does not flush.
     pub fn deliver(&self, account: &str, body: &[u8]) -> Result<u32> {
+        let staged = self.store.bodies().stage(body)?;
+        let uids = self.deliver_shared(&staged, &[(account.to_string(), String::new())])?;
+        Ok(uids[0])
+    }
+
+    /// Delivers one stored body to the INBOX of every `(account, prefix)`, each message with
+    /// its own prefix (which must end with CRLF) and all sharing the body: one transaction,
+    /// one reference per message. Returns the UIDs in order. Does not flush.
+    pub fn deliver_shared(
+        &self,
+        body: &StagedBody,
+        local: &[(String, String)],
+    ) -> Result<Vec<u32>> {
+        self.deliver_and_queue(body, local, None)
+            .map(|(uids, _)| uids)
+    }
+
+    /// Delivers a body already stored (a queue entry's, say) to one more account's INBOX.
+    pub fn deliver_stored(&self, account: &str, prefix: &str, body: &BodyRef) -> Result<u32> {
+        check_prefix(prefix)?;
         self.ensure_account(account)?;
-        self.append(account, INBOX, body, &[], unix_now())
-            .map(|(_, uid)| uid)
+        let key = mailbox_key(account, INBOX);
+        let (size, pop3_size) = sizes(prefix, body);
+        let now = unix_now();
+        self.transact(|tx| {
+            let mut info = tx
+                .mailbox(&key)?
+                .ok_or_else(|| abort(not_found(account, INBOX)))?;
+            info.highest_modseq += 1;
+            let mut meta = MessageMeta {
+                uid: 0,
+                flags: Vec::new(),
+                internal_date: now,
+                size,
+                modseq: 0,
+                blob: body.id,
+                prefix: prefix.to_string(),
+                pop3_size,
+            };
+            tx.retain_blob(body.id)?;
+            tx.add_message(&mut info, &mut meta)?;
+            tx.put_mailbox(&key, &info)?;
+            Ok(meta.uid)
+        })
+    }
+
+    /// The acceptance of one message: the body goes to the INBOX of each local `(account,
+    /// prefix)` and into each queue entry (`(entry, prefix)`; ids, sizes and the body reference
+    /// are set here), all in one transaction sharing one stored body. Returns the UIDs and the
+    /// queue entry ids. Does not flush.
+    pub fn deliver_and_queue(
+        &self,
+        body: &StagedBody,
+        local: &[(String, String)],
+        queued: Option<(&QueueStore, Vec<(QueueEntry, String)>)>,
+    ) -> Result<(Vec<u32>, Vec<u64>)> {
+        for (account, prefix) in local {
+            check_prefix(prefix)?;
+            self.ensure_account(account)?;
+        }
+        let body_ref = body.body();
+        let now = unix_now();
+        let keys: Vec<Vec<u8>> = local
+            .iter()
+            .map(|(account, _)| mailbox_key(account, INBOX))
+            .collect();
+        let (queue, entries) = match queued {
+            Some((queue, entries)) => {
+                let mut prepared = Vec::with_capacity(entries.len());
+                for (mut entry, prefix) in entries {
+                    check_prefix(&prefix)?;
+                    entry.id = self.store.next_id()?;
+                    entry.size = prefix.len() as u64 + body_ref.len;
+                    entry.body = Some(body_ref);
+                    entry.prefix = prefix;
+                    prepared.push(entry);
+                }
+                (Some(queue), prepared)
+            }
+            None => (None, Vec::new()),
+        };
+        let count = (local.len() + entries.len()) as u64;
+        if count == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let encoded: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|e| serde_json::to_vec(e).map_err(Error::Encode))
+            .collect::<Result<_>>()?;
+        let entries_tree = match queue {
+            Some(q) => q.entries_tree().clone(),
+            None => self.store.tree(crate::queue::ENTRIES)?,
+        };
+        let uids = tx_result(
+            (
+                &self.mailboxes,
+                &self.messages,
+                &self.blobs,
+                &self.refs,
+                &self.dead,
+                &entries_tree,
+            )
+                .transaction(|(mailboxes, messages, inline, refs, dead, q)| {
+                    let tx = Tx {
+                        mailboxes,
+                        messages,
+                        body: BodyTx { inline, refs, dead },
+                    };
+                    tx.body.add_staged(body, count)?;
+                    let mut uids = Vec::with_capacity(local.len());
+                    for ((account, prefix), key) in local.iter().zip(&keys) {
+                        let mut info = tx
+                            .mailbox(key)?
+                            .ok_or_else(|| abort(not_found(account, INBOX)))?;
+                        info.highest_modseq += 1;
+                        let (size, pop3_size) = sizes(prefix, &body_ref);
+                        let mut meta = MessageMeta {
+                            uid: 0,
+                            flags: Vec::new(),
+                            internal_date: now,
+                            size,
+                            modseq: 0,
+                            blob: body_ref.id,
+                            prefix: prefix.clone(),
+                            pop3_size,
+                        };
+                        tx.add_message(&mut info, &mut meta)?;
+                        tx.put_mailbox(key, &info)?;
+                        uids.push(meta.uid);
+                    }
+                    for (entry, bytes) in entries.iter().zip(&encoded) {
+                        q.insert(&entry.id.to_be_bytes()[..], bytes.as_slice())?;
+                    }
+                    Ok(uids)
+                }),
+        )?;
+        body.mark_committed();
+        let ids = entries.iter().map(|e| e.id).collect();
+        if let Some(queue) = queue {
+            for entry in &entries {
+                queue.scheduled(entry);
+            }
+        }
+        Ok((uids, ids))
     }
 
     /// The mailbox's messages in UID order. `NotFound` if the mailbox does not exist.
@@ -767,17 +936,68 @@ impl MailStore {
             .transpose()
     }
 
-    /// A message body by the `blob` of its [`MessageMeta`], byte-exact. Callers must only pass
-    /// blob ids taken from the authenticated account's own messages.
+    /// A shared body by the `blob` of its [`MessageMeta`] (without the message's prefix), whole
+    /// in memory: for tests and small bodies. Callers must only pass blob ids taken from the
+    /// authenticated account's own messages.
     pub fn body(&self, blob: u64) -> Result<Option<Vec<u8>>> {
-        Ok(self.blobs.get(blob_key(blob))?.map(|v| v.to_vec()))
+        self.store.bodies().read_all(blob)
     }
 
-    /// A message body by account, mailbox and UID; `None` if there is no such message.
+    /// A whole message (prefix and body) by account, mailbox and UID, in memory: for tests and
+    /// small messages; servers use [`MailStore::open_message`]. `None` if there is no such
+    /// message.
     pub fn message_body(&self, account: &str, mailbox: &str, uid: u32) -> Result<Option<Vec<u8>>> {
-        match self.message(account, mailbox, uid)? {
+        let Some(meta) = self.message(account, mailbox, uid)? else {
+            return Ok(None);
+        };
+        let Some(mut reader) = self.open_message(&meta)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(meta.size as usize);
+        std::io::Read::read_to_end(&mut reader, &mut out)?;
+        Ok(Some(out))
+    }
+
+    /// A message as a stream: its prefix, then its body. `None` if the body is gone (the
+    /// message was expunged meanwhile). Reads are blocking file reads of the caller's size.
+    pub fn open_message(&self, meta: &MessageMeta) -> Result<Option<MessageReader>> {
+        Ok(self
+            .store
+            .bodies()
+            .open(meta.blob)?
+            .map(|body| MessageReader::new(meta.prefix.as_bytes().to_vec(), body)))
+    }
+
+    /// `len` octets of a message (prefix and body) from `start`, fewer at its end (IMAP partial
+    /// `BODY[]<start.len>`). The caller bounds `len`. `None` if the body is gone.
+    pub fn read_message_range(
+        &self,
+        meta: &MessageMeta,
+        start: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>> {
+        let prefix = meta.prefix.as_bytes();
+        let mut out = Vec::new();
+        let mut start = start;
+        let mut len = len;
+        if (start as usize) < prefix.len() {
+            let s = start as usize;
+            let e = (s + len).min(prefix.len());
+            out.extend_from_slice(&prefix[s..e]);
+            len -= e - s;
+            start = prefix.len() as u64;
+        }
+        let body_start = start - prefix.len() as u64;
+        if len == 0 {
+            // Still report a vanished body.
+            return Ok(self.store.bodies().open(meta.blob)?.map(|_| out));
+        }
+        match self.store.bodies().read_range(meta.blob, body_start, len)? {
             None => Ok(None),
-            Some(meta) => self.body(meta.blob),
+            Some(rest) => {
+                out.extend_from_slice(&rest);
+                Ok(Some(out))
+            }
         }
     }
 
@@ -1117,6 +1337,85 @@ mod tests {
         assert_eq!(uid, 5);
         let info = mail.mailbox(A, INBOX).unwrap().unwrap();
         assert_eq!((info.messages, info.unseen), (5, 1));
+    }
+
+    #[test]
+    fn one_body_for_many_recipients_each_with_its_prefix() {
+        let (store, mail) = mail();
+        let queue = QueueStore::new(&store).unwrap();
+        let body: Vec<u8> = b"Subject: shared\n\nbare lf\n"
+            .iter()
+            .copied()
+            .chain((0..100_000).map(|i| b'a' + (i % 26) as u8))
+            .collect();
+        let staged = store.bodies().stage(&body).unwrap();
+        let local = vec![
+            (
+                A.to_string(),
+                "Return-Path: <s@x>\r\nReceived: for a\r\n".to_string(),
+            ),
+            (
+                "b@company.com".to_string(),
+                "Received: for b\r\n".to_string(),
+            ),
+        ];
+        let entry = QueueEntry {
+            id: 0,
+            sender: "s@x".into(),
+            recipients: vec![crate::queue::QueuedRecipient::new("c@company.com")],
+            created: 1,
+            next_attempt: 1,
+            attempts: 0,
+            last_error: None,
+            size: 0,
+            hop: false,
+            envid: None,
+            body: None,
+            prefix: String::new(),
+        };
+        let (uids, ids) = mail
+            .deliver_and_queue(
+                &staged,
+                &local,
+                Some((&queue, vec![(entry, "Received: queued\r\n".to_string())])),
+            )
+            .unwrap();
+        assert_eq!((uids, ids.len()), (vec![1, 1], 1));
+        let id = staged.body().id;
+        drop(staged);
+        assert_eq!(store.bodies().refs(id).unwrap(), 3);
+        assert_eq!(queue.due(1).unwrap().len(), 1);
+        for (account, prefix) in &local {
+            let meta = mail.message(account, INBOX, 1).unwrap().unwrap();
+            let mut whole = prefix.as_bytes().to_vec();
+            whole.extend_from_slice(&body);
+            assert_eq!(meta.size, whole.len() as u64);
+            assert_eq!(meta.pop3_size, whole.len() as u64 + 3 + 2);
+            assert_eq!(
+                mail.message_body(account, INBOX, 1).unwrap().unwrap(),
+                whole
+            );
+            let p = prefix.len() as u64;
+            for (start, len) in [
+                (0, 5),
+                (p - 2, 6),
+                (p + 1000, 70_000),
+                (whole.len() as u64 - 4, 9),
+            ] {
+                let got = mail.read_message_range(&meta, start, len).unwrap().unwrap();
+                let end = (start as usize + len).min(whole.len());
+                assert_eq!(got, &whole[start as usize..end]);
+            }
+        }
+        let queued = queue.body(ids[0]).unwrap().unwrap();
+        assert!(queued.starts_with(b"Received: queued\r\nSubject: shared\n"));
+        // Releasing all three frees the body.
+        mail.expunge(A, INBOX, &[1]).unwrap();
+        mail.expunge("b@company.com", INBOX, &[1]).unwrap();
+        assert!(mail.body(id).unwrap().is_some());
+        queue.remove(ids[0]).unwrap();
+        assert_eq!(store.bodies().reap().unwrap(), 1);
+        assert!(mail.body(id).unwrap().is_none());
     }
 
     #[test]

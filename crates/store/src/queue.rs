@@ -1,10 +1,12 @@
 //! The durable outbound queue: messages waiting to be relayed to the peer node that owns
 //! their recipients.
 //!
-//! Layout: `queue` maps the entry id (u64 BE) to a JSON [`QueueEntry`]; `queue_bodies` maps the
-//! same id to the raw message bytes. An entry and its body are written and removed together
-//! in one transaction. Nothing here flushes: the SMTP server calls [`Store::flush_async`]
-//! before it answers `250` to the message it queued.
+//! Layout: `queue` maps the entry id (u64 BE) to a JSON [`QueueEntry`], which references its
+//! body in [`crate::Bodies`] (shared with the local recipients of the same message) and keeps
+//! its own prefix (the `Received` line). An entry and its body reference are written and
+//! removed together in one transaction. Nothing here flushes: the SMTP server calls
+//! [`Store::flush_async`] before it answers `250` to the message it queued. (Schema 1 kept
+//! bodies in `queue_bodies`; the migration moves them.)
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,10 +15,12 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::{Error, Result, Store, Table};
+use crate::body::{BodyRef, BodyTx, DEAD_TREE, INLINE_TREE, MessageReader, REFS_TREE};
+use crate::{Error, Result, StagedBody, Store, Table};
 
-const ENTRIES: &str = "queue";
-const BODIES: &str = "queue_bodies";
+pub(crate) const ENTRIES: &str = "queue";
+/// Schema 1's bodies; read only by the migration.
+pub(crate) const V1_BODIES: &str = "queue_bodies";
 
 /// What has become of one recipient of a queued message.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -65,12 +69,18 @@ pub struct QueueEntry {
     pub next_attempt: i64,
     pub attempts: u32,
     pub last_error: Option<String>,
-    /// Body size in bytes.
+    /// Message size in bytes (prefix and body).
     pub size: u64,
     /// The message was itself relayed by a peer: never forward it again.
     pub hop: bool,
     /// DSN envelope id (RFC 3461 `ENVID`).
     pub envid: Option<String>,
+    /// The stored body (set by the store when the entry is queued).
+    #[serde(default)]
+    pub body: Option<BodyRef>,
+    /// Lines sent before the body (this node's `Received`); ends with CRLF or is empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
 }
 
 impl QueueEntry {
@@ -94,7 +104,9 @@ pub struct QueueStore {
     store: Store,
     entries: Table<QueueEntry>,
     entries_tree: sled::Tree,
-    bodies: sled::Tree,
+    inline: sled::Tree,
+    refs: sled::Tree,
+    dead: sled::Tree,
     /// `(next_attempt, id)` of every entry, rebuilt from disk at start: due entries, the
     /// next due time and the length without scanning the queue.
     schedule: Arc<Mutex<BTreeSet<(i64, u64)>>>,
@@ -128,7 +140,9 @@ impl QueueStore {
             store: store.clone(),
             entries,
             entries_tree: store.tree(ENTRIES)?,
-            bodies: store.tree(BODIES)?,
+            inline: store.tree(INLINE_TREE)?,
+            refs: store.tree(REFS_TREE)?,
+            dead: store.tree(DEAD_TREE)?,
             schedule: Arc::new(Mutex::new(schedule)),
         })
     }
@@ -146,6 +160,15 @@ impl QueueStore {
         if let Some(new) = new {
             s.insert((new, id));
         }
+    }
+
+    pub(crate) fn entries_tree(&self) -> &sled::Tree {
+        &self.entries_tree
+    }
+
+    /// Adds an entry written by another module's transaction to the schedule.
+    pub(crate) fn scheduled(&self, entry: &QueueEntry) {
+        self.reschedule(entry.id, None, Some(entry.next_attempt));
     }
 
     /// When the earliest entry is due, if any.
@@ -175,25 +198,44 @@ impl QueueStore {
                 size: 0,
                 hop,
                 envid: None,
+                body: None,
+                prefix: String::new(),
             },
             body,
         )
     }
 
-    /// Queues a prepared entry (e.g. with an `envid`); `id` and `size` are assigned here.
-    /// Returns the entry id. Atomic; does not flush.
-    pub fn enqueue_entry(&self, mut entry: QueueEntry, body: &[u8]) -> Result<u64> {
+    /// Queues a prepared entry (e.g. with an `envid`) with the whole message as its body;
+    /// `id`, `size` and `body` are assigned here. Returns the entry id. Atomic; does not flush.
+    pub fn enqueue_entry(&self, entry: QueueEntry, body: &[u8]) -> Result<u64> {
+        let staged = self.store.bodies().stage(body)?;
+        self.enqueue_staged(entry, &staged)
+    }
+
+    /// Queues a prepared entry whose body was received through a [`crate::BodyWriter`]; the
+    /// entry's `prefix` is kept. Returns the entry id. Atomic; does not flush.
+    pub fn enqueue_staged(&self, mut entry: QueueEntry, body: &StagedBody) -> Result<u64> {
+        if !entry.prefix.is_empty() && !entry.prefix.ends_with("\r\n") {
+            return Err(Error::Conflict(
+                "a message prefix must end with CRLF".into(),
+            ));
+        }
+        let body_ref = body.body();
         entry.id = self.store.next_id()?;
-        entry.size = body.len() as u64;
+        entry.size = entry.prefix.len() as u64 + body_ref.len;
+        entry.body = Some(body_ref);
         let encoded = serde_json::to_vec(&entry).map_err(Error::Encode)?;
         let k = key(entry.id);
         tx_result(
-            (&self.entries_tree, &self.bodies).transaction(|(entries, bodies)| {
-                bodies.insert(&k[..], body)?;
-                entries.insert(&k[..], encoded.as_slice())?;
-                Ok::<_, ConflictableTransactionError<Error>>(())
-            }),
+            (&self.entries_tree, &self.inline, &self.refs, &self.dead).transaction(
+                |(entries, inline, refs, dead)| {
+                    BodyTx { inline, refs, dead }.add_staged(body, 1)?;
+                    entries.insert(&k[..], encoded.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<Error>>(())
+                },
+            ),
         )?;
+        body.mark_committed();
         self.reschedule(entry.id, None, Some(entry.next_attempt));
         Ok(entry.id)
     }
@@ -202,9 +244,30 @@ impl QueueStore {
         self.entries.get(key(id))
     }
 
-    /// The message bytes of an entry.
+    /// The whole message (prefix and body) of an entry, in memory: for tests and small
+    /// messages; the relay uses [`QueueStore::open`].
     pub fn body(&self, id: u64) -> Result<Option<Vec<u8>>> {
-        Ok(self.bodies.get(key(id))?.map(|v| v.to_vec()))
+        let Some(entry) = self.get(id)? else {
+            return Ok(None);
+        };
+        let Some(mut reader) = self.open(&entry)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut out)?;
+        Ok(Some(out))
+    }
+
+    /// An entry's message as a stream: its prefix, then its body. `None` if it has no body.
+    pub fn open(&self, entry: &QueueEntry) -> Result<Option<MessageReader>> {
+        let Some(body) = entry.body else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .bodies()
+            .open(body.id)?
+            .map(|r| MessageReader::new(entry.prefix.as_bytes().to_vec(), r)))
     }
 
     /// Every entry, oldest first.
@@ -245,24 +308,29 @@ impl QueueStore {
         }
     }
 
-    /// Removes an entry and its body; returns the entry if it was there.
+    /// Removes an entry and releases its body; returns the entry if it was there.
     pub fn remove(&self, id: u64) -> Result<Option<QueueEntry>> {
         let k = key(id);
-        let removed = tx_result((&self.entries_tree, &self.bodies).transaction(
-            |(entries, bodies)| {
-                bodies.remove(&k[..])?;
-                Ok::<_, ConflictableTransactionError<Error>>(entries.remove(&k[..])?)
-            },
-        ))?;
-        let removed: Option<QueueEntry> = removed
-            .map(|v| {
-                serde_json::from_slice(&v).map_err(|source| Error::Corrupt {
-                    table: ENTRIES.to_string(),
-                    key: id.to_string(),
-                    source,
-                })
-            })
-            .transpose()?;
+        let removed = tx_result(
+            (&self.entries_tree, &self.inline, &self.refs, &self.dead).transaction(
+                |(entries, inline, refs, dead)| {
+                    let Some(v) = entries.remove(&k[..])? else {
+                        return Ok(None);
+                    };
+                    let entry: QueueEntry = serde_json::from_slice(&v).map_err(|source| {
+                        ConflictableTransactionError::Abort(Error::Corrupt {
+                            table: ENTRIES.to_string(),
+                            key: id.to_string(),
+                            source,
+                        })
+                    })?;
+                    if let Some(body) = entry.body {
+                        BodyTx { inline, refs, dead }.release(body.id)?;
+                    }
+                    Ok::<_, ConflictableTransactionError<Error>>(Some(entry))
+                },
+            ),
+        )?;
         if let Some(e) = &removed {
             self.reschedule(id, Some(e.next_attempt), None);
         }
@@ -366,7 +434,7 @@ mod tests {
         assert!(matches!(q.retry_now(a), Err(Error::NotFound(_))));
         assert_eq!(q.len(), 1);
         assert_eq!(q.next_due(), Some(200));
-        assert_eq!(store.tree(BODIES).unwrap().len(), 1);
+        assert_eq!(store.tree(INLINE_TREE).unwrap().len(), 1);
     }
 
     #[test]
@@ -384,6 +452,8 @@ mod tests {
             size: 0,
             hop: false,
             envid: Some("ENV1".into()),
+            body: None,
+            prefix: String::new(),
         };
         let id = q.enqueue_entry(template, b"xyz").unwrap();
         let e = q.get(id).unwrap().unwrap();
