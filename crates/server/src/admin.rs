@@ -276,3 +276,18 @@ impl AdminService {
         }
     }
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_token_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = super::load_or_create_token(dir.path()).unwrap();
+        let path = dir.path().join(super::TOKEN_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(super::read_token(dir.path()).unwrap(), token);
+    }
+}

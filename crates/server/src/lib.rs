@@ -55,8 +55,8 @@ pub(crate) fn random_hex(n: usize) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes a file only its owner may read.
-pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+/// Writes a file only its owner may read (mode 0600 on Unix, also when it already exists).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -66,6 +66,12 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
+    // `mode` only applies to a new file: tighten one that existed.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     f.write_all(data)?;
     f.sync_all()
 }
