@@ -212,3 +212,57 @@ async fn a_node_with_the_wrong_secret_learns_nothing() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+/// DESIGN.md §5: the Minger credential is a key derived from the secret for that purpose
+/// alone; a caller that has only the raw secret (or the relay or session key) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minger_takes_the_derived_key_not_the_raw_secret() -> anyhow::Result<()> {
+    use ds_cluster::proto::{LookupRequest, minger_client::MingerClient};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    let c = Cluster::start(2).await?;
+    c.node(0).add_account("alice@example.com", "pw").await?;
+    let ca = std::fs::read(c.node(0).config.tls.cluster_ca.as_ref().unwrap())?;
+    let addr = c.node(0).minger();
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(addr.ip().to_string()),
+        )?
+        .connect()
+        .await?;
+    let keys = ds_server::ClusterKeys::derive(ds_testkit::TEST_SECRET);
+    let lookup = |credential: String| {
+        let mut client = MingerClient::new(channel.clone());
+        async move {
+            let mut req = tonic::Request::new(LookupRequest {
+                address: "alice@example.com".into(),
+                purpose: 1,
+                from_node: "node-b".into(),
+            });
+            req.metadata_mut()
+                .insert(ds_cluster::SECRET_HEADER, credential.parse().unwrap());
+            client.lookup(req).await
+        }
+    };
+    for wrong in [
+        ds_testkit::TEST_SECRET.to_string(),
+        keys.relay.clone(),
+        keys.session.clone(),
+    ] {
+        let e = lookup(wrong).await.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+    let reply = lookup(keys.minger.clone()).await?.into_inner();
+    assert!(reply.found);
+    assert_eq!(reply.owner, "node-a");
+    // And the nodes themselves, which derive the same keys, keep finding each other.
+    let b = &c.node(1).node().state.locator;
+    assert_eq!(
+        remote_node(&b.locate("alice@example.com", Purpose::Rcpt).await),
+        Some("node-a")
+    );
+    c.shutdown().await;
+    Ok(())
+}

@@ -18,9 +18,11 @@ use ds_store::{MailStore, QueueStore, Store, unix_now};
 
 pub mod admin;
 pub mod config;
+pub mod keys;
 mod metrics_http;
 
 pub use config::Config;
+pub use keys::ClusterKeys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -307,6 +309,9 @@ impl Node {
         let token = admin::load_or_create_token(&data_dir).map_err(io("admin token"))?;
         let tls = load_tls(&config, &data_dir)?;
         let secret = load_secret(&config, &data_dir)?;
+        // One key per purpose (DESIGN.md §5); the raw secret goes no further than here.
+        let keys = ClusterKeys::derive(&secret);
+        drop(secret);
         let ca_pem = match &config.tls.cluster_ca {
             Some(p) => Some(std::fs::read(p).map_err(io(format!("reading {}", p.display())))?),
             None => None,
@@ -342,7 +347,7 @@ impl Node {
                 pop3: endpoint(&addrs.pop3),
                 imap: String::new(),
             },
-            secret.clone(),
+            keys.minger.clone(),
         );
         cluster.peers = config
             .cluster
@@ -386,7 +391,7 @@ impl Node {
                 max_queue_age: config.smtp.max_queue_age,
                 retry_base: config.smtp.retry_base,
                 retry_max: config.smtp.retry_max,
-                cluster_secret: secret.clone(),
+                cluster_secret: keys.relay.clone(),
                 ..Default::default()
             },
             directory.clone(),
@@ -402,7 +407,7 @@ impl Node {
                 hostname: config.node.advertise.clone(),
                 node_id: config.node.id.clone(),
                 idle_timeout: limits.pop3_idle,
-                cluster_secret: Some(secret.clone()),
+                cluster_secret: Some(keys.session.clone()),
                 ..Default::default()
             },
             directory.clone(),
