@@ -266,3 +266,80 @@ async fn minger_takes_the_derived_key_not_the_raw_secret() -> anyhow::Result<()>
     c.shutdown().await;
     Ok(())
 }
+
+/// Issue 13 point 12: `account enable` drops peers' cached "cannot receive" as disable does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_an_account_invalidates_peer_caches() -> anyhow::Result<()> {
+    let c = Cluster::start(2).await?;
+    c.node(1).add_account("bob@example.com", "pw").await?;
+    let b = &c.node(1).node().state;
+    b.set_enabled("bob@example.com", false).await?;
+    let a = &c.node(0).node().state.locator;
+    let loc = a.locate("bob@example.com", Purpose::Rcpt).await;
+    assert!(
+        matches!(&loc, Location::Remote(o) if !o.can_receive),
+        "{loc:?}"
+    );
+    assert!(a.cached("bob@example.com").await.is_some());
+    b.set_enabled("bob@example.com", true).await?;
+    assert!(
+        a.cached("bob@example.com").await.is_none(),
+        "node-a still caches the disabled bob"
+    );
+    let loc = a.locate("bob@example.com", Purpose::Rcpt).await;
+    assert!(
+        matches!(&loc, Location::Remote(o) if o.can_receive),
+        "{loc:?}"
+    );
+    c.shutdown().await;
+    Ok(())
+}
+
+/// Issue 13 point 14: aliases and lists go through the creation guard, so an address is an
+/// account, an alias or a list on one node only (lists of one name may be shared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aliases_and_lists_are_created_under_the_guard() -> anyhow::Result<()> {
+    let c = Cluster::start(2).await?;
+    let (a, b) = (&c.node(0).node().state, &c.node(1).node().state);
+    c.node(0).add_account("alice@example.com", "pw").await?;
+    c.node(1).add_account("sales@example.com", "pw").await?;
+    // An alias on A cannot take the name of B's account …
+    let e = a
+        .create_alias("sales@example.com", "alice@example.com", false)
+        .await
+        .expect_err("sales is an account on node-b");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(a.directory.taken_as("sales@example.com")?.is_none());
+    // … nor can a list.
+    let e = a
+        .create_list("sales@example.com", false)
+        .await
+        .expect_err("sales is an account on node-b");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    // A free alias works, and then B cannot create an account, alias or list under it.
+    a.create_alias("info@example.com", "alice@example.com", false)
+        .await?;
+    assert!(
+        c.node(1)
+            .add_account("info@example.com", "pw")
+            .await
+            .is_err()
+    );
+    let e = b
+        .create_alias("info@example.com", "sales@example.com", false)
+        .await
+        .expect_err("info is an alias on node-a");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    let e = b.create_list("info@example.com", false).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    // Lists of one name on several nodes are list sharing: allowed; an alias of that name is not.
+    a.create_list("team@example.com", false).await?;
+    b.create_list("team@example.com", false).await?;
+    let e = b
+        .create_alias("team@example.com", "sales@example.com", false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    c.shutdown().await;
+    Ok(())
+}

@@ -187,7 +187,11 @@ impl Minger for MingerService {
             Err(Refused::Taken(kind)) => ReserveReply {
                 granted: false,
                 reason: format!("exists as {kind}"),
-                refusal: Refusal::Taken.into(),
+                refusal: if kind == crate::reservation::LIST {
+                    Refusal::TakenList.into()
+                } else {
+                    Refusal::Taken.into()
+                },
             },
             Err(Refused::Reserved(holder)) => ReserveReply {
                 granted: false,

@@ -110,19 +110,11 @@ impl NodeState {
         password: &str,
         force: bool,
     ) -> std::result::Result<Account, tonic::Status> {
-        use ds_cluster::Error as E;
         let account = self
             .locator
             .create_account(name, password, force, unix_now())
             .await
-            .map_err(|e| match e {
-                E::Directory(d) => admin::status(d),
-                E::Exists { .. } => tonic::Status::already_exists(e.to_string()),
-                E::Unavailable { .. } => tonic::Status::unavailable(format!(
-                    "{e}; nothing was created (retry, or --force to create anyway)"
-                )),
-                other => tonic::Status::internal(other.to_string()),
-            })?;
+            .map_err(guard_status)?;
         self.mail
             .ensure_account(&account.address)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
@@ -131,6 +123,52 @@ impl NodeState {
             .await
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(account)
+    }
+
+    /// Adds an alias to a local account after every peer reserved the alias's address (the
+    /// creation guard), so it cannot name an account or alias elsewhere in the cluster.
+    pub async fn create_alias(
+        &self,
+        alias: &str,
+        account: &str,
+        force: bool,
+    ) -> std::result::Result<(), tonic::Status> {
+        self.locator
+            .create_alias(alias, account, force)
+            .await
+            .map_err(guard_status)
+    }
+
+    /// Creates a mailing list under the creation guard (peers' lists of the same name are
+    /// list sharing and allowed; their accounts and aliases are not).
+    pub async fn create_list(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> std::result::Result<ds_directory::MailingList, tonic::Status> {
+        self.locator
+            .create_list(name, force)
+            .await
+            .map_err(guard_status)
+    }
+
+    /// Enables or disables an account; either way every peer drops what it cached about
+    /// it, so a re-enabled account is not refused from a stale "cannot receive".
+    pub async fn set_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+    ) -> std::result::Result<(), tonic::Status> {
+        self.directory
+            .set_enabled(name, enabled)
+            .map_err(admin::status)?;
+        let addr = self
+            .directory
+            .served_address(name)
+            .map_err(admin::status)?
+            .to_string();
+        self.account_gone(&addr).await;
+        Ok(())
     }
 
     /// Deletes an account, its aliases and its mailboxes, and drops it from peers' caches.
@@ -259,6 +297,19 @@ impl NodeState {
             }
             None => Err(format!("no queued message {id}")),
         }
+    }
+}
+
+/// A refused creation (account, alias, list) as the admin service answers it.
+fn guard_status(e: ds_cluster::Error) -> tonic::Status {
+    use ds_cluster::Error as E;
+    match e {
+        E::Directory(d) => admin::status(d),
+        E::Exists { .. } => tonic::Status::already_exists(e.to_string()),
+        E::Unavailable { .. } => tonic::Status::unavailable(format!(
+            "{e}; nothing was created (retry, or --force to create anyway)"
+        )),
+        other => tonic::Status::internal(other.to_string()),
     }
 }
 
