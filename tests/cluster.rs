@@ -53,11 +53,16 @@ async fn local_remote_unknown_and_tempfail() -> anyhow::Result<()> {
         "{:?}",
         started.elapsed()
     );
-    // An unknown address is a temporary failure too while peers cannot be asked.
+    // An unknown address is a temporary failure too while peers cannot be asked …
     assert!(matches!(
-        a.locate("nobody@example.com", Purpose::Rcpt).await,
+        a.locate("stranger@example.com", Purpose::Rcpt).await,
         Location::TempFail(_)
     ));
+    // … unless every peer said "no" a moment ago (the short negative cache).
+    assert_eq!(
+        a.locate("nobody@example.com", Purpose::Rcpt).await,
+        Location::Unknown
+    );
     // The cached owner still resolves.
     assert_eq!(
         remote_node(&a.locate("bob@example.com", Purpose::Rcpt).await),
@@ -340,6 +345,138 @@ async fn aliases_and_lists_are_created_under_the_guard() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    c.shutdown().await;
+    Ok(())
+}
+
+/// A Minger client for node `i` with the cluster's derived credential, as a peer would call.
+async fn minger_client(
+    c: &Cluster,
+    i: usize,
+) -> anyhow::Result<(
+    ds_cluster::proto::minger_client::MingerClient<tonic::transport::Channel>,
+    tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+)> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let ca = std::fs::read(c.node(i).config.tls.cluster_ca.as_ref().unwrap())?;
+    let addr = c.node(i).minger();
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(addr.ip().to_string()),
+        )?
+        .connect()
+        .await?;
+    let key = ds_server::ClusterKeys::derive(ds_testkit::TEST_SECRET).minger;
+    Ok((
+        ds_cluster::proto::minger_client::MingerClient::new(channel),
+        key.parse()?,
+    ))
+}
+
+/// Issue 13 point 6: the negative cache is on by default and safe: a `Reserve` drops the
+/// entry, and nothing negative is cached while a reservation lives, so an address that is
+/// being created is never hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_cache_never_hides_an_address_being_created() -> anyhow::Result<()> {
+    let c = Cluster::start(2).await?;
+    let a = &c.node(0).node().state.locator;
+    let b = &c.node(1).node().state;
+    // The cache is on: an address made behind the guard's back stays hidden for a while.
+    assert_eq!(
+        a.locate("ghost@example.com", Purpose::Rcpt).await,
+        Location::Unknown
+    );
+    b.directory.add_account("ghost@example.com", "pw", 0)?;
+    assert_eq!(
+        a.locate("ghost@example.com", Purpose::Rcpt).await,
+        Location::Unknown,
+        "negative cache expected on by default"
+    );
+    // Through the guard: node-a learns "new" is unknown, then node-b reserves it on node-a.
+    assert_eq!(
+        a.locate("new@example.com", Purpose::Rcpt).await,
+        Location::Unknown
+    );
+    let (mut minger, key) = minger_client(&c, 0).await?;
+    let mut req = tonic::Request::new(ds_cluster::proto::ReserveRequest {
+        address: "new@example.com".into(),
+        from_node: "node-b".into(),
+        ttl_seconds: 60,
+    });
+    req.metadata_mut().insert(ds_cluster::SECRET_HEADER, key);
+    assert!(minger.reserve(req).await?.into_inner().granted);
+    // While it is reserved, a lookup (node-b does not have it yet) caches nothing …
+    assert_eq!(
+        a.locate("new@example.com", Purpose::Rcpt).await,
+        Location::Unknown
+    );
+    // … so once node-b has it (even if its Release never arrives), node-a finds it.
+    b.directory.add_account("new@example.com", "pw", 0)?;
+    assert_eq!(
+        remote_node(&a.locate("new@example.com", Purpose::Rcpt).await),
+        Some("node-b")
+    );
+    // And the whole guard: node-a caches "later" as unknown, node-b creates it.
+    assert_eq!(
+        a.locate("later@example.com", Purpose::Rcpt).await,
+        Location::Unknown
+    );
+    c.node(1).add_account("later@example.com", "pw").await?;
+    assert_eq!(
+        remote_node(&a.locate("later@example.com", Purpose::Rcpt).await),
+        Some("node-b")
+    );
+    c.shutdown().await;
+    Ok(())
+}
+
+/// Issue 13 point 6: a client connection may cause only so many uncached fan-outs; then its
+/// lookups are TempFail (451), while local addresses and cached owners still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncached_fanouts_are_bounded_per_connection() -> anyhow::Result<()> {
+    let c = Cluster::start_with(2, |_, cfg| cfg.cluster.fanouts_per_connection = 2).await?;
+    c.node(0).add_account("alice@example.com", "pw").await?;
+    c.node(1).add_account("bob@example.com", "pw").await?;
+    let a = &c.node(0).node().state.locator;
+    let budget = a.fanout_budget();
+    assert_eq!(budget.remaining(), 2);
+    let bob = a
+        .locate_bounded("bob@example.com", Purpose::Rcpt, &budget)
+        .await;
+    assert_eq!(remote_node(&bob), Some("node-b"));
+    assert_eq!(
+        a.locate_bounded("nobody1@example.com", Purpose::Rcpt, &budget)
+            .await,
+        Location::Unknown
+    );
+    assert_eq!(budget.remaining(), 0);
+    let over = a
+        .locate_bounded("nobody2@example.com", Purpose::Rcpt, &budget)
+        .await;
+    assert!(matches!(over, Location::TempFail(_)), "{over:?}");
+    // Cache hits and local accounts cost nothing.
+    let bob = a
+        .locate_bounded("bob@example.com", Purpose::Rcpt, &budget)
+        .await;
+    assert_eq!(remote_node(&bob), Some("node-b"));
+    let nobody = a
+        .locate_bounded("nobody1@example.com", Purpose::Rcpt, &budget)
+        .await;
+    assert_eq!(nobody, Location::Unknown, "negative cache hit");
+    assert!(matches!(
+        a.locate_bounded("alice@example.com", Purpose::Rcpt, &budget)
+            .await,
+        Location::Local { .. }
+    ));
+    // A new connection gets a new budget.
+    let fresh = a.fanout_budget();
+    assert_eq!(
+        a.locate_bounded("nobody2@example.com", Purpose::Rcpt, &fresh)
+            .await,
+        Location::Unknown
+    );
     c.shutdown().await;
     Ok(())
 }

@@ -199,6 +199,9 @@ impl Minger for MingerService {
                 refusal: Refusal::Reserved.into(),
             },
         };
+        // The address may come into existence on the asking node: a "no node has it" we
+        // cached must not hide it (DESIGN.md §4; the negative cache).
+        self.inner.caches.drop_entry(&address).await;
         tracing::info!(%address, from = %req.from_node, granted = reply.granted, reason = %reply.reason, "reservation asked");
         Ok(Response::new(reply))
     }

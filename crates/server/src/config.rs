@@ -101,8 +101,12 @@ pub struct ClusterSection {
     pub secret_file: Option<PathBuf>,
     #[serde(deserialize_with = "duration")]
     pub positive_ttl: Duration,
+    /// How long "no node has it" is cached (0 = off). Safe: a peer that gets `Reserve` for an
+    /// address drops its entry before the address is created.
     #[serde(deserialize_with = "duration")]
     pub negative_ttl: Duration,
+    /// Uncached peer fan-outs one client connection may cause; then lookups are TempFail.
+    pub fanouts_per_connection: u32,
     #[serde(deserialize_with = "duration")]
     pub lookup_timeout: Duration,
     /// Domains shared with peers; empty = every shared domain.
@@ -116,7 +120,8 @@ impl Default for ClusterSection {
         Self {
             secret_file: None,
             positive_ttl: Duration::from_secs(5 * 24 * 3600),
-            negative_ttl: Duration::ZERO,
+            negative_ttl: ds_cluster::DEFAULT_NEGATIVE_TTL,
+            fanouts_per_connection: ds_cluster::DEFAULT_FANOUTS_PER_CONNECTION,
             lookup_timeout: Duration::from_secs(2),
             allowed_domains: vec![],
             peers: vec![],

@@ -413,6 +413,7 @@ impl Node {
         cluster.ca_pem = ca_pem.clone();
         cluster.positive_ttl = config.cluster.positive_ttl;
         cluster.negative_ttl = config.cluster.negative_ttl;
+        cluster.fanouts_per_connection = config.cluster.fanouts_per_connection;
         cluster.lookup_timeout = config.cluster.lookup_timeout;
         cluster.allowed_domains = config.cluster.allowed_domains.clone();
         let locator = Locator::new(cluster, directory.clone(), &store)?;
