@@ -480,3 +480,37 @@ async fn uncached_fanouts_are_bounded_per_connection() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+/// Issue 13 point 11: on a node-to-node relay hop, a recipient whose lookup is TempFail gets
+/// 451 4.4.3 (the sender keeps it queued), not 550 5.1.1 (a bounce).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_hop_gets_451_for_a_tempfail_lookup() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    c.node(0).add_account("alice@example.com", "pw").await?;
+    c.node_mut(2).stop().await;
+    let smtp = c.node(0).smtp();
+    let relay_key = ds_server::ClusterKeys::derive(ds_testkit::TEST_SECRET).relay;
+    let script = format!(
+        r#"
+import smtplib, ssl, base64
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP("{ip}", {port}, timeout=30)
+s.ehlo("node-b.test"); s.starttls(context=ctx); s.ehlo("node-b.test")
+token = base64.b64encode(b"\x00dshare-peer/node-b\x00{relay_key}").decode()
+print(s.docmd("AUTH", "PLAIN " + token)[0])
+print(s.docmd("MAIL", "FROM:<bob@example.com>")[0])
+print(s.docmd("RCPT", "TO:<alice@example.com>")[0])
+code, text = s.docmd("RCPT", "TO:<somebody@example.com>")
+print(code, text.decode())
+s.quit()
+"#,
+        ip = smtp.ip(),
+        port = smtp.port(),
+    );
+    let out = tokio::task::spawn_blocking(move || dshare_e2e::python(&script)).await??;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..3], ["235", "250", "250"], "{out}");
+    assert!(lines[3].starts_with("451 4.4.3"), "{out}");
+    c.shutdown().await;
+    Ok(())
+}
