@@ -5,7 +5,10 @@ COPY . .
 RUN cargo build --release --locked -p dshare
 
 FROM debian:bookworm-slim
-RUN useradd --system --home /var/lib/dshare --create-home dshare
+# A fixed uid/gid, so private files (mode 0600) on the host can be given to it: see README
+# "Cluster with Docker".
+RUN groupadd --system --gid 10001 dshare \
+ && useradd --system --uid 10001 --gid 10001 --home /var/lib/dshare --create-home dshare
 COPY --from=build /src/target/release/dshare /usr/local/bin/dshare
 USER dshare
 VOLUME ["/var/lib/dshare"]

@@ -31,7 +31,7 @@ pub fn configs(n: usize, root: &Path) -> anyhow::Result<Vec<Config>> {
     std::fs::write(&ca, pki.ca_cert_pem())?;
     let secret = root.join("cluster.secret");
     if !secret.exists() {
-        std::fs::write(&secret, new_secret())?;
+        write_private(&secret, new_secret().as_bytes())?;
     }
     let mut out = vec![];
     for i in 0..n {
@@ -40,7 +40,7 @@ pub fn configs(n: usize, root: &Path) -> anyhow::Result<Vec<Config>> {
         std::fs::create_dir_all(&dir)?;
         let (cert, key) = pki.issue(&["localhost", &id], &[ip(i)]);
         std::fs::write(dir.join("cert.pem"), cert)?;
-        std::fs::write(dir.join("key.pem"), key)?;
+        write_private(&dir.join("key.pem"), &key)?;
         let a = ip(i);
         let mut toml = format!(
             r#"[node]
@@ -88,6 +88,11 @@ secret_file = "{secret}"
     Ok(out)
 }
 
+/// Private keys and the cluster secret: readable by their owner only (mode 0600).
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    ds_server::write_private(path, data).with_context(|| format!("writing {}", path.display()))
+}
+
 fn new_secret() -> String {
     (0..40)
         .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
@@ -103,11 +108,11 @@ pub fn write_pki(out: &Path, nodes: &[String]) -> anyhow::Result<()> {
     for id in nodes {
         let (cert, key) = pki.issue(&[id.as_str(), "localhost"], &[]);
         std::fs::write(out.join(format!("{id}.cert.pem")), cert)?;
-        std::fs::write(out.join(format!("{id}.key.pem")), key)?;
+        write_private(&out.join(format!("{id}.key.pem")), &key)?;
     }
     let secret = out.join("cluster.secret");
     if !secret.exists() {
-        std::fs::write(&secret, new_secret())?;
+        write_private(&secret, new_secret().as_bytes())?;
     }
     println!(
         "wrote ca.pem, a certificate and key for {} and cluster.secret in {}",
@@ -171,4 +176,43 @@ pub async fn run(n: usize, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         node.shutdown().await;
     }
     Ok(())
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn pki_writes_keys_and_secret_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("secrets");
+        write_pki(&out, &["office-a".into(), "office-b".into()]).unwrap();
+        for f in ["office-a.key.pem", "office-b.key.pem", "cluster.secret"] {
+            assert_eq!(mode(&out.join(f)), 0o600, "{f}");
+        }
+        // A world-readable secret left by an older version is tightened when rewritten.
+        std::fs::set_permissions(
+            out.join("office-a.key.pem"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        write_pki(&out, &["office-a".into()]).unwrap();
+        assert_eq!(mode(&out.join("office-a.key.pem")), 0o600);
+    }
+
+    #[test]
+    fn dev_cluster_writes_keys_and_secret_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let configs = configs(2, tmp.path()).unwrap();
+        assert_eq!(mode(&tmp.path().join("cluster.secret")), 0o600);
+        for c in &configs {
+            assert_eq!(mode(c.tls.key.as_ref().unwrap()), 0o600);
+        }
+    }
 }

@@ -38,9 +38,8 @@ impl ProofKey {
         ProofKey(hmac::Key::new(hmac::HMAC_SHA256, key))
     }
 
-    /// The session-proof key of a cluster with this secret. The one place that decides how it is
-    /// made: today the secret itself (what every node of the cluster does now); a per-purpose
-    /// derived key (DESIGN.md §5) changes this function only — every node must change together.
+    /// The session-proof key from its text form: the node passes the session key it derived from
+    /// the cluster secret (HKDF, one key per purpose, DESIGN.md §5; `ds_server`'s `ClusterKeys`).
     pub fn from_cluster_secret(secret: &str) -> Self {
         if secret.len() < MIN_SECRET_LEN {
             tracing::warn!("cluster secret shorter than {MIN_SECRET_LEN} characters");

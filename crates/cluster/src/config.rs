@@ -12,6 +12,11 @@ pub const MIN_SECRET_LEN: usize = 16;
 pub const DEFAULT_POSITIVE_TTL: Duration = Duration::from_secs(5 * 24 * 3600);
 /// Per-peer bound on one Minger call.
 pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long "no node has it" is trusted. Safe because `Reserve` drops the entry on every
+/// peer before an address is created, and nothing is cached while a reservation lives.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+/// Uncached peer fan-outs one client connection may cause.
+pub const DEFAULT_FANOUTS_PER_CONNECTION: u32 = 20;
 /// Lifetime of a creation-guard reservation that is never released.
 pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(60);
 /// Longest reservation a peer may ask for.
@@ -51,8 +56,10 @@ pub struct ClusterConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// Lifetime of a cached owner (default 5 days).
     pub positive_ttl: Duration,
-    /// Lifetime of a cached "no peer has it"; zero (the default) disables the negative cache.
+    /// Lifetime of a cached "no peer has it" (default 60 s); zero disables the negative cache.
     pub negative_ttl: Duration,
+    /// Uncached peer fan-outs per client connection ([`crate::FanoutBudget`], default 20).
+    pub fanouts_per_connection: u32,
     /// Per-peer bound on a Minger call (default 2 s); a whole lookup is bounded by it too.
     pub lookup_timeout: Duration,
     /// Domains shared with peers; empty = every shared domain.
@@ -69,6 +76,7 @@ impl fmt::Debug for ClusterConfig {
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
             .field("positive_ttl", &self.positive_ttl)
             .field("negative_ttl", &self.negative_ttl)
+            .field("fanouts_per_connection", &self.fanouts_per_connection)
             .field("lookup_timeout", &self.lookup_timeout)
             .field("allowed_domains", &self.allowed_domains)
             .finish()
@@ -89,7 +97,8 @@ impl ClusterConfig {
             peers: vec![],
             ca_pem: None,
             positive_ttl: DEFAULT_POSITIVE_TTL,
-            negative_ttl: Duration::ZERO,
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            fanouts_per_connection: DEFAULT_FANOUTS_PER_CONNECTION,
             lookup_timeout: DEFAULT_LOOKUP_TIMEOUT,
             allowed_domains: vec![],
         }
@@ -161,7 +170,8 @@ mod tests {
     fn defaults() {
         let c = config();
         assert_eq!(c.positive_ttl, Duration::from_secs(432_000));
-        assert_eq!(c.negative_ttl, Duration::ZERO);
+        assert_eq!(c.negative_ttl, Duration::from_secs(60));
+        assert_eq!(c.fanouts_per_connection, 20);
         assert_eq!(c.lookup_timeout, Duration::from_secs(2));
         c.validate().unwrap();
         assert!(!format!("{c:?}").contains("0123456789abcdef"));

@@ -1,10 +1,11 @@
-//! The creation guard (DESIGN.md §5): an account is created only after every peer agreed
-//! to hold its address for us, so two nodes creating one address never both succeed.
+//! The creation guard (DESIGN.md §5): an account, alias or list is created only after every
+//! peer agreed to hold its address for us, so two nodes creating one address never both
+//! succeed and one address never names two things in the cluster.
 
 use std::hash::BuildHasher;
 use std::time::Duration;
 
-use ds_directory::Account;
+use ds_directory::{Account, MailingList};
 
 use crate::locator::Locator;
 use crate::peer::Peer;
@@ -16,8 +17,8 @@ use crate::{DEFAULT_RESERVATION_TTL, Error, Result};
 const MAX_ATTEMPTS: u32 = 6;
 
 /// One round of the guard.
-enum Attempt {
-    Done(Account),
+enum Attempt<T> {
+    Done(T),
     /// Another node is creating the address right now.
     Contended {
         peer: String,
@@ -29,8 +30,19 @@ enum Attempt {
 enum Answer {
     Granted,
     Taken(String),
+    /// The peer keeps a mailing list of that name.
+    TakenList(String),
     Reserved(String),
     Unreachable(String),
+}
+
+/// What is being created under the guard: only a list may share its address with lists
+/// of the same name on peers (list sharing, DESIGN.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Creating {
+    Account,
+    Alias,
+    List,
 }
 
 /// A random pause that grows with the attempt, so racing creators drift apart.
@@ -52,16 +64,60 @@ impl Locator {
         force: bool,
         now: i64,
     ) -> Result<Account> {
+        let directory = self.inner.directory.clone();
+        let password = password.to_string();
+        self.create_guarded(name, force, Creating::Account, move |address| {
+            directory.add_account(address, &password, now)
+        })
+        .await
+    }
+
+    /// Adds `alias` (a new address) to a local `account`, under the creation guard like an
+    /// account, so one address never names two things in the cluster.
+    pub async fn create_alias(&self, alias: &str, account: &str, force: bool) -> Result<()> {
+        let directory = self.inner.directory.clone();
+        let account = account.to_string();
+        self.create_guarded(alias, force, Creating::Alias, move |address| {
+            directory.add_alias(address, &account)
+        })
+        .await
+    }
+
+    /// Creates a mailing list under the creation guard: refused when a peer has the address
+    /// as an account or alias; peers keeping a list of the same name are fine (list sharing).
+    pub async fn create_list(&self, name: &str, force: bool) -> Result<MailingList> {
+        let directory = self.inner.directory.clone();
+        self.create_guarded(name, force, Creating::List, move |address| {
+            directory.add_list(address)
+        })
+        .await
+    }
+
+    async fn create_guarded<T, F>(
+        &self,
+        name: &str,
+        force: bool,
+        creating: Creating,
+        create: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&str) -> ds_directory::Result<T> + Clone + Send + 'static,
+    {
         let address = self.inner.directory.served_address(name)?;
         let shared = self.shares(address.domain());
         let address = address.to_string();
         let mut attempt = 1;
         loop {
             match self
-                .attempt_create(&address, password, force, shared, now)
+                .attempt_create(&address, force, shared, creating, create.clone())
                 .await?
             {
-                Attempt::Done(account) => return Ok(account),
+                Attempt::Done(created) => {
+                    // A "no node has it" cached here must not hide what now exists.
+                    self.forget(&address).await;
+                    return Ok(created);
+                }
                 Attempt::Contended { peer, reason } => {
                     if attempt >= MAX_ATTEMPTS {
                         return Err(Error::Exists {
@@ -78,14 +134,18 @@ impl Locator {
         }
     }
 
-    async fn attempt_create(
+    async fn attempt_create<T, F>(
         &self,
         address: &str,
-        password: &str,
         force: bool,
         shared: bool,
-        now: i64,
-    ) -> Result<Attempt> {
+        creating: Creating,
+        create: F,
+    ) -> Result<Attempt<T>>
+    where
+        T: Send + 'static,
+        F: Fn(&str) -> ds_directory::Result<T> + Send + 'static,
+    {
         let me = self.node_id().to_string();
         let local = &self.inner.reservations;
         match local.reserve(&self.inner.directory, address, &me, DEFAULT_RESERVATION_TTL)? {
@@ -125,6 +185,9 @@ impl Locator {
                     Ok(reply) if reply.refusal == i32::from(Refusal::Reserved) => {
                         Answer::Reserved(reply.reason)
                     }
+                    Ok(reply) if reply.refusal == i32::from(Refusal::TakenList) => {
+                        Answer::TakenList(reply.reason)
+                    }
                     Ok(reply) => Answer::Taken(reply.reason),
                     Err(reason) => Answer::Unreachable(reason),
                 };
@@ -140,7 +203,9 @@ impl Locator {
         for (peer, answer) in answers {
             match answer {
                 Answer::Granted => granted.push(peer),
-                Answer::Taken(reason) => {
+                // The peer keeps a version of the same list: that is list sharing.
+                Answer::TakenList(_) if creating == Creating::List => {}
+                Answer::Taken(reason) | Answer::TakenList(reason) => {
                     taken.get_or_insert((peer.id.clone(), reason));
                 }
                 Answer::Reserved(reason) => {
@@ -148,7 +213,7 @@ impl Locator {
                 }
                 Answer::Unreachable(reason) => {
                     if force {
-                        tracing::warn!(%address, peer = %peer.id, %reason, "account creation forced past an unreachable peer");
+                        tracing::warn!(%address, peer = %peer.id, %reason, ?creating, "creation forced past an unreachable peer");
                     } else {
                         unreachable.get_or_insert((peer.id.clone(), reason));
                     }
@@ -171,10 +236,10 @@ impl Locator {
             return refusal;
         }
 
-        let directory = self.inner.directory.clone();
-        let (name, pw) = (address.to_string(), password.to_string());
-        // Argon2 is CPU-bound: keep it off the async workers.
-        let created = tokio::task::spawn_blocking(move || directory.add_account(&name, &pw, now))
+        let name = address.to_string();
+        // Argon2 (for an account) is CPU-bound and the store touches the disk: keep it off
+        // the async workers.
+        let created = tokio::task::spawn_blocking(move || create(&name))
             .await
             .map_err(|e| Error::Task(e.to_string()));
         self.release_all(address, &granted).await;

@@ -23,11 +23,12 @@ pub mod proto {
 }
 
 pub use config::{
-    ClusterConfig, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_POSITIVE_TTL, DEFAULT_RESERVATION_TTL,
-    Endpoints, MAX_RESERVATION_TTL, MIN_SECRET_LEN, PeerConfig,
+    ClusterConfig, DEFAULT_FANOUTS_PER_CONNECTION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_NEGATIVE_TTL,
+    DEFAULT_POSITIVE_TTL, DEFAULT_RESERVATION_TTL, Endpoints, MAX_RESERVATION_TTL, MIN_SECRET_LEN,
+    PeerConfig,
 };
 pub use error::{Error, Result};
-pub use locator::{Kind, ListKeeper, ListKeepers, Location, Locator, Owner, Purpose};
+pub use locator::{FanoutBudget, Kind, ListKeeper, ListKeepers, Location, Locator, Owner, Purpose};
 pub use peer::{PeerState, PeerStatus};
 pub use reservation::{RESERVATIONS_TABLE, Reservation};
 pub use server::{MingerService, serve_minger};

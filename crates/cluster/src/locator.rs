@@ -2,6 +2,7 @@
 //! positive cache, then every peer at once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ds_directory::{Address, Directory, Domains, Outcome};
@@ -125,12 +126,51 @@ impl Scope {
     }
 }
 
+/// The uncached peer fan-outs one client connection may still cause (DESIGN.md §9): an
+/// unknown RCPT or login in a shared domain asks every peer, so a client that sends many
+/// would make the whole cluster work for it. Over the budget a lookup is `TempFail` (SMTP
+/// 451, never 550). Make one per connection with [`Locator::fanout_budget`] and pass it to
+/// [`Locator::locate_bounded`]; local addresses and cache hits do not use it up.
+#[derive(Debug)]
+pub struct FanoutBudget {
+    left: AtomicU32,
+}
+
+impl FanoutBudget {
+    /// A budget of `n` uncached fan-outs.
+    pub fn new(n: u32) -> Self {
+        Self {
+            left: AtomicU32::new(n),
+        }
+    }
+
+    /// No bound (operators, internal callers such as the queue runner).
+    pub fn unlimited() -> Self {
+        Self::new(u32::MAX)
+    }
+
+    /// Fan-outs still allowed.
+    pub fn remaining(&self) -> u32 {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    /// Takes one fan-out; false when none is left.
+    fn take(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
 /// The positive and optional negative caches, shared by the Locator and the Minger server
-/// (which empties them on `Invalidate`).
+/// (which empties them on `Invalidate`, `Reserve` and `Release`).
 #[derive(Clone)]
 pub(crate) struct Caches {
     positive: Cache<String, Owner>,
     negative: Option<Cache<String, ()>>,
+    /// Bumped by every drop: a fan-out that began before a drop must not cache "no node has
+    /// it" afterwards (the drop may be for an address that is being created right now).
+    generation: Arc<AtomicU64>,
 }
 
 impl Caches {
@@ -146,10 +186,12 @@ impl Caches {
                     .time_to_live(negative_ttl)
                     .build()
             }),
+            generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
     pub(crate) async fn drop_entry(&self, address: &str) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.positive.invalidate(address).await;
         if let Some(negative) = &self.negative {
             negative.invalidate(address).await;
@@ -265,9 +307,27 @@ impl Locator {
             .shares(self.inner.directory.domains(), domain)
     }
 
-    /// Where `address` lives (DESIGN.md §4). Never fails: trouble is `TempFail`.
+    /// Where `address` lives (DESIGN.md §4). Never fails: trouble is `TempFail`. Unbounded:
+    /// for operators and internal callers; client-driven lookups use [`Self::locate_bounded`].
     pub async fn locate(&self, address: &str, purpose: Purpose) -> Location {
-        let location = self.locate_uncounted(address, purpose).await;
+        self.locate_bounded(address, purpose, &FanoutBudget::unlimited())
+            .await
+    }
+
+    /// A fresh per-connection [`FanoutBudget`] of the configured size.
+    pub fn fanout_budget(&self) -> FanoutBudget {
+        FanoutBudget::new(self.inner.config.fanouts_per_connection)
+    }
+
+    /// Like [`Self::locate`], but a lookup that would ask the peers takes one fan-out from
+    /// `budget`, and is `TempFail` when none is left.
+    pub async fn locate_bounded(
+        &self,
+        address: &str,
+        purpose: Purpose,
+        budget: &FanoutBudget,
+    ) -> Location {
+        let location = self.locate_uncounted(address, purpose, budget).await;
         metrics::counter!("dshare_lookups_total", "outcome" => location.outcome()).increment(1);
         location
     }
@@ -377,7 +437,12 @@ impl Locator {
         keys
     }
 
-    async fn locate_uncounted(&self, address: &str, purpose: Purpose) -> Location {
+    async fn locate_uncounted(
+        &self,
+        address: &str,
+        purpose: Purpose,
+        budget: &FanoutBudget,
+    ) -> Location {
         let resolution = match self.inner.directory.resolve_address(address) {
             Ok(r) => r,
             Err(ds_directory::Error::Name(e)) => return Location::Refused(e.to_string()),
@@ -409,6 +474,11 @@ impl Locator {
             return Location::Unknown;
         }
         metrics::counter!("dshare_lookup_cache_total", "result" => "miss").increment(1);
+        if !self.inner.peers.is_empty() && !budget.take() {
+            metrics::counter!("dshare_lookup_fanouts_refused_total").increment(1);
+            tracing::info!(address = %key, "peer lookup refused: this connection used up its fan-outs");
+            return Location::TempFail("too many peer lookups on this connection".into());
+        }
         // Concurrent callers for one key share this one fan-out; only a FOUND is cached.
         match caches
             .positive
@@ -425,6 +495,7 @@ impl Locator {
 
     /// Asks every peer at once; the first FOUND wins.
     async fn fan_out(&self, key: String, purpose: Purpose) -> std::result::Result<Owner, Miss> {
+        let generation = self.inner.caches.generation.load(Ordering::SeqCst);
         let request = LookupRequest {
             address: key.clone(),
             purpose: proto::Purpose::from(purpose).into(),
@@ -470,7 +541,9 @@ impl Locator {
             }
         }
         if failures.is_empty() {
-            if let Some(negative) = &self.inner.caches.negative {
+            if let Some(negative) = &self.inner.caches.negative
+                && self.may_cache_negative(&key, generation)
+            {
                 negative.insert(key, ()).await;
             }
             Err(Miss::NotFound)
@@ -478,6 +551,25 @@ impl Locator {
             let reason = failures.join("; ");
             tracing::warn!(address = %key, %reason, "lookup failed temporarily");
             Err(Miss::TempFail(reason))
+        }
+    }
+}
+
+impl Locator {
+    /// Whether "no node has `key`" may be cached: not while some node holds a creation
+    /// reservation for it here (it is being created), and not when a cache drop happened
+    /// since the fan-out began (a `Reserve`, `Release` or `Invalidate` raced it).
+    fn may_cache_negative(&self, key: &str, generation: u64) -> bool {
+        if self.inner.caches.generation.load(Ordering::SeqCst) != generation {
+            return false;
+        }
+        match self.inner.reservations.get(key) {
+            Ok(None) => true,
+            Ok(Some(_)) => false,
+            Err(e) => {
+                tracing::warn!(address = %key, error = %e, "reservation table unreadable");
+                false
+            }
         }
     }
 }

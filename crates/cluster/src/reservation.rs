@@ -23,6 +23,9 @@ pub struct Reservation {
     pub expires: i64,
 }
 
+/// What [`Directory::taken_as`] calls a mailing list.
+pub(crate) const LIST: &str = "a mailing list";
+
 /// Why a reservation was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refused {

@@ -187,7 +187,11 @@ impl Minger for MingerService {
             Err(Refused::Taken(kind)) => ReserveReply {
                 granted: false,
                 reason: format!("exists as {kind}"),
-                refusal: Refusal::Taken.into(),
+                refusal: if kind == crate::reservation::LIST {
+                    Refusal::TakenList.into()
+                } else {
+                    Refusal::Taken.into()
+                },
             },
             Err(Refused::Reserved(holder)) => ReserveReply {
                 granted: false,
@@ -195,6 +199,9 @@ impl Minger for MingerService {
                 refusal: Refusal::Reserved.into(),
             },
         };
+        // The address may come into existence on the asking node: a "no node has it" we
+        // cached must not hide it (DESIGN.md §4; the negative cache).
+        self.inner.caches.drop_entry(&address).await;
         tracing::info!(%address, from = %req.from_node, granted = reply.granted, reason = %reply.reason, "reservation asked");
         Ok(Response::new(reply))
     }

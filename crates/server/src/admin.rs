@@ -161,17 +161,15 @@ impl AdminService {
                 Ok(one("password changed"))
             }
             Op::AccountEnable(n) => {
-                dir.set_enabled(&n.name, true).map_err(status)?;
+                node.set_enabled(&n.name, true).await?;
                 Ok(one("enabled"))
             }
             Op::AccountDisable(n) => {
-                dir.set_enabled(&n.name, false).map_err(status)?;
-                let addr = dir.served_address(&n.name).map_err(status)?.to_string();
-                node.account_gone(&addr).await;
+                node.set_enabled(&n.name, false).await?;
                 Ok(one("disabled"))
             }
             Op::AliasAdd(p) => {
-                dir.add_alias(&p.first, &p.second).map_err(status)?;
+                node.create_alias(&p.first, &p.second, false).await?;
                 Ok(one("alias added"))
             }
             Op::AliasDel(n) => {
@@ -195,7 +193,7 @@ impl AdminService {
                     .map(|r| r.to_string()),
             )),
             Op::ListAdd(n) => {
-                let l = dir.add_list(&n.name).map_err(status)?;
+                let l = node.create_list(&n.name, false).await?;
                 Ok(one(format!("created list {}", l.address)))
             }
             Op::ListDel(n) => {
@@ -274,5 +272,20 @@ impl AdminService {
                 Ok(one(format!("message {} deleted", id.id)))
             }
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_token_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = super::load_or_create_token(dir.path()).unwrap();
+        let path = dir.path().join(super::TOKEN_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(super::read_token(dir.path()).unwrap(), token);
     }
 }

@@ -101,8 +101,12 @@ pub struct ClusterSection {
     pub secret_file: Option<PathBuf>,
     #[serde(deserialize_with = "duration")]
     pub positive_ttl: Duration,
+    /// How long "no node has it" is cached (0 = off). Safe: a peer that gets `Reserve` for an
+    /// address drops its entry before the address is created.
     #[serde(deserialize_with = "duration")]
     pub negative_ttl: Duration,
+    /// Uncached peer fan-outs one client connection may cause; then lookups are TempFail.
+    pub fanouts_per_connection: u32,
     #[serde(deserialize_with = "duration")]
     pub lookup_timeout: Duration,
     /// Domains shared with peers; empty = every shared domain.
@@ -116,7 +120,8 @@ impl Default for ClusterSection {
         Self {
             secret_file: None,
             positive_ttl: Duration::from_secs(5 * 24 * 3600),
-            negative_ttl: Duration::ZERO,
+            negative_ttl: ds_cluster::DEFAULT_NEGATIVE_TTL,
+            fanouts_per_connection: ds_cluster::DEFAULT_FANOUTS_PER_CONNECTION,
             lookup_timeout: Duration::from_secs(2),
             allowed_domains: vec![],
             peers: vec![],
@@ -128,7 +133,7 @@ impl Default for ClusterSection {
 #[serde(deny_unknown_fields)]
 pub struct PeerSection {
     pub id: String,
-    /// `https://host:port` (TLS against `tls.cluster_ca`) or `http://` (plaintext).
+    /// `https://host:port`, always TLS verified against `tls.cluster_ca` (DESIGN.md §5).
     pub minger: String,
     /// The peer's SMTP endpoint, when it differs from what its lookups advertise.
     #[serde(default)]
@@ -235,10 +240,29 @@ impl Config {
         if (self.tls.cert.is_some()) != (self.tls.key.is_some()) {
             return Err(Error::Config("tls.cert and tls.key go together".into()));
         }
+        if !self.cluster.peers.is_empty() && self.tls.cluster_ca.is_none() {
+            return Err(Error::Config(
+                "cluster peers are configured but tls.cluster_ca is not: node-to-node traffic \
+                 (Minger, relay, forwarded logins) only runs over TLS verified against the \
+                 cluster CA. Add `cluster_ca = \"/path/to/ca.pem\"` under [tls], and a node \
+                 certificate signed by it as tls.cert/tls.key (`dshare pki --out DIR NODE...` \
+                 makes the files)"
+                    .into(),
+            ));
+        }
         for p in &self.cluster.peers {
-            if !(p.minger.starts_with("https://") || p.minger.starts_with("http://")) {
+            if p.minger.starts_with("http://") {
                 return Err(Error::Config(format!(
-                    "cluster.peer {}: minger must be an http:// or https:// URL",
+                    "cluster.peer {}: minger {:?} is plaintext; Minger is TLS only: write \
+                     \"https://{}\" (verified against tls.cluster_ca)",
+                    p.id,
+                    p.minger,
+                    &p.minger["http://".len()..]
+                )));
+            }
+            if !p.minger.starts_with("https://") {
+                return Err(Error::Config(format!(
+                    "cluster.peer {}: minger must be an https://host:port URL",
                     p.id
                 )));
             }
@@ -349,6 +373,25 @@ smtp = "office-b.example.net:25"
         assert!(Config::parse("[node\n").is_err());
         assert!(Config::parse("[node]\nid = \"a b\"\n").is_err());
         assert!(Config::parse("[[cluster.peer]]\nid = \"b\"\nminger = \"b:4069\"\n").is_err());
+    }
+
+    #[test]
+    fn peers_need_the_cluster_ca_and_https() {
+        let peer = "[[cluster.peer]]\nid = \"b\"\nminger = \"https://b:4069\"\n";
+        let e = Config::parse(peer).unwrap_err().to_string();
+        assert!(e.contains("cluster_ca") && e.contains("dshare pki"), "{e}");
+        let ca = "[tls]\ncluster_ca = \"/etc/dshare/ca.pem\"\n";
+        Config::parse(&format!("{ca}{peer}")).unwrap();
+        let plain = "[[cluster.peer]]\nid = \"b\"\nminger = \"http://b:4069\"\n";
+        let e = Config::parse(&format!("{ca}{plain}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("TLS only") && e.contains("https://b:4069"),
+            "{e}"
+        );
+        // A single node needs no CA.
+        Config::parse("[node]\nid = \"solo\"\n").unwrap();
     }
 }
 

@@ -18,9 +18,11 @@ use ds_store::{MailStore, QueueStore, Store, unix_now};
 
 pub mod admin;
 pub mod config;
+pub mod keys;
 mod metrics_http;
 
 pub use config::Config;
+pub use keys::ClusterKeys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,8 +57,8 @@ pub(crate) fn random_hex(n: usize) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes a file only its owner may read.
-pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+/// Writes a file only its owner may read (mode 0600 on Unix, also when it already exists).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -66,6 +68,12 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
+    // `mode` only applies to a new file: tighten one that existed.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     f.write_all(data)?;
     f.sync_all()
 }
@@ -102,19 +110,11 @@ impl NodeState {
         password: &str,
         force: bool,
     ) -> std::result::Result<Account, tonic::Status> {
-        use ds_cluster::Error as E;
         let account = self
             .locator
             .create_account(name, password, force, unix_now())
             .await
-            .map_err(|e| match e {
-                E::Directory(d) => admin::status(d),
-                E::Exists { .. } => tonic::Status::already_exists(e.to_string()),
-                E::Unavailable { .. } => tonic::Status::unavailable(format!(
-                    "{e}; nothing was created (retry, or --force to create anyway)"
-                )),
-                other => tonic::Status::internal(other.to_string()),
-            })?;
+            .map_err(guard_status)?;
         self.mail
             .ensure_account(&account.address)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
@@ -123,6 +123,52 @@ impl NodeState {
             .await
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(account)
+    }
+
+    /// Adds an alias to a local account after every peer reserved the alias's address (the
+    /// creation guard), so it cannot name an account or alias elsewhere in the cluster.
+    pub async fn create_alias(
+        &self,
+        alias: &str,
+        account: &str,
+        force: bool,
+    ) -> std::result::Result<(), tonic::Status> {
+        self.locator
+            .create_alias(alias, account, force)
+            .await
+            .map_err(guard_status)
+    }
+
+    /// Creates a mailing list under the creation guard (peers' lists of the same name are
+    /// list sharing and allowed; their accounts and aliases are not).
+    pub async fn create_list(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> std::result::Result<ds_directory::MailingList, tonic::Status> {
+        self.locator
+            .create_list(name, force)
+            .await
+            .map_err(guard_status)
+    }
+
+    /// Enables or disables an account; either way every peer drops what it cached about
+    /// it, so a re-enabled account is not refused from a stale "cannot receive".
+    pub async fn set_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+    ) -> std::result::Result<(), tonic::Status> {
+        self.directory
+            .set_enabled(name, enabled)
+            .map_err(admin::status)?;
+        let addr = self
+            .directory
+            .served_address(name)
+            .map_err(admin::status)?
+            .to_string();
+        self.account_gone(&addr).await;
+        Ok(())
     }
 
     /// Deletes an account, its aliases and its mailboxes, and drops it from peers' caches.
@@ -254,6 +300,19 @@ impl NodeState {
     }
 }
 
+/// A refused creation (account, alias, list) as the admin service answers it.
+fn guard_status(e: ds_cluster::Error) -> tonic::Status {
+    use ds_cluster::Error as E;
+    match e {
+        E::Directory(d) => admin::status(d),
+        E::Exists { .. } => tonic::Status::already_exists(e.to_string()),
+        E::Unavailable { .. } => tonic::Status::unavailable(format!(
+            "{e}; nothing was created (retry, or --force to create anyway)"
+        )),
+        other => tonic::Status::internal(other.to_string()),
+    }
+}
+
 /// Options that are not part of the configuration file.
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
@@ -322,6 +381,9 @@ impl Node {
         let token = admin::load_or_create_token(&data_dir).map_err(io("admin token"))?;
         let tls = load_tls(&config, &data_dir)?;
         let secret = load_secret(&config, &data_dir)?;
+        // One key per purpose (DESIGN.md §5); the raw secret goes no further than here.
+        let keys = ClusterKeys::derive(&secret);
+        drop(secret);
         let ca_pem = match &config.tls.cluster_ca {
             Some(p) => Some(std::fs::read(p).map_err(io(format!("reading {}", p.display())))?),
             None => None,
@@ -357,7 +419,7 @@ impl Node {
                 pop3: endpoint(&addrs.pop3),
                 imap: String::new(),
             },
-            secret.clone(),
+            keys.minger.clone(),
         );
         cluster.peers = config
             .cluster
@@ -372,6 +434,7 @@ impl Node {
         cluster.ca_pem = ca_pem.clone();
         cluster.positive_ttl = config.cluster.positive_ttl;
         cluster.negative_ttl = config.cluster.negative_ttl;
+        cluster.fanouts_per_connection = config.cluster.fanouts_per_connection;
         cluster.lookup_timeout = config.cluster.lookup_timeout;
         cluster.allowed_domains = config.cluster.allowed_domains.clone();
         let locator = Locator::new(cluster, directory.clone(), &store)?;
@@ -403,7 +466,7 @@ impl Node {
                 max_queue_age: config.smtp.max_queue_age,
                 retry_base: config.smtp.retry_base,
                 retry_max: config.smtp.retry_max,
-                cluster_secret: secret.clone(),
+                cluster_secret: keys.relay.clone(),
                 body_budget: body_budget.clone(),
                 ..Default::default()
             },
@@ -417,7 +480,7 @@ impl Node {
         );
         // Shared by every login protocol of the node.
         let throttle = Arc::new(ds_access::LoginThrottle::default());
-        let proof_key = ds_access::ProofKey::from_cluster_secret(&secret);
+        let proof_key = ds_access::ProofKey::from_cluster_secret(&keys.session);
         let pop3 = ds_pop3::Pop3::new(
             ds_pop3::Pop3Config {
                 hostname: config.node.advertise.clone(),

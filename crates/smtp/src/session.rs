@@ -487,8 +487,10 @@ impl Session {
                 tracing::info!(rcpt = %normal, %to, "RCPT refused: routed outside the served domains");
                 return EXTERNAL_DENIED;
             }
-            Location::TempFail(reason) if !hop => {
-                tracing::warn!(rcpt = %normal, %reason, "RCPT deferred: lookup failed");
+            // A relay hop too: the sending node keeps the message queued and tries again,
+            // rather than bouncing mail that only has to wait (issue 13 point 11).
+            Location::TempFail(reason) => {
+                tracing::warn!(rcpt = %normal, hop, %reason, "RCPT deferred: lookup failed");
                 return TEMPFAIL_LOOKUP;
             }
             other => {
