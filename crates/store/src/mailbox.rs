@@ -27,6 +27,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use crate::{Error, Result, Store, unix_now};
 
+mod sync;
+
 const MAILBOXES: &str = "mail_mailboxes";
 const MESSAGES: &str = "mail_messages";
 const BLOBS: &str = "mail_blobs";
@@ -122,6 +124,8 @@ pub struct MailStore {
     refs: sled::Tree,
     accounts: sled::Tree,
     counters: sled::Tree,
+    /// Change notification, expunge log, `\Recent`, subscriptions ([`sync`]).
+    sync: std::sync::Arc<sync::SyncState>,
 }
 
 impl std::fmt::Debug for MailStore {
@@ -384,6 +388,7 @@ impl MailStore {
             refs: store.tree(BLOB_REFS)?,
             accounts: store.tree(ACCOUNTS)?,
             counters: store.tree(COUNTERS)?,
+            sync: std::sync::Arc::new(sync::SyncState::new(store)?),
         })
     }
 
@@ -633,6 +638,7 @@ impl MailStore {
                 Ok(true)
             })?;
             if done {
+                self.notify(snapshot.id, u64::MAX);
                 return Ok(());
             }
         }
@@ -730,6 +736,7 @@ impl MailStore {
             tx.put_mailbox(&key, &info)?;
             Ok((info.uidvalidity, meta.uid))
         })
+        .inspect(|_| self.changed(account, &name))
     }
 
     /// Local delivery: [`MailStore::ensure_account`], then appends to INBOX with no flags and
@@ -844,6 +851,7 @@ impl MailStore {
             }
             Ok(out)
         })
+        .inspect(|_| self.changed(account, &name))
     }
 
     fn flags_of_one(
@@ -942,6 +950,7 @@ impl MailStore {
             }
             Ok(removed)
         })
+        .inspect(|removed| self.expunged(account, &name, removed))
     }
 
     /// Copies messages to another (or the same) mailbox, sharing their bodies. Returns the
@@ -1022,6 +1031,13 @@ impl MailStore {
                 tx.put_mailbox(&from_key, &source)?;
             }
             Ok(pairs)
+        })
+        .inspect(|pairs| {
+            self.changed(account, &to);
+            if remove_source {
+                let gone: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+                self.expunged(account, &from, &gone);
+            }
         })
     }
 }
