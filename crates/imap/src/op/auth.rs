@@ -195,7 +195,7 @@ impl Session {
     ) -> Result<Reply> {
         let mut enabled = Vec::new();
         for c in capabilities.as_ref() {
-            if matches!(c, CapabilityEnable::CondStore) && !self.condstore {
+            if matches!(c, CapabilityEnable::CondStore) && !enabled.contains(&"CONDSTORE") {
                 self.condstore = true;
                 enabled.push("CONDSTORE");
             }

@@ -35,10 +35,10 @@ fn matches(pattern: &[char], name: &[char]) -> bool {
 /// `pattern` against a mailbox name, INBOX case-insensitively.
 pub(crate) fn name_matches(pattern: &str, name: &str) -> bool {
     let fold = |s: &str| -> Vec<char> {
-        let upper = s.len() >= 5 && s[..5].eq_ignore_ascii_case(INBOX);
-        let at_boundary = s.len() == 5 || s[5..].starts_with(DELIMITER);
-        if upper && at_boundary {
-            format!("{INBOX}{}", &s[5..]).chars().collect()
+        let inbox = s.get(..5).is_some_and(|h| h.eq_ignore_ascii_case(INBOX));
+        let rest = s.get(5..).unwrap_or_default();
+        if inbox && (rest.is_empty() || rest.starts_with(DELIMITER)) {
+            format!("{INBOX}{rest}").chars().collect()
         } else {
             s.chars().collect()
         }
