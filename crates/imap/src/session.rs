@@ -382,7 +382,8 @@ impl Session {
             let read = match wake {
                 Wake::Read(read) => read,
                 Wake::Changed => {
-                    self.push_updates(true).await?;
+                    // `changed()` marked the value seen: sync regardless.
+                    self.sync_view(true, true).await?;
                     continue;
                 }
                 Wake::Shutdown => {
@@ -592,12 +593,19 @@ impl Session {
 
     /// Send what changed in the selected mailbox since the client last heard.
     pub(crate) async fn push_updates(&mut self, allow_expunge: bool) -> Result<()> {
+        self.sync_view(allow_expunge, false).await
+    }
+
+    async fn sync_view(&mut self, allow_expunge: bool, force: bool) -> Result<()> {
         let condstore = self.condstore;
         let mail = self.imap.mail.clone();
         let State::Selected(view) = &mut self.state else {
             return Ok(());
         };
-        if !view.has_changed() && !(allow_expunge && view.messages.iter().any(|m| m.expunged)) {
+        if !force
+            && !view.has_changed()
+            && !(allow_expunge && view.messages.iter().any(|m| m.expunged))
+        {
             return Ok(());
         }
         let out = view.sync(&mail, allow_expunge, condstore)?;
