@@ -396,12 +396,9 @@ impl Session {
                 Ok(Some(line)) => break line,
                 Ok(None) => return Ok(Input::Close),
                 Err(ds_net::Error::LineTooLong { .. }) => {
-                    self.send(b"* BAD Command line too long\r\n").await?;
-                    if self.bad_command() {
-                        self.send(b"* BYE Too many invalid commands\r\n").await?;
-                        return Ok(Input::Close);
-                    }
-                    return Ok(Input::Handled);
+                    // Its tag is gone with it, and the client waits for one: say goodbye.
+                    self.send(b"* BYE Command line too long\r\n").await?;
+                    return Ok(Input::Close);
                 }
                 Err(ds_net::Error::Timeout) => {
                     tracing::debug!(?timeout, "idle timeout");
