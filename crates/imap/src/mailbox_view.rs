@@ -286,10 +286,10 @@ impl MailboxView {
         if let Some(top) = metas.iter().map(|m| m.modseq).max() {
             self.highest_modseq = self.highest_modseq.max(top);
         }
-        if let Ok(Some(info)) = mail.mailbox(&self.account, &self.name) {
-            if info.id == self.id {
-                self.highest_modseq = self.highest_modseq.max(info.highest_modseq);
-            }
+        if let Ok(Some(info)) = mail.mailbox(&self.account, &self.name)
+            && info.id == self.id
+        {
+            self.highest_modseq = self.highest_modseq.max(info.highest_modseq);
         }
         Ok(out)
     }

@@ -8,8 +8,6 @@
 //! text/plain-like BODYSTRUCTURE, HEADER/HEADER.FIELDS(.NOT)/TEXT/part 1 sections, and SEARCH
 //! on flags, sets, sizes, dates and plain substrings.
 
-use std::borrow::Cow;
-
 use imap_types::body::{BasicFields, Body, BodyStructure, SpecificFields};
 use imap_types::core::{IString, NString};
 use imap_types::envelope::{Address, Envelope};
@@ -518,11 +516,4 @@ pub mod mutf7 {
             assert_eq!(decode("&AGE-"), None);
         }
     }
-}
-
-#[allow(dead_code)]
-fn _signature_checks() {
-    let _: fn(&[u8]) -> Envelope<'static> = envelope;
-    let _: fn(&[u8]) -> BodyStructure<'static> = body_structure;
-    let _: Option<Cow<'_, str>> = None;
 }

@@ -207,7 +207,7 @@ mod tests {
         assert_eq!(out, b"\"a \\\"b\\\" \\\\c\"");
         out.clear();
         string(&mut out, "Grüße".as_bytes());
-        assert_eq!(out, "{6}\r\nGrüße".as_bytes());
+        assert_eq!(out, "{7}\r\nGrüße".as_bytes());
         out.clear();
         mailbox(&mut out, "Entwürfe");
         assert_eq!(out, b"\"Entw&APw-rfe\"");

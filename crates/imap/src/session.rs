@@ -384,6 +384,9 @@ impl Session {
                 Wake::Changed => {
                     // `changed()` marked the value seen: sync regardless.
                     self.sync_view(true, true).await?;
+                    if matches!(self.state, State::Logout) {
+                        return Ok(Input::Close);
+                    }
                     continue;
                 }
                 Wake::Shutdown => {
@@ -557,6 +560,7 @@ impl Session {
                 | CommandBody::Store { uid: false, .. }
                 | CommandBody::Search { uid: false, .. }
         );
+        let logout = matches!(command.body, CommandBody::Logout);
         let (reply, flow) = self.dispatch(&tag, command.body).await?;
         if reply.kind == "BAD" && self.bad_command() {
             self.send(&reply.line(&tag)).await?;
@@ -567,7 +571,9 @@ impl Session {
             self.push_updates(expunge_ok).await?;
         }
         if matches!(self.state, State::Logout) {
-            self.send(b"* BYE Logging out\r\n").await?;
+            if logout {
+                self.send(b"* BYE Logging out\r\n").await?;
+            }
             self.send(&reply.line(&tag)).await?;
             return Ok(Flow::Close);
         }
@@ -599,10 +605,8 @@ impl Session {
         let State::Selected(view) = &mut self.state else {
             return Ok(());
         };
-        if !force
-            && !view.has_changed()
-            && !(allow_expunge && view.messages.iter().any(|m| m.expunged))
-        {
+        let pending_expunge = allow_expunge && view.messages.iter().any(|m| m.expunged);
+        if !(force || view.has_changed() || pending_expunge) {
             return Ok(());
         }
         let out = view.sync(&mail, allow_expunge, condstore)?;
@@ -611,9 +615,10 @@ impl Session {
             self.send(&out).await?;
         }
         if gone && allow_expunge {
-            self.send(b"* BYE [UNAVAILABLE] The selected mailbox was deleted\r\n")
+            // Its sequence numbers mean nothing any more: end the session (as Dovecot does).
+            self.send(b"* BYE [UNAVAILABLE] The selected mailbox was deleted or renamed\r\n")
                 .await?;
-            self.state = State::Authenticated;
+            self.state = State::Logout;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //!
 //! Literals are written straight to the connection, not built in `imap-next`'s encoder.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use ds_store::MessageMeta;
@@ -16,6 +17,9 @@ use crate::Result;
 use crate::msg;
 use crate::response::{self, Reply};
 use crate::session::{Session, State};
+
+/// Literal bytes are written in pieces of this size.
+const LITERAL_CHUNK: usize = 64 * 1024;
 
 fn needs_body(item: &MessageDataItemName<'_>) -> bool {
     use MessageDataItemName as N;
@@ -39,11 +43,16 @@ fn sets_seen(item: &MessageDataItemName<'_>) -> bool {
     )
 }
 
-/// `NAME {len}\r\n` + bytes.
-fn literal(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+/// `NAME {len}\r\n`; the caller writes the bytes after it.
+fn literal<'a>(
+    out: &mut Vec<u8>,
+    name: &str,
+    data: impl Into<Cow<'a, [u8]>>,
+) -> Option<Cow<'a, [u8]>> {
+    let data = data.into();
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(format!(" {{{}}}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
+    Some(data)
 }
 
 impl Session {
@@ -198,10 +207,14 @@ impl Session {
                     out.push(b' ');
                 }
                 first = false;
-                self.fetch_item(&mut out, item, meta, recent, body, &mut sent_flags);
-                if out.len() >= 64 * 1024 {
+                let data = self.fetch_item(&mut out, item, meta, recent, body, &mut sent_flags);
+                if let Some(data) = data {
+                    // Literals go out in pieces, never copied whole into the write buffer.
                     self.send(&out).await?;
                     out.clear();
+                    for chunk in data.chunks(LITERAL_CHUNK) {
+                        self.send(chunk).await?;
+                    }
                 }
             }
             if implicit_flags.contains(&uid) && !sent_flags {
@@ -218,15 +231,16 @@ impl Session {
         })
     }
 
-    fn fetch_item(
+    /// Append one item to `out`; a literal's bytes are returned for the caller to write.
+    fn fetch_item<'a>(
         &self,
         out: &mut Vec<u8>,
         item: &MessageDataItemName<'_>,
         meta: &MessageMeta,
         recent: bool,
-        body: &[u8],
+        body: &'a [u8],
         sent_flags: &mut bool,
-    ) {
+    ) -> Option<Cow<'a, [u8]>> {
         use MessageDataItemName as N;
         match item {
             N::Uid => out.extend_from_slice(format!("UID {}", meta.uid).as_bytes()),
@@ -250,26 +264,36 @@ impl Session {
             N::Body => out.extend(response::encode_item(MessageDataItem::Body(
                 msg::body_structure(body),
             ))),
-            N::Rfc822 => literal(out, "RFC822", body),
-            N::Rfc822Header => literal(out, "RFC822.HEADER", msg::split_message(body).0),
-            N::Rfc822Text => literal(out, "RFC822.TEXT", msg::split_message(body).1),
+            N::Rfc822 => return literal(out, "RFC822", body),
+            N::Rfc822Header => return literal(out, "RFC822.HEADER", msg::split_message(body).0),
+            N::Rfc822Text => return literal(out, "RFC822.TEXT", msg::split_message(body).1),
             N::BodyExt {
                 section, partial, ..
             } => {
-                let data = msg::section_bytes(body, section.as_ref(), false).unwrap_or_default();
+                let data: Cow<'a, [u8]> = match section {
+                    None => Cow::Borrowed(body),
+                    Some(_) => Cow::Owned(
+                        msg::section_bytes(body, section.as_ref(), false).unwrap_or_default(),
+                    ),
+                };
                 let spec = response::section_spec(section.as_ref());
-                match partial {
+                return match partial {
                     Some((start, len)) => {
                         let start = (*start as usize).min(data.len());
                         let end = start.saturating_add(len.get() as usize).min(data.len());
                         let name = format!("BODY[{spec}]<{start}>");
-                        literal(out, &name, &data[start..end]);
+                        let piece = match data {
+                            Cow::Borrowed(b) => Cow::Borrowed(&b[start..end]),
+                            Cow::Owned(v) => Cow::Owned(v[start..end].to_vec()),
+                        };
+                        literal(out, &name, piece)
                     }
-                    None => literal(out, &format!("BODY[{spec}]"), &data),
-                }
+                    None => literal(out, &format!("BODY[{spec}]"), data),
+                };
             }
             N::Binary { .. } | N::BinarySize { .. } => {}
         }
+        None
     }
 }
 

@@ -83,12 +83,11 @@ impl Session {
     /// CLOSE: expunge `\Deleted` messages silently (not when read-only), leave the mailbox.
     pub(crate) fn close(&mut self) -> Result<Reply> {
         let state = std::mem::replace(&mut self.state, State::Authenticated);
-        if let State::Selected(view) = state {
-            if !view.read_only {
-                if let Err(e) = self.imap.mail.expunge_deleted(&view.account, &view.name) {
-                    return Ok(store_error(&e));
-                }
-            }
+        if let State::Selected(view) = state
+            && !view.read_only
+            && let Err(e) = self.imap.mail.expunge_deleted(&view.account, &view.name)
+        {
+            return Ok(store_error(&e));
         }
         Ok(Reply::ok("CLOSE completed"))
     }
