@@ -93,3 +93,31 @@ s.close()
     assert!(out.contains("fail d NO [AUTHENTICATIONFAILED]"), "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_on_a_peer_is_unavailable_for_now() -> anyhow::Result<()> {
+    let c = ds_testkit::Cluster::start(2).await?;
+    c.node(1).add_account(USER, PASS).await?;
+    let script = r#"
+m = imaplib.IMAP4(HOST, PORT)
+for name, pw in [("bob", PASS), ("bob", "wrong"), ("nobody", PASS)]:
+    try:
+        print(name, pw == PASS, m.login(name, pw))
+    except imaplib.IMAP4.error as e:
+        print(name, pw == PASS, e)
+"#;
+    let out = python(c.node(0).imap(), script)?;
+    print!("{out}");
+    // Forwarding to the owner comes with the shared access layer; until then: UNAVAILABLE.
+    assert!(out.contains("bob True b'[UNAVAILABLE]"), "{out}");
+    assert!(
+        out.contains("nobody True b'[AUTHENTICATIONFAILED]"),
+        "{out}"
+    );
+    let direct = python(
+        c.node(1).imap(),
+        "m = imaplib.IMAP4(HOST, PORT)\nprint(m.login('bob', PASS)[0])\n",
+    )?;
+    assert!(direct.contains("OK"), "{direct}");
+    Ok(())
+}
