@@ -130,3 +130,38 @@ fn sha256_hex(data: &[u8]) -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }
+
+/// Downloads 100 × 100 KiB with one UID FETCH per message and prints how long it took (a
+/// measurement for the log, no timed assertion).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_100_messages_of_100_kib() -> anyhow::Result<()> {
+    let c = node().await?;
+    let mail = &c.node(0).node().state.mail;
+    let body = message("load", 100 * 1024);
+    for _ in 0..100 {
+        mail.deliver(USER, &body)?;
+    }
+    let out = python(
+        c.node(0).imap(),
+        r#"
+m = imaplib.IMAP4(HOST, PORT)
+m.login(USER, PASS)
+m.select("INBOX", readonly=True)
+runs = []
+for _ in range(3):
+    t = time.time(); total = 0
+    for uid in range(1, 101):
+        typ, data = m.uid("FETCH", str(uid), "(BODY.PEEK[])")
+        total += len(data[0][1])
+    runs.append(time.time() - t)
+print("bytes", total, "median_s", round(sorted(runs)[1], 3))
+m.logout()
+"#,
+    )?;
+    println!("IMAP FETCH 100 x 100 KiB direct: {out}");
+    assert!(
+        out.contains(&format!("bytes {}", body.len() * 100)),
+        "{out}"
+    );
+    Ok(())
+}
