@@ -192,19 +192,20 @@ impl MailboxView {
         condstore: bool,
     ) -> ds_store::Result<Vec<u8>> {
         self.watch.borrow_and_update();
-        let metas = match mail.messages(&self.account, &self.name) {
-            Ok(m) => {
-                let same = mail
-                    .mailbox(&self.account, &self.name)?
-                    .is_some_and(|i| i.id == self.id);
-                if same { m } else { Vec::new() }
+        let same = mail
+            .mailbox(&self.account, &self.name)?
+            .is_some_and(|i| i.id == self.id);
+        // Deleted, or renamed (a new mailbox may have taken the name): every message is gone.
+        let metas = if same {
+            match mail.messages(&self.account, &self.name) {
+                Ok(m) => m,
+                Err(ds_store::Error::NotFound(_)) => Vec::new(),
+                Err(e) => return Err(e),
             }
-            Err(ds_store::Error::NotFound(_)) => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        if metas.is_empty() && mail.mailbox(&self.account, &self.name)?.is_none() {
+        } else {
             self.gone = true;
-        }
+            Vec::new()
+        };
         let current: HashMap<u32, &MessageMeta> = metas.iter().map(|m| (m.uid, m)).collect();
         let mut out = Vec::new();
 

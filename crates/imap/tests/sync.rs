@@ -138,3 +138,29 @@ s.sendall(b"d LOGOUT\r\n")
     assert!(out.contains("c OK IDLE terminated"), "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selected_mailbox_deleted_elsewhere_ends_the_session() -> anyhow::Result<()> {
+    let c = node().await?;
+    let out = python(
+        c.node(0).imap(),
+        r#"
+a = imaplib.IMAP4(HOST, PORT); a.login(USER, PASS)
+a.create("Work"); a.append("Work", None, None, b"Subject: w\r\n\r\nw\r\n")
+print("select", a.select("Work")[0])
+b = imaplib.IMAP4(HOST, PORT); b.login(USER, PASS)
+print("delete", b.delete("Work")[0])
+try:
+    print("noop", a.noop())
+except imaplib.IMAP4.abort as e:
+    print("aborted", e)
+print("bye", a.untagged_responses.get("BYE"))
+print("b still fine", b.noop()[0])
+"#,
+    )?;
+    print!("{out}");
+    assert!(out.contains("delete OK"), "{out}");
+    assert!(out.contains("deleted or renamed"), "{out}");
+    assert!(out.contains("b still fine OK"), "{out}");
+    Ok(())
+}
