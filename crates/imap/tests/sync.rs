@@ -164,3 +164,39 @@ print("b still fine", b.noop()[0])
     assert!(out.contains("b still fine OK"), "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_and_imap_on_one_maildrop_agree() -> anyhow::Result<()> {
+    let c = node().await?;
+    let mail = &c.node(0).node().state.mail;
+    for i in 0..3 {
+        mail.deliver(common::USER, &message(&format!("p{i}"), 300))?;
+    }
+    let pop3 = c.node(0).pop3();
+    let out = python(
+        c.node(0).imap(),
+        &format!(
+            r#"
+import poplib
+m = imaplib.IMAP4(HOST, PORT); m.login(USER, PASS); m.select("INBOX")
+m.store("3", "+FLAGS", "(\\Seen)")
+p = poplib.POP3("{ip}", {port}); p.user(USER); p.pass_(PASS)
+print("pop stat", p.stat())
+p.dele(1); p.quit()
+print("imap noop", m.noop()[0], m.untagged_responses.get("EXPUNGE"))
+print("imap uids", m.fetch("1:*", "(UID)")[1])
+m.logout()
+"#,
+            ip = pop3.ip(),
+            port = pop3.port()
+        ),
+    )?;
+    print!("{out}");
+    assert!(out.contains("pop stat (3,"), "{out}");
+    assert!(out.contains("imap noop OK [b'1']"), "{out}");
+    assert!(
+        out.contains("imap uids [b'1 (UID 2)', b'2 (UID 3)']"),
+        "{out}"
+    );
+    Ok(())
+}
