@@ -57,7 +57,8 @@ shared = true
 smtp = ["{a}:2525"]
 pop3 = ["{a}:1110"]
 pop3s = ["{a}:1995"]
-imap = []
+imap = ["{a}:1143"]
+imaps = ["{a}:1993"]
 minger = ["{a}:4069"]
 admin = ["{a}:4070"]
 metrics = ["{a}:9100"]
@@ -154,7 +155,7 @@ pub async fn run(n: usize, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             .map(|(_, u)| format!("{u}@example.com"))
             .collect();
         println!(
-            "  {}  {}: SMTP :2525  POP3 :1110  POP3S :1995  admin :4070   owns {}",
+            "  {}  {}: SMTP :2525  POP3 :1110  POP3S :1995  IMAP :1143  IMAPS :1993  admin :4070   owns {}",
             node.state.config.node.id,
             ip(i),
             owned.join(", ")
@@ -163,6 +164,9 @@ pub async fn run(n: usize, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     println!("Every demo password is {DEMO_PASSWORD:?}. Try:");
     println!(
         "  python3 -c \"import poplib; p=poplib.POP3('127.0.0.1',1110); p.user('bob'); p.pass_('{DEMO_PASSWORD}'); print(p.stat())\""
+    );
+    println!(
+        "  python3 -c \"import imaplib; m=imaplib.IMAP4('127.0.0.2',1143); m.login('bob','{DEMO_PASSWORD}'); print(m.select())\""
     );
     println!(
         "  python3 -c \"import smtplib; smtplib.SMTP('127.0.0.3',2525).sendmail('alice@example.com',['bob@example.com'],'Subject: hi\\r\\n\\r\\nhello')\""

@@ -319,7 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let node = Node::start(config, StartOptions::default()).await?;
     let a = node.addrs();
-    tracing::info!(smtp = ?a.smtp, pop3 = ?a.pop3, admin = ?a.admin, "ready");
+    tracing::info!(smtp = ?a.smtp, pop3 = ?a.pop3, imap = ?a.imap, admin = ?a.admin, "ready");
     ds_net::os_signal().await?;
     tracing::info!("signal received, draining");
     node.shutdown().await;

@@ -73,8 +73,7 @@ impl Default for ListenSection {
             smtp: lo(2525),
             pop3: lo(1110),
             pop3s: vec![],
-            // IMAP is not served yet; DESIGN.md's 1143 is kept free for it.
-            imap: vec![],
+            imap: lo(1143),
             imaps: vec![],
             minger: lo(4069),
             admin: lo(4070),

@@ -84,6 +84,8 @@ pub struct BoundAddrs {
     pub smtp: Vec<SocketAddr>,
     pub pop3: Vec<SocketAddr>,
     pub pop3s: Vec<SocketAddr>,
+    pub imap: Vec<SocketAddr>,
+    pub imaps: Vec<SocketAddr>,
     pub minger: Vec<SocketAddr>,
     pub admin: Vec<SocketAddr>,
     pub metrics: Vec<SocketAddr>,
@@ -389,12 +391,11 @@ impl Node {
             None => None,
         };
 
-        if !config.listen.imap.is_empty() || !config.listen.imaps.is_empty() {
-            tracing::warn!("IMAP is not served yet: listen.imap and listen.imaps are ignored");
-        }
         let smtp_l = bind_all(&config.listen.smtp, "SMTP").await?;
         let pop3_l = bind_all(&config.listen.pop3, "POP3").await?;
         let pop3s_l = bind_all(&config.listen.pop3s, "POP3S").await?;
+        let imap_l = bind_all(&config.listen.imap, "IMAP").await?;
+        let imaps_l = bind_all(&config.listen.imaps, "IMAPS").await?;
         let minger_l = bind_all(&config.listen.minger, "Minger").await?;
         let admin_l = bind_all(&config.listen.admin, "admin").await?;
         let metrics_l = bind_all(&config.listen.metrics, "metrics").await?;
@@ -402,6 +403,8 @@ impl Node {
             smtp: local_addrs(&smtp_l),
             pop3: local_addrs(&pop3_l),
             pop3s: local_addrs(&pop3s_l),
+            imap: local_addrs(&imap_l),
+            imaps: local_addrs(&imaps_l),
             minger: local_addrs(&minger_l),
             admin: local_addrs(&admin_l),
             metrics: local_addrs(&metrics_l),
@@ -417,7 +420,7 @@ impl Node {
             Endpoints {
                 smtp: endpoint(&addrs.smtp),
                 pop3: endpoint(&addrs.pop3),
-                imap: String::new(),
+                imap: endpoint(&addrs.imap),
             },
             keys.minger.clone(),
         );
@@ -497,6 +500,20 @@ impl Node {
             Some(acceptor.clone()),
             peer_tls.clone(),
         );
+        let imap = ds_imap::Imap::new(
+            ds_imap::ImapConfig {
+                hostname: config.node.advertise.clone(),
+                idle_timeout: limits.imap_idle,
+                max_message_size: limits.message_size,
+                throttle: Arc::clone(&throttle),
+                ..Default::default()
+            },
+            directory.clone(),
+            mail.clone(),
+            store.clone(),
+            Arc::new(locator.clone()),
+            Some(acceptor.clone()),
+        );
         let state = Arc::new(NodeState {
             config,
             data_dir,
@@ -552,6 +569,27 @@ impl Node {
                 shutdown.clone(),
             )));
         }
+        let imap_listeners = imap_l
+            .into_iter()
+            .map(|l| (l, None))
+            .chain(imaps_l.into_iter().map(|l| (l, Some(acceptor.clone()))));
+        for (l, implicit_tls) in imap_listeners {
+            let i = imap.clone();
+            let protocol = if implicit_tls.is_some() {
+                "imaps"
+            } else {
+                "imap"
+            };
+            tasks.push(tokio::spawn(ds_net::serve(
+                l,
+                ListenOptions {
+                    implicit_tls,
+                    ..listen_opts(protocol)
+                },
+                move |st, ctx, sd| i.clone().handle(st, ctx, sd),
+                shutdown.clone(),
+            )));
+        }
         for l in minger_l {
             let svc = state.locator.minger_service();
             let tls = Some((tls.cert.clone(), tls.key.clone()));
@@ -574,6 +612,7 @@ impl Node {
             node = %state.config.node.id,
             smtp = ?addrs.smtp,
             pop3 = ?addrs.pop3,
+            imap = ?addrs.imap,
             minger = ?addrs.minger,
             admin = ?addrs.admin,
             "node started"

@@ -30,6 +30,8 @@ use crate::body::{BodyRef, BodyTx, DEAD_TREE, INLINE_TREE, LineEnds, MessageRead
 use crate::queue::{QueueEntry, QueueStore};
 use crate::{Error, Result, StagedBody, Store, unix_now};
 
+mod sync;
+
 pub(crate) const MAILBOXES: &str = "mail_mailboxes";
 pub(crate) const MESSAGES: &str = "mail_messages";
 #[cfg(test)]
@@ -136,6 +138,8 @@ pub struct MailStore {
     dead: sled::Tree,
     accounts: sled::Tree,
     counters: sled::Tree,
+    /// Change notification, expunge log, `\Recent`, subscriptions ([`sync`]).
+    sync: std::sync::Arc<sync::SyncState>,
 }
 
 impl std::fmt::Debug for MailStore {
@@ -389,6 +393,7 @@ impl MailStore {
             dead: store.tree(DEAD_TREE)?,
             accounts: store.tree(ACCOUNTS)?,
             counters: store.tree(COUNTERS)?,
+            sync: std::sync::Arc::new(sync::SyncState::new(store)?),
         })
     }
 
@@ -642,6 +647,7 @@ impl MailStore {
                 Ok(true)
             })?;
             if done {
+                self.notify(snapshot.id, u64::MAX);
                 return Ok(());
             }
         }
@@ -757,6 +763,7 @@ impl MailStore {
             Ok((info.uidvalidity, meta.uid))
         })?;
         body.mark_committed();
+        self.changed(account, &name);
         Ok(done)
     }
 
@@ -807,6 +814,7 @@ impl MailStore {
             tx.put_mailbox(&key, &info)?;
             Ok(meta.uid)
         })
+        .inspect(|_| self.changed(account, INBOX))
     }
 
     /// The acceptance of one message: the body goes to the INBOX of each local `(account,
@@ -900,6 +908,9 @@ impl MailStore {
                 }),
         )?;
         body.mark_committed();
+        for (account, _) in local {
+            self.changed(account, INBOX);
+        }
         let ids = entries.iter().map(|e| e.id).collect();
         if let Some(queue) = queue {
             for entry in &entries {
@@ -1064,6 +1075,7 @@ impl MailStore {
             }
             Ok(out)
         })
+        .inspect(|_| self.changed(account, &name))
     }
 
     fn flags_of_one(
@@ -1162,6 +1174,7 @@ impl MailStore {
             }
             Ok(removed)
         })
+        .inspect(|removed| self.expunged(account, &name, removed))
     }
 
     /// Copies messages to another (or the same) mailbox, sharing their bodies. Returns the
@@ -1242,6 +1255,13 @@ impl MailStore {
                 tx.put_mailbox(&from_key, &source)?;
             }
             Ok(pairs)
+        })
+        .inspect(|pairs| {
+            self.changed(account, &to);
+            if remove_source {
+                let gone: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+                self.expunged(account, &from, &gone);
+            }
         })
     }
 }

@@ -68,6 +68,14 @@ impl TestNode {
         self.node().addrs().pop3s[0]
     }
 
+    pub fn imap(&self) -> SocketAddr {
+        self.node().addrs().imap[0]
+    }
+
+    pub fn imaps(&self) -> SocketAddr {
+        self.node().addrs().imaps[0]
+    }
+
     pub fn admin(&self) -> SocketAddr {
         self.node().addrs().admin[0]
     }
@@ -112,8 +120,8 @@ impl TestNode {
             // A restarted node keeps its ports, as a real one would: peers cache them.
             let a = node.addrs().clone();
             let l = &mut self.config.listen;
-            (l.smtp, l.pop3, l.pop3s, l.admin, l.metrics) =
-                (a.smtp, a.pop3, a.pop3s, a.admin, a.metrics);
+            (l.smtp, l.pop3, l.pop3s, l.imap, l.imaps, l.admin, l.metrics) =
+                (a.smtp, a.pop3, a.pop3s, a.imap, a.imaps, a.admin, a.metrics);
             node.shutdown().await;
         }
     }
@@ -191,7 +199,8 @@ impl Cluster {
             c.listen.smtp = any_port(ip);
             c.listen.pop3 = any_port(ip);
             c.listen.pop3s = any_port(ip);
-            c.listen.imap = vec![];
+            c.listen.imap = any_port(ip);
+            c.listen.imaps = any_port(ip);
             c.listen.minger = vec![minger[i]];
             c.listen.admin = any_port(ip);
             c.listen.metrics = any_port(ip);

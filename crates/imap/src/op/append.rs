@@ -1,0 +1,48 @@
+//! APPEND with flags and date (UIDPLUS `APPENDUID`); the literal's cap (the message size
+//! limit) is enforced while it is read, in the session.
+
+use imap_types::datetime::DateTime;
+use imap_types::extensions::binary::LiteralOrLiteral8;
+use imap_types::flag::Flag;
+use imap_types::mailbox::Mailbox;
+
+use super::{bad_name, mailbox_name};
+use crate::Result;
+use crate::response::Reply;
+use crate::session::Session;
+
+impl Session {
+    pub(crate) async fn append(
+        &mut self,
+        mailbox: &Mailbox<'_>,
+        flags: Vec<Flag<'static>>,
+        date: Option<DateTime>,
+        message: LiteralOrLiteral8<'static>,
+    ) -> Result<Reply> {
+        let Some(name) = mailbox_name(mailbox) else {
+            return Ok(bad_name());
+        };
+        let body: &[u8] = match &message {
+            LiteralOrLiteral8::Literal(l) => l.data(),
+            LiteralOrLiteral8::Literal8(l) => &l.data,
+        };
+        if body.len() > self.imap.config.max_message_size {
+            return Ok(Reply::no("Message too large").code("TOOBIG"));
+        }
+        let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        let date = date.map_or_else(ds_store::unix_now, |d| d.as_ref().timestamp());
+        let mail = self.imap.mail.clone();
+        let (validity, uid) = match mail.append(&self.account, &name, body, &flags, date) {
+            Ok(r) => r,
+            Err(ds_store::Error::NotFound(_)) => {
+                return Ok(Reply::no("No such mailbox").code("TRYCREATE"));
+            }
+            Err(e) => return Ok(super::store_error(&e)),
+        };
+        drop(message);
+        if let Err(e) = self.imap.store.flush_async().await {
+            return Ok(super::store_error(&e));
+        }
+        Ok(Reply::ok("APPEND completed").code(format!("APPENDUID {validity} {uid}")))
+    }
+}

@@ -1,0 +1,212 @@
+//! Not-authenticated state and session-wide commands: LOGIN, AUTHENTICATE PLAIN (SASL-IR),
+//! STARTTLS, ID, ENABLE.
+
+use std::borrow::Cow;
+
+use imap_next::types::CommandAuthenticate;
+use imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_types::core::{AString, IString, NString, Tag, Vec1};
+use imap_types::extensions::enable::CapabilityEnable;
+use imap_types::response::{Code, CodeOther, Status};
+use imap_types::secret::Secret as ImapSecret;
+
+use crate::Result;
+use crate::login::{self, LoginOutcome, Secret};
+use crate::response::Reply;
+use crate::session::{Flow, Session, State};
+
+const AUTH_FAILED: &str = "AUTHENTICATIONFAILED";
+
+impl Session {
+    pub(crate) fn starttls(&mut self) -> Result<(Reply, Flow)> {
+        if self.ctx.tls {
+            return Ok((Reply::bad("TLS is already active"), Flow::Continue));
+        }
+        if self.imap.tls_acceptor.is_none() {
+            return Ok((Reply::bad("STARTTLS is not available"), Flow::Continue));
+        }
+        if self.logged_in() {
+            return Ok((Reply::bad("Already logged in"), Flow::Continue));
+        }
+        Ok((Reply::ok("Begin TLS negotiation now"), Flow::StartTls))
+    }
+
+    /// The outcome of a login as a reply; on success the session is authenticated.
+    async fn try_login(&mut self, name: &str, password: &Secret) -> Result<Reply> {
+        let outcome = login::login(&self.imap, &self.ctx, self.client, name, password).await;
+        Ok(match outcome {
+            LoginOutcome::Local(account) => {
+                if let Err(e) = self.imap.mail.ensure_account(&account) {
+                    tracing::warn!(error = %e, "provisioning mailboxes failed");
+                    return Ok(Reply::no("Try again later").code("UNAVAILABLE"));
+                }
+                tracing::Span::current().record("user", account.as_str());
+                tracing::info!("logged in");
+                self.account = account;
+                self.state = State::Authenticated;
+                Reply::ok("Logged in").code(format!("CAPABILITY {}", self.capabilities()))
+            }
+            LoginOutcome::Failed => Reply::no("Authentication failed").code(AUTH_FAILED),
+            LoginOutcome::Unavailable => {
+                Reply::no("Service temporarily unavailable, try again later").code("UNAVAILABLE")
+            }
+        })
+    }
+
+    pub(crate) async fn login_command(
+        &mut self,
+        username: AString<'static>,
+        password: ImapSecret<AString<'static>>,
+    ) -> Result<Reply> {
+        if self.logged_in() {
+            return Ok(Reply::bad("Already logged in"));
+        }
+        if self.login_disabled() {
+            return Ok(Reply::no("Use STARTTLS first").code("PRIVACYREQUIRED"));
+        }
+        let name = String::from_utf8_lossy(username.as_ref()).into_owned();
+        let raw: &[u8] = password.declassify().as_ref();
+        let password = Secret::new(String::from_utf8_lossy(raw).into_owned());
+        self.try_login(&name, &password).await
+    }
+
+    fn tagged_status(tag: &str, reply: &Reply) -> Status<'static> {
+        let tag = Tag::try_from(tag.to_string()).unwrap_or_else(|_| Tag::unvalidated("*"));
+        let code = reply
+            .code
+            .as_ref()
+            .map(|c| Code::Other(CodeOther::unvalidated(c.clone().into_bytes())));
+        let text = imap_types::core::Text::unvalidated(reply.text.clone());
+        let body = imap_types::response::StatusBody {
+            kind: match reply.kind {
+                "OK" => imap_types::response::StatusKind::Ok,
+                "NO" => imap_types::response::StatusKind::No,
+                _ => imap_types::response::StatusKind::Bad,
+            },
+            code,
+            text,
+        };
+        Status::Tagged(imap_types::response::Tagged { tag, body })
+    }
+
+    /// End an AUTHENTICATE exchange with `reply`.
+    async fn finish_auth(&mut self, tag: &str, reply: Reply) -> Result<Flow> {
+        self.auth_tag = None;
+        let failed = reply.code.as_deref() == Some(AUTH_FAILED);
+        let status = Self::tagged_status(tag, &reply);
+        if self.server_mut().authenticate_finish(status).is_err() {
+            self.send(&reply.line(tag)).await?;
+        }
+        self.drain().await?;
+        if failed && self.after_failed_login() {
+            self.send(b"* BYE Too many failed logins\r\n").await?;
+            return Ok(Flow::Close);
+        }
+        Ok(Flow::Continue)
+    }
+
+    pub(crate) async fn authenticate(&mut self, cmd: CommandAuthenticate) -> Result<Flow> {
+        let tag = cmd.tag.inner().to_string();
+        if self.logged_in() {
+            return self
+                .finish_auth(&tag, Reply::bad("Already logged in"))
+                .await;
+        }
+        if self.login_disabled() {
+            return self
+                .finish_auth(
+                    &tag,
+                    Reply::no("Use STARTTLS first").code("PRIVACYREQUIRED"),
+                )
+                .await;
+        }
+        if cmd.mechanism != AuthMechanism::Plain {
+            return self
+                .finish_auth(
+                    &tag,
+                    Reply::no("Unsupported mechanism, use PLAIN").code("CANNOT"),
+                )
+                .await;
+        }
+        match cmd.initial_response {
+            Some(ir) => {
+                let data: Cow<'static, [u8]> = ir.declassify().clone();
+                self.auth_tag = Some(tag.clone());
+                self.plain(&tag, &data).await
+            }
+            None => {
+                self.auth_tag = Some(tag);
+                let cont = imap_types::response::CommandContinuationRequest::base64(Vec::new());
+                if self.server_mut().authenticate_continue(cont).is_err() {
+                    tracing::warn!("imap-next refused the AUTHENTICATE continuation");
+                }
+                self.drain().await?;
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    pub(crate) async fn authenticate_data(
+        &mut self,
+        data: AuthenticateData<'static>,
+    ) -> Result<Flow> {
+        let tag = self.auth_tag.clone().unwrap_or_else(|| "*".into());
+        match data {
+            AuthenticateData::Cancel => {
+                self.finish_auth(&tag, Reply::bad("Authentication cancelled"))
+                    .await
+            }
+            AuthenticateData::Continue(bytes) => {
+                let data = bytes.declassify().clone();
+                self.plain(&tag, &data).await
+            }
+        }
+    }
+
+    async fn plain(&mut self, tag: &str, message: &[u8]) -> Result<Flow> {
+        let creds = match login::decode_plain(message) {
+            Ok(c) => c,
+            Err(e) => return self.finish_auth(tag, Reply::bad(format!("{e}"))).await,
+        };
+        if !creds.authzid.is_empty() && creds.authzid != creds.authcid {
+            return self
+                .finish_auth(tag, Reply::no("Authentication failed").code(AUTH_FAILED))
+                .await;
+        }
+        let reply = self.try_login(&creds.authcid, &creds.password).await?;
+        self.finish_auth(tag, reply).await
+    }
+
+    pub(crate) async fn id(
+        &mut self,
+        _parameters: Option<Vec<(IString<'static>, NString<'static>)>>,
+    ) -> Result<Reply> {
+        let line = format!(
+            "* ID (\"name\" \"dshare\" \"version\" \"{}\")\r\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        self.send(line.as_bytes()).await?;
+        Ok(Reply::ok("ID completed"))
+    }
+
+    pub(crate) async fn enable(
+        &mut self,
+        capabilities: Vec1<CapabilityEnable<'static>>,
+    ) -> Result<Reply> {
+        let mut enabled = Vec::new();
+        for c in capabilities.as_ref() {
+            if matches!(c, CapabilityEnable::CondStore) && !enabled.contains(&"CONDSTORE") {
+                self.condstore = true;
+                enabled.push("CONDSTORE");
+            }
+        }
+        let mut line = String::from("* ENABLED");
+        for e in enabled {
+            line.push(' ');
+            line.push_str(e);
+        }
+        line.push_str("\r\n");
+        self.send(line.as_bytes()).await?;
+        Ok(Reply::ok("ENABLE completed"))
+    }
+}
