@@ -11,6 +11,7 @@
 //! - [`owner`]: connecting to an owner with timeouts, line replies, STARTTLS verified against the
 //!   cluster CA.
 //! - [`forward`]: passing pipelined bytes on and splicing a logged-in session.
+//! - [`sasl`]: SASL PLAIN decoding and [`sasl::Secret`], for every login protocol.
 //! - [`lock`]: [`MailboxLocks`], exclusive in-process locks by name (POP3 maildrops, IMAP
 //!   mailboxes).
 //! - [`imap_client`]: the IMAP forwarding dialogue with the owner (`STARTTLS`, `ID` with the
@@ -27,6 +28,7 @@ pub mod locate;
 pub mod lock;
 pub mod owner;
 pub mod proof;
+pub mod sasl;
 pub mod throttle;
 
 pub use error::{Error, Result};

@@ -12,12 +12,13 @@
 //! - [`msg`]: ENVELOPE, BODYSTRUCTURE, BODY[section], SEARCH and modified UTF-7 (moves to
 //!   ds-message).
 //!
-//! Accounts owned by a peer are not forwarded yet: their logins get `NO [UNAVAILABLE]`.
+//! Accounts owned by a peer are forwarded ([`login`], `ds_access::imap_client`): the owner's
+//! session is spliced with the client's after a login the owner accepted.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ds_access::{Locate, LoginThrottle};
+use ds_access::{Locate, LoginThrottle, ProofKey};
 use ds_directory::Directory;
 use ds_net::{ConnContext, MailStream, Shutdown, TlsAcceptor};
 use ds_store::{MailStore, Store};
@@ -63,6 +64,15 @@ pub struct ImapConfig {
     pub tls_handshake_timeout: Duration,
     /// Failed-login delays: one throttle per node, shared with every login protocol.
     pub throttle: Arc<LoginThrottle>,
+    /// The session-proof key: signs the `ID` this node sends when forwarding and checks the ones
+    /// it receives. Without it this node neither forwards nor accepts forwarded sessions.
+    pub proof_key: Option<ProofKey>,
+    /// Trusts the cluster CA; `Some`: connections to owners are upgraded with STARTTLS.
+    /// `None`: plaintext to owners (a cluster without a CA: tests, development).
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Bound on connecting to an owner and on each of its replies while a forwarded login is set
+    /// up. Default 30 s.
+    pub peer_timeout: Duration,
 }
 
 impl Default for ImapConfig {
@@ -81,6 +91,9 @@ impl Default for ImapConfig {
             max_bad_commands: 20,
             tls_handshake_timeout: Duration::from_secs(10),
             throttle: Arc::new(LoginThrottle::default()),
+            proof_key: None,
+            peer_tls: None,
+            peer_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -75,14 +75,30 @@ pub(crate) struct Session {
     pub auth_tag: Option<String>,
     /// An event `drain` met that the main loop must handle.
     pending: Option<Event>,
+    /// This connection's greeting nonce (`<…@host>`): the peer proof of a forwarded session is
+    /// over it. Kept through STARTTLS.
+    pub nonce: String,
+    /// The front node's details, after an `ID` with a valid proof: this session is a forwarded
+    /// one and is never forwarded again.
+    pub forwarded: Option<ds_access::imap_client::ForwardedClient>,
+    /// The owner's session after a forwarded login: spliced with the client's once the tagged
+    /// answer is queued.
+    pub splice_to: Option<ds_access::owner::OwnerConn>,
 }
 
 /// Run a connection to its end; errors are logged here, once.
 pub(crate) async fn run(imap: Arc<Imap>, stream: MailStream, ctx: ConnContext, shutdown: Shutdown) {
-    let span = tracing::info_span!("imap", client = %ctx.peer, user = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "imap",
+        client = %ctx.peer,
+        user = tracing::field::Empty,
+        original_client = tracing::field::Empty,
+        forwarded_by = tracing::field::Empty,
+    );
     async move {
         let mut conn = LineConn::new(stream);
         conn.set_write_timeout(ds_net::DEFAULT_WRITE_TIMEOUT);
+        let imap_hostname = imap.config.hostname.clone();
         let mut session = Session {
             client: ctx.peer.ip(),
             server: new_server(&imap),
@@ -97,6 +113,9 @@ pub(crate) async fn run(imap: Arc<Imap>, stream: MailStream, ctx: ConnContext, s
             idle_tag: None,
             auth_tag: None,
             pending: None,
+            nonce: ds_access::proof::greeting_nonce(&imap_hostname),
+            forwarded: None,
+            splice_to: None,
         };
         match session.serve(&shutdown).await {
             Ok(()) => tracing::debug!("session ended"),
@@ -253,9 +272,10 @@ impl Session {
 
     async fn serve(&mut self, shutdown: &Shutdown) -> Result<()> {
         let greeting = format!(
-            "* OK [CAPABILITY {}] {} IMAP4rev1 ready\r\n",
+            "* OK [CAPABILITY {}] {} IMAP4rev1 ready {}\r\n",
             self.capabilities(),
-            self.imap.config.hostname
+            self.imap.config.hostname,
+            self.nonce
         );
         self.send(greeting.as_bytes()).await?;
         loop {
@@ -279,6 +299,9 @@ impl Session {
                 },
                 Err(Interrupt::Error(e)) => self.on_error(e).await?,
             };
+            if let Some(owner) = self.splice_to.take() {
+                return self.splice(owner, shutdown).await;
+            }
             match flow {
                 Flow::Continue => {}
                 Flow::Close => {
@@ -288,6 +311,30 @@ impl Session {
                 Flow::StartTls => self.start_tls().await?,
             }
         }
+    }
+
+    /// A forwarded login succeeded and its answer is queued: hand the client's pipelined bytes
+    /// to the owner and copy both ways until either side ends.
+    async fn splice(
+        &mut self,
+        owner: ds_access::owner::OwnerConn,
+        shutdown: &Shutdown,
+    ) -> Result<()> {
+        let client = self
+            .conn
+            .take()
+            .unwrap_or_else(|| unreachable!("connection taken"));
+        let idle = self.imap.config.idle_timeout;
+        match ds_access::splice_session(client, owner, idle, shutdown).await {
+            Ok(Some(copied)) => tracing::info!(
+                up = copied.up,
+                down = copied.down,
+                "forwarded session ended"
+            ),
+            Ok(None) => tracing::info!("shutting down, forwarded session closed"),
+            Err(e) => tracing::info!(error = %e, "forwarded session ended with an error"),
+        }
+        Ok(())
     }
 
     async fn start_tls(&mut self) -> Result<()> {

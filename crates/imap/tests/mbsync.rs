@@ -1,29 +1,77 @@
 //! mbsync (isync) two-way sync between a local Maildir and the node: pull, incremental pull,
-//! a flag pushed, a message pushed, a deletion pushed.
+//! a flag pushed, a message pushed, a deletion pushed; directly on the owner and through a
+//! forwarding node (DESIGN.md §7), with identical results.
 
 mod common;
 
-use common::{message, node, python};
+use common::{USER, message, node, python};
+use ds_testkit::Cluster;
+
+fn have_mbsync() -> bool {
+    let found = std::process::Command::new("mbsync")
+        .arg("-v")
+        .output()
+        .is_ok();
+    if !found {
+        eprintln!("mbsync not installed (Debian package isync): skipped");
+    }
+    found
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mbsync_two_way() -> anyhow::Result<()> {
-    if std::process::Command::new("mbsync")
-        .arg("-v")
-        .output()
-        .is_err()
-    {
-        eprintln!("mbsync not installed (Debian package isync): skipped");
+    if !have_mbsync() {
         return Ok(());
     }
     let c = node().await?;
-    let mail = &c.node(0).node().state.mail;
+    check(&sync_session(&c, 0, 0)?);
+    Ok(())
+}
+
+/// Account on node B, mbsync through node A: the same outcome as directly on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mbsync_two_way_forwarded() -> anyhow::Result<()> {
+    if !have_mbsync() {
+        return Ok(());
+    }
+    let direct = {
+        let c = Cluster::start(2).await?;
+        c.node(1).add_account(USER, common::PASS).await?;
+        sync_session(&c, 1, 1)?
+    };
+    let c = Cluster::start(2).await?;
+    c.node(1).add_account(USER, common::PASS).await?;
+    let forwarded = sync_session(&c, 1, 0)?;
+    check(&forwarded);
+    assert_eq!(direct, forwarded, "forwarded mbsync differs from direct");
+    Ok(())
+}
+
+fn check(out: &str) {
+    for want in [
+        "pull rc 0",
+        "pulled 3",
+        "incremental 4",
+        "Flagged",
+        "server after push 5",
+        "server after delete 4",
+        "local after delete 4",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+}
+
+/// Seed three messages on node `owner`, then run the mbsync steps against node `via`; the
+/// script's report.
+fn sync_session(c: &Cluster, owner: usize, via: usize) -> anyhow::Result<String> {
+    let mail = &c.node(owner).node().state.mail;
     for i in 0..3 {
         mail.deliver(common::USER, &message(&format!("pull{i}"), 700))?;
     }
     let dir = tempfile::tempdir()?;
     let root = dir.path().display().to_string();
     let out = python(
-        c.node(0).imap(),
+        c.node(via).imap(),
         &format!(
             r#"
 import os, subprocess, glob
@@ -90,16 +138,5 @@ print("local after delete", len(local()))
         ),
     )?;
     print!("{out}");
-    for want in [
-        "pull rc 0",
-        "pulled 3",
-        "incremental 4",
-        "Flagged",
-        "server after push 5",
-        "server after delete 4",
-        "local after delete 4",
-    ] {
-        assert!(out.contains(want), "missing {want:?} in\n{out}");
-    }
-    Ok(())
+    Ok(out)
 }

@@ -21,27 +21,7 @@ pub const MAX_SASL_LINE: usize = 2048;
 /// Longest `AUTH` initial response, base64 (the rest of a [`MAX_COMMAND_LINE`]).
 pub const MAX_INITIAL_RESPONSE: usize = MAX_COMMAND_LINE - "AUTH PLAIN \r\n".len();
 
-/// A value that must never be logged (passwords, SASL responses). `Debug` prints a placeholder.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wrap a secret.
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself; keep it out of logs.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+pub use ds_access::sasl::{PlainCredentials, Secret};
 
 /// A message number as the client sent it: 1-based, so never zero.
 pub type MsgNum = u32;
@@ -387,40 +367,11 @@ pub fn parse_sasl_response(line: &[u8]) -> Result<SaslResponse, ParseError> {
     decode_sasl(text.trim()).map(SaslResponse::Data)
 }
 
-/// The three fields of a SASL PLAIN message (RFC 4616).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlainCredentials {
-    /// Authorization identity; empty when the client acts as itself.
-    pub authzid: String,
-    /// Authentication identity: the login name.
-    pub authcid: String,
-    /// The password.
-    pub password: Secret,
-}
-
-/// Split a decoded PLAIN message into its fields (each must be UTF-8, non-empty except the
-/// authzid, and at most [`MAX_ARG_LEN`] octets).
+/// Split a decoded PLAIN message into its fields ([`ds_access::sasl::decode_plain`]).
 pub fn decode_plain(message: &[u8]) -> Result<PlainCredentials, ParseError> {
-    let mut parts = message.split(|&b| b == 0);
-    let (Some(authzid), Some(authcid), Some(password), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(ParseError::BadPlain);
-    };
-    let field = |bytes: &[u8]| -> Result<String, ParseError> {
-        if bytes.len() > MAX_ARG_LEN {
-            return Err(ParseError::ArgumentTooLong);
-        }
-        String::from_utf8(bytes.to_vec()).map_err(|_| ParseError::BadPlain)
-    };
-    let (authzid, authcid, password) = (field(authzid)?, field(authcid)?, field(password)?);
-    if authcid.is_empty() || password.is_empty() {
-        return Err(ParseError::BadPlain);
-    }
-    Ok(PlainCredentials {
-        authzid,
-        authcid,
-        password: Secret::new(password),
+    ds_access::sasl::decode_plain(message).map_err(|e| match e {
+        ds_access::sasl::PlainError::Malformed => ParseError::BadPlain,
+        ds_access::sasl::PlainError::TooLong => ParseError::ArgumentTooLong,
     })
 }
 

@@ -506,6 +506,8 @@ impl Node {
                 idle_timeout: limits.imap_idle,
                 max_message_size: limits.message_size,
                 throttle: Arc::clone(&throttle),
+                proof_key: Some(proof_key.clone()),
+                peer_tls: peer_tls.clone(),
                 ..Default::default()
             },
             directory.clone(),

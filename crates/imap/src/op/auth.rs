@@ -10,12 +10,24 @@ use imap_types::extensions::enable::CapabilityEnable;
 use imap_types::response::{Code, CodeOther, Status};
 use imap_types::secret::Secret as ImapSecret;
 
+use ds_access::imap_client::{NOT_HERE_TEXT, verify_imap_id};
+
 use crate::Result;
 use crate::login::{self, LoginOutcome, Secret};
 use crate::response::Reply;
 use crate::session::{Flow, Session, State};
 
 const AUTH_FAILED: &str = "AUTHENTICATIONFAILED";
+
+/// A session id for the `x-session-id` field: the random part of the greeting nonce.
+fn session_id(nonce: &str) -> String {
+    nonce
+        .trim_start_matches('<')
+        .split(['@', '.'])
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
 
 impl Session {
     pub(crate) fn starttls(&mut self) -> Result<(Reply, Flow)> {
@@ -33,7 +45,14 @@ impl Session {
 
     /// The outcome of a login as a reply; on success the session is authenticated.
     async fn try_login(&mut self, name: &str, password: &Secret) -> Result<Reply> {
-        let outcome = login::login(&self.imap, &self.ctx, self.client, name, password).await;
+        let session_id = session_id(&self.nonce);
+        let attempt = login::Attempt {
+            ctx: &self.ctx,
+            client: self.client,
+            forwarded: self.forwarded.is_some(),
+            session_id: &session_id,
+        };
+        let outcome = login::login(&self.imap, attempt, name, password).await;
         Ok(match outcome {
             LoginOutcome::Local(account) => {
                 if let Err(e) = self.imap.mail.ensure_account(&account) {
@@ -46,6 +65,12 @@ impl Session {
                 self.state = State::Authenticated;
                 Reply::ok("Logged in").code(format!("CAPABILITY {}", self.capabilities()))
             }
+            LoginOutcome::Forwarded(owner_session, _owner) => {
+                let caps = owner_session.capabilities.join(" ");
+                self.splice_to = Some(owner_session.conn);
+                Reply::ok("Logged in").code(format!("CAPABILITY {caps}"))
+            }
+            LoginOutcome::NotHere => Reply::no(NOT_HERE_TEXT).code(AUTH_FAILED),
             LoginOutcome::Failed => Reply::no("Authentication failed").code(AUTH_FAILED),
             LoginOutcome::Unavailable => {
                 Reply::no("Service temporarily unavailable, try again later").code("UNAVAILABLE")
@@ -177,10 +202,58 @@ impl Session {
         self.finish_auth(tag, reply).await
     }
 
+    /// `ID`: our identification; before login, from a peer with a valid proof over this
+    /// connection's nonce, the original client's address (DESIGN.md §7). Without a valid proof
+    /// the forwarding fields are ignored.
     pub(crate) async fn id(
         &mut self,
-        _parameters: Option<Vec<(IString<'static>, NString<'static>)>>,
+        parameters: Option<Vec<(IString<'static>, NString<'static>)>>,
     ) -> Result<Reply> {
+        if let (Some(parameters), Some(key), false, None) = (
+            &parameters,
+            self.imap.config.proof_key.as_ref(),
+            self.logged_in(),
+            &self.forwarded,
+        ) {
+            let fields: Vec<(String, Option<String>)> = parameters
+                .iter()
+                .map(|(k, v)| {
+                    let k = String::from_utf8_lossy(k.as_ref()).into_owned();
+                    let v =
+                        v.0.as_ref()
+                            .map(|v| String::from_utf8_lossy(v.as_ref()).into_owned());
+                    (k, v)
+                })
+                .collect();
+            let forwarding = fields
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(ds_access::imap_client::ID_SIG));
+            let verified = verify_imap_id(
+                fields.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+                &self.nonce,
+                key,
+            );
+            match verified {
+                Some(client) => {
+                    let span = tracing::Span::current();
+                    span.record("original_client", client.addr.to_string().as_str());
+                    span.record("forwarded_by", client.connected_ip.to_string().as_str());
+                    tracing::info!(
+                        original_client = %client.addr,
+                        front = %client.connected_ip,
+                        front_session = %client.session_id,
+                        hop = client.hop,
+                        "forwarded session"
+                    );
+                    self.client = client.addr.ip();
+                    self.forwarded = Some(client);
+                }
+                None if forwarding => {
+                    tracing::warn!("ID with a forwarding proof that does not verify: ignored")
+                }
+                None => {}
+            }
+        }
         let line = format!(
             "* ID (\"name\" \"dshare\" \"version\" \"{}\")\r\n",
             env!("CARGO_PKG_VERSION")
