@@ -63,6 +63,9 @@ pub struct ImapConfig {
     pub tls_handshake_timeout: Duration,
     /// Failed-login delays: one throttle per node, shared with every login protocol.
     pub throttle: Arc<LoginThrottle>,
+    /// Bytes of message bodies in flight, node-wide (shared with SMTP DATA): APPEND takes its
+    /// share while it receives a message. Default: a budget of its own of 256 MiB.
+    pub body_budget: ds_net::BodyBudget,
 }
 
 impl Default for ImapConfig {
@@ -81,6 +84,7 @@ impl Default for ImapConfig {
             max_bad_commands: 20,
             tls_handshake_timeout: Duration::from_secs(10),
             throttle: Arc::new(LoginThrottle::default()),
+            body_budget: ds_net::BodyBudget::new(256 * 1024 * 1024),
         }
     }
 }

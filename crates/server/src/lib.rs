@@ -506,6 +506,7 @@ impl Node {
                 idle_timeout: limits.imap_idle,
                 max_message_size: limits.message_size,
                 throttle: Arc::clone(&throttle),
+                body_budget: body_budget.clone(),
                 ..Default::default()
             },
             directory.clone(),
