@@ -198,3 +198,50 @@ m.logout()
     );
     Ok(())
 }
+
+/// Mailbox names travel in modified UTF-7 and are stored in UTF-8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_folders() -> anyhow::Result<()> {
+    let c = node().await?;
+    let out = python(
+        c.node(0).imap(),
+        r#"
+m = imaplib.IMAP4(HOST, PORT)
+m.login(USER, PASS)
+print(m.create('Entw&APw-rfe')[0])
+print(m.append('Entw&APw-rfe', None, None, b'Subject: draft\r\n\r\nx\r\n')[0])
+print(m.status('Entw&APw-rfe', '(MESSAGES)')[1][0].decode())
+print(m.select('Entw&APw-rfe')[1][0].decode())
+m.close()
+print(m.rename('Entw&APw-rfe', '&U,BTFw-/&ZeVnLIqe-')[0])
+print(m.list('""', '&U,BTFw-*')[1])
+print(m.select('&U,BTFw-/&ZeVnLIqe-')[1][0].decode())
+try:
+    print(m.create('bad&Jjo!')[0])
+except imaplib.IMAP4.error as e:
+    print('BAD' if 'BAD' in str(e) else e)
+m.logout()
+"#,
+    )?;
+    print!("{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..4],
+        ["OK", "OK", "\"Entw&APw-rfe\" (MESSAGES 1)", "1"]
+    );
+    assert_eq!(lines[4], "OK");
+    assert!(lines[5].contains("\"&U,BTFw-/&ZeVnLIqe-\""), "{out}");
+    assert!(lines[5].contains("\"&U,BTFw-\""), "{out}");
+    assert_eq!(lines[6], "1");
+    assert_eq!(lines[7], "BAD", "{out}");
+    // Stored in UTF-8.
+    let mail = &c.node(0).node().state.mail;
+    let names: Vec<String> = mail
+        .list_mailboxes(common::USER)?
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert!(names.iter().any(|n| n == "台北/日本語"), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains('&')), "{names:?}");
+    Ok(())
+}
