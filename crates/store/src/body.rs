@@ -784,6 +784,48 @@ mod tests {
     }
 
     #[test]
+    fn message_reader_seeks_across_the_prefix_and_structure_goes_with_the_body() {
+        let store = Store::temporary().unwrap();
+        let bodies = store.bodies();
+        let data = pattern(3 * INLINE_MAX + 17);
+        for data in [&data[..], b"small body\r\n"] {
+            let staged = bodies.stage(data).unwrap();
+            commit(&store, &staged);
+            let id = staged.body().id;
+            let prefix = b"Received: x\r\n".to_vec();
+            let whole: Vec<u8> = prefix.iter().chain(data).copied().collect();
+            let mut r = bodies.open_message(&prefix, id).unwrap().unwrap();
+            for start in [
+                0,
+                5,
+                prefix.len(),
+                prefix.len() + 3,
+                whole.len() - 2,
+                whole.len(),
+            ] {
+                assert_eq!(r.seek(SeekFrom::Start(start as u64)).unwrap(), start as u64);
+                let mut got = Vec::new();
+                r.by_ref().take(70_000).read_to_end(&mut got).unwrap();
+                let end = (start + 70_000).min(whole.len());
+                assert_eq!(got, &whole[start..end], "seek {start}");
+            }
+            assert_eq!(r.seek(SeekFrom::End(-3)).unwrap(), whole.len() as u64 - 3);
+            bodies.set_structure(id, 14, b"cached").unwrap();
+            assert_eq!(
+                bodies.structure(id, 14).unwrap().as_deref(),
+                Some(&b"cached"[..])
+            );
+            assert_eq!(bodies.structure(id, 0).unwrap(), None);
+            release(&store, id);
+            bodies.reap().unwrap();
+            assert_eq!(bodies.structure(id, 14).unwrap(), None);
+            // A released body is not cached again.
+            bodies.set_structure(id, 14, b"late").unwrap();
+            assert_eq!(bodies.structure(id, 14).unwrap(), None);
+        }
+    }
+
+    #[test]
     fn uncommitted_files_disappear() {
         let dir = tempfile::tempdir().unwrap();
         let leftover;
