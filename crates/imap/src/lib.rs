@@ -73,6 +73,9 @@ pub struct ImapConfig {
     /// Bound on connecting to an owner and on each of its replies while a forwarded login is set
     /// up. Default 30 s.
     pub peer_timeout: Duration,
+    /// Bytes of message bodies in flight, node-wide (shared with SMTP DATA): APPEND takes its
+    /// share while it receives a message. Default: a budget of its own of 256 MiB.
+    pub body_budget: ds_net::BodyBudget,
 }
 
 impl Default for ImapConfig {
@@ -94,6 +97,7 @@ impl Default for ImapConfig {
             proof_key: None,
             peer_tls: None,
             peer_timeout: Duration::from_secs(30),
+            body_budget: ds_net::BodyBudget::new(256 * 1024 * 1024),
         }
     }
 }

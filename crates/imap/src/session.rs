@@ -84,6 +84,23 @@ pub(crate) struct Session {
     /// The owner's session after a forwarded login: spliced with the client's once the tagged
     /// answer is queued.
     pub splice_to: Option<ds_access::owner::OwnerConn>,
+    /// The message of the APPEND being read, streamed into the body store (imap-next gets an
+    /// empty literal in its place); taken by [`Session::append`].
+    pub staged_append: Option<ds_store::StagedBody>,
+}
+
+/// What one message of APPEND may hold in memory while it is received (the writer's buffer and
+/// one read), taken from the node's body budget.
+const APPEND_IN_FLIGHT: u64 = (ds_store::INLINE_MAX + 2 * APPEND_CHUNK) as u64;
+/// APPEND data goes to the body writer in pieces of at most this size.
+const APPEND_CHUNK: usize = 64 * 1024;
+
+/// How reading a streamed APPEND literal ended.
+enum Streamed {
+    Staged(ds_store::StagedBody),
+    /// Read and dropped; this reply goes out once the command line is read.
+    Refused(Reply),
+    Close,
 }
 
 /// Run a connection to its end; errors are logged here, once.
@@ -116,6 +133,7 @@ pub(crate) async fn run(imap: Arc<Imap>, stream: MailStream, ctx: ConnContext, s
             nonce: ds_access::proof::greeting_nonce(&imap_hostname),
             forwarded: None,
             splice_to: None,
+            staged_append: None,
         };
         match session.serve(&shutdown).await {
             Ok(()) => tracing::debug!("session ended"),
@@ -203,6 +221,23 @@ const KNOWN_COMMANDS: [&str; 30] = [
     "NAMESPACE",
     "UNSELECT",
 ];
+
+/// Whether the literal announced at the end of `message` is the message of an APPEND (not its
+/// mailbox name): it is, unless it directly follows `APPEND` on the first line.
+fn is_append_message(message: &[u8], line_start: usize) -> bool {
+    if line_start > 0 {
+        return true;
+    }
+    let Some(open) = message.iter().rposition(|&b| b == b'{') else {
+        return false;
+    };
+    // `tag SP APPEND SP` then the announcement: the mailbox is the literal.
+    let words: Vec<&[u8]> = message[..open]
+        .split(|&b| b == b' ')
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.len() > 2
+}
 
 /// A literal announced at the end of a line: `(length, synchronising)`.
 fn literal_announcement(line: &[u8]) -> Option<(u64, bool)> {
@@ -465,8 +500,79 @@ impl Session {
         self.read_literals(first).await
     }
 
+    /// Reads the `len` octets of an APPEND message (its continuation already sent) into the
+    /// body store in bounded pieces, within the node's body budget; over the budget or when the
+    /// store fails, the octets are read and dropped and the command refused.
+    async fn stream_literal(&mut self, len: u64, c: &crate::ImapConfig) -> Result<Streamed> {
+        let budget = c.body_budget.try_take(APPEND_IN_FLIGHT);
+        let mut writer = match &budget {
+            Some(_) => match self.imap.store.bodies().writer() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start storing an APPEND");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut store_failed = budget.is_some() && writer.is_none();
+        let mut left = len;
+        while left > 0 {
+            let input = match self.conn().fill_buf(c.command_timeout).await {
+                Ok(input) => input,
+                Err(ds_net::Error::Timeout) => {
+                    self.send(b"* BYE Timeout waiting for literal data\r\n")
+                        .await?;
+                    return Ok(Streamed::Close);
+                }
+                Err(ds_net::Error::UnexpectedEof) => return Ok(Streamed::Close),
+                Err(e) => return Err(e.into()),
+            };
+            if input.is_empty() {
+                return Ok(Streamed::Close);
+            }
+            let n = input.len().min(APPEND_CHUNK).min(left as usize);
+            if let Some(w) = &mut writer
+                && let Err(e) = w.write(&input[..n])
+            {
+                tracing::error!(error = %e, "storing an APPEND failed");
+                writer = None;
+                store_failed = true;
+            }
+            self.conn().consume(n);
+            left -= n as u64;
+        }
+        if budget.is_none() {
+            tracing::warn!("APPEND refused: bodies in flight over the node's budget");
+            metrics::counter!("dshare_imap_appends_total", "result" => "no_budget").increment(1);
+            return Ok(Streamed::Refused(
+                Reply::no("Server busy, try again later").code("UNAVAILABLE"),
+            ));
+        }
+        let finished = match writer {
+            Some(w) if !store_failed => tokio::task::spawn_blocking(move || w.finish())
+                .await?
+                .map_err(crate::Error::from),
+            _ => Err(crate::Error::Store(ds_store::Error::Conflict(
+                "message body not stored".into(),
+            ))),
+        };
+        drop(budget);
+        match finished {
+            Ok(body) => Ok(Streamed::Staged(body)),
+            Err(e) => {
+                tracing::error!(error = %e, "APPEND not stored");
+                metrics::counter!("dshare_imap_appends_total", "result" => "error").increment(1);
+                Ok(Streamed::Refused(
+                    Reply::no("Cannot store the message now").code("SERVERBUG"),
+                ))
+            }
+        }
+    }
+
     /// The rest of a message whose first line is `first`.
     async fn read_literals(&mut self, first: Vec<u8>) -> Result<Input> {
+        self.staged_append = None;
         let c = self.imap.config.clone();
         let tag = raw_tag(&first).unwrap_or_else(|| "*".into());
         let append = raw_command(&first) == "APPEND";
@@ -501,6 +607,46 @@ impl Session {
                 message.insert(end, b'+');
                 self.send(b"+ Ready for literal data\r\n").await?;
                 self.conn().flush().await?;
+            }
+            if append && is_append_message(&message, line_start) {
+                let refused = match self.stream_literal(len, &c).await? {
+                    Streamed::Staged(body) => {
+                        self.staged_append = Some(body);
+                        None
+                    }
+                    Streamed::Refused(reply) => Some(reply),
+                    Streamed::Close => return Ok(Input::Close),
+                };
+                // imap-next parses the command with an empty literal in place of the message.
+                let open = message
+                    .iter()
+                    .rposition(|&b| b == b'{')
+                    .unwrap_or(message.len());
+                message.truncate(open);
+                message.extend_from_slice(b"{0+}\r\n");
+                line_start = message.len();
+                let line = match self.conn().read_line(c.max_line, c.command_timeout).await {
+                    Ok(Some(line)) => line,
+                    Ok(None) | Err(ds_net::Error::UnexpectedEof) => return Ok(Input::Close),
+                    Err(ds_net::Error::LineTooLong { .. }) => {
+                        self.staged_append = None;
+                        self.send(&Reply::bad("Command line too long").line(&tag))
+                            .await?;
+                        return Ok(Input::Handled);
+                    }
+                    Err(ds_net::Error::Timeout) => {
+                        self.send(b"* BYE Timeout waiting for the command\r\n")
+                            .await?;
+                        return Ok(Input::Close);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if let Some(reply) = refused {
+                    self.send(&reply.line(&tag)).await?;
+                    return Ok(Input::Handled);
+                }
+                message.extend_from_slice(&line);
+                continue;
             }
             let len = len as usize;
             let literal = match self.conn().read_exact(len, cap, c.command_timeout).await {
@@ -674,6 +820,14 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn append_message_literals() {
+        assert!(is_append_message(b"a APPEND INBOX {5}\r\n", 0));
+        assert!(is_append_message(b"a APPEND INBOX (\\Seen) {5+}\r\n", 0));
+        assert!(!is_append_message(b"a APPEND {5}\r\n", 0));
+        assert!(is_append_message(b"a APPEND {5+}\r\nINBOX {3}\r\n", 17));
+    }
 
     #[test]
     fn literal_announcements() {

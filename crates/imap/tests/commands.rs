@@ -137,7 +137,7 @@ m.logout()
         "RFC822.SIZE 480",
         r#"INTERNALDATE ""#,
         r#"ENVELOPE ("Mon, 7 Feb 1994 21:52:25 -0800" "m0" (("Sender" NIL "sender" "example.org"))"#,
-        r#"BODYSTRUCTURE ("TEXT" "PLAIN""#,
+        r#"BODYSTRUCTURE ("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7BIT""#,
         "BODY[HEADER.FIELDS (SUBJECT)] {",
         "Subject: m1",
         "flags after peek ('OK', [b'2 (FLAGS (\\\\Recent))'])",

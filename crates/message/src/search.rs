@@ -204,7 +204,8 @@ fn lower(s: &AString<'_>) -> String {
     String::from_utf8_lossy(s.as_ref()).to_lowercase()
 }
 
-fn in_set(set: &SequenceSet, value: u32, max: u32) -> bool {
+/// Whether `value` is in `set`, `*` being `max`.
+pub fn in_set(set: &SequenceSet, value: u32, max: u32) -> bool {
     let resolve = |s: &SeqOrUid| match s {
         SeqOrUid::Value(v) => v.get(),
         SeqOrUid::Asterisk => max,

@@ -508,6 +508,7 @@ impl Node {
                 throttle: Arc::clone(&throttle),
                 proof_key: Some(proof_key.clone()),
                 peer_tls: peer_tls.clone(),
+                body_budget: body_budget.clone(),
                 ..Default::default()
             },
             directory.clone(),

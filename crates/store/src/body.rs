@@ -32,6 +32,9 @@ pub const INLINE_MAX: usize = 64 * 1024;
 pub(crate) const INLINE_TREE: &str = "mail_blobs";
 pub(crate) const REFS_TREE: &str = "mail_blob_refs";
 pub(crate) const DEAD_TREE: &str = "body_dead";
+/// Parsed structure of a message (opaque to the store), keyed by body id and prefix length;
+/// dropped by the reaper with the body.
+const STRUCTURE_TREE: &str = "body_structure";
 const DIR: &str = "bodies";
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
@@ -114,6 +117,7 @@ struct Inner {
     inline: sled::Tree,
     refs: sled::Tree,
     dead: sled::Tree,
+    structure: sled::Tree,
     /// For [`crate::Store::temporary`]: the directory removed when the last handle goes.
     _temp: Option<tempfile::TempDir>,
 }
@@ -134,6 +138,13 @@ impl std::fmt::Debug for Bodies {
 
 fn key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
+}
+
+fn structure_key(id: u64, prefix_len: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&id.to_be_bytes());
+    k[8..].copy_from_slice(&prefix_len.to_be_bytes());
+    k
 }
 
 fn read_u64(bytes: &[u8]) -> u64 {
@@ -170,6 +181,7 @@ impl Bodies {
                 inline: db.open_tree(INLINE_TREE)?,
                 refs: db.open_tree(REFS_TREE)?,
                 dead: db.open_tree(DEAD_TREE)?,
+                structure: db.open_tree(STRUCTURE_TREE)?,
                 _temp: temp,
             }),
         };
@@ -228,15 +240,48 @@ impl Bodies {
             return Ok(0);
         }
         self.inner.db.flush()?;
+        let mut removed = 0;
         for &id in &ids {
             match std::fs::remove_file(self.path(id)) {
-                Ok(()) => {}
+                Ok(()) => removed += 1,
+                // An inline body (its value went with the release) or a file already gone.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
             }
+            for k in self.inner.structure.scan_prefix(key(id)).keys() {
+                self.inner.structure.remove(k?)?;
+            }
             self.inner.dead.remove(key(id))?;
         }
-        Ok(ids.len())
+        Ok(removed)
+    }
+
+    /// The cached parsed structure of a message made of a `prefix_len`-octet prefix and body
+    /// `id` (what [`Bodies::set_structure`] stored), if any.
+    pub fn structure(&self, id: u64, prefix_len: u32) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .inner
+            .structure
+            .get(structure_key(id, prefix_len))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Caches the parsed structure of a message (opaque bytes, a few KiB at most: the caller
+    /// bounds them). Not durable on its own (it rides on the next flush) and dropped by
+    /// [`Bodies::reap`] once the body is released; a body no longer referenced is not cached.
+    pub fn set_structure(&self, id: u64, prefix_len: u32, value: &[u8]) -> Result<()> {
+        if self.refs(id)? == 0 {
+            return Ok(());
+        }
+        self.inner
+            .structure
+            .insert(structure_key(id, prefix_len), value)?;
+        Ok(())
+    }
+
+    /// Number of cached structures (tests).
+    pub fn structures_cached(&self) -> usize {
+        self.inner.structure.len()
     }
 
     /// A writer for a new body.
@@ -521,9 +566,9 @@ impl BodyTx<'_> {
         let count = self.count(id)?;
         if count <= 1 {
             self.refs.remove(&key(id)[..])?;
-            if self.inline.remove(&key(id)[..])?.is_none() {
-                self.dead.insert(&key(id)[..], &[][..])?;
-            }
+            self.inline.remove(&key(id)[..])?;
+            // Inline bodies too: the reaper drops their cached structure.
+            self.dead.insert(&key(id)[..], &[][..])?;
         } else {
             self.refs
                 .insert(&key(id)[..], &(count - 1).to_be_bytes()[..])?;
@@ -588,6 +633,39 @@ impl MessageReader {
             pos: 0,
             body,
         }
+    }
+}
+
+impl Seek for MessageReader {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let plen = self.prefix.len() as u64;
+        let target = match pos {
+            SeekFrom::Start(n) => n,
+            SeekFrom::Current(d) => {
+                let cur = if self.pos < self.prefix.len() {
+                    self.pos as u64
+                } else {
+                    plen + self.body.stream_position()?
+                };
+                cur.checked_add_signed(d).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start")
+                })?
+            }
+            SeekFrom::End(d) => {
+                let end = plen + self.body.seek(SeekFrom::End(0))?;
+                end.checked_add_signed(d).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start")
+                })?
+            }
+        };
+        if target < plen {
+            self.pos = target as usize;
+            self.body.seek(SeekFrom::Start(0))?;
+        } else {
+            self.pos = self.prefix.len();
+            self.body.seek(SeekFrom::Start(target - plen))?;
+        }
+        Ok(target)
     }
 }
 
@@ -703,6 +781,48 @@ mod tests {
         release(&store, small.body().id);
         assert_eq!(bodies.reap().unwrap(), 0);
         assert!(bodies.open(small.body().id).unwrap().is_none());
+    }
+
+    #[test]
+    fn message_reader_seeks_across_the_prefix_and_structure_goes_with_the_body() {
+        let store = Store::temporary().unwrap();
+        let bodies = store.bodies();
+        let data = pattern(3 * INLINE_MAX + 17);
+        for data in [&data[..], b"small body\r\n"] {
+            let staged = bodies.stage(data).unwrap();
+            commit(&store, &staged);
+            let id = staged.body().id;
+            let prefix = b"Received: x\r\n".to_vec();
+            let whole: Vec<u8> = prefix.iter().chain(data).copied().collect();
+            let mut r = bodies.open_message(&prefix, id).unwrap().unwrap();
+            for start in [
+                0,
+                5,
+                prefix.len(),
+                prefix.len() + 3,
+                whole.len() - 2,
+                whole.len(),
+            ] {
+                assert_eq!(r.seek(SeekFrom::Start(start as u64)).unwrap(), start as u64);
+                let mut got = Vec::new();
+                r.by_ref().take(70_000).read_to_end(&mut got).unwrap();
+                let end = (start + 70_000).min(whole.len());
+                assert_eq!(got, &whole[start..end], "seek {start}");
+            }
+            assert_eq!(r.seek(SeekFrom::End(-3)).unwrap(), whole.len() as u64 - 3);
+            bodies.set_structure(id, 14, b"cached").unwrap();
+            assert_eq!(
+                bodies.structure(id, 14).unwrap().as_deref(),
+                Some(&b"cached"[..])
+            );
+            assert_eq!(bodies.structure(id, 0).unwrap(), None);
+            release(&store, id);
+            bodies.reap().unwrap();
+            assert_eq!(bodies.structure(id, 14).unwrap(), None);
+            // A released body is not cached again.
+            bodies.set_structure(id, 14, b"late").unwrap();
+            assert_eq!(bodies.structure(id, 14).unwrap(), None);
+        }
     }
 
     #[test]

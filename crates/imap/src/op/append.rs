@@ -1,5 +1,6 @@
 //! APPEND with flags and date (UIDPLUS `APPENDUID`); the literal's cap (the message size
-//! limit) is enforced while it is read, in the session.
+//! limit) is enforced while it is read, in the session, which streams the message into the body
+//! store ([`Session::staged_append`]); the tagged OK follows the flush (durable).
 
 use imap_types::datetime::DateTime;
 use imap_types::extensions::binary::LiteralOrLiteral8;
@@ -22,17 +23,30 @@ impl Session {
         let Some(name) = mailbox_name(mailbox) else {
             return Ok(bad_name());
         };
+        // A message streamed into the body store while it was read, or a small literal.
+        let staged = self.staged_append.take();
         let body: &[u8] = match &message {
             LiteralOrLiteral8::Literal(l) => l.data(),
             LiteralOrLiteral8::Literal8(l) => &l.data,
         };
-        if body.len() > self.imap.config.max_message_size {
+        let len = staged.as_ref().map_or(body.len() as u64, |s| s.body().len);
+        if len > self.imap.config.max_message_size as u64 {
             return Ok(Reply::no("Message too large").code("TOOBIG"));
         }
         let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
         let date = date.map_or_else(ds_store::unix_now, |d| d.as_ref().timestamp());
         let mail = self.imap.mail.clone();
-        let (validity, uid) = match mail.append(&self.account, &name, body, &flags, date) {
+        let account = self.account.clone();
+        let appended = match staged {
+            Some(staged) => {
+                tokio::task::spawn_blocking(move || {
+                    mail.append_staged(&account, &name, &staged, &flags, date)
+                })
+                .await?
+            }
+            None => mail.append(&account, &name, body, &flags, date),
+        };
+        let (validity, uid) = match appended {
             Ok(r) => r,
             Err(ds_store::Error::NotFound(_)) => {
                 return Ok(Reply::no("No such mailbox").code("TRYCREATE"));

@@ -2,15 +2,20 @@
 //! BODYSTRUCTURE, BODY[section]<partial>, BODY.PEEK (non-PEEK sets `\Seen`), UID, MODSEQ and
 //! CHANGEDSINCE (CONDSTORE).
 //!
-//! Literals are written straight to the connection, not built in `imap-next`'s encoder.
+//! Literals are written straight to the connection, not built in `imap-next`'s encoder. Whole
+//! messages, byte ranges, HEADER and TEXT stream from the store in [`LITERAL_CHUNK`] pieces;
+//! only ENVELOPE (the header alone), BODY/BODYSTRUCTURE and part sections read a message into
+//! memory, and ENVELOPE/BODY/BODYSTRUCTURE and the header length are cached per stored body
+//! ([`msg::Structure`]), so they are parsed once.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 
-use ds_store::MessageMeta;
 use ds_store::mailbox::FlagOp;
+use ds_store::{MessageMeta, MessageReader, Store};
 use imap_types::command::FetchModifier;
-use imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName};
+use imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
 use imap_types::sequence::SequenceSet;
 
 use crate::Result;
@@ -43,16 +48,103 @@ fn sets_seen(item: &MessageDataItemName<'_>) -> bool {
     )
 }
 
-/// `NAME {len}\r\n`; the caller writes the bytes after it.
-fn literal<'a>(
-    out: &mut Vec<u8>,
-    name: &str,
-    data: impl Into<Cow<'a, [u8]>>,
-) -> Option<Cow<'a, [u8]>> {
-    let data = data.into();
+/// A literal's content: bytes at hand, or a range of the stored message streamed from it.
+enum Lit<'a> {
+    Bytes(Cow<'a, [u8]>),
+    Range { start: u64, len: u64 },
+}
+
+/// `NAME {len}\r\n`; the caller writes the content after it.
+fn literal<'a>(out: &mut Vec<u8>, name: &str, lit: Lit<'a>) -> Lit<'a> {
+    let len = match &lit {
+        Lit::Bytes(b) => b.len() as u64,
+        Lit::Range { len, .. } => *len,
+    };
     out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(format!(" {{{}}}\r\n", data.len()).as_bytes());
-    Some(data)
+    out.extend_from_slice(format!(" {{{len}}}\r\n").as_bytes());
+    lit
+}
+
+/// `<start.len>` of a range `[base, base + total)` of the message: the range actually sent.
+fn clip(base: u64, total: u64, partial: Option<(u32, std::num::NonZeroU32)>) -> (u64, u64, u64) {
+    match partial {
+        Some((start, len)) => {
+            let start = u64::from(start).min(total);
+            let len = u64::from(len.get()).min(total - start);
+            (start, base + start, len)
+        }
+        None => (0, base, total),
+    }
+}
+
+/// One message being fetched: its stream, opened once (so a body released meanwhile stays
+/// readable), and what was read or parsed of it.
+struct Source<'m> {
+    meta: &'m MessageMeta,
+    store: &'m Store,
+    reader: MessageReader,
+    whole: Option<Vec<u8>>,
+    header: Option<Vec<u8>>,
+    structure: Option<msg::Structure>,
+}
+
+impl<'m> Source<'m> {
+    fn whole(&mut self) -> std::io::Result<&[u8]> {
+        if self.whole.is_none() {
+            self.whole = Some(msg::read_whole(&mut self.reader, self.meta.size)?);
+        }
+        Ok(self.whole.as_deref().unwrap_or_default())
+    }
+
+    /// The top-level header block.
+    fn header(&mut self) -> std::io::Result<&[u8]> {
+        if self.header.is_none() && self.whole.is_none() {
+            match msg::read_header(&mut self.reader, self.meta.size)? {
+                Some(h) => self.header = Some(h),
+                None => {
+                    self.whole()?;
+                }
+            }
+        }
+        if let Some(h) = &self.header {
+            return Ok(h);
+        }
+        let whole = self.whole.as_deref().unwrap_or_default();
+        let end = msg::ParsedMessage::new(whole).header_len();
+        Ok(&whole[..end.min(whole.len())])
+    }
+
+    /// The structure; `full`: with BODY/BODYSTRUCTURE (else ENVELOPE and the header length
+    /// suffice).
+    fn structure(&mut self, full: bool) -> std::io::Result<&msg::Structure> {
+        let have = |s: &Option<msg::Structure>| s.as_ref().is_some_and(|s| s.complete() || !full);
+        if !have(&self.structure) {
+            let cached = msg::Structure::cached(self.store, self.meta);
+            if have(&cached) {
+                self.structure = cached;
+            } else {
+                let s = if full {
+                    msg::Structure::of_message(self.whole()?)
+                } else if let Some(w) = &self.whole {
+                    msg::Structure::of_message(w)
+                } else {
+                    msg::Structure::of_header(self.header()?)
+                };
+                if cached.is_none() || s.complete() {
+                    s.cache(self.store, self.meta);
+                }
+                self.structure = Some(s);
+            }
+        }
+        Ok(self
+            .structure
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("set above")))
+    }
+
+    fn header_len(&mut self) -> std::io::Result<u64> {
+        Ok(self.structure(false)?.header_len.min(self.meta.size))
+    }
 }
 
 impl Session {
@@ -83,10 +175,12 @@ impl Session {
         Ok(out)
     }
 
-    /// The bytes of a message. The one place bodies are read (switches to the streaming store
-    /// API later).
+    /// A whole message in memory (SEARCH on text); `None` if its body is gone.
     pub(crate) fn message_bytes(&self, meta: &MessageMeta) -> ds_store::Result<Option<Vec<u8>>> {
-        self.imap.mail.body(meta.blob)
+        let Some(mut reader) = self.imap.mail.open_message(meta)? else {
+            return Ok(None);
+        };
+        Ok(Some(msg::read_whole(&mut reader, meta.size)?))
     }
 
     pub(crate) async fn fetch(
@@ -177,7 +271,9 @@ impl Session {
         }
 
         let with_body = items.iter().any(needs_body);
+        let imap = std::sync::Arc::clone(&self.imap);
         let mut expunge_issued = false;
+        let mut buf = Vec::new();
         for (seq, uid, recent) in targets {
             let Some(meta) = metas.get(&uid) else {
                 expunge_issued = true;
@@ -186,9 +282,16 @@ impl Session {
             if changed_since.is_some_and(|c| meta.modseq <= c) {
                 continue;
             }
-            let body = if with_body {
-                match self.message_bytes(meta) {
-                    Ok(Some(b)) => Some(b),
+            let mut source = if with_body {
+                match imap.mail.open_message(meta) {
+                    Ok(Some(reader)) => Some(Source {
+                        meta,
+                        store: &imap.store,
+                        reader,
+                        whole: None,
+                        header: None,
+                        structure: None,
+                    }),
                     Ok(None) => {
                         expunge_issued = true;
                         continue;
@@ -198,7 +301,6 @@ impl Session {
             } else {
                 None
             };
-            let body = body.as_deref().unwrap_or_default();
             let mut out = format!("* {seq} FETCH (").into_bytes();
             let mut first = true;
             let mut sent_flags = false;
@@ -207,13 +309,46 @@ impl Session {
                     out.push(b' ');
                 }
                 first = false;
-                let data = self.fetch_item(&mut out, item, meta, recent, body, &mut sent_flags);
-                if let Some(data) = data {
+                let lit = fetch_item(
+                    &mut out,
+                    item,
+                    meta,
+                    recent,
+                    source.as_mut(),
+                    &mut sent_flags,
+                )
+                .map_err(ds_store::Error::from)?;
+                match lit {
+                    None => {}
                     // Literals go out in pieces, never copied whole into the write buffer.
-                    self.send(&out).await?;
-                    out.clear();
-                    for chunk in data.chunks(LITERAL_CHUNK) {
-                        self.send(chunk).await?;
+                    Some(Lit::Bytes(data)) => {
+                        self.send(&out).await?;
+                        out.clear();
+                        for chunk in data.chunks(LITERAL_CHUNK) {
+                            self.send(chunk).await?;
+                        }
+                    }
+                    Some(Lit::Range { start, len }) => {
+                        self.send(&out).await?;
+                        out.clear();
+                        let Some(src) = source.as_mut() else {
+                            continue;
+                        };
+                        src.reader
+                            .seek(SeekFrom::Start(start))
+                            .map_err(ds_store::Error::from)?;
+                        buf.resize(LITERAL_CHUNK.min(len as usize), 0);
+                        let mut left = len;
+                        while left > 0 {
+                            let want = (left as usize).min(buf.len());
+                            // Short reads at the end would break the announced length: the
+                            // session ends instead.
+                            src.reader
+                                .read_exact(&mut buf[..want])
+                                .map_err(ds_store::Error::from)?;
+                            self.send(&buf[..want]).await?;
+                            left -= want as u64;
+                        }
                     }
                 }
             }
@@ -230,71 +365,142 @@ impl Session {
             Reply::ok("FETCH completed")
         })
     }
+}
 
-    /// Append one item to `out`; a literal's bytes are returned for the caller to write.
-    fn fetch_item<'a>(
-        &self,
-        out: &mut Vec<u8>,
-        item: &MessageDataItemName<'_>,
-        meta: &MessageMeta,
-        recent: bool,
-        body: &'a [u8],
-        sent_flags: &mut bool,
-    ) -> Option<Cow<'a, [u8]>> {
-        use MessageDataItemName as N;
-        match item {
-            N::Uid => out.extend_from_slice(format!("UID {}", meta.uid).as_bytes()),
-            N::Flags => {
-                out.extend_from_slice(b"FLAGS ");
-                response::flag_list(out, &meta.flags, recent);
-                *sent_flags = true;
-            }
-            N::InternalDate => {
-                out.extend_from_slice(b"INTERNALDATE ");
-                out.extend_from_slice(response::internal_date(meta.internal_date).as_bytes());
-            }
-            N::Rfc822Size => out.extend_from_slice(format!("RFC822.SIZE {}", meta.size).as_bytes()),
-            N::ModSeq => out.extend_from_slice(format!("MODSEQ ({})", meta.modseq).as_bytes()),
-            N::Envelope => out.extend(response::encode_item(MessageDataItem::Envelope(
-                msg::envelope(body),
-            ))),
-            N::BodyStructure => out.extend(response::encode_item(MessageDataItem::BodyStructure(
-                msg::body_structure(body),
-            ))),
-            N::Body => out.extend(response::encode_item(MessageDataItem::Body(
-                msg::body_structure(body),
-            ))),
-            N::Rfc822 => return literal(out, "RFC822", body),
-            N::Rfc822Header => return literal(out, "RFC822.HEADER", msg::split_message(body).0),
-            N::Rfc822Text => return literal(out, "RFC822.TEXT", msg::split_message(body).1),
-            N::BodyExt {
-                section, partial, ..
-            } => {
-                let data: Cow<'a, [u8]> = match section {
-                    None => Cow::Borrowed(body),
-                    Some(_) => Cow::Owned(
-                        msg::section_bytes(body, section.as_ref(), false).unwrap_or_default(),
-                    ),
-                };
-                let spec = response::section_spec(section.as_ref());
-                return match partial {
-                    Some((start, len)) => {
-                        let start = (*start as usize).min(data.len());
-                        let end = start.saturating_add(len.get() as usize).min(data.len());
-                        let name = format!("BODY[{spec}]<{start}>");
-                        let piece = match data {
-                            Cow::Borrowed(b) => Cow::Borrowed(&b[start..end]),
-                            Cow::Owned(v) => Cow::Owned(v[start..end].to_vec()),
-                        };
-                        literal(out, &name, piece)
-                    }
-                    None => literal(out, &format!("BODY[{spec}]"), data),
-                };
-            }
-            N::Binary { .. } | N::BinarySize { .. } => {}
+/// Whether a section is the top-level HEADER or TEXT (streamed from the header length on).
+fn top_level(section: &Section<'_>) -> bool {
+    matches!(
+        section,
+        Section::Header(None)
+            | Section::Text(None)
+            | Section::HeaderFields(None, _)
+            | Section::HeaderFieldsNot(None, _)
+    )
+}
+
+/// Append one item to `out`; a literal's content is returned for the caller to write.
+fn fetch_item<'a>(
+    out: &mut Vec<u8>,
+    item: &MessageDataItemName<'_>,
+    meta: &MessageMeta,
+    recent: bool,
+    source: Option<&'a mut Source<'_>>,
+    sent_flags: &mut bool,
+) -> std::io::Result<Option<Lit<'a>>> {
+    use MessageDataItemName as N;
+    match item {
+        N::Uid => out.extend_from_slice(format!("UID {}", meta.uid).as_bytes()),
+        N::Flags => {
+            out.extend_from_slice(b"FLAGS ");
+            response::flag_list(out, &meta.flags, recent);
+            *sent_flags = true;
         }
-        None
+        N::InternalDate => {
+            out.extend_from_slice(b"INTERNALDATE ");
+            out.extend_from_slice(response::internal_date(meta.internal_date).as_bytes());
+        }
+        N::Rfc822Size => out.extend_from_slice(format!("RFC822.SIZE {}", meta.size).as_bytes()),
+        N::ModSeq => out.extend_from_slice(format!("MODSEQ ({})", meta.modseq).as_bytes()),
+        N::Binary { .. } | N::BinarySize { .. } => {}
+        _ => {
+            let Some(src) = source else {
+                return Ok(None);
+            };
+            return body_item(out, item, src);
+        }
     }
+    Ok(None)
+}
+
+fn body_item<'a>(
+    out: &mut Vec<u8>,
+    item: &MessageDataItemName<'_>,
+    src: &'a mut Source<'_>,
+) -> std::io::Result<Option<Lit<'a>>> {
+    use MessageDataItemName as N;
+    let size = src.meta.size;
+    Ok(Some(match item {
+        N::Envelope => {
+            out.extend_from_slice(&src.structure(false)?.envelope);
+            return Ok(None);
+        }
+        N::BodyStructure => {
+            out.extend_from_slice(&src.structure(true)?.body_structure);
+            return Ok(None);
+        }
+        N::Body => {
+            out.extend_from_slice(&src.structure(true)?.body);
+            return Ok(None);
+        }
+        N::Rfc822 => literal(
+            out,
+            "RFC822",
+            Lit::Range {
+                start: 0,
+                len: size,
+            },
+        ),
+        N::Rfc822Header => {
+            let h = src.header_len()?;
+            literal(out, "RFC822.HEADER", Lit::Range { start: 0, len: h })
+        }
+        N::Rfc822Text => {
+            let h = src.header_len()?;
+            literal(
+                out,
+                "RFC822.TEXT",
+                Lit::Range {
+                    start: h,
+                    len: size - h,
+                },
+            )
+        }
+        N::BodyExt {
+            section, partial, ..
+        } => {
+            let spec = response::section_spec(section.as_ref());
+            let name = |origin: Option<u64>| match origin {
+                Some(o) => format!("BODY[{spec}]<{o}>"),
+                None => format!("BODY[{spec}]"),
+            };
+            let origin = |(o, _, _): (u64, u64, u64)| partial.map(|_| o);
+            let range = match section {
+                None => Some((0, size)),
+                Some(Section::Header(None)) => Some((0, src.header_len()?)),
+                Some(Section::Text(None)) => {
+                    let h = src.header_len()?;
+                    Some((h, size - h))
+                }
+                _ => None,
+            };
+            if let Some((base, total)) = range {
+                let c = clip(base, total, *partial);
+                return Ok(Some(literal(
+                    out,
+                    &name(origin(c)),
+                    Lit::Range {
+                        start: c.1,
+                        len: c.2,
+                    },
+                )));
+            }
+            // Sections that need parsing: HEADER.FIELDS of the top level from the header alone,
+            // the rest from the whole message.
+            let data: Vec<u8> = match section {
+                Some(s) if top_level(s) => {
+                    msg::section_bytes(src.header()?, section.as_ref(), false).unwrap_or_default()
+                }
+                _ => msg::ParsedMessage::new(src.whole()?)
+                    .section(section.as_ref(), false)
+                    .map(Cow::into_owned)
+                    .unwrap_or_default(),
+            };
+            let c = clip(0, data.len() as u64, *partial);
+            let piece = data[c.1 as usize..(c.1 + c.2) as usize].to_vec();
+            literal(out, &name(origin(c)), Lit::Bytes(Cow::Owned(piece)))
+        }
+        _ => return Ok(None),
+    }))
 }
 
 trait IntoStaticItem {
