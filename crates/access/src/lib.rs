@@ -32,7 +32,8 @@ pub mod throttle;
 pub use error::{Error, Result};
 pub use forward::{Copied, splice_session};
 pub use locate::{
-    BoxFuture, ListKeeper, Locate, Location, LoginOwner, NoPeers, Owner, Purpose, Service,
+    BoxFuture, FanoutBudget, ListKeeper, Locate, Location, LoginOwner, NoPeers, Owner, Purpose,
+    Service,
 };
 pub use lock::{MailboxGuard, MailboxLocks};
 pub use proof::ProofKey;

@@ -60,6 +60,8 @@ struct Session {
     state: State,
     failed_logins: u32,
     bad_commands: u32,
+    /// Uncached peer fan-outs this client's logins may still cause.
+    fanouts: ds_access::FanoutBudget,
 }
 
 /// Run a connection to its end; errors are logged here, once.
@@ -74,6 +76,7 @@ pub(crate) async fn run(pop3: Arc<Pop3>, stream: MailStream, ctx: ConnContext, s
     async move {
         let timestamp = ds_access::proof::greeting_nonce(&pop3.config.hostname);
         let mut session = Session {
+            fanouts: pop3.locator.fanout_budget(),
             client: ctx.peer,
             pop3,
             ctx,
@@ -535,7 +538,7 @@ impl Session {
         let mut lookup = self
             .pop3
             .locator
-            .locate_login(&address, Service::Pop3)
+            .locate_login_bounded(&address, Service::Pop3, &self.fanouts)
             .await;
         for attempt in 0..2 {
             let owner = match lookup {

@@ -613,3 +613,32 @@ async fn large_message_is_streamed_and_its_size_is_what_retr_sends() {
     );
     c.cmd("QUIT").await;
 }
+
+/// #13 point 8: a command line that comes a byte every 100 ms is bounded as a whole (the
+/// authorization timeout here), not only the wait between its bytes.
+#[tokio::test]
+async fn a_slow_command_line_hits_its_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = test_config("a");
+    config.auth_timeout = std::time::Duration::from_secs(1);
+    let mut node = company().node(config, Arc::new(NoPeers), None, None);
+    let addr = node.listen("127.0.0.1", None).await;
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(30), r.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    for b in b"USER info@company.com-and-some-more-octets-arriving-slowly\r\n" {
+        if w.write_all(&[*b]).await.is_err() || reader.is_finished() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let answer = reader.await.unwrap();
+    assert!(answer.contains("-ERR idle timeout"), "{answer}");
+    assert!(!answer.contains("+OK info"), "{answer}");
+    node.stop().await;
+}
