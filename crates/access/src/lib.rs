@@ -26,6 +26,7 @@ pub mod imap_client;
 pub mod locate;
 pub mod lock;
 pub mod owner;
+pub mod passwords;
 pub mod proof;
 pub mod throttle;
 
@@ -36,5 +37,6 @@ pub use locate::{
     Service,
 };
 pub use lock::{MailboxGuard, MailboxLocks};
+pub use passwords::{Check, CheckerConfig, PasswordChecker};
 pub use proof::ProofKey;
-pub use throttle::{LoginThrottle, ThrottleConfig};
+pub use throttle::{LoginThrottle, ThrottleConfig, ip_key};

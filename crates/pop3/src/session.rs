@@ -471,15 +471,13 @@ impl Session {
         }
     }
 
-    /// Argon2 off the async threads.
-    async fn verify(&self, address: &str, password: &Secret) -> Result<bool> {
-        let directory = self.pop3.directory.clone();
-        let address = address.to_owned();
-        let password = password.clone();
-        Ok(tokio::task::spawn_blocking(move || {
-            directory.verify_password(&address, password.expose())
-        })
-        .await??)
+    /// The node's bounded, cached check (Argon2 off the async threads).
+    async fn verify(&self, address: &str, password: &Secret) -> Result<ds_access::Check> {
+        Ok(self
+            .pop3
+            .passwords
+            .check(self.client.ip(), address, password.expose())
+            .await?)
     }
 
     async fn login_local(
@@ -490,7 +488,13 @@ impl Session {
     ) -> Result<Flow> {
         self.throttle_wait(Some(&address)).await;
         let ok = match self.verify(&address, &password).await {
-            Ok(ok) => ok,
+            Ok(ds_access::Check::Ok) => true,
+            Ok(ds_access::Check::Bad) => false,
+            Ok(ds_access::Check::Busy) => {
+                return self
+                    .temp_failed(conn, "too many password checks in progress")
+                    .await;
+            }
             Err(e) => return self.temp_failed(conn, &format!("verifying: {e}")).await,
         };
         if !ok {
