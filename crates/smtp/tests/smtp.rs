@@ -1292,3 +1292,18 @@ async fn a_slow_command_line_and_a_slow_data_transfer_hit_their_deadlines() {
     assert!(answer.contains("421 4.4.2"), "{answer}");
     assert!(node.inbox(ALICE).is_empty());
 }
+
+#[tokio::test]
+async fn a_router_error_record_reaches_the_client_as_its_text() {
+    // #13 point 17: `error:text` gives `550 5.1.1 <text>` (one safe line), not a generic reply.
+    let node = start("a", &[ALICE]).await;
+    node.locator.located.lock().unwrap().insert(
+        "old@company.com".into(),
+        ds_smtp::Location::Refused("moved to new@company.com\r\n250 ok".into()),
+    );
+    let mut c = connect(node.addr).await;
+    c.cmd("EHLO client.example").await;
+    c.cmd("MAIL FROM:<x@outside.org>").await;
+    let reply = c.cmd("RCPT TO:<old@company.com>").await;
+    assert_eq!(reply, "550 5.1.1 moved to new@company.com  250 ok\r\n");
+}
