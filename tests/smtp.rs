@@ -271,3 +271,54 @@ async fn bodies_arrive_byte_exact_through_a_relay() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+/// Issue 13 point 6: 100 unknown RCPTs pipelined in one transaction for a shared domain,
+/// with the peer up: only the connection's budget of them asks the peer (550 5.1.1), the
+/// rest get 451 at once; a new connection has a new budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_pipelined_rcpts_fan_out_only_within_the_connection_budget() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let c = Cluster::start_with(2, |_, cfg| cfg.cluster.fanouts_per_connection = 5).await?;
+    c.node(1).add_account("bob@example.com", "pw").await?;
+    let replies = |tag: &'static str| {
+        let addr = c.node(0).smtp();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            let mut batch = String::from("EHLO client.example\r\nMAIL FROM:<x@elsewhere.org>\r\n");
+            for i in 0..100 {
+                batch.push_str(&format!("RCPT TO:<nobody-{tag}-{i}@example.com>\r\n"));
+            }
+            batch.push_str("QUIT\r\n");
+            s.write_all(batch.as_bytes()).await?;
+            let mut lines = BufReader::new(s).lines();
+            let mut codes = Vec::new();
+            while let Some(line) =
+                tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??
+            {
+                if line.len() >= 4 && &line[3..4] == " " {
+                    codes.push(line[..3].to_string());
+                }
+            }
+            anyhow::Ok(codes)
+        }
+    };
+    let codes = replies("a").await?;
+    // greeting, EHLO, MAIL, 100 x RCPT, QUIT
+    anyhow::ensure!(codes.len() == 104, "{codes:?}");
+    let rcpts = &codes[3..103];
+    let asked = rcpts.iter().filter(|c| *c == "550").count();
+    let deferred = rcpts.iter().filter(|c| *c == "451").count();
+    anyhow::ensure!(
+        asked == 5 && deferred == 95,
+        "550: {asked}, 451: {deferred}"
+    );
+    // The budget is per connection, and a known owner still answers (cached or not).
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    let r = s
+        .send("x@elsewhere.org", &["bob@example.com"], &message("hi", 100))
+        .await?;
+    anyhow::ensure!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await?;
+    c.shutdown().await;
+    Ok(())
+}

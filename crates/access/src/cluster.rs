@@ -19,10 +19,7 @@ fn convert(location: ds_cluster::Location) -> Location {
         }),
         L::RemoteHost(address) => Location::External(address),
         L::Unknown => Location::Unknown,
-        L::Refused(reason) => {
-            tracing::debug!(%reason, "address refused by the Locator");
-            Location::Unknown
-        }
+        L::Refused(reason) => Location::Refused(reason),
         L::TempFail(reason) => Location::TempFail(reason),
     }
 }
@@ -42,10 +39,47 @@ impl Locate for ds_cluster::Locator {
         )
     }
 
+    fn fanout_budget(&self) -> crate::FanoutBudget {
+        ds_cluster::Locator::fanout_budget(self)
+    }
+
+    fn locate_bounded<'a>(
+        &'a self,
+        address: &'a str,
+        p: Purpose,
+        budget: &'a crate::FanoutBudget,
+    ) -> BoxFuture<'a, Location> {
+        Box::pin(async move {
+            convert(ds_cluster::Locator::locate_bounded(self, address, purpose(p), budget).await)
+        })
+    }
+
     fn relocate<'a>(&'a self, address: &'a str, p: Purpose) -> BoxFuture<'a, Location> {
         Box::pin(
             async move { convert(ds_cluster::Locator::relocate(self, address, purpose(p)).await) },
         )
+    }
+
+    fn list_keepers_checked<'a>(&'a self, list: &'a str) -> BoxFuture<'a, Option<Vec<ListKeeper>>> {
+        Box::pin(async move {
+            let answer = ds_cluster::Locator::list_keepers(self, list).await;
+            for (peer, reason) in &answer.unreachable {
+                tracing::warn!(%list, %peer, %reason, "list keeper could not be asked; the post waits for it");
+            }
+            if !answer.unreachable.is_empty() {
+                return None;
+            }
+            Some(
+                answer
+                    .keepers
+                    .into_iter()
+                    .map(|k| ListKeeper {
+                        node: k.node,
+                        smtp: k.smtp,
+                    })
+                    .collect(),
+            )
+        })
     }
 
     fn list_keepers<'a>(&'a self, list: &'a str) -> BoxFuture<'a, Vec<ListKeeper>> {
@@ -100,7 +134,7 @@ mod tests {
         assert!(o.is_list);
         assert_eq!(
             convert(ds_cluster::Location::Refused("loop".into())),
-            Location::Unknown
+            Location::Refused("loop".into())
         );
         assert_eq!(
             convert(ds_cluster::Location::RemoteHost("x@y.org".into())),

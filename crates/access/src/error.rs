@@ -17,6 +17,9 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A password could not be checked (the directory, the blocking pool).
+    #[error("password check: {0}")]
+    Check(String),
 }
 
 /// `Result` with [`Error`].

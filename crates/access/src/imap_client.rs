@@ -60,7 +60,8 @@ const MAX_UNTAGGED: usize = 256;
 /// How to secure the connection to the owner.
 #[derive(Clone, Copy)]
 pub enum OwnerTls<'a> {
-    /// Plaintext: only for a cluster without a CA (tests, a lone development node).
+    /// No verified TLS (a cluster without a CA): [`login_at_owner`] refuses to send the
+    /// password and answers [`OwnerLoginError::Unavailable`] without connecting (#13 point 2).
     None,
     /// `STARTTLS` after the greeting (the owner's `imap` endpoint).
     StartTls(&'a TlsConnector),
@@ -189,6 +190,15 @@ pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> 
     } else {
         login.server_name
     };
+    if let OwnerTls::None = login.tls {
+        tracing::warn!(
+            endpoint = %login.endpoint,
+            "not forwarding an IMAP login: no cluster CA configured, and a password is never sent without verified TLS"
+        );
+        return Err(unavailable(
+            "no verified TLS (no cluster CA): the password is never sent in plaintext",
+        ));
+    }
     let mut conn = link::connect(login.endpoint, t.reply)
         .await
         .map_err(unavailable)?;
@@ -675,7 +685,8 @@ mod tests {
             .unwrap();
         assert!(c.buffer().is_empty());
         let tls = acceptor.accept(c.into_inner()).await.unwrap();
-        script(BufReader::new(tls), &nonce, literal_plus, answer).await
+        // RFC 3501 §6.2.1: the client forgets LITERAL+ learnt before TLS.
+        script(BufReader::new(tls), &nonce, false, answer).await
     }
 
     /// The owner's side of the dialogue after the greeting (and TLS).
@@ -692,7 +703,8 @@ mod tests {
         let key = ProofKey::from_cluster_secret(SECRET);
         loop {
             let mut line = String::new();
-            if c.read_line(&mut line).await.unwrap() == 0 {
+            // The end (a TLS client may close without close_notify).
+            if c.read_line(&mut line).await.unwrap_or(0) == 0 {
                 return seen;
             }
             let (tag, rest) = line.trim_end().split_once(' ').unwrap();
@@ -767,7 +779,26 @@ mod tests {
         literal_plus: bool,
         answer: Answer,
     ) -> (LoginResult<OwnerSession>, Seen) {
-        run_with(password, literal_plus, answer, None).await
+        let pki = ds_net::tls::Pki::generate("owner CA");
+        run_with(password, literal_plus, answer, Some((&pki, &pki))).await
+    }
+
+    #[tokio::test]
+    async fn no_password_without_verified_tls() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        let key = ProofKey::from_cluster_secret(SECRET);
+        let client = ctx();
+        let result =
+            login_at_owner(request(&endpoint, OwnerTls::None, "x", &client, "s", &key)).await;
+        match result {
+            Err(OwnerLoginError::Unavailable(reason)) => {
+                assert!(reason.contains("plaintext"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(accepted.is_err(), "the owner was contacted without TLS");
     }
 
     /// With `tls`: the owner offers STARTTLS with a certificate of a test CA for `localhost`, and

@@ -27,6 +27,7 @@ pub mod imap_client;
 pub mod locate;
 pub mod lock;
 pub mod owner;
+pub mod passwords;
 pub mod proof;
 pub mod sasl;
 pub mod throttle;
@@ -34,8 +35,10 @@ pub mod throttle;
 pub use error::{Error, Result};
 pub use forward::{Copied, splice_session};
 pub use locate::{
-    BoxFuture, ListKeeper, Locate, Location, LoginOwner, NoPeers, Owner, Purpose, Service,
+    BoxFuture, FanoutBudget, ListKeeper, Locate, Location, LoginOwner, NoPeers, Owner, Purpose,
+    Service,
 };
 pub use lock::{MailboxGuard, MailboxLocks};
+pub use passwords::{Check, CheckerConfig, PasswordChecker};
 pub use proof::ProofKey;
-pub use throttle::{LoginThrottle, ThrottleConfig};
+pub use throttle::{LoginThrottle, ThrottleConfig, ip_key};

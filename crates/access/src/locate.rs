@@ -7,6 +7,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub use ds_cluster::FanoutBudget;
+
 /// A boxed, sendable future (the trait is used as `dyn`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -79,8 +81,11 @@ pub enum Location {
     LocalList(String),
     /// An address owned by a peer.
     Remote(Owner),
-    /// No node has it (or a Router error record refuses it).
+    /// No node has it.
     Unknown,
+    /// A Router `error:text` record (or a routing loop, or a name that is not valid) refuses it:
+    /// SMTP answers `550 5.1.1 <text>` (sanitised), a login fails as for an unknown name.
+    Refused(String),
     /// The address (after routing) is in a domain this node does not serve.
     External(String),
     /// The question could not be answered now (a peer was unreachable).
@@ -106,6 +111,7 @@ impl Location {
             Location::Local { .. } => LoginOwner::NotFound("located on this node".into()),
             Location::LocalList(_) => LoginOwner::NotFound("a mailing list on this node".into()),
             Location::Unknown => LoginOwner::NotFound("unknown in the cluster".into()),
+            Location::Refused(text) => LoginOwner::NotFound(format!("refused: {text}")),
             Location::External(a) => LoginOwner::NotFound(format!("outside the cluster: {a}")),
         }
     }
@@ -145,10 +151,51 @@ pub trait Locate: Send + Sync + 'static {
     /// asked are left out (and logged by the implementation).
     fn list_keepers<'a>(&'a self, list: &'a str) -> BoxFuture<'a, Vec<ListKeeper>>;
 
+    /// A fresh budget of uncached peer fan-outs for one client connection (DESIGN.md §9):
+    /// make one at accept and pass it to every client-driven lookup ([`Locate::locate_bounded`],
+    /// [`Locate::locate_login_bounded`]). Unlimited unless the implementation bounds it.
+    fn fanout_budget(&self) -> FanoutBudget {
+        FanoutBudget::unlimited()
+    }
+
+    /// Like [`Locate::locate`], for a client-driven lookup: one that would ask the peers takes a
+    /// fan-out from `budget` and is `TempFail` when none is left. Authenticated relay hops, the
+    /// queue runner and operators use [`Locate::locate`] (unbounded).
+    fn locate_bounded<'a>(
+        &'a self,
+        address: &'a str,
+        purpose: Purpose,
+        budget: &'a FanoutBudget,
+    ) -> BoxFuture<'a, Location> {
+        let _ = budget;
+        self.locate(address, purpose)
+    }
+
+    /// Like [`Locate::list_keepers`], but `None` when a peer could not be asked (it may keep a
+    /// version of the list): the caller keeps the post queued and asks again later rather than
+    /// skipping that peer's copy.
+    fn list_keepers_checked<'a>(&'a self, list: &'a str) -> BoxFuture<'a, Option<Vec<ListKeeper>>> {
+        Box::pin(async move { Some(self.list_keepers(list).await) })
+    }
+
     /// Where a `service` login for `address` (not stored here) goes.
     fn locate_login<'a>(&'a self, address: &'a str, service: Service) -> BoxFuture<'a, LoginOwner> {
         Box::pin(async move {
             self.locate(address, Purpose::Login)
+                .await
+                .for_login(service)
+        })
+    }
+
+    /// [`Locate::locate_login`] within a connection's fan-out `budget`.
+    fn locate_login_bounded<'a>(
+        &'a self,
+        address: &'a str,
+        service: Service,
+        budget: &'a FanoutBudget,
+    ) -> BoxFuture<'a, LoginOwner> {
+        Box::pin(async move {
+            self.locate_bounded(address, Purpose::Login, budget)
                 .await
                 .for_login(service)
         })

@@ -11,6 +11,21 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// The key a client address is counted under: an IPv6 address by its /64 (one host usually
+/// has a whole /64), an IPv4-mapped IPv6 address as IPv4.
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
+    }
+}
+
 /// The throttle's knobs.
 #[derive(Clone, Debug)]
 pub struct ThrottleConfig {
@@ -124,7 +139,7 @@ impl LoginThrottle {
             .ips
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .delay(&ip, &self.config, now);
+            .delay(&ip_key(ip), &self.config, now);
         let by_account = account.map_or(Duration::ZERO, |a| {
             self.accounts
                 .lock()
@@ -140,7 +155,7 @@ impl LoginThrottle {
         self.ips
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .fail(&ip, &self.config, now);
+            .fail(&ip_key(ip), &self.config, now);
         if let Some(a) = account {
             self.accounts
                 .lock()

@@ -106,6 +106,17 @@ pub async fn login_at_owner(
         .as_ref()
         .ok_or_else(|| owner_err(owner, "no cluster secret configured, cannot forward"))?;
 
+    let Some(peer_tls) = &pop3.peer_tls else {
+        // #13 point 2: the client's password never crosses the network in plaintext.
+        tracing::warn!(
+            owner = %owner.node,
+            "not forwarding a login: no cluster CA configured, and a password is never sent without verified TLS"
+        );
+        return Err(owner_err(
+            owner,
+            "no verified TLS (no cluster CA): the password is never sent in plaintext",
+        ));
+    };
     let mut conn = link::connect(&owner.pop3, timeout)
         .await
         .map_err(|e| owner_err(owner, e.to_string()))?;
@@ -116,7 +127,8 @@ pub async fn login_at_owner(
         .ok_or_else(|| owner_err(owner, "greeting without a timestamp"))?
         .to_owned();
 
-    if let Some(tls) = &pop3.peer_tls {
+    {
+        let tls = peer_tls;
         if !owner_offers_stls(&mut conn, owner, timeout).await? {
             return Err(owner_err(owner, "does not offer STLS (TLS is required)"));
         }

@@ -53,6 +53,9 @@ pub struct Pop3Config {
     pub tls_handshake_timeout: Duration,
     /// Failed-login delays; share one with the node's other login protocols.
     pub throttle: Arc<LoginThrottle>,
+    /// The node's bounded, cached password checks (shared with IMAP and SMTP AUTH); `None`:
+    /// [`Pop3::new`] makes one of its own with the default bounds.
+    pub passwords: Option<Arc<ds_access::PasswordChecker>>,
 }
 
 impl Default for Pop3Config {
@@ -68,6 +71,7 @@ impl Default for Pop3Config {
             peer_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
             throttle: Arc::new(LoginThrottle::default()),
+            passwords: None,
         }
     }
 }
@@ -101,6 +105,7 @@ pub struct Pop3 {
     /// Trusts the cluster CA; `Some`: connections to owners must be upgraded with STLS.
     pub(crate) peer_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) locks: MailboxLocks,
+    pub(crate) passwords: Arc<ds_access::PasswordChecker>,
 }
 
 impl std::fmt::Debug for Pop3 {
@@ -127,7 +132,14 @@ impl Pop3 {
         tls_acceptor: Option<TlsAcceptor>,
         peer_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Arc<Pop3> {
+        let passwords = config.passwords.clone().unwrap_or_else(|| {
+            Arc::new(ds_access::PasswordChecker::new(
+                directory.clone(),
+                ds_access::CheckerConfig::default(),
+            ))
+        });
         Arc::new(Pop3 {
+            passwords,
             config,
             directory,
             mail,
@@ -145,6 +157,11 @@ impl Pop3 {
     }
 
     /// The maildrop locks (to see whether an account is in a session).
+    /// The password checker logins go through.
+    pub fn passwords(&self) -> &ds_access::PasswordChecker {
+        &self.passwords
+    }
+
     pub fn locks(&self) -> &MailboxLocks {
         &self.locks
     }

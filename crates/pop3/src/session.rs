@@ -60,6 +60,8 @@ struct Session {
     state: State,
     failed_logins: u32,
     bad_commands: u32,
+    /// Uncached peer fan-outs this client's logins may still cause.
+    fanouts: ds_access::FanoutBudget,
 }
 
 /// Run a connection to its end; errors are logged here, once.
@@ -74,6 +76,7 @@ pub(crate) async fn run(pop3: Arc<Pop3>, stream: MailStream, ctx: ConnContext, s
     async move {
         let timestamp = ds_access::proof::greeting_nonce(&pop3.config.hostname);
         let mut session = Session {
+            fanouts: pop3.locator.fanout_budget(),
             client: ctx.peer,
             pop3,
             ctx,
@@ -468,15 +471,13 @@ impl Session {
         }
     }
 
-    /// Argon2 off the async threads.
-    async fn verify(&self, address: &str, password: &Secret) -> Result<bool> {
-        let directory = self.pop3.directory.clone();
-        let address = address.to_owned();
-        let password = password.clone();
-        Ok(tokio::task::spawn_blocking(move || {
-            directory.verify_password(&address, password.expose())
-        })
-        .await??)
+    /// The node's bounded, cached check (Argon2 off the async threads).
+    async fn verify(&self, address: &str, password: &Secret) -> Result<ds_access::Check> {
+        Ok(self
+            .pop3
+            .passwords
+            .check(self.client.ip(), address, password.expose())
+            .await?)
     }
 
     async fn login_local(
@@ -487,7 +488,13 @@ impl Session {
     ) -> Result<Flow> {
         self.throttle_wait(Some(&address)).await;
         let ok = match self.verify(&address, &password).await {
-            Ok(ok) => ok,
+            Ok(ds_access::Check::Ok) => true,
+            Ok(ds_access::Check::Bad) => false,
+            Ok(ds_access::Check::Busy) => {
+                return self
+                    .temp_failed(conn, "too many password checks in progress")
+                    .await;
+            }
             Err(e) => return self.temp_failed(conn, &format!("verifying: {e}")).await,
         };
         if !ok {
@@ -535,7 +542,7 @@ impl Session {
         let mut lookup = self
             .pop3
             .locator
-            .locate_login(&address, Service::Pop3)
+            .locate_login_bounded(&address, Service::Pop3, &self.fanouts)
             .await;
         for attempt in 0..2 {
             let owner = match lookup {

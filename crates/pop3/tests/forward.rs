@@ -427,15 +427,23 @@ async fn shutdown_ends_a_forwarded_session() {
     let parts_b = Parts::temporary();
     parts_b.account("bob@company.com");
     parts_b.deliver("bob@company.com", MSG1);
+    let pki = Pki::generate("cluster CA");
+    let (cert, key) = pki.issue(&["localhost"], &[ip("127.0.0.1")]);
+    let peer_tls = client_config_with_ca(&pki.ca_cert_pem()).unwrap();
     let mut b = parts_b.node(
         test_config("office-b"),
         Arc::new(ds_access::NoPeers),
-        None,
+        Some(tls_acceptor(&cert, &key)),
         None,
     );
     let b_pop3 = b.listen("127.0.0.1", None).await;
     let owner = owner_at("office-b", "bob@company.com", &b_pop3.to_string());
-    let a = Parts::temporary().node(test_config("office-a"), Arc::new(Fixed(owner)), None, None);
+    let a = Parts::temporary().node(
+        test_config("office-a"),
+        Arc::new(Fixed(owner)),
+        None,
+        Some(peer_tls),
+    );
 
     // The front's connection handler, driven by hand with a shutdown signal of our own.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -477,4 +485,22 @@ async fn shutdown_ends_a_forwarded_session() {
     // Nothing was deleted, and the owner serves bob again.
     assert_eq!(b.mail.messages("bob@company.com", INBOX).unwrap().len(), 1);
     b.stop().await;
+}
+
+/// #13 point 2: without cluster TLS the password is never forwarded: `-ERR [SYS/TEMP]`, and the
+/// owner never sees a connection.
+#[tokio::test]
+async fn no_forwarded_password_without_verified_tls() {
+    let owner_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let owner_addr = owner_listener.local_addr().unwrap();
+    let owner = owner_at("office-b", "bob@company.com", &owner_addr.to_string());
+    let mut a =
+        Parts::temporary().node(test_config("office-a"), Arc::new(Fixed(owner)), None, None);
+    let addr = a.listen("127.0.0.1", None).await;
+    let mut c = Client::connect(addr).await;
+    let reply = c.login("bob", PASSWORD).await;
+    assert!(reply.starts_with("-ERR [SYS/TEMP] "), "{reply}");
+    let accepted = tokio::time::timeout(Duration::from_millis(300), owner_listener.accept()).await;
+    assert!(accepted.is_err(), "the owner was contacted without TLS");
+    a.stop().await;
 }

@@ -613,3 +613,123 @@ async fn large_message_is_streamed_and_its_size_is_what_retr_sends() {
     );
     c.cmd("QUIT").await;
 }
+
+/// #13 point 8: a command line that comes a byte every 100 ms is bounded as a whole (the
+/// authorization timeout here), not only the wait between its bytes.
+#[tokio::test]
+async fn a_slow_command_line_hits_its_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = test_config("a");
+    config.auth_timeout = std::time::Duration::from_secs(1);
+    let mut node = company().node(config, Arc::new(NoPeers), None, None);
+    let addr = node.listen("127.0.0.1", None).await;
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(30), r.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    for b in b"USER info@company.com-and-some-more-octets-arriving-slowly\r\n" {
+        if w.write_all(&[*b]).await.is_err() || reader.is_finished() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let answer = reader.await.unwrap();
+    assert!(answer.contains("-ERR idle timeout"), "{answer}");
+    assert!(!answer.contains("+OK info"), "{answer}");
+    node.stop().await;
+}
+
+/// #13 point 5: a right password after a verified login is answered from the cache (no Argon2);
+/// a changed password drops the entry at once.
+#[tokio::test]
+async fn verified_credentials_are_cached_until_the_password_changes() {
+    let (node, addr) = node_with(company()).await;
+    let checker = node.pop3.passwords();
+    let mut c = Client::connect(addr).await;
+    assert!(
+        c.login("info@company.com", PASSWORD)
+            .await
+            .starts_with("+OK")
+    );
+    c.cmd("QUIT").await;
+    let runs = checker.argon2_runs();
+    assert_eq!(runs, 1);
+    for _ in 0..3 {
+        let mut c = Client::connect(addr).await;
+        assert!(
+            c.login("info@company.com", PASSWORD)
+                .await
+                .starts_with("+OK")
+        );
+        c.cmd("QUIT").await;
+    }
+    assert_eq!(checker.argon2_runs(), runs, "reconnects skip Argon2");
+    assert_eq!(checker.cache_hits(), 3);
+    // passwd: the cached entry no longer counts.
+    node.directory
+        .set_password("info@company.com", "a-new-password")
+        .unwrap();
+    let mut c = Client::connect(addr).await;
+    assert!(
+        c.login("info@company.com", PASSWORD)
+            .await
+            .starts_with("-ERR")
+    );
+    assert_eq!(checker.argon2_runs(), runs + 1);
+    // disable: neither.
+    let mut c = Client::connect(addr).await;
+    assert!(
+        c.login("info@company.com", "a-new-password")
+            .await
+            .starts_with("+OK")
+    );
+    c.cmd("QUIT").await;
+    node.directory
+        .set_enabled("info@company.com", false)
+        .unwrap();
+    let mut c = Client::connect(addr).await;
+    assert!(
+        c.login("info@company.com", "a-new-password")
+            .await
+            .starts_with("-ERR")
+    );
+}
+
+/// #13 point 5: 60 connections guessing at once never run more Argon2 checks at a time than the
+/// node's bound; the rest get a quick temporary error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_guessing_is_bounded() {
+    let parts = company();
+    let checker = Arc::new(ds_access::PasswordChecker::new(
+        parts.directory.clone(),
+        ds_access::CheckerConfig {
+            node_limit: 2,
+            per_ip_limit: 60,
+            ..ds_access::CheckerConfig::default()
+        },
+    ));
+    let mut config = test_config("a");
+    config.passwords = Some(checker.clone());
+    let mut node = parts.node(config, Arc::new(NoPeers), None, None);
+    let addr = node.listen("127.0.0.1", None).await;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await;
+            c.login("info@company.com", &format!("guess-{i}")).await
+        }));
+    }
+    let mut busy = 0;
+    for t in tasks {
+        let reply = t.await.unwrap();
+        assert!(reply.starts_with("-ERR"), "{reply}");
+        busy += usize::from(reply.starts_with("-ERR [SYS/TEMP]"));
+    }
+    assert!(checker.peak_running() <= 2, "{}", checker.peak_running());
+    assert_eq!(checker.argon2_runs() as usize + busy, 60);
+    node.stop().await;
+}

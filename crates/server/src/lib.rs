@@ -483,6 +483,12 @@ impl Node {
         );
         // Shared by every login protocol of the node.
         let throttle = Arc::new(ds_access::LoginThrottle::default());
+        // Bounded, cached password checks, one set of bounds for every login protocol
+        // (#13 point 5; IMAP and SMTP AUTH are to call it too).
+        let passwords = Arc::new(ds_access::PasswordChecker::new(
+            directory.clone(),
+            ds_access::CheckerConfig::default(),
+        ));
         let proof_key = ds_access::ProofKey::from_cluster_secret(&keys.session);
         let pop3 = ds_pop3::Pop3::new(
             ds_pop3::Pop3Config {
@@ -491,6 +497,7 @@ impl Node {
                 idle_timeout: limits.pop3_idle,
                 proof_key: Some(proof_key.clone()),
                 throttle: Arc::clone(&throttle),
+                passwords: Some(Arc::clone(&passwords)),
                 ..Default::default()
             },
             directory.clone(),

@@ -19,8 +19,13 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// Longest command line, CRLF included; over it `500 5.5.2`.
     pub max_line: usize,
-    /// Idle timeout of a session (waiting for a command or a DATA line); then `421 4.4.2`.
+    /// Bound on a whole command line (from when the session waits for it to its LF, however
+    /// slowly its octets come) and on each wait for input during DATA; then `421 4.4.2`.
     pub idle_timeout: Duration,
+    /// Bound on a whole DATA transfer (from `354` to the final dot), however slowly it comes;
+    /// then `421 4.4.2` and nothing is kept. RFC 5321 §4.5.3.2 asks at least 10 minutes of the
+    /// client for the reply after it, which this leaves to the client.
+    pub data_timeout: Duration,
     /// Refuse `MAIL FROM` senders in a shared domain that no node owns (`550 5.1.0`).
     pub sender_check: bool,
     /// A queued message older than this is bounced to its sender (RFC 3464 DSN).
@@ -52,6 +57,7 @@ impl Default for SmtpConfig {
             max_recipients: 100,
             max_line: 1000,
             idle_timeout: Duration::from_secs(5 * 60),
+            data_timeout: Duration::from_secs(10 * 60),
             sender_check: true,
             max_queue_age: Duration::from_secs(5 * 24 * 3600),
             retry_base: Duration::from_secs(60),
@@ -73,6 +79,7 @@ impl fmt::Debug for SmtpConfig {
             .field("max_recipients", &self.max_recipients)
             .field("max_line", &self.max_line)
             .field("idle_timeout", &self.idle_timeout)
+            .field("data_timeout", &self.data_timeout)
             .field("sender_check", &self.sender_check)
             .field("max_queue_age", &self.max_queue_age)
             .field("retry_base", &self.retry_base)

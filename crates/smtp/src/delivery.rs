@@ -20,6 +20,10 @@ pub(crate) struct Plan {
     pub local: BTreeSet<String>,
     /// Per owner node: its SMTP endpoint and the addresses to relay there.
     pub remote: BTreeMap<String, (String, BTreeSet<String>)>,
+    /// Addresses to locate later (queued without an owner): list members whose lookup failed
+    /// for now, and lists whose peer copies could not be worked out because a peer that may
+    /// keep the list could not be asked (#13 point 9).
+    pub unlocated: BTreeSet<String>,
 }
 
 impl Plan {
@@ -70,51 +74,79 @@ impl Smtp {
 
     /// A list post: local members get it; unless this is a hop, every peer keeping the list gets
     /// one copy addressed to the list, and members owned by a peer that keeps no version of the
-    /// list get theirs directly.
+    /// list get theirs directly. What cannot be worked out now (a member whose lookup fails, a
+    /// keeper that cannot be asked) is queued unlocated and worked out by the queue runner.
     async fn plan_list(&self, list: &str, hop: bool, plan: &mut Plan) {
-        let members = match self.directory.list(list) {
-            Ok(Some(l)) => l.members,
+        let Some(members) = self.list_members(list) else {
+            return;
+        };
+        if hop {
+            // A relayed copy: local members only, never forwarded again.
+            self.plan_local_members(list, &members, plan);
+            return;
+        }
+        let Some(keepers) = self.locator.list_keepers_checked(list).await else {
+            tracing::warn!(%list, "a possible list keeper could not be asked: local members get the post now, the peers' copies are queued");
+            self.plan_local_members(list, &members, plan);
+            plan.unlocated.insert(list.to_string());
+            return;
+        };
+        self.plan_members(list, &members, &keepers, true, plan)
+            .await;
+    }
+
+    fn list_members(&self, list: &str) -> Option<Vec<String>> {
+        match self.directory.list(list) {
+            Ok(Some(l)) => Some(l.members),
             Ok(None) => {
                 tracing::warn!(%list, "list vanished before delivery");
-                return;
+                None
             }
             Err(e) => {
                 tracing::error!(%list, error = %e, "cannot read list");
-                return;
+                None
             }
-        };
-        let keepers = if hop {
-            Vec::new()
-        } else {
-            self.locator.list_keepers(list).await
-        };
-        for keeper in &keepers {
+        }
+    }
+
+    fn plan_local_members(&self, list: &str, members: &[String], plan: &mut Plan) {
+        for member in members {
+            match self.directory.resolve_address(member).map(|r| r.outcome) {
+                Ok(Outcome::Account {
+                    address,
+                    enabled: true,
+                }) => {
+                    plan.local.insert(address);
+                }
+                other => {
+                    tracing::debug!(%list, %member, outcome = ?other, "list member not local, skipped here")
+                }
+            }
+        }
+    }
+
+    async fn plan_members(
+        &self,
+        list: &str,
+        members: &[String],
+        keepers: &[ds_access::ListKeeper],
+        local: bool,
+        plan: &mut Plan,
+    ) {
+        for keeper in keepers {
             if keeper.node != self.config.node_id {
                 plan.add_remote(&keeper.node, &keeper.smtp, list);
             }
         }
         for member in members {
-            if hop {
-                // A relayed copy: local members only, never forwarded again.
-                match self.directory.resolve_address(&member).map(|r| r.outcome) {
-                    Ok(Outcome::Account {
-                        address,
-                        enabled: true,
-                    }) => {
-                        plan.local.insert(address);
-                    }
-                    other => {
-                        tracing::debug!(%list, %member, outcome = ?other, "list member not local, skipped")
-                    }
-                }
-                continue;
-            }
-            match self.locator.locate(&member, Purpose::Rcpt).await {
+            match self.locator.locate(member, Purpose::Rcpt).await {
                 Location::Local {
                     address,
                     enabled: true,
                 } => {
-                    plan.local.insert(address);
+                    if local {
+                        plan.local.insert(address);
+                    }
                 }
                 Location::Remote(owner)
                     if owner.can_receive && !keepers.iter().any(|k| k.node == owner.node) =>
@@ -124,11 +156,29 @@ impl Smtp {
                 Location::Remote(_) => {
                     tracing::debug!(%list, %member, "list member covered by a peer's copy")
                 }
+                Location::TempFail(reason) => {
+                    tracing::warn!(%list, %member, %reason, "list member lookup failed, queued to be located later");
+                    plan.unlocated.insert(member.clone());
+                }
                 other => {
                     tracing::info!(%list, %member, location = ?other, "list member on no node, skipped")
                 }
             }
         }
+    }
+
+    /// For the queue runner: the peer copies of a post to the local list `list` whose keepers
+    /// could not all be asked when it was accepted (local members already have it). `None`:
+    /// still not possible.
+    pub(crate) async fn plan_list_later(&self, list: &str) -> Option<Plan> {
+        let mut plan = Plan::default();
+        let Some(members) = self.list_members(list) else {
+            return Some(plan);
+        };
+        let keepers = self.locator.list_keepers_checked(list).await?;
+        self.plan_members(list, &members, &keepers, false, &mut plan)
+            .await;
+        Some(plan)
     }
 
     /// Delivers locally and queues for peers, all sharing the one stored `body` (each copy
@@ -175,6 +225,23 @@ impl Smtp {
             };
             remote.push((entry, header));
         }
+        if !plan.unlocated.is_empty() {
+            let entry = QueueEntry {
+                id: 0,
+                sender: env.sender.clone(),
+                recipients: plan.unlocated.iter().map(QueuedRecipient::new).collect(),
+                created: now,
+                next_attempt: now,
+                attempts: 0,
+                last_error: None,
+                size: 0,
+                hop: false,
+                envid: None,
+                body: None,
+                prefix: String::new(),
+            };
+            remote.push((entry, self.received_header(env, None)));
+        }
         let (mail, queue) = (self.mail.clone(), self.queue.clone());
         let queued = tokio::task::spawn_blocking(move || -> Result<usize> {
             let n = remote.len();
@@ -195,6 +262,7 @@ impl Smtp {
             size,
             local = plan.local.len(),
             queued_for = ?plan.remote.keys().collect::<Vec<_>>(),
+            unlocated = plan.unlocated.len(),
             "message accepted"
         );
         Ok(())

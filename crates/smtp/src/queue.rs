@@ -11,15 +11,17 @@
 //! A pass groups the due entries by the owner endpoint of their first pending recipient; up to
 //! [`MAX_OWNERS_AT_ONCE`] workers take whole groups, so each entry is processed by exactly one
 //! worker, and a worker relays a group's entries one after another over one authenticated
-//! session per endpoint ([`RelaySessions`]), closed when the group is done or idle.
+//! session per endpoint ([`RelaySessions`]), closed when the group is done or idle. Workers
+//! run detached from the runner's loop: later passes leave out the endpoints that have a worker
+//! and the entries they hold, so a slow or black-holed owner delays only its own mail; and an
+//! endpoint that could not be reached is not tried again in the same group.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ds_net::Shutdown;
 use ds_store::queue::{QueueEntry, RecipientState};
-use tokio::task::JoinSet;
 
 use crate::locate::{Location, Purpose};
 use crate::relay::{Outgoing, RcptOutcome, RelaySessions};
@@ -28,8 +30,8 @@ use ds_store::unix_now;
 
 /// Longest sleep between two scans of the queue.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
-/// Owner groups relayed at the same time in a pass.
-const MAX_OWNERS_AT_ONCE: usize = 4;
+/// Owner endpoints relayed to at the same time (one worker each).
+pub(crate) const MAX_OWNERS_AT_ONCE: usize = 8;
 /// A relay session unused for this long is closed (Postfix's connection cache time limit).
 const SESSION_IDLE: Duration = Duration::from_secs(2);
 
@@ -39,18 +41,59 @@ type Group = Vec<QueueEntry>;
 
 /// Splits due entries into [`Group`]s, keeping the due order inside a group and between the
 /// groups' first entries.
-fn groups(due: Vec<QueueEntry>) -> VecDeque<Group> {
+fn groups(due: Vec<QueueEntry>) -> Vec<Group> {
     let mut index: HashMap<Option<String>, usize> = HashMap::new();
     let mut groups: Vec<Group> = Vec::new();
     for entry in due {
-        let endpoint = entry.pending().find_map(|r| r.endpoint.clone());
+        let endpoint = entry_endpoint(&entry);
         let at = *index.entry(endpoint).or_insert_with(|| {
             groups.push(Vec::new());
             groups.len() - 1
         });
         groups[at].push(entry);
     }
-    groups.into()
+    groups
+}
+
+/// The owner endpoint an entry is grouped by: that of its first pending recipient.
+fn entry_endpoint(entry: &QueueEntry) -> Option<String> {
+    entry.pending().find_map(|r| r.endpoint.clone())
+}
+
+fn group_endpoint(group: &Group) -> Option<String> {
+    group.first().and_then(entry_endpoint)
+}
+
+/// What the queue runner is working on: the owner endpoints that have a worker and the ids of
+/// the entries those workers hold. A pass leaves both out, so a slow or black-holed owner keeps
+/// only its own worker busy while later passes relay other owners' mail (#13 point 16).
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    endpoints: HashSet<Option<String>>,
+    ids: HashSet<u64>,
+    /// After an entry could not even be rescheduled: no pass before this (no spinning on it).
+    cool_down_until: Option<std::time::Instant>,
+}
+
+/// A worker's claim on its group: released when the worker ends, even by a panic.
+struct Claim {
+    smtp: Arc<Smtp>,
+    endpoint: Option<String>,
+    ids: Vec<u64>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        {
+            let mut in_flight = self.smtp.in_flight();
+            in_flight.endpoints.remove(&self.endpoint);
+            for id in &self.ids {
+                in_flight.ids.remove(id);
+            }
+        }
+        // The runner looks at the queue again (entries of this owner may be due by now).
+        self.smtp.wake.notify_one();
+    }
 }
 
 /// The queue runner of a node (one per node).
@@ -64,16 +107,18 @@ impl QueueRunner {
         Self { smtp }
     }
 
-    /// Runs until `shutdown`: processes due entries, then sleeps until the next one is due, a
-    /// message is queued, or a minute passed.
+    /// Runs until `shutdown`: starts workers for due entries, then sleeps until the next one is
+    /// due, a message is queued, a worker ended, or a minute passed. Workers are not waited for:
+    /// a pass never waits for a slow owner.
     pub async fn run(self, shutdown: Shutdown) {
         tracing::info!(queued = self.smtp.queue.len(), "queue runner started");
         loop {
             if shutdown.is_shutdown() {
                 break;
             }
-            let wait = match self.run_once().await {
-                Ok(wait) => wait,
+            let wait = match self.start_pass() {
+                // Detached: each worker releases its claim and wakes the runner when done.
+                Ok(_workers) => self.next_wait(),
                 Err(e) => {
                     tracing::error!(error = %e, "queue run failed");
                     Duration::from_secs(5)
@@ -88,65 +133,108 @@ impl QueueRunner {
         tracing::info!("queue runner stopped");
     }
 
-    /// Processes every due entry once; returns how long to sleep before the next is due.
+    /// Processes every due entry not already being worked on once, and waits for that; returns
+    /// how long to sleep before the next is due.
     pub async fn run_once(&self) -> Result<Duration> {
-        let queue = &self.smtp.queue;
-        let groups = groups(queue.due(unix_now())?);
-        let workers = groups.len().min(MAX_OWNERS_AT_ONCE);
-        let groups = Arc::new(Mutex::new(groups));
-        let mut tasks = JoinSet::new();
-        for _ in 0..workers {
-            let runner = self.clone();
-            let groups = Arc::clone(&groups);
-            tasks.spawn(async move { runner.work(&groups).await });
-        }
-        let mut failed = false;
-        while let Some(done) = tasks.join_next().await {
-            match done {
-                Ok(worker_failed) => failed |= worker_failed,
-                Err(e) => {
-                    // The entries it held stay due and are tried again after a back-off.
-                    tracing::error!(error = %e, "queue worker failed");
-                    failed = true;
-                }
+        for worker in self.start_pass()? {
+            if let Err(e) = worker.await {
+                // The entries it held stay due and are tried again after a back-off.
+                tracing::error!(error = %e, "queue worker failed");
+                self.cool_down();
             }
         }
+        Ok(self.next_wait())
+    }
+
+    fn cool_down(&self) {
+        self.smtp.in_flight().cool_down_until =
+            Some(std::time::Instant::now() + self.smtp.config.backoff(1));
+    }
+
+    /// How long to sleep: until the earliest entry no worker holds is due (at least 200 ms, at
+    /// most a minute), or the end of a cool-down.
+    fn next_wait(&self) -> Duration {
+        let queue = &self.smtp.queue;
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
-        let next = queue.next_due();
+        let (next, cool_down) = {
+            let in_flight = self.smtp.in_flight();
+            (
+                queue.next_due_except(&in_flight.ids),
+                in_flight.cool_down_until,
+            )
+        };
         let wait = match next {
             Some(at) => Duration::from_secs(at.saturating_sub(unix_now()).max(0) as u64)
                 .clamp(Duration::from_millis(200), MAX_SLEEP),
             None => MAX_SLEEP,
         };
-        // An entry that could not even be rescheduled is still due: do not spin on it.
-        Ok(if failed {
-            wait.max(self.smtp.config.backoff(1))
-        } else {
-            wait
-        })
+        match cool_down {
+            Some(until) => wait.max(until.saturating_duration_since(std::time::Instant::now())),
+            None => wait,
+        }
     }
 
-    /// One worker of a pass: takes groups until none is left and relays each group's entries
-    /// in order, reusing its sessions. Returns whether an entry could not be processed.
-    async fn work(&self, groups: &Mutex<VecDeque<Group>>) -> bool {
+    /// Starts one worker per owner endpoint of the due entries, for endpoints without a worker
+    /// and as long as worker slots are free ([`MAX_OWNERS_AT_ONCE`]).
+    fn start_pass(&self) -> Result<Vec<tokio::task::JoinHandle<()>>> {
         let smtp = &self.smtp;
-        let mut failed = false;
-        loop {
-            let group = groups.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-            let Some(group) = group else {
+        let due = {
+            let mut in_flight = smtp.in_flight();
+            if let Some(until) = in_flight.cool_down_until {
+                if std::time::Instant::now() < until {
+                    return Ok(Vec::new());
+                }
+                in_flight.cool_down_until = None;
+            }
+            smtp.queue.due_except(unix_now(), &in_flight.ids)?
+        };
+        let mut workers = Vec::new();
+        for group in groups(due) {
+            let endpoint = group_endpoint(&group);
+            let Ok(permit) = Arc::clone(&smtp.relay_workers).try_acquire_owned() else {
+                tracing::debug!("every queue worker is busy; the rest waits for the next pass");
                 break;
             };
-            let mut sessions = RelaySessions::new(&smtp.config, smtp.relay_tls.as_ref());
-            for entry in group {
-                let id = entry.id;
-                if let Err(e) = self.process(entry, &mut sessions).await {
-                    tracing::error!(id, error = %e, "queue entry processing failed");
-                    failed = true;
+            let claim = {
+                let mut in_flight = smtp.in_flight();
+                if !in_flight.endpoints.insert(endpoint.clone()) {
+                    continue;
                 }
-                sessions.close_idle(SESSION_IDLE).await;
-            }
-            sessions.close_all().await;
+                let ids: Vec<u64> = group.iter().map(|e| e.id).collect();
+                in_flight.ids.extend(ids.iter().copied());
+                Claim {
+                    smtp: Arc::clone(smtp),
+                    endpoint,
+                    ids,
+                }
+            };
+            let runner = self.clone();
+            workers.push(tokio::spawn(async move {
+                let _permit = permit;
+                let _claim = claim;
+                if runner.work(group).await {
+                    runner.cool_down();
+                }
+            }));
         }
+        Ok(workers)
+    }
+
+    /// One worker: relays a group's entries in order over its sessions. Returns whether an
+    /// entry could not be processed.
+    async fn work(&self, group: Group) -> bool {
+        let smtp = &self.smtp;
+        let mut failed = false;
+        let mut sessions = RelaySessions::new(&smtp.config, smtp.relay_tls.as_ref());
+        for entry in group {
+            let id = entry.id;
+            if let Err(e) = self.process(entry, &mut sessions).await {
+                tracing::error!(id, error = %e, "queue entry processing failed");
+                failed = true;
+            }
+            sessions.close_idle(SESSION_IDLE).await;
+        }
+        sessions.close_all().await;
         failed
     }
 
@@ -183,6 +271,7 @@ impl QueueRunner {
     ) -> Option<String> {
         let smtp = &self.smtp;
         let mut last_error = None;
+        self.expand_lists(entry, &mut last_error).await;
         // Round 0 may relocate a recipient after a 550; round 1 tries the new owners.
         for round in 0..2 {
             let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
@@ -196,11 +285,20 @@ impl QueueRunner {
                         groups.entry((owner, endpoint)).or_default().push(i)
                     }
                     // Never located (not written by this crate, but be safe): locate now.
+                    // A list post waiting for its keepers: see `expand_lists`.
+                    _ if self.is_local_list(&r.address) => {}
                     _ if round == 0 => {
                         let address = r.address.clone();
                         let location = smtp.locator.locate(&address, Purpose::Rcpt).await;
                         self.apply_location(entry, i, location, None, body, &mut last_error)
                             .await;
+                        // Located on a peer: relayed in this round.
+                        let r = &entry.recipients[i];
+                        if let (RecipientState::Pending, Some(owner), Some(endpoint)) =
+                            (&r.state, r.owner.clone(), r.endpoint.clone())
+                        {
+                            groups.entry((owner, endpoint)).or_default().push(i);
+                        }
                     }
                     _ => {}
                 }
@@ -262,6 +360,59 @@ impl QueueRunner {
         last_error
     }
 
+    /// True for an address outside the cluster: routed outside, or in a domain no node serves.
+    fn is_outside(&self, address: &str, location: &Location) -> bool {
+        match location {
+            Location::External(_) => true,
+            Location::Unknown => address
+                .rsplit_once('@')
+                .is_none_or(|(_, domain)| !self.smtp.directory.domains().is_served(domain)),
+            _ => false,
+        }
+    }
+
+    fn is_local_list(&self, address: &str) -> bool {
+        matches!(self.smtp.directory.list(address), Ok(Some(_)))
+    }
+
+    /// Unlocated recipients that are local lists stand for a post whose peer copies could not be
+    /// worked out when it was accepted (a possible keeper could not be asked): work them out
+    /// now and add them to the entry, or keep waiting (#13 point 9).
+    async fn expand_lists(&self, entry: &mut QueueEntry, last_error: &mut Option<String>) {
+        for i in 0..entry.recipients.len() {
+            let r = &entry.recipients[i];
+            if r.state != RecipientState::Pending
+                || r.owner.is_some()
+                || !self.is_local_list(&r.address)
+            {
+                continue;
+            }
+            let list = r.address.clone();
+            let Some(plan) = self.smtp.plan_list_later(&list).await else {
+                tracing::info!(id = entry.id, %list, "list keepers still not all reachable, deferred");
+                *last_error = Some(format!("list {list}: a possible keeper could not be asked"));
+                continue;
+            };
+            entry.recipients[i].state = RecipientState::Delivered;
+            for (node, (endpoint, addresses)) in plan.remote {
+                for address in addresses {
+                    entry.recipients.push(ds_store::queue::QueuedRecipient {
+                        address,
+                        owner: Some(node.clone()),
+                        endpoint: Some(endpoint.clone()),
+                        state: RecipientState::Pending,
+                    });
+                }
+            }
+            for address in plan.unlocated {
+                entry
+                    .recipients
+                    .push(ds_store::queue::QueuedRecipient::new(address));
+            }
+            tracing::info!(id = entry.id, %list, recipients = entry.recipients.len(), "list post's peer copies worked out");
+        }
+    }
+
     /// Applies a (re)location to a pending recipient. `refused` is the old owner's 550 reply. A
     /// local delivery that fails leaves the recipient pending with `last_error` set.
     async fn apply_location(
@@ -321,6 +472,14 @@ impl QueueRunner {
                     r.endpoint = None;
                 }
                 *last_error = Some(format!("lookup: {reason}"));
+            }
+            other if refused.is_none() && self.is_outside(&r.address, &other) => {
+                // A queued DSN for a sender outside the cluster (#13 point 10): it waits.
+                tracing::info!(id = entry.id, rcpt = %r.address, "recipient outside the cluster, kept queued until outbound delivery exists");
+                *last_error = Some(format!(
+                    "{} is outside the cluster: kept until outbound delivery exists",
+                    r.address
+                ));
             }
             other => {
                 tracing::info!(id = entry.id, rcpt = %r.address, location = ?other, "recipient has no other owner, failed");
@@ -451,8 +610,17 @@ impl QueueRunner {
                     .enqueue("", vec![rcpt], &report, false, unix_now())?;
                 tracing::info!(id = entry.id, dsn_id = id, %sender, %reason, "DSN queued, sender lookup failed for now");
             }
+            location if self.is_outside(&address, &location) => {
+                // #13 point 10: no outbound delivery yet; kept queued (visible in `dshare queue
+                // list`) rather than dropped, until it can go out or expires.
+                let rcpt = ds_store::queue::QueuedRecipient::new(address);
+                let id = smtp
+                    .queue
+                    .enqueue("", vec![rcpt], &report, false, unix_now())?;
+                tracing::warn!(id = entry.id, dsn_id = id, %sender, "DSN queued: the sender is outside the cluster and this node has no outbound delivery");
+            }
             other => {
-                tracing::warn!(id = entry.id, %sender, location = ?other, "DSN dropped: sender not in the cluster");
+                tracing::warn!(id = entry.id, %sender, location = ?other, "DSN dropped: no node has the sender");
             }
         }
         Ok(())

@@ -173,6 +173,16 @@ impl RelaySession {
     ) -> Result<RelaySession, RcptOutcome> {
         let timeout = config.relay_timeout;
         let retry = RcptOutcome::Retry;
+        if tls.is_none() && !config.cluster_secret.is_empty() {
+            // The relay key is a credential: never sent without verified TLS (#13 point 2).
+            tracing::warn!(
+                %endpoint,
+                "not relaying: no cluster CA configured, and the relay key is never sent without verified TLS"
+            );
+            return Err(retry(format!(
+                "no verified TLS to {endpoint} (no cluster CA): the relay key is never sent in plaintext"
+            )));
+        }
         let host = endpoint
             .rsplit_once(':')
             .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
@@ -190,7 +200,7 @@ impl RelaySession {
         if greeting.code != 220 {
             return Err(fail_one(&greeting, "greeting"));
         }
-        let ehlo = format!("EHLO {}\r\n", config.hostname);
+        let ehlo = format!("EHLO {}\r\n", ehlo_name(&config.hostname));
         let mut caps = client.command(&ehlo).await.map_err(retry)?;
         if caps.code != 250 {
             return Err(fail_one(&caps, "EHLO"));
@@ -392,6 +402,10 @@ pub(crate) struct RelaySessions<'a> {
     config: &'a SmtpConfig,
     tls: Option<&'a Arc<rustls::ClientConfig>>,
     open: HashMap<String, RelaySession>,
+    /// Endpoints a session could not be opened with, and why: not tried again by this worker
+    /// (its other entries for them are deferred at once, rather than each waiting out the
+    /// timeouts of a black-holed owner).
+    dead: HashMap<String, String>,
 }
 
 impl<'a> RelaySessions<'a> {
@@ -400,6 +414,7 @@ impl<'a> RelaySessions<'a> {
             config,
             tls,
             open: HashMap::new(),
+            dead: HashMap::new(),
         }
     }
 
@@ -427,9 +442,17 @@ impl<'a> RelaySessions<'a> {
                 Err(e @ TxError::Unknown(_)) => return vec![RcptOutcome::Retry(e.reason()); n],
             }
         }
+        if let Some(reason) = self.dead.get(endpoint) {
+            return vec![RcptOutcome::Retry(format!("{reason} (not tried again in this pass)")); n];
+        }
         let mut session = match RelaySession::open(self.config, self.tls, endpoint).await {
             Ok(session) => session,
-            Err(outcome) => return vec![outcome; n],
+            Err(outcome) => {
+                if let RcptOutcome::Retry(reason) = &outcome {
+                    self.dead.insert(endpoint.to_string(), reason.clone());
+                }
+                return vec![outcome; n];
+            }
         };
         match session.transaction(sender, recipients, body).await {
             Ok(outcomes) => {
@@ -487,4 +510,31 @@ fn has_cap(reply: &Reply, cap: &str) -> bool {
             .next()
             .is_some_and(|w| w.eq_ignore_ascii_case(cap))
     })
+}
+
+/// The EHLO argument for `hostname`: an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`)
+/// when it is an IP address (RFC 5321 §4.1.3), else the name itself.
+pub(crate) fn ehlo_name(hostname: &str) -> String {
+    match hostname
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        Ok(std::net::IpAddr::V4(ip)) => format!("[{ip}]"),
+        Ok(std::net::IpAddr::V6(ip)) => format!("[IPv6:{ip}]"),
+        Err(_) => hostname.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ehlo_uses_address_literals_for_ips() {
+        assert_eq!(ehlo_name("node-a.example.net"), "node-a.example.net");
+        assert_eq!(ehlo_name("192.0.2.7"), "[192.0.2.7]");
+        assert_eq!(ehlo_name("2001:db8::1"), "[IPv6:2001:db8::1]");
+        assert_eq!(ehlo_name("[192.0.2.7]"), "[192.0.2.7]");
+    }
 }

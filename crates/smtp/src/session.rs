@@ -43,6 +43,9 @@ pub struct Smtp {
     pub(crate) relay_tls: Option<Arc<rustls::ClientConfig>>,
     /// Woken when a message is queued.
     pub(crate) wake: Arc<Notify>,
+    /// The queue runner's workers and what they hold.
+    in_flight: std::sync::Mutex<crate::queue::InFlight>,
+    pub(crate) relay_workers: Arc<tokio::sync::Semaphore>,
     /// Transaction ids, unique per process run (combined with the start time).
     next_id: AtomicU64,
     started: u64,
@@ -104,6 +107,9 @@ struct Session {
     hop: Option<String>,
     tx: Option<Transaction>,
     errors: usize,
+    /// Uncached peer fan-outs this client may still cause (RCPT, MAIL FROM, AUTH lookups);
+    /// authenticated relay hops locate without it.
+    fanouts: ds_access::FanoutBudget,
 }
 
 impl Smtp {
@@ -135,6 +141,10 @@ impl Smtp {
             tls: tls_acceptor,
             relay_tls,
             wake: Arc::new(Notify::new()),
+            in_flight: std::sync::Mutex::default(),
+            relay_workers: Arc::new(tokio::sync::Semaphore::new(
+                crate::queue::MAX_OWNERS_AT_ONCE,
+            )),
             next_id: AtomicU64::new(0),
             started,
         })
@@ -160,6 +170,10 @@ impl Smtp {
         self.queue_runner().run(shutdown).await;
     }
 
+    pub(crate) fn in_flight(&self) -> std::sync::MutexGuard<'_, crate::queue::InFlight> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn new_id(&self) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{:X}{:04X}", self.started, n)
@@ -167,8 +181,10 @@ impl Smtp {
 
     /// Serves one connection; the handler for `ds_net::serve`.
     pub async fn handle(self: Arc<Self>, stream: MailStream, ctx: ConnContext, shutdown: Shutdown) {
+        let fanouts = self.locator.fanout_budget();
         let mut session = Session {
             smtp: self,
+            fanouts,
             ctx,
             helo: None,
             esmtp: false,
@@ -309,7 +325,7 @@ impl Session {
             }
             Request::Rcpt { to } => {
                 let reply = self.rcpt(&to.address).await;
-                self.reply(conn, reply).await
+                self.reply(conn, reply.as_ref()).await
             }
             Request::Data => match &self.tx {
                 None => self.reply(conn, NEED_MAIL).await,
@@ -421,8 +437,13 @@ impl Session {
             };
             if self.smtp.directory.domains().is_shared(parsed.domain()) {
                 let normal = parsed.to_string();
-                match self.smtp.locator.locate(&normal, Purpose::Sender).await {
-                    Location::Unknown => {
+                match self
+                    .smtp
+                    .locator
+                    .locate_bounded(&normal, Purpose::Sender, &self.fanouts)
+                    .await
+                {
+                    Location::Unknown | Location::Refused(_) => {
                         tracing::info!(sender = %normal, "MAIL refused: no node owns the sender");
                         return UNKNOWN_SENDER.into();
                     }
@@ -442,15 +463,15 @@ impl Session {
         SENDER_OK.into()
     }
 
-    async fn rcpt(&mut self, address: &str) -> &'static str {
+    async fn rcpt(&mut self, address: &str) -> Cow<'static, str> {
         let Some(tx) = &self.tx else {
-            return NEED_MAIL;
+            return NEED_MAIL.into();
         };
         if tx.recipients.len() >= self.config().max_recipients {
-            return TOO_MANY_RCPTS;
+            return TOO_MANY_RCPTS.into();
         }
         if !address.is_ascii() && !tx.smtputf8 {
-            return BAD_8BIT_ADDR;
+            return BAD_8BIT_ADDR.into();
         }
         // RFC 5321 §4.5.1: `<postmaster>` without a domain must be accepted; it is the
         // main domain's postmaster. smtp-proto hands it over as an empty address.
@@ -460,42 +481,54 @@ impl Session {
             Address::parse(address)
         };
         let Ok(parsed) = parsed else {
-            return "501 5.1.3 Bad recipient address syntax\r\n";
+            return "501 5.1.3 Bad recipient address syntax\r\n".into();
         };
         if !self.smtp.directory.domains().is_served(parsed.domain()) {
             tracing::info!(rcpt = %parsed, "RCPT refused: domain not served (no relay)");
-            return RELAY_DENIED;
+            return RELAY_DENIED.into();
         }
         let normal = parsed.to_string();
-        let location = self.smtp.locator.locate(&normal, Purpose::Rcpt).await;
         let hop = self.hop.is_some();
+        let location = if hop {
+            // An authenticated peer: its own client was bounded where it connected.
+            self.smtp.locator.locate(&normal, Purpose::Rcpt).await
+        } else {
+            self.smtp
+                .locator
+                .locate_bounded(&normal, Purpose::Rcpt, &self.fanouts)
+                .await
+        };
         let rcpt = match location {
             Location::Local { address, enabled } => {
                 if !enabled {
-                    return DISABLED;
+                    return DISABLED.into();
                 }
                 Rcpt::Local(address)
             }
             Location::LocalList(list) => Rcpt::List(list),
             Location::Remote(owner) if !hop => {
                 if !owner.can_receive {
-                    return DISABLED;
+                    return DISABLED.into();
                 }
                 Rcpt::Remote(owner)
             }
             Location::External(to) if !hop => {
                 tracing::info!(rcpt = %normal, %to, "RCPT refused: routed outside the served domains");
-                return EXTERNAL_DENIED;
+                return EXTERNAL_DENIED.into();
+            }
+            Location::Refused(text) => {
+                tracing::info!(rcpt = %normal, hop, %text, "RCPT refused by a Router record");
+                return refused_reply(&text).into();
             }
             // A relay hop too: the sending node keeps the message queued and tries again,
             // rather than bouncing mail that only has to wait (issue 13 point 11).
             Location::TempFail(reason) => {
                 tracing::warn!(rcpt = %normal, hop, %reason, "RCPT deferred: lookup failed");
-                return TEMPFAIL_LOOKUP;
+                return TEMPFAIL_LOOKUP.into();
             }
             other => {
                 tracing::info!(rcpt = %normal, hop, location = ?other, "RCPT refused: no such user here");
-                return UNKNOWN_USER;
+                return UNKNOWN_USER.into();
             }
         };
         if let Some(tx) = &mut self.tx
@@ -503,7 +536,7 @@ impl Session {
         {
             tx.recipients.push(rcpt);
         }
-        RCPT_OK
+        RCPT_OK.into()
     }
 
     async fn auth(
@@ -584,6 +617,8 @@ impl Session {
     async fn data(&mut self, conn: &mut LineConn<MailStream>) -> crate::Result<bool> {
         let max = self.config().max_message_size;
         let idle = self.config().idle_timeout;
+        // The whole transfer is bounded, not only each wait (#13 point 8).
+        let deadline = tokio::time::Instant::now() + self.config().data_timeout;
         let mut reader = DataReader::new(max);
         // Memory this message may hold: the writer's buffer and one chunk of input.
         let budget = self.config().body_budget.try_take(IN_FLIGHT_PER_MESSAGE);
@@ -601,9 +636,13 @@ impl Session {
         let mut chunk = Vec::with_capacity(CHUNK);
         conn.flush().await?;
         loop {
-            let input = match conn.fill_buf(idle).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let input = match conn.fill_buf(idle.min(left)).await {
                 Ok(input) => input,
                 Err(ds_net::Error::Timeout) => {
+                    if left <= idle {
+                        tracing::info!(limit = ?self.config().data_timeout, "DATA took too long, closing");
+                    }
                     conn.write_all(TIMEOUT.as_bytes()).await?;
                     let _ = conn.shutdown().await;
                     return Ok(false);
@@ -729,5 +768,43 @@ fn parse_error_reply(e: smtp_proto::Error) -> String {
         }
         E::ResponseTooLong | E::NeedsMoreData { .. } => LINE_TOO_LONG.to_string(),
         E::InvalidResponse { .. } => UNKNOWN_COMMAND.to_string(),
+    }
+}
+
+/// `550 5.1.1 <text>` for a Router `error:text` record: the text made safe for one reply line
+/// (printable ASCII, at most 200 characters), or the generic reply if nothing is left.
+fn refused_reply(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .take(200)
+        .collect();
+    let clean = clean.trim();
+    if clean.is_empty() {
+        UNKNOWN_USER.to_string()
+    } else {
+        format!("550 5.1.1 {clean}\r\n")
+    }
+}
+
+#[cfg(test)]
+mod refused_tests {
+    #[test]
+    fn router_error_text_is_sanitised() {
+        assert_eq!(
+            super::refused_reply("moved to bob@elsewhere.org"),
+            "550 5.1.1 moved to bob@elsewhere.org\r\n"
+        );
+        assert_eq!(
+            super::refused_reply("a\r\n250 fake\u{e9}"),
+            "550 5.1.1 a  250 fake\r\n"
+        );
+        assert_eq!(super::refused_reply("\r\n"), super::UNKNOWN_USER);
     }
 }

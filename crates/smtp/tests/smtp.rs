@@ -14,7 +14,7 @@ const BOB: &str = "bob@company.com";
 
 #[tokio::test]
 async fn ehlo_advertises_the_extensions() {
-    let node = start("a", &[ALICE]).await;
+    let node = start_with(NodeOptions::plain("a", &[ALICE])).await;
     let mut c = connect(node.addr).await;
     let ehlo = c.cmd("EHLO client.example").await;
     for ext in [
@@ -309,7 +309,7 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=30) as s:
 
 #[tokio::test]
 async fn peer_auth_marks_a_hop_that_delivers_locally_only() {
-    let node = start("b", &[BOB]).await;
+    let node = start_with(NodeOptions::plain("b", &[BOB])).await;
     node.locator.set_remote(ALICE, "a", "127.0.0.1:9");
     let mut c = connect(node.addr).await;
     c.cmd("EHLO a.test").await;
@@ -397,7 +397,7 @@ async fn queue_retries_an_owner_that_is_down_then_delivers() {
         "{msg}"
     );
     assert!(
-        msg.contains("by b.test (Domain Share) with ESMTPA"),
+        msg.contains("by b.test (Domain Share) with ESMTPSA"),
         "{msg}"
     );
     assert!(
@@ -688,6 +688,7 @@ async fn stalling_peer() -> std::net::SocketAddr {
 async fn a_peer_that_stops_reading_the_body_times_out() {
     let peer = stalling_peer().await;
     let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.plaintext_relay();
     opts.queue_runner = false;
     opts.config.relay_timeout = Duration::from_millis(300);
     let a = start_with(opts).await;
@@ -995,6 +996,7 @@ async fn a_reused_session_closed_between_messages_is_reopened_once() {
     // dead at RSET and goes over a new one, in the same pass.
     let (peer, log) = scripted_peer(2, None).await;
     let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.plaintext_relay();
     opts.queue_runner = false;
     let a = start_with(opts).await;
     let endpoint = peer.to_string();
@@ -1024,6 +1026,7 @@ async fn a_reused_session_lost_after_the_body_keeps_that_entry_only() {
     // its error (not sent again in this pass); the ones before and after are relayed.
     let (peer, log) = scripted_peer(usize::MAX, Some(2)).await;
     let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.plaintext_relay();
     opts.queue_runner = false;
     let a = start_with(opts).await;
     let endpoint = peer.to_string();
@@ -1058,4 +1061,249 @@ async fn a_reused_session_lost_after_the_body_keeps_that_entry_only() {
     );
     let error = entries[0].last_error.clone().unwrap_or_default();
     assert!(error.contains("connection closed"), "{error}");
+}
+
+#[tokio::test]
+async fn no_relay_key_without_verified_tls() {
+    // #13 point 2: without a cluster CA the relay key is never sent; the message waits.
+    let b = start("b", &[BOB]).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.relay_tls = None;
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    a.locator.set_remote(BOB, "b", &b.addr.to_string());
+    send_simple(&a, ALICE, &[BOB], "Subject: x\r\n\r\nx\r\n").await;
+    a.smtp.queue_runner().run_once().await.unwrap();
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "kept for a retry");
+    let error = entries[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("never sent in plaintext"), "{error}");
+    assert!(b.inbox(BOB).is_empty());
+}
+
+#[tokio::test]
+async fn list_member_or_keeper_not_located_now_is_queued_and_located_later() {
+    // #13 point 9: a member whose lookup fails and a keeper that cannot be asked are queued,
+    // not skipped, and get the post once they can be located.
+    let carol = "carol@company.com";
+    let b = start("b", &[BOB, carol]).await;
+    b.directory.add_list("team").unwrap();
+    b.directory.subscribe("team", BOB).unwrap();
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    a.directory.add_list("team").unwrap();
+    a.directory.subscribe("team", ALICE).unwrap();
+    a.directory.subscribe("team", carol).unwrap();
+    a.locator.located.lock().unwrap().insert(
+        carol.to_string(),
+        ds_smtp::Location::TempFail("peer b unreachable".into()),
+    );
+    *a.locator.keepers_down.lock().unwrap() = true;
+    send_simple(
+        &a,
+        "x@outside.org",
+        &["team@company.com"],
+        "Subject: team\r\n\r\nhello team\r\n",
+    )
+    .await;
+    assert_eq!(a.inbox(ALICE).len(), 1, "local members get it at once");
+    a.smtp.queue_runner().run_once().await.unwrap();
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(
+        entries[0]
+            .pending()
+            .any(|r| r.address == "team@company.com")
+    );
+    assert!(b.inbox(BOB).is_empty() && b.inbox(carol).is_empty());
+
+    // The peer is back and keeps the list: it gets one copy for its members (carol lives on b,
+    // so b's copy covers her as usual).
+    a.locator.located.lock().unwrap().clear();
+    a.locator.set_remote(carol, "b", &b.addr.to_string());
+    *a.locator.keepers_down.lock().unwrap() = false;
+    a.locator.keepers.lock().unwrap().insert(
+        "team@company.com".into(),
+        vec![ds_smtp::ListKeeper {
+            node: "b".into(),
+            smtp: b.addr.to_string(),
+        }],
+    );
+    for e in a.queue.list().unwrap() {
+        a.queue.retry_now(e.id).unwrap();
+    }
+    for _ in 0..50 {
+        a.smtp.queue_runner().run_once().await.unwrap();
+        if a.queue.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.queue.is_empty(), "{:?}", a.queue.list().unwrap());
+    assert_eq!(b.wait_inbox(BOB, 1, 10).await.len(), 1, "the keeper's copy");
+    assert_eq!(a.inbox(ALICE).len(), 1, "no second local copy");
+}
+
+#[tokio::test]
+async fn list_member_whose_lookup_fails_is_queued() {
+    let carol = "carol@company.com";
+    let b = start("b", &[carol]).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    a.directory.add_list("team").unwrap();
+    a.directory.subscribe("team", ALICE).unwrap();
+    a.directory.subscribe("team", carol).unwrap();
+    a.locator.located.lock().unwrap().insert(
+        carol.to_string(),
+        ds_smtp::Location::TempFail("peer b unreachable".into()),
+    );
+    send_simple(
+        &a,
+        "x@outside.org",
+        &["team@company.com"],
+        "Subject: t\r\n\r\nhi\r\n",
+    )
+    .await;
+    assert_eq!(a.inbox(ALICE).len(), 1);
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "carol's copy is queued, not skipped");
+    assert!(
+        entries[0]
+            .pending()
+            .any(|r| r.address == carol && r.owner.is_none())
+    );
+    a.smtp.queue_runner().run_once().await.unwrap();
+    assert_eq!(a.queue.list().unwrap().len(), 1, "still waiting");
+    a.locator.located.lock().unwrap().clear();
+    a.locator.set_remote(carol, "b", &b.addr.to_string());
+    for e in a.queue.list().unwrap() {
+        a.queue.retry_now(e.id).unwrap();
+    }
+    a.smtp.queue_runner().run_once().await.unwrap();
+    assert_eq!(b.wait_inbox(carol, 1, 10).await.len(), 1);
+    assert!(a.queue.is_empty());
+}
+
+#[tokio::test]
+async fn dsn_for_a_sender_outside_the_cluster_stays_queued() {
+    // #13 point 10: no outbound delivery yet, so the DSN waits in the queue (never dropped).
+    let c = start("c", &[]).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    let ghost = "ghost@company.com";
+    a.locator.set_remote(ghost, "c", &c.addr.to_string());
+    send_simple(&a, "x@outside.org", &[ghost], "Subject: lost\r\n\r\nx\r\n").await;
+    a.smtp.queue_runner().run_once().await.unwrap();
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].sender, "", "the DSN");
+    assert_eq!(entries[0].recipients[0].address, "x@outside.org");
+    for e in a.queue.list().unwrap() {
+        a.queue.retry_now(e.id).unwrap();
+    }
+    a.smtp.queue_runner().run_once().await.unwrap();
+    let entries = a.queue.list().unwrap();
+    assert_eq!(entries.len(), 1, "still queued after another attempt");
+    let error = entries[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("outside the cluster"), "{error}");
+}
+
+#[tokio::test]
+async fn a_black_holed_owner_does_not_hold_other_owners_mail() {
+    // #13 point 16: bob's owner accepts TCP and never answers; carol's mail, queued while
+    // bob's relay waits out its timeout, goes out meanwhile.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let carol = "carol@company.com";
+    let c = start("c", &[carol]).await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.config.relay_timeout = Duration::from_secs(60);
+    let a = start_with(opts).await;
+    a.locator.set_remote(BOB, "b", &hole_addr.to_string());
+    a.locator.set_remote(carol, "c", &c.addr.to_string());
+    for i in 0..3 {
+        send_simple(
+            &a,
+            ALICE,
+            &[BOB],
+            &format!("Subject: to the hole {i}\r\n\r\nx\r\n"),
+        )
+        .await;
+    }
+    // The runner is now waiting on the black hole.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_simple(&a, ALICE, &[carol], "Subject: for carol\r\n\r\nx\r\n").await;
+    // Well under the 60 s relay timeout bob's worker is waiting out.
+    assert_eq!(c.wait_inbox(carol, 1, 20).await.len(), 1);
+    assert_eq!(a.queue.len(), 3, "bob's mail waits");
+}
+
+/// Sends `bytes` one at a time, 100 ms apart, until the server closes; returns what it answered.
+async fn trickle(addr: std::net::SocketAddr, preamble: &[u8], bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(preamble).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    for b in bytes {
+        if w.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if reader.is_finished() {
+            break;
+        }
+    }
+    drop(w);
+    reader.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_slow_command_line_and_a_slow_data_transfer_hit_their_deadlines() {
+    // #13 point 8: a byte every 100 ms never counts as idle, but a whole line and a whole
+    // DATA transfer have deadlines.
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.config.idle_timeout = Duration::from_secs(1);
+    let node = start_with(opts).await;
+    let answer = trickle(node.addr, b"", &[b'x'; 40]).await;
+    assert!(answer.contains("421 4.4.2"), "{answer}");
+
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.config.idle_timeout = Duration::from_secs(5);
+    opts.config.data_timeout = Duration::from_secs(1);
+    let node = start_with(opts).await;
+    let preamble =
+        format!("EHLO c.example\r\nMAIL FROM:<x@outside.org>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n");
+    let answer = trickle(node.addr, preamble.as_bytes(), &[b'y'; 60]).await;
+    assert!(answer.contains("354 "), "{answer}");
+    assert!(answer.contains("421 4.4.2"), "{answer}");
+    assert!(node.inbox(ALICE).is_empty());
+}
+
+#[tokio::test]
+async fn a_router_error_record_reaches_the_client_as_its_text() {
+    // #13 point 17: `error:text` gives `550 5.1.1 <text>` (one safe line), not a generic reply.
+    let node = start("a", &[ALICE]).await;
+    node.locator.located.lock().unwrap().insert(
+        "old@company.com".into(),
+        ds_smtp::Location::Refused("moved to new@company.com\r\n250 ok".into()),
+    );
+    let mut c = connect(node.addr).await;
+    c.cmd("EHLO client.example").await;
+    c.cmd("MAIL FROM:<x@outside.org>").await;
+    let reply = c.cmd("RCPT TO:<old@company.com>").await;
+    assert_eq!(reply, "550 5.1.1 moved to new@company.com  250 ok\r\n");
 }

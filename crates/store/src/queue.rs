@@ -176,6 +176,36 @@ impl QueueStore {
         self.schedule().first().map(|(at, _)| *at)
     }
 
+    /// When the earliest entry not in `skip` is due, if any (the queue runner leaves out the
+    /// entries it is working on).
+    pub fn next_due_except(&self, skip: &std::collections::HashSet<u64>) -> Option<i64> {
+        self.schedule()
+            .iter()
+            .find(|(_, id)| !skip.contains(id))
+            .map(|(at, _)| *at)
+    }
+
+    /// Like [`Self::due`], leaving out the ids in `skip` (not even read).
+    pub fn due_except(
+        &self,
+        now: i64,
+        skip: &std::collections::HashSet<u64>,
+    ) -> Result<Vec<QueueEntry>> {
+        let ids: Vec<u64> = self
+            .schedule()
+            .range(..=(now, u64::MAX))
+            .map(|(_, id)| *id)
+            .filter(|id| !skip.contains(id))
+            .collect();
+        let mut due = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(e) = self.get(id)? {
+                due.push(e);
+            }
+        }
+        Ok(due)
+    }
+
     /// Queues a message for its recipients, due at once. Returns the entry id.
     /// Atomic; does not flush.
     pub fn enqueue(

@@ -149,6 +149,8 @@ impl Node {
         });
         opts.implicit_tls = implicit_tls;
         opts.shutdown_grace = Duration::from_millis(200);
+        // Tests open many connections from 127.0.0.1 at once.
+        opts.max_per_ip = 256;
         let pop3 = Arc::clone(&self.pop3);
         self.tasks.push(tokio::spawn(ds_net::serve(
             listener,

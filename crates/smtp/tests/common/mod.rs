@@ -29,6 +29,8 @@ pub struct TestLocator {
     pub relocated: Mutex<HashMap<String, Location>>,
     pub keepers: Mutex<HashMap<String, Vec<ListKeeper>>>,
     pub relocations: Mutex<Vec<String>>,
+    /// While true, `list_keepers_checked` answers that a peer could not be asked.
+    pub keepers_down: Mutex<bool>,
 }
 
 impl TestLocator {
@@ -74,6 +76,14 @@ impl Locate for TestLocator {
                 Some(l) => l,
                 None => self.find(address, purpose).await,
             }
+        })
+    }
+    fn list_keepers_checked<'a>(&'a self, list: &'a str) -> BoxFuture<'a, Option<Vec<ListKeeper>>> {
+        Box::pin(async move {
+            if *self.keepers_down.lock().unwrap() {
+                return None;
+            }
+            Some(self.list_keepers(list).await)
         })
     }
     fn list_keepers<'a>(&'a self, list: &'a str) -> BoxFuture<'a, Vec<ListKeeper>> {
@@ -127,16 +137,52 @@ pub struct NodeOptions {
     pub queue_runner: bool,
 }
 
+/// One test CA for every node of a test binary: nodes serve STARTTLS with a certificate for
+/// `localhost` and `127.0.0.1`, and relay with verified TLS (the relay key is never sent
+/// without it).
+pub struct DevTls {
+    pub acceptor: TlsAcceptor,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+pub fn dev_tls() -> &'static DevTls {
+    static TLS: std::sync::OnceLock<DevTls> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let pki = ds_net::tls::Pki::generate("smtp test CA");
+        let (cert, key) = pki.issue(&["localhost"], &["127.0.0.1".parse().unwrap()]);
+        DevTls {
+            acceptor: TlsAcceptor::from(ds_net::tls::server_config_from_pem(&cert, &key).unwrap()),
+            client: ds_net::tls::client_config_with_ca(&pki.ca_cert_pem()).unwrap(),
+        }
+    })
+}
+
 impl NodeOptions {
     pub fn new(id: &str, accounts: &[&'static str]) -> Self {
         Self {
             config: config(id),
             accounts: accounts.to_vec(),
-            tls: None,
-            relay_tls: None,
+            tls: Some(dev_tls().acceptor.clone()),
+            relay_tls: Some(dev_tls().client.clone()),
             listener: None,
             queue_runner: true,
         }
+    }
+}
+
+impl NodeOptions {
+    /// A node without STARTTLS (a client may AUTH in plaintext on loopback) that relays
+    /// without TLS (and so, as the relay key is never sent without TLS, without one).
+    pub fn plain(id: &str, accounts: &[&'static str]) -> Self {
+        let mut opts = Self::new(id, accounts);
+        opts.tls = None;
+        opts
+    }
+
+    /// Relays in plaintext to scripted peers: no TLS, no relay key.
+    pub fn plaintext_relay(&mut self) {
+        self.relay_tls = None;
+        self.config.cluster_secret.clear();
     }
 }
 
@@ -176,6 +222,7 @@ pub async fn start_with(opts: NodeOptions) -> Node {
         relocated: Mutex::default(),
         keepers: Mutex::default(),
         relocations: Mutex::default(),
+        keepers_down: Mutex::default(),
     });
     let smtp = Smtp::new(
         opts.config,
