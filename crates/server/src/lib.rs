@@ -20,6 +20,8 @@ pub mod admin;
 pub mod config;
 pub mod keys;
 mod metrics_http;
+pub mod queue_admin;
+pub mod telemetry;
 
 pub use config::Config;
 pub use keys::ClusterKeys;
@@ -222,6 +224,31 @@ impl NodeState {
         }
     }
 
+    /// Each peer's state, last round trip and last error, as JSON.
+    pub fn peers_json(&self) -> serde_json::Value {
+        let secs = |t: Option<std::time::SystemTime>| {
+            t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+        };
+        serde_json::Value::Array(
+            self.locator
+                .peers_status()
+                .into_iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "id": p.id,
+                        "minger": p.minger_url,
+                        "state": peer_state_name(&p.state),
+                        "rtt_ms": p.last_rtt.map(|r| r.as_secs_f64() * 1000.0),
+                        "last_success": secs(p.last_success),
+                        "last_error": p.last_error,
+                        "last_error_at": secs(p.last_error_at),
+                    })
+                })
+                .collect(),
+        )
+    }
+
     pub fn peers_report(&self) -> Vec<String> {
         let peers = self.locator.peers_status();
         if peers.is_empty() {
@@ -230,11 +257,7 @@ impl NodeState {
         peers
             .into_iter()
             .map(|p| {
-                let state = match p.state {
-                    ds_cluster::PeerState::Unknown => "unknown",
-                    ds_cluster::PeerState::Up => "up",
-                    ds_cluster::PeerState::Down => "down",
-                };
+                let state = peer_state_name(&p.state);
                 let mut s = format!("{} {} {state}", p.id, p.minger_url);
                 if let Some(rtt) = p.last_rtt {
                     s.push_str(&format!(" rtt={:.1}ms", rtt.as_secs_f64() * 1000.0));
@@ -245,41 +268,6 @@ impl NodeState {
                 s
             })
             .collect()
-    }
-
-    pub fn queue_report(&self) -> std::result::Result<Vec<String>, String> {
-        let entries = self.queue.list().map_err(|e| e.to_string())?;
-        if entries.is_empty() {
-            return Ok(vec!["queue is empty".into()]);
-        }
-        let now = unix_now();
-        Ok(entries
-            .into_iter()
-            .map(|e| {
-                let rcpts: Vec<String> = e
-                    .recipients
-                    .iter()
-                    .map(|r| {
-                        let owner = r.owner.as_deref().unwrap_or("?");
-                        format!("{} via {owner} {:?}", r.address, r.state)
-                    })
-                    .collect();
-                format!(
-                    "{} from=<{}> size={} age={}s attempts={} next_in={}s{} to: {}{}",
-                    e.id,
-                    e.sender,
-                    e.size,
-                    now - e.created,
-                    e.attempts,
-                    (e.next_attempt - now).max(0),
-                    if e.hop { " hop" } else { "" },
-                    rcpts.join(", "),
-                    e.last_error
-                        .map(|x| format!(" last_error={x:?}"))
-                        .unwrap_or_default()
-                )
-            })
-            .collect())
     }
 
     pub fn queue_retry(&self, id: u64) -> std::result::Result<(), String> {
@@ -302,6 +290,14 @@ impl NodeState {
     }
 }
 
+pub(crate) fn peer_state_name(s: &ds_cluster::PeerState) -> &'static str {
+    match s {
+        ds_cluster::PeerState::Unknown => "unknown",
+        ds_cluster::PeerState::Up => "up",
+        ds_cluster::PeerState::Down => "down",
+    }
+}
+
 /// A refused creation (account, alias, list) as the admin service answers it.
 fn guard_status(e: ds_cluster::Error) -> tonic::Status {
     use ds_cluster::Error as E;
@@ -314,6 +310,9 @@ fn guard_status(e: ds_cluster::Error) -> tonic::Status {
         other => tonic::Status::internal(other.to_string()),
     }
 }
+
+/// How often the sampled gauges (uptime, queue, peers) are refreshed.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// Options that are not part of the configuration file.
 #[derive(Debug, Clone, Default)]
@@ -371,6 +370,11 @@ impl Node {
     /// Opens the store, binds every configured listener and starts serving.
     pub async fn start(config: Config, opts: StartOptions) -> Result<Node> {
         ds_net::ensure_crypto_provider();
+        let started = std::time::Instant::now();
+        // The recorder first, so every series registered below is kept.
+        let recorder = metrics_http::recorder();
+        let peer_ids: Vec<String> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
+        telemetry::register_all(&config.node.id, &peer_ids);
         let data_dir = config.node.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .map_err(io(format!("cannot create data dir {}", data_dir.display())))?;
@@ -526,6 +530,12 @@ impl Node {
         });
         let (trigger, shutdown) = shutdown_pair();
         let mut tasks = vec![];
+        tasks.push(tokio::spawn(telemetry::run_sampler(
+            state.clone(),
+            started,
+            SAMPLE_EVERY,
+            shutdown.clone(),
+        )));
         for l in admin_l {
             tasks.push(tokio::spawn(serve_admin(
                 l,
@@ -600,7 +610,6 @@ impl Node {
                 }
             }));
         }
-        let recorder = metrics_http::recorder();
         for l in metrics_l {
             tasks.push(tokio::spawn(metrics_http::serve(
                 l,

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -16,7 +16,16 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// The process-wide recorder's handle; `None` if another recorder was installed first.
 pub fn recorder() -> Option<PrometheusHandle> {
     HANDLE
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    crate::telemetry::SECONDS_BUCKETS,
+                )
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
         .clone()
 }
 
