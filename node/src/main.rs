@@ -45,6 +45,12 @@ enum LogFormat {
 enum Command {
     /// Run a node (embedded defaults when no --config is given).
     Serve,
+    /// Check a configuration and its files (certificate, key, cluster CA, secret, ports);
+    /// prints each problem with its fix.
+    CheckConfig {
+        /// The configuration file (default: --config).
+        file: Option<PathBuf>,
+    },
     /// Manage accounts.
     #[command(subcommand)]
     Account(AccountCmd),
@@ -292,9 +298,13 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::CheckConfig { file } = &cli.command {
+        return check_config(file.as_ref().or(cli.config.as_ref()));
+    }
     let config = load_config(&cli.config)?;
     let op = match cli.command {
         Command::Serve => return serve(config).await,
+        Command::CheckConfig { .. } => unreachable!("handled above"),
         Command::DevCluster { nodes, data_dir } => return dev_cluster::run(nodes, data_dir).await,
         Command::Pki { out, nodes } => return dev_cluster::write_pki(&out, &nodes),
         Command::Account(c) => match c {
@@ -378,7 +388,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     admin_call(&config, cli.admin, op, cli.json).await
 }
 
+fn check_config(file: Option<&PathBuf>) -> anyhow::Result<()> {
+    let path = file.context("give the configuration file: dshare check-config FILE")?;
+    let config = Config::load(path)?;
+    let findings =
+        ds_server::check::check_config(&config, ds_server::check::CheckOptions { ports: true });
+    for f in &findings {
+        println!("{f}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == ds_server::check::Severity::Error)
+        .count();
+    if errors > 0 {
+        bail!("{errors} problem(s) in {}", path.display());
+    }
+    println!("{}: no problems found", path.display());
+    Ok(())
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // The same checks as `check-config`, but the ports: binding reports those.
+    let findings =
+        ds_server::check::check_config(&config, ds_server::check::CheckOptions::default());
+    let mut errors = 0;
+    for f in &findings {
+        if f.severity == ds_server::check::Severity::Error {
+            errors += 1;
+            eprintln!("{f}");
+        } else {
+            tracing::warn!("{f}");
+        }
+    }
+    if errors > 0 {
+        bail!(
+            "{errors} problem(s) in the configuration (see above; `dshare check-config` lists them)"
+        );
+    }
     let node = Node::start(config, StartOptions::default()).await?;
     let a = node.addrs();
     tracing::info!(smtp = ?a.smtp, pop3 = ?a.pop3, imap = ?a.imap, admin = ?a.admin, "ready");

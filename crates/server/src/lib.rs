@@ -17,6 +17,7 @@ use ds_net::{Shutdown, ShutdownTrigger, shutdown_pair};
 use ds_store::{MailStore, QueueStore, Store, unix_now};
 
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod keys;
 mod metrics_http;
