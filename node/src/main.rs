@@ -303,7 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = load_config(&cli.config)?;
     let op = match cli.command {
-        Command::Serve => return serve(config).await,
+        Command::Serve => return serve(config, cli.config.is_none()).await,
         Command::CheckConfig { .. } => unreachable!("handled above"),
         Command::DevCluster { nodes, data_dir } => return dev_cluster::run(nodes, data_dir).await,
         Command::Pki { out, nodes } => return dev_cluster::write_pki(&out, &nodes),
@@ -407,7 +407,7 @@ fn check_config(file: Option<&PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, embedded_defaults: bool) -> anyhow::Result<()> {
     // The same checks as `check-config`, but the ports: binding reports those.
     let findings =
         ds_server::check::check_config(&config, ds_server::check::CheckOptions::default());
@@ -426,6 +426,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     let node = Node::start(config, StartOptions::default()).await?;
+    if embedded_defaults {
+        node.state.ensure_postmaster_account().await;
+    }
     let a = node.addrs();
     tracing::info!(smtp = ?a.smtp, pop3 = ?a.pop3, imap = ?a.imap, admin = ?a.admin, "ready");
     ds_net::os_signal().await?;

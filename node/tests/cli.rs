@@ -447,3 +447,119 @@ fn check_config_names_each_problem_with_its_fix() {
         "{text}"
     );
 }
+
+/// Runs a python3 smtplib script; returns its output.
+fn python(script: &str) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn rcpt_codes(port: u16, rcpts: &[&str]) -> Vec<u16> {
+    let list: Vec<String> = rcpts.iter().map(|r| format!("{r:?}")).collect();
+    let out = python(&format!(
+        r#"
+import smtplib
+s = smtplib.SMTP("127.0.0.1", {port}, timeout=20)
+s.ehlo("client.example.net")
+s.mail("someone@example.net")
+for r in [{}]:
+    print(s.rcpt(r)[0])
+s.quit()
+"#,
+        list.join(", ")
+    ));
+    out.lines().map(|l| l.trim().parse().unwrap()).collect()
+}
+
+#[test]
+fn postmaster_and_abuse_go_to_the_operator_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let smtp = free_port();
+    let cfg = write_config(dir.path(), admin);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text
+        .replace("smtp = []", &format!("smtp = [\"127.0.0.1:{smtp}\"]"))
+        .replace(
+            "main_domain = \"company.com\"",
+            "main_domain = \"company.com\"\npostmaster = \"ops@company.com\"",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let _node = serve(&cfg, &[admin, smtp]);
+    ok(&dshare(
+        &cfg,
+        &["account", "add", "ops", "--password", "pw"],
+        None,
+    ));
+    ok(&dshare(
+        &cfg,
+        &["account", "add", "abuse@client1.com", "--password", "pw"],
+        None,
+    ));
+    let codes = rcpt_codes(
+        smtp,
+        &[
+            "postmaster",
+            "Postmaster@company.com",
+            "postmaster@client1.com",
+            "abuse@client2.com",
+            "nobody@company.com",
+        ],
+    );
+    assert_eq!(codes, [250, 250, 250, 250, 550]);
+    let out = ok(&dshare(&cfg, &["lookup", "abuse@client2.com"], None));
+    assert!(
+        out.contains("postmaster") && out.contains("outcome: account ops@company.com"),
+        "{out}"
+    );
+    // An account of that name wins over the implicit record.
+    let out = ok(&dshare(&cfg, &["lookup", "abuse@client1.com"], None));
+    assert!(out.contains("outcome: account abuse@client1.com"), "{out}");
+}
+
+#[test]
+fn embedded_defaults_accept_postmaster_on_a_fresh_node() {
+    // The embedded defaults listen on fixed loopback ports.
+    for port in [2525u16, 1110, 1143, 4069, 4070, 9100] {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            eprintln!("SKIPPED: port {port} is in use, cannot run the embedded defaults here");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_remove("DSHARE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _node = common::Serve(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", 2525)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "node did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The account is made just after the listeners open.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let codes = rcpt_codes(
+        2525,
+        &[
+            "<postmaster>",
+            "postmaster@example.com",
+            "abuse@example.com",
+            "x@example.com",
+        ],
+    );
+    assert_eq!(codes, [250, 250, 250, 550]);
+}

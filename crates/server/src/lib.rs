@@ -312,6 +312,48 @@ fn guard_status(e: ds_cluster::Error) -> tonic::Status {
     }
 }
 
+/// Where postmaster@ and abuse@ go: `[node] postmaster`, else `postmaster@MAIN_DOMAIN`.
+fn postmaster_address(config: &Config) -> String {
+    config
+        .node
+        .postmaster
+        .clone()
+        .unwrap_or_else(|| format!("postmaster@{}", config.node.main_domain))
+}
+
+impl NodeState {
+    /// Makes the local account `postmaster@MAIN_DOMAIN` (random password) unless the name is
+    /// taken: for the embedded defaults, so that postmaster@ and abuse@ reach someone.
+    pub async fn ensure_postmaster_account(&self) {
+        let addr = format!("postmaster@{}", self.config.node.main_domain);
+        match self.directory.taken_as(&addr) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let d = self.directory.clone();
+                let a = addr.clone();
+                let made = tokio::task::spawn_blocking(move || {
+                    d.add_account(&a, &random_hex(16), unix_now())
+                })
+                .await;
+                match made {
+                    Ok(Ok(_)) => tracing::info!(
+                        address = %addr,
+                        "made the postmaster account; set its password with `dshare account passwd`"
+                    ),
+                    Ok(Err(e)) => {
+                        tracing::warn!(address = %addr, error = %e, "cannot make the postmaster account")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "postmaster account task failed"),
+                }
+                let _ = self.store.flush_async().await;
+            }
+            Err(e) => {
+                tracing::warn!(address = %addr, error = %e, "cannot check the postmaster account")
+            }
+        }
+    }
+}
+
 /// How often the sampled gauges (uptime, queue, peers) are refreshed.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
@@ -385,6 +427,7 @@ impl Node {
         if let Some(cost) = opts.hash_cost {
             directory = directory.with_hash_cost(cost);
         }
+        directory = directory.with_postmaster(Some(postmaster_address(&config)));
         let token = admin::load_or_create_token(&data_dir).map_err(io("admin token"))?;
         let tls = load_tls(&config, &data_dir)?;
         let secret = load_secret(&config, &data_dir)?;
