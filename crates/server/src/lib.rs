@@ -22,6 +22,7 @@ pub mod config;
 pub mod keys;
 mod metrics_http;
 pub mod queue_admin;
+pub mod status;
 pub mod telemetry;
 
 pub use config::Config;
@@ -105,6 +106,9 @@ pub struct NodeState {
     pub queue: QueueStore,
     /// Wakes the queue runner after an operator's `queue retry`.
     queue_wake: Arc<tokio::sync::Notify>,
+    /// The last hour of samples, for the status page.
+    pub history: status::History,
+    pub started: std::time::Instant,
 }
 
 impl NodeState {
@@ -571,12 +575,14 @@ impl Node {
             mail,
             queue,
             queue_wake: smtp.queue_waker(),
+            history: status::History::default(),
+            started,
         });
         let (trigger, shutdown) = shutdown_pair();
         let mut tasks = vec![];
         tasks.push(tokio::spawn(telemetry::run_sampler(
             state.clone(),
-            started,
+            recorder.clone(),
             SAMPLE_EVERY,
             shutdown.clone(),
         )));
@@ -658,6 +664,8 @@ impl Node {
             tasks.push(tokio::spawn(metrics_http::serve(
                 l,
                 recorder.clone(),
+                state.clone(),
+                token.clone(),
                 shutdown.clone(),
             )));
         }

@@ -275,14 +275,19 @@ pub(crate) fn sample(node: &NodeState, started: Instant) {
 /// Keeps the sampled gauges current until `shutdown` (every `every`).
 pub(crate) async fn run_sampler(
     node: Arc<NodeState>,
-    started: Instant,
+    handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
     every: Duration,
     shutdown: Shutdown,
 ) {
     loop {
         let n = node.clone();
+        let h = handle.clone();
         // Reads the queue from the store: off the reactor.
-        let _ = tokio::task::spawn_blocking(move || sample(&n, started)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            sample(&n, n.started);
+            n.history.record(&n, h.as_ref());
+        })
+        .await;
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = shutdown.wait() => return,
