@@ -54,7 +54,7 @@ fn read(path: &std::path::Path, what: &str, out: &mut Vec<Finding>) -> Option<Ve
         Err(e) => {
             out.push(error(
                 format!("cannot read the {what} {}: {e}", path.display()),
-                format!("check the path and its permissions (`dshare pki` makes the files)"),
+                "check the path and its permissions (`dshare pki` makes the files)",
             ));
             None
         }

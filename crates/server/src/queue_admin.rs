@@ -157,6 +157,11 @@ impl NodeState {
         Ok((lines, json))
     }
 
+    /// The queue, one line per message (`dshare queue list`).
+    pub fn queue_report(&self) -> Result<Vec<String>, String> {
+        self.queue_listing().map(|(lines, _)| lines)
+    }
+
     /// One message: its envelope, each recipient's status and its header (at most
     /// [`MAX_SHOWN_HEADER`] bytes read).
     pub fn queue_show(&self, id: u64) -> Result<(Vec<String>, Value), String> {

@@ -222,10 +222,10 @@ impl QueueStore {
         if let Some(old) = old {
             s.remove(&(old, id));
         }
-        if let Some(new) = new {
-            if !held {
-                s.insert((new, id));
-            }
+        if let Some(new) = new
+            && !held
+        {
+            s.insert((new, id));
         }
     }
 
