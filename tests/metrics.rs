@@ -52,7 +52,7 @@ async fn metrics_count_lookups_cache_hits_and_peer_latency() -> anyhow::Result<(
         "{after}"
     );
     assert!(
-        after.contains("dshare_peer_rpc_seconds{peer=\"node-b\""),
+        after.contains("dshare_peer_rpc_seconds_count{peer=\"node-b\"}"),
         "{after}"
     );
     c.shutdown().await;

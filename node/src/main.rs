@@ -28,6 +28,9 @@ struct Cli {
     /// Admin service address (default: the configuration's first admin listener).
     #[arg(long, global = true)]
     admin: Option<SocketAddr>,
+    /// Print the result as JSON (queue list/show, account list, peers, lookup).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +45,12 @@ enum LogFormat {
 enum Command {
     /// Run a node (embedded defaults when no --config is given).
     Serve,
+    /// Check a configuration and its files (certificate, key, cluster CA, secret, ports);
+    /// prints each problem with its fix.
+    CheckConfig {
+        /// The configuration file (default: --config).
+        file: Option<PathBuf>,
+    },
     /// Manage accounts.
     #[command(subcommand)]
     Account(AccountCmd),
@@ -195,16 +204,64 @@ enum DomainCmd {
     List,
 }
 
+/// Which queued messages a command applies to.
+#[derive(Args, Debug)]
+struct QueueSelectArgs {
+    /// Message ids.
+    ids: Vec<u64>,
+    /// Every queued message.
+    #[arg(long)]
+    all: bool,
+    /// Messages with a pending recipient on this node.
+    #[arg(long)]
+    node: Option<String>,
+    /// Messages with a pending recipient in this domain.
+    #[arg(long)]
+    domain: Option<String>,
+}
+
+impl QueueSelectArgs {
+    fn into_proto(self) -> proto::QueueSelect {
+        proto::QueueSelect {
+            ids: self.ids,
+            all: self.all,
+            node: self.node.unwrap_or_default(),
+            domain: self.domain.unwrap_or_default(),
+            recipient: String::new(),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum QueueCmd {
+    /// List the queued messages.
     List,
-    /// Try a queued message again now.
+    /// Show one message: envelope, status per recipient, header.
+    Show { id: u64 },
+    /// Try queued messages again now (like `postqueue -f` / `postqueue -s`).
     Retry {
-        id: u64,
+        #[command(flatten)]
+        select: QueueSelectArgs,
     },
-    /// Drop a queued message without a bounce.
+    /// Try every queued message again now (`queue retry --all`).
+    Flush,
+    /// Keep messages queued without trying them (like `postsuper -h`).
+    Hold {
+        #[command(flatten)]
+        select: QueueSelectArgs,
+    },
+    /// Let held messages go, trying them at once (like `postsuper -H`).
+    Release {
+        #[command(flatten)]
+        select: QueueSelectArgs,
+    },
+    /// Drop queued messages without a bounce (like `postsuper -d`).
     Delete {
-        id: u64,
+        #[command(flatten)]
+        select: QueueSelectArgs,
+        /// Drop this recipient from every message; a message goes when none is left.
+        #[arg(long)]
+        all_for: Option<String>,
     },
 }
 
@@ -241,9 +298,13 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::CheckConfig { file } = &cli.command {
+        return check_config(file.as_ref().or(cli.config.as_ref()));
+    }
     let config = load_config(&cli.config)?;
     let op = match cli.command {
-        Command::Serve => return serve(config).await,
+        Command::Serve => return serve(config, cli.config.is_none()).await,
+        Command::CheckConfig { .. } => unreachable!("handled above"),
         Command::DevCluster { nodes, data_dir } => return dev_cluster::run(nodes, data_dir).await,
         Command::Pki { out, nodes } => return dev_cluster::write_pki(&out, &nodes),
         Command::Account(c) => match c {
@@ -309,15 +370,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Peers => Op::Peers(proto::Empty {}),
         Command::Queue(c) => match c {
             QueueCmd::List => Op::QueueList(proto::Empty {}),
-            QueueCmd::Retry { id } => Op::QueueRetry(proto::Id { id }),
-            QueueCmd::Delete { id } => Op::QueueDelete(proto::Id { id }),
+            QueueCmd::Show { id } => Op::QueueShow(proto::Id { id }),
+            QueueCmd::Retry { select } => Op::QueueRetrySelect(select.into_proto()),
+            QueueCmd::Flush => Op::QueueRetrySelect(proto::QueueSelect {
+                all: true,
+                ..Default::default()
+            }),
+            QueueCmd::Hold { select } => Op::QueueHold(select.into_proto()),
+            QueueCmd::Release { select } => Op::QueueRelease(select.into_proto()),
+            QueueCmd::Delete { select, all_for } => {
+                let mut s = select.into_proto();
+                s.recipient = all_for.unwrap_or_default();
+                Op::QueueDeleteSelect(s)
+            }
         },
     };
-    admin_call(&config, cli.admin, op).await
+    admin_call(&config, cli.admin, op, cli.json).await
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+fn check_config(file: Option<&PathBuf>) -> anyhow::Result<()> {
+    let path = file.context("give the configuration file: dshare check-config FILE")?;
+    let config = Config::load(path)?;
+    let findings =
+        ds_server::check::check_config(&config, ds_server::check::CheckOptions { ports: true });
+    for f in &findings {
+        println!("{f}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == ds_server::check::Severity::Error)
+        .count();
+    if errors > 0 {
+        bail!("{errors} problem(s) in {}", path.display());
+    }
+    println!("{}: no problems found", path.display());
+    Ok(())
+}
+
+async fn serve(config: Config, embedded_defaults: bool) -> anyhow::Result<()> {
+    // The same checks as `check-config`, but the ports: binding reports those.
+    let findings =
+        ds_server::check::check_config(&config, ds_server::check::CheckOptions::default());
+    let mut errors = 0;
+    for f in &findings {
+        if f.severity == ds_server::check::Severity::Error {
+            errors += 1;
+            eprintln!("{f}");
+        } else {
+            tracing::warn!("{f}");
+        }
+    }
+    if errors > 0 {
+        bail!(
+            "{errors} problem(s) in the configuration (see above; `dshare check-config` lists them)"
+        );
+    }
     let node = Node::start(config, StartOptions::default()).await?;
+    if embedded_defaults {
+        node.state.ensure_postmaster_account().await;
+    }
     let a = node.addrs();
     tracing::info!(smtp = ?a.smtp, pop3 = ?a.pop3, imap = ?a.imap, admin = ?a.admin, "ready");
     ds_net::os_signal().await?;
@@ -327,7 +438,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// Sends one command to the node's admin service and prints the reply.
-async fn admin_call(config: &Config, admin: Option<SocketAddr>, op: Op) -> anyhow::Result<()> {
+async fn admin_call(
+    config: &Config,
+    admin: Option<SocketAddr>,
+    op: Op,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut addr = admin
         .or_else(|| config.listen.admin.first().copied())
         .context("no admin listener configured (give --admin)")?;
@@ -353,8 +469,16 @@ async fn admin_call(config: &Config, admin: Option<SocketAddr>, op: Op) -> anyho
     });
     match client.run(proto::AdminRequest { op: Some(op) }).await {
         Ok(reply) => {
-            for line in reply.into_inner().lines {
-                println!("{line}");
+            let reply = reply.into_inner();
+            if json {
+                if reply.json.is_empty() {
+                    bail!("this command has no JSON output");
+                }
+                println!("{}", reply.json);
+            } else {
+                for line in reply.lines {
+                    println!("{line}");
+                }
             }
             Ok(())
         }

@@ -309,3 +309,257 @@ fn sigterm_drains_and_exits_cleanly() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// A node config using the files `dshare pki` wrote in `pki` (cert and key of `cert_of` and
+/// `key_of`), the cluster CA `ca` and the secret file `secret`.
+fn tls_config(dir: &Path, cert: &Path, key: &Path, ca: &Path, secret: &Path) -> std::path::PathBuf {
+    let path = dir.join("tls.toml");
+    let (p1, p2) = (free_port(), free_port());
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[node]
+id = "node-a"
+advertise = "node-a"
+data_dir = "{data}"
+main_domain = "company.com"
+
+[listen]
+smtp = ["127.0.0.1:{p1}"]
+pop3 = []
+imap = []
+minger = []
+admin = ["127.0.0.1:{p2}"]
+metrics = []
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+cluster_ca = "{ca}"
+
+[cluster]
+secret_file = "{secret}"
+
+[[cluster.peer]]
+id = "node-b"
+minger = "https://node-b:4069"
+"#,
+            data = dir.join("data").display(),
+            cert = cert.display(),
+            key = key.display(),
+            ca = ca.display(),
+            secret = secret.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn check_config_names_each_problem_with_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let other = dir.path().join("other");
+    for (out, nodes) in [(&pki, &["node-a", "node-b"][..]), (&other, &["x"][..])] {
+        let st = Command::new(BIN)
+            .arg("pki")
+            .arg("--out")
+            .arg(out)
+            .args(nodes)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+    let check = |cfg: &Path| {
+        Command::new(BIN)
+            .arg("check-config")
+            .arg(cfg)
+            .output()
+            .unwrap()
+    };
+    // A good configuration.
+    let good = tls_config(
+        dir.path(),
+        &pki.join("node-a.cert.pem"),
+        &pki.join("node-a.key.pem"),
+        &pki.join("ca.pem"),
+        &pki.join("cluster.secret"),
+    );
+    let out = ok(&check(&good));
+    assert!(out.contains("no problems found"), "{out}");
+
+    // Wrong key for the certificate, a short secret, a CA that did not issue the certificate.
+    let short = dir.path().join("short.secret");
+    std::fs::write(&short, "tooshort").unwrap();
+    let bad = tls_config(
+        dir.path(),
+        &pki.join("node-a.cert.pem"),
+        &pki.join("node-b.key.pem"),
+        &other.join("ca.pem"),
+        &short,
+    );
+    let out = check(&bad);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("does not match the certificate"), "{text}");
+    assert!(text.contains("8 characters; at least 16"), "{text}");
+    assert!(
+        text.contains("did not issue this node's certificate"),
+        "{text}"
+    );
+    assert_eq!(text.matches("  fix: ").count(), 3, "{text}");
+
+    // `serve` refuses the same configuration, naming the problems.
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let e = err(&out);
+    assert!(
+        e.contains("does not match the certificate") && e.contains("check-config"),
+        "{e}"
+    );
+
+    // A port in use is named by check-config.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&good).unwrap();
+    let smtp_line = text
+        .lines()
+        .find(|l| l.starts_with("smtp = "))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &good,
+        text.replace(&smtp_line, &format!("smtp = [\"127.0.0.1:{port}\"]")),
+    )
+    .unwrap();
+    let out = check(&good);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains(&format!("listen.smtp: cannot bind 127.0.0.1:{port}")),
+        "{text}"
+    );
+}
+
+/// Runs a python3 smtplib script; returns its output.
+fn python(script: &str) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn rcpt_codes(port: u16, rcpts: &[&str]) -> Vec<u16> {
+    let list: Vec<String> = rcpts.iter().map(|r| format!("{r:?}")).collect();
+    let out = python(&format!(
+        r#"
+import smtplib
+s = smtplib.SMTP("127.0.0.1", {port}, timeout=20)
+s.ehlo("client.example.net")
+s.mail("someone@example.net")
+for r in [{}]:
+    print(s.rcpt(r)[0])
+s.quit()
+"#,
+        list.join(", ")
+    ));
+    out.lines().map(|l| l.trim().parse().unwrap()).collect()
+}
+
+#[test]
+fn postmaster_and_abuse_go_to_the_operator_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let smtp = free_port();
+    let cfg = write_config(dir.path(), admin);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text
+        .replace("smtp = []", &format!("smtp = [\"127.0.0.1:{smtp}\"]"))
+        .replace(
+            "main_domain = \"company.com\"",
+            "main_domain = \"company.com\"\npostmaster = \"ops@company.com\"",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let _node = serve(&cfg, &[admin, smtp]);
+    ok(&dshare(
+        &cfg,
+        &["account", "add", "ops", "--password", "pw"],
+        None,
+    ));
+    ok(&dshare(
+        &cfg,
+        &["account", "add", "abuse@client1.com", "--password", "pw"],
+        None,
+    ));
+    let codes = rcpt_codes(
+        smtp,
+        &[
+            "postmaster",
+            "Postmaster@company.com",
+            "postmaster@client1.com",
+            "abuse@client2.com",
+            "nobody@company.com",
+        ],
+    );
+    assert_eq!(codes, [250, 250, 250, 250, 550]);
+    let out = ok(&dshare(&cfg, &["lookup", "abuse@client2.com"], None));
+    assert!(
+        out.contains("postmaster") && out.contains("outcome: account ops@company.com"),
+        "{out}"
+    );
+    // An account of that name wins over the implicit record.
+    let out = ok(&dshare(&cfg, &["lookup", "abuse@client1.com"], None));
+    assert!(out.contains("outcome: account abuse@client1.com"), "{out}");
+}
+
+#[test]
+fn embedded_defaults_accept_postmaster_on_a_fresh_node() {
+    // The embedded defaults listen on fixed loopback ports.
+    for port in [2525u16, 1110, 1143, 4069, 4070, 9100] {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            eprintln!("SKIPPED: port {port} is in use, cannot run the embedded defaults here");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_remove("DSHARE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _node = common::Serve(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", 2525)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "node did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The account is made just after the listeners open.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let codes = rcpt_codes(
+        2525,
+        &[
+            "<postmaster>",
+            "postmaster@example.com",
+            "abuse@example.com",
+            "x@example.com",
+        ],
+    );
+    assert_eq!(codes, [250, 250, 250, 550]);
+}

@@ -327,7 +327,9 @@ impl Locator {
         purpose: Purpose,
         budget: &FanoutBudget,
     ) -> Location {
+        let started = std::time::Instant::now();
         let location = self.locate_uncounted(address, purpose, budget).await;
+        metrics::histogram!("dshare_lookup_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("dshare_lookups_total", "outcome" => location.outcome()).increment(1);
         location
     }

@@ -216,6 +216,8 @@ pub struct Directory {
     routes: Table<Route>,
     lists: Table<MailingList>,
     cost: HashCost,
+    /// The operator's address: the implicit last-resort target of postmaster@ and abuse@.
+    postmaster: Option<String>,
 }
 
 /// A hash verified on unknown accounts, so that an unknown user costs the same time as a
@@ -231,7 +233,20 @@ impl Directory {
             routes: store.table("dir.routes")?,
             lists: store.table("dir.lists")?,
             cost: HashCost::default(),
+            postmaster: None,
         })
+    }
+
+    /// Routes postmaster@ and abuse@ of every served domain to `address` when no account,
+    /// alias, list or Router record of that name exists (RFC 5321 §4.5.1, RFC 2142).
+    pub fn with_postmaster(mut self, address: Option<String>) -> Self {
+        self.postmaster = address;
+        self
+    }
+
+    /// The operator address postmaster@ and abuse@ fall back to, if any.
+    pub fn postmaster(&self) -> Option<&str> {
+        self.postmaster.as_deref()
     }
 
     /// Sets the Argon2id cost for new hashes (existing hashes keep theirs).

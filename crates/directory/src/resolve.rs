@@ -194,6 +194,18 @@ impl Directory {
                     outcome: Outcome::List(full),
                 });
             }
+            // The implicit last-resort record: postmaster@ and abuse@ of a served domain.
+            if let Some(target) = self.postmaster()
+                && matches!(addr.local(), "postmaster" | "abuse")
+                && !target.eq_ignore_ascii_case(&full)
+            {
+                addr = Address::parse(target)?;
+                steps.push(Step {
+                    rule: "postmaster",
+                    result: addr.to_string(),
+                });
+                continue;
+            }
             return Ok(Resolution {
                 steps,
                 outcome: Outcome::Unknown(full),

@@ -93,7 +93,26 @@ pub(crate) fn status(e: DirError) -> Status {
 fn lines(v: impl IntoIterator<Item = String>) -> Response<AdminReply> {
     Response::new(AdminReply {
         lines: v.into_iter().collect(),
+        json: String::new(),
     })
+}
+
+fn with_json(v: Vec<String>, json: serde_json::Value) -> Response<AdminReply> {
+    Response::new(AdminReply {
+        lines: v,
+        json: json.to_string(),
+    })
+}
+
+fn selection(s: proto::QueueSelect) -> crate::queue_admin::Selection {
+    let opt = |x: String| (!x.is_empty()).then_some(x);
+    crate::queue_admin::Selection {
+        ids: s.ids,
+        all: s.all,
+        node: opt(s.node),
+        domain: opt(s.domain),
+        recipient: opt(s.recipient),
+    }
 }
 
 fn one(s: impl Into<String>) -> Response<AdminReply> {
@@ -138,16 +157,34 @@ impl AdminService {
             Op::AccountList(f) => {
                 let domain = (!f.domain.is_empty()).then_some(f.domain.as_str());
                 let accounts = dir.accounts(domain).map_err(status)?;
-                Ok(lines(accounts.into_iter().map(|a| {
-                    let mut s = a.address;
-                    if !a.enabled {
-                        s.push_str(" (disabled)");
-                    }
-                    if !a.aliases.is_empty() {
-                        s.push_str(&format!(" aliases: {}", a.aliases.join(", ")));
-                    }
-                    s
-                })))
+                let json = serde_json::Value::Array(
+                    accounts
+                        .iter()
+                        .map(|a| {
+                            serde_json::json!({
+                                "address": a.address,
+                                "enabled": a.enabled,
+                                "aliases": a.aliases,
+                            })
+                        })
+                        .collect(),
+                );
+                Ok(with_json(
+                    accounts
+                        .into_iter()
+                        .map(|a| {
+                            let mut s = a.address;
+                            if !a.enabled {
+                                s.push_str(" (disabled)");
+                            }
+                            if !a.aliases.is_empty() {
+                                s.push_str(&format!(" aliases: {}", a.aliases.join(", ")));
+                            }
+                            s
+                        })
+                        .collect(),
+                    json,
+                ))
             }
             Op::AccountPasswd(a) => {
                 if a.password.is_empty() {
@@ -257,12 +294,53 @@ impl AdminService {
                     .enumerate()
                     .map(|(i, s)| format!("{}. {s}", i + 1))
                     .collect();
+                let steps: Vec<String> = res.steps.iter().map(|s| s.to_string()).collect();
                 out.push(format!("local outcome: {}", res.outcome));
-                out.extend(node.where_is(&res.outcome).await);
-                Ok(lines(out))
+                let located = node.where_is(&res.outcome).await;
+                out.extend(located.iter().cloned());
+                let json = serde_json::json!({
+                    "name": l.name,
+                    "steps": steps,
+                    "outcome": res.outcome.to_string(),
+                    "location": located,
+                });
+                Ok(with_json(out, json))
             }
-            Op::Peers(_) => Ok(lines(node.peers_report())),
-            Op::QueueList(_) => Ok(lines(node.queue_report().map_err(Status::internal)?)),
+            Op::Peers(_) => Ok(with_json(node.peers_report(), node.peers_json())),
+            Op::QueueList(_) => {
+                let (l, j) = node.queue_listing().map_err(Status::internal)?;
+                Ok(with_json(l, j))
+            }
+            Op::QueueShow(id) => {
+                let (l, j) = node.queue_show(id.id).map_err(Status::not_found)?;
+                Ok(with_json(l, j))
+            }
+            Op::QueueRetrySelect(s) => {
+                let n = node
+                    .queue_retry_selected(&selection(s))
+                    .map_err(Status::failed_precondition)?;
+                Ok(one(format!("{n} message(s) scheduled now")))
+            }
+            Op::QueueHold(s) => {
+                let n = node
+                    .queue_hold_selected(&selection(s), true)
+                    .map_err(Status::failed_precondition)?;
+                Ok(one(format!("{n} message(s) held")))
+            }
+            Op::QueueRelease(s) => {
+                let n = node
+                    .queue_hold_selected(&selection(s), false)
+                    .map_err(Status::failed_precondition)?;
+                Ok(one(format!("{n} message(s) released")))
+            }
+            Op::QueueDeleteSelect(s) => {
+                let (m, r) = node
+                    .queue_delete_selected(&selection(s))
+                    .map_err(Status::failed_precondition)?;
+                Ok(one(format!(
+                    "{m} message(s) deleted, {r} recipient(s) dropped"
+                )))
+            }
             Op::QueueRetry(id) => {
                 node.queue_retry(id.id).map_err(Status::not_found)?;
                 Ok(one(format!("message {} scheduled now", id.id)))

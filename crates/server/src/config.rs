@@ -36,6 +36,10 @@ pub struct NodeSection {
     pub main_domain: String,
     /// Host name peers use to reach this node's SMTP/POP3/IMAP.
     pub advertise: String,
+    /// Where mail to postmaster@ and abuse@ of every served domain goes, unless an account,
+    /// alias or Router record of that name exists (RFC 5321 §4.5.1, RFC 2142). Unset:
+    /// `postmaster@MAIN_DOMAIN` (on the embedded defaults a local account made on first start).
+    pub postmaster: Option<String>,
 }
 
 impl Default for NodeSection {
@@ -45,6 +49,7 @@ impl Default for NodeSection {
             data_dir: PathBuf::from("dshare-data"),
             main_domain: "example.com".into(),
             advertise: "127.0.0.1".into(),
+            postmaster: None,
         }
     }
 }

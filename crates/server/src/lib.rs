@@ -17,9 +17,13 @@ use ds_net::{Shutdown, ShutdownTrigger, shutdown_pair};
 use ds_store::{MailStore, QueueStore, Store, unix_now};
 
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod keys;
 mod metrics_http;
+pub mod queue_admin;
+pub mod status;
+pub mod telemetry;
 
 pub use config::Config;
 pub use keys::ClusterKeys;
@@ -102,6 +106,9 @@ pub struct NodeState {
     pub queue: QueueStore,
     /// Wakes the queue runner after an operator's `queue retry`.
     queue_wake: Arc<tokio::sync::Notify>,
+    /// The last hour of samples, for the status page.
+    pub history: status::History,
+    pub started: std::time::Instant,
 }
 
 impl NodeState {
@@ -222,6 +229,31 @@ impl NodeState {
         }
     }
 
+    /// Each peer's state, last round trip and last error, as JSON.
+    pub fn peers_json(&self) -> serde_json::Value {
+        let secs = |t: Option<std::time::SystemTime>| {
+            t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+        };
+        serde_json::Value::Array(
+            self.locator
+                .peers_status()
+                .into_iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "id": p.id,
+                        "minger": p.minger_url,
+                        "state": peer_state_name(&p.state),
+                        "rtt_ms": p.last_rtt.map(|r| r.as_secs_f64() * 1000.0),
+                        "last_success": secs(p.last_success),
+                        "last_error": p.last_error,
+                        "last_error_at": secs(p.last_error_at),
+                    })
+                })
+                .collect(),
+        )
+    }
+
     pub fn peers_report(&self) -> Vec<String> {
         let peers = self.locator.peers_status();
         if peers.is_empty() {
@@ -230,11 +262,7 @@ impl NodeState {
         peers
             .into_iter()
             .map(|p| {
-                let state = match p.state {
-                    ds_cluster::PeerState::Unknown => "unknown",
-                    ds_cluster::PeerState::Up => "up",
-                    ds_cluster::PeerState::Down => "down",
-                };
+                let state = peer_state_name(&p.state);
                 let mut s = format!("{} {} {state}", p.id, p.minger_url);
                 if let Some(rtt) = p.last_rtt {
                     s.push_str(&format!(" rtt={:.1}ms", rtt.as_secs_f64() * 1000.0));
@@ -245,41 +273,6 @@ impl NodeState {
                 s
             })
             .collect()
-    }
-
-    pub fn queue_report(&self) -> std::result::Result<Vec<String>, String> {
-        let entries = self.queue.list().map_err(|e| e.to_string())?;
-        if entries.is_empty() {
-            return Ok(vec!["queue is empty".into()]);
-        }
-        let now = unix_now();
-        Ok(entries
-            .into_iter()
-            .map(|e| {
-                let rcpts: Vec<String> = e
-                    .recipients
-                    .iter()
-                    .map(|r| {
-                        let owner = r.owner.as_deref().unwrap_or("?");
-                        format!("{} via {owner} {:?}", r.address, r.state)
-                    })
-                    .collect();
-                format!(
-                    "{} from=<{}> size={} age={}s attempts={} next_in={}s{} to: {}{}",
-                    e.id,
-                    e.sender,
-                    e.size,
-                    now - e.created,
-                    e.attempts,
-                    (e.next_attempt - now).max(0),
-                    if e.hop { " hop" } else { "" },
-                    rcpts.join(", "),
-                    e.last_error
-                        .map(|x| format!(" last_error={x:?}"))
-                        .unwrap_or_default()
-                )
-            })
-            .collect())
     }
 
     pub fn queue_retry(&self, id: u64) -> std::result::Result<(), String> {
@@ -302,6 +295,14 @@ impl NodeState {
     }
 }
 
+pub(crate) fn peer_state_name(s: &ds_cluster::PeerState) -> &'static str {
+    match s {
+        ds_cluster::PeerState::Unknown => "unknown",
+        ds_cluster::PeerState::Up => "up",
+        ds_cluster::PeerState::Down => "down",
+    }
+}
+
 /// A refused creation (account, alias, list) as the admin service answers it.
 fn guard_status(e: ds_cluster::Error) -> tonic::Status {
     use ds_cluster::Error as E;
@@ -314,6 +315,51 @@ fn guard_status(e: ds_cluster::Error) -> tonic::Status {
         other => tonic::Status::internal(other.to_string()),
     }
 }
+
+/// Where postmaster@ and abuse@ go: `[node] postmaster`, else `postmaster@MAIN_DOMAIN`.
+fn postmaster_address(config: &Config) -> String {
+    config
+        .node
+        .postmaster
+        .clone()
+        .unwrap_or_else(|| format!("postmaster@{}", config.node.main_domain))
+}
+
+impl NodeState {
+    /// Makes the local account `postmaster@MAIN_DOMAIN` (random password) unless the name is
+    /// taken: for the embedded defaults, so that postmaster@ and abuse@ reach someone.
+    pub async fn ensure_postmaster_account(&self) {
+        let addr = format!("postmaster@{}", self.config.node.main_domain);
+        match self.directory.taken_as(&addr) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let d = self.directory.clone();
+                let a = addr.clone();
+                let made = tokio::task::spawn_blocking(move || {
+                    d.add_account(&a, &random_hex(16), unix_now())
+                })
+                .await;
+                match made {
+                    Ok(Ok(_)) => tracing::info!(
+                        address = %addr,
+                        "made the postmaster account; set its password with `dshare account passwd`"
+                    ),
+                    Ok(Err(e)) => {
+                        tracing::warn!(address = %addr, error = %e, "cannot make the postmaster account")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "postmaster account task failed"),
+                }
+                let _ = self.store.flush_async().await;
+            }
+            Err(e) => {
+                tracing::warn!(address = %addr, error = %e, "cannot check the postmaster account")
+            }
+        }
+    }
+}
+
+/// How often the sampled gauges (uptime, queue, peers) are refreshed.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// Options that are not part of the configuration file.
 #[derive(Debug, Clone, Default)]
@@ -371,6 +417,11 @@ impl Node {
     /// Opens the store, binds every configured listener and starts serving.
     pub async fn start(config: Config, opts: StartOptions) -> Result<Node> {
         ds_net::ensure_crypto_provider();
+        let started = std::time::Instant::now();
+        // The recorder first, so every series registered below is kept.
+        let recorder = metrics_http::recorder();
+        let peer_ids: Vec<String> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
+        telemetry::register_all(&config.node.id, &peer_ids);
         let data_dir = config.node.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .map_err(io(format!("cannot create data dir {}", data_dir.display())))?;
@@ -380,6 +431,7 @@ impl Node {
         if let Some(cost) = opts.hash_cost {
             directory = directory.with_hash_cost(cost);
         }
+        directory = directory.with_postmaster(Some(postmaster_address(&config)));
         let token = admin::load_or_create_token(&data_dir).map_err(io("admin token"))?;
         let tls = load_tls(&config, &data_dir)?;
         let secret = load_secret(&config, &data_dir)?;
@@ -533,9 +585,17 @@ impl Node {
             mail,
             queue,
             queue_wake: smtp.queue_waker(),
+            history: status::History::default(),
+            started,
         });
         let (trigger, shutdown) = shutdown_pair();
         let mut tasks = vec![];
+        tasks.push(tokio::spawn(telemetry::run_sampler(
+            state.clone(),
+            recorder.clone(),
+            SAMPLE_EVERY,
+            shutdown.clone(),
+        )));
         for l in admin_l {
             tasks.push(tokio::spawn(serve_admin(
                 l,
@@ -610,11 +670,12 @@ impl Node {
                 }
             }));
         }
-        let recorder = metrics_http::recorder();
         for l in metrics_l {
             tasks.push(tokio::spawn(metrics_http::serve(
                 l,
                 recorder.clone(),
+                state.clone(),
+                token.clone(),
                 shutdown.clone(),
             )));
         }

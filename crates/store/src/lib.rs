@@ -19,7 +19,7 @@ pub mod queue;
 
 pub use body::{Bodies, BodyReader, BodyRef, BodyWriter, INLINE_MAX, MessageReader, StagedBody};
 pub use mailbox::{MailStore, MailboxInfo, MessageMeta};
-pub use queue::{QueueEntry, QueueStore};
+pub use queue::{QueueEntry, QueueStore, QueuedRecipient, RecipientState};
 
 /// The schema this build writes. Recorded in the database on first open; a database written
 /// by a newer schema is refused, an older one is migrated by [`Store::open`].

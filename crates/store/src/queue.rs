@@ -19,6 +19,8 @@ use crate::body::{BodyRef, BodyTx, DEAD_TREE, INLINE_TREE, MessageReader, REFS_T
 use crate::{Error, Result, StagedBody, Store, Table};
 
 pub(crate) const ENTRIES: &str = "queue";
+/// Ids of entries the operator holds (`dshare queue hold`): kept, never due, until released.
+pub(crate) const HELD: &str = "queue_held";
 /// Schema 1's bodies; read only by the migration.
 pub(crate) const V1_BODIES: &str = "queue_bodies";
 
@@ -110,6 +112,10 @@ pub struct QueueStore {
     /// `(next_attempt, id)` of every entry, rebuilt from disk at start: due entries, the
     /// next due time and the length without scanning the queue.
     schedule: Arc<Mutex<BTreeSet<(i64, u64)>>>,
+    /// On-disk set of held entry ids (see [`HELD`]).
+    held_tree: sled::Tree,
+    /// Held entry ids: out of the schedule, so the runner never sees them as due.
+    held: Arc<Mutex<BTreeSet<u64>>>,
 }
 
 impl std::fmt::Debug for QueueStore {
@@ -132,9 +138,21 @@ fn tx_result<T>(r: std::result::Result<T, TransactionError<Error>>) -> Result<T>
 impl QueueStore {
     pub fn new(store: &Store) -> Result<QueueStore> {
         let entries: Table<QueueEntry> = store.table(ENTRIES)?;
+        let held_tree = store.tree(HELD)?;
+        let mut held = BTreeSet::new();
+        for kv in held_tree.iter() {
+            let (k, _) = kv?;
+            if let Ok(b) = <[u8; 8]>::try_from(k.as_ref()) {
+                held.insert(u64::from_be_bytes(b));
+            }
+        }
         let schedule = entries
             .iter()
-            .map(|kv| kv.map(|(_, e)| (e.next_attempt, e.id)))
+            .filter_map(|kv| match kv {
+                Ok((_, e)) if held.contains(&e.id) => None,
+                Ok((_, e)) => Some(Ok((e.next_attempt, e.id))),
+                Err(e) => Some(Err(e)),
+            })
             .collect::<Result<BTreeSet<_>>>()?;
         Ok(QueueStore {
             store: store.clone(),
@@ -144,7 +162,53 @@ impl QueueStore {
             refs: store.tree(REFS_TREE)?,
             dead: store.tree(DEAD_TREE)?,
             schedule: Arc::new(Mutex::new(schedule)),
+            held_tree,
+            held: Arc::new(Mutex::new(held)),
         })
+    }
+
+    fn held_ids(&self) -> MutexGuard<'_, BTreeSet<u64>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the operator holds entry `id` (the runner skips held entries).
+    pub fn is_held(&self, id: u64) -> bool {
+        self.held_ids().contains(&id)
+    }
+
+    /// Holds an entry: it stays queued but is never due until [`Self::release`]. Returns
+    /// whether it was newly held; `NotFound` if there is no such entry. Does not flush.
+    pub fn hold(&self, id: u64) -> Result<bool> {
+        let Some(entry) = self.get(id)? else {
+            return Err(Error::NotFound(format!("no queue entry {id}")));
+        };
+        if self.held_tree.insert(key(id), &[][..])?.is_some() {
+            return Ok(false);
+        }
+        self.held_ids().insert(id);
+        self.schedule().remove(&(entry.next_attempt, id));
+        Ok(true)
+    }
+
+    /// Releases a held entry and makes it due at once. Returns whether it was held;
+    /// `NotFound` if there is no such entry. Does not flush.
+    pub fn release(&self, id: u64) -> Result<bool> {
+        if self.get(id)?.is_none() {
+            self.held_tree.remove(key(id))?;
+            self.held_ids().remove(&id);
+            return Err(Error::NotFound(format!("no queue entry {id}")));
+        }
+        let was = self.held_tree.remove(key(id))?.is_some();
+        self.held_ids().remove(&id);
+        if was {
+            self.retry_now(id)?;
+        }
+        Ok(was)
+    }
+
+    /// Number of held entries.
+    pub fn held_len(&self) -> usize {
+        self.held_ids().len()
     }
 
     fn schedule(&self) -> MutexGuard<'_, BTreeSet<(i64, u64)>> {
@@ -153,11 +217,14 @@ impl QueueStore {
 
     /// Moves an entry in the schedule after its `next_attempt` changed.
     fn reschedule(&self, id: u64, old: Option<i64>, new: Option<i64>) {
+        let held = self.is_held(id);
         let mut s = self.schedule();
         if let Some(old) = old {
             s.remove(&(old, id));
         }
-        if let Some(new) = new {
+        if let Some(new) = new
+            && !held
+        {
             s.insert((new, id));
         }
     }
@@ -363,6 +430,9 @@ impl QueueStore {
         )?;
         if let Some(e) = &removed {
             self.reschedule(id, Some(e.next_attempt), None);
+            if self.held_ids().remove(&id) {
+                self.held_tree.remove(k)?;
+            }
         }
         Ok(removed)
     }
@@ -386,13 +456,13 @@ impl QueueStore {
         }
     }
 
-    /// Number of queued entries (from the schedule: no scan).
+    /// Number of queued entries, held ones included (from the schedule: no scan).
     pub fn len(&self) -> usize {
-        self.schedule().len()
+        self.schedule().len() + self.held_len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.schedule().is_empty()
+        self.len() == 0
     }
 }
 
@@ -465,6 +535,45 @@ mod tests {
         assert_eq!(q.len(), 1);
         assert_eq!(q.next_due(), Some(200));
         assert_eq!(store.tree(INLINE_TREE).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn held_entries_are_never_due_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let q = QueueStore::new(&store).unwrap();
+            a = q.enqueue("", rcpts(&["x@c.com"]), b"a", false, 1).unwrap();
+            b = q.enqueue("", rcpts(&["y@c.com"]), b"b", false, 1).unwrap();
+            assert!(q.hold(a).unwrap());
+            assert!(!q.hold(a).unwrap(), "already held");
+            assert!(q.is_held(a) && !q.is_held(b));
+            assert_eq!(q.len(), 2);
+            assert_eq!(
+                q.due(10).unwrap().iter().map(|e| e.id).collect::<Vec<_>>(),
+                [b]
+            );
+            // An attempt that ends after the hold does not make it due again.
+            let mut e = q.get(a).unwrap().unwrap();
+            e.next_attempt = 5;
+            q.update(&e).unwrap();
+            q.retry_now(a).unwrap();
+            assert_eq!(q.due(10).unwrap().len(), 1);
+            assert!(matches!(q.hold(999), Err(Error::NotFound(_))));
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let q = QueueStore::new(&store).unwrap();
+        assert!(q.is_held(a));
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.due(10).unwrap().len(), 1);
+        assert!(q.release(a).unwrap());
+        assert!(!q.release(a).unwrap());
+        assert_eq!(q.due(10).unwrap().len(), 2);
+        q.hold(b).unwrap();
+        q.remove(b).unwrap();
+        assert_eq!((q.len(), q.held_len()), (1, 0));
     }
 
     #[test]
