@@ -9,6 +9,8 @@ pub enum Error {
     Store(#[from] ds_store::Error),
     #[error(transparent)]
     Directory(#[from] ds_directory::Error),
+    #[error(transparent)]
+    Access(#[from] ds_access::Error),
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }

@@ -64,6 +64,9 @@ pub struct ImapConfig {
     pub tls_handshake_timeout: Duration,
     /// Failed-login delays: one throttle per node, shared with every login protocol.
     pub throttle: Arc<LoginThrottle>,
+    /// The node's bounded, cached password checks, shared with every login protocol. `None`:
+    /// one of this service's own with the default bounds.
+    pub passwords: Option<Arc<ds_access::PasswordChecker>>,
     /// The session-proof key: signs the `ID` this node sends when forwarding and checks the ones
     /// it receives. Without it this node neither forwards nor accepts forwarded sessions.
     pub proof_key: Option<ProofKey>,
@@ -94,6 +97,7 @@ impl Default for ImapConfig {
             max_bad_commands: 20,
             tls_handshake_timeout: Duration::from_secs(10),
             throttle: Arc::new(LoginThrottle::default()),
+            passwords: None,
             proof_key: None,
             peer_tls: None,
             peer_timeout: Duration::from_secs(30),
@@ -109,6 +113,7 @@ pub struct Imap {
     pub(crate) mail: MailStore,
     pub(crate) store: Store,
     pub(crate) locator: Arc<dyn Locate>,
+    pub(crate) passwords: Arc<ds_access::PasswordChecker>,
     /// For STARTTLS; `None`: STARTTLS is not offered.
     pub(crate) tls_acceptor: Option<TlsAcceptor>,
 }
@@ -133,7 +138,14 @@ impl Imap {
         locator: Arc<dyn Locate>,
         tls_acceptor: Option<TlsAcceptor>,
     ) -> Arc<Imap> {
+        let passwords = config.passwords.clone().unwrap_or_else(|| {
+            Arc::new(ds_access::PasswordChecker::new(
+                directory.clone(),
+                ds_access::CheckerConfig::default(),
+            ))
+        });
         Arc::new(Imap {
+            passwords,
             config,
             directory,
             mail,

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use ds_access::imap_client::{self, OwnerLogin, OwnerLoginError, OwnerSession, OwnerTls, Timeouts};
 pub use ds_access::sasl::{PlainCredentials, Secret, decode_plain};
-use ds_access::{LoginOwner, Owner, Service};
+use ds_access::{Check, LoginOwner, Owner, Service};
 use ds_directory::{Outcome, ResolveContext};
 use ds_net::{ConnContext, TlsConnector};
 
@@ -46,6 +46,8 @@ pub struct Attempt<'a> {
     pub forwarded: bool,
     /// This session's id (sent to the owner as `x-session-id`).
     pub session_id: &'a str,
+    /// The connection's budget of uncached peer lookups.
+    pub fanouts: &'a ds_access::FanoutBudget,
 }
 
 fn domain_of(address: &str) -> &str {
@@ -69,7 +71,13 @@ pub async fn login(
         Ok(r) => r,
         Err(ds_directory::Error::Name(_)) => {
             throttle_wait(imap, client, None).await;
-            let _ = verify(imap, &format!("invalid@{}", imap.config.hostname), password).await;
+            let _ = verify(
+                imap,
+                client,
+                &format!("invalid@{}", imap.config.hostname),
+                password,
+            )
+            .await;
             return failed(imap, client, None, "invalid login name");
         }
         Err(e) => return temp_failed(&format!("resolving: {e}")),
@@ -77,13 +85,14 @@ pub async fn login(
     match resolution.outcome {
         Outcome::Account { address, .. } => {
             throttle_wait(imap, client, Some(&address)).await;
-            match verify(imap, &address, password).await {
-                Ok(true) => {
+            match verify(imap, client, &address, password).await {
+                Ok(Check::Ok) => {
                     imap.config.throttle.record_success(&address);
                     count_login("ok");
                     LoginOutcome::Local(address)
                 }
-                Ok(false) => failed(imap, client, Some(&address), "bad password or disabled"),
+                Ok(Check::Bad) => failed(imap, client, Some(&address), "bad password or disabled"),
+                Ok(Check::Busy) => temp_failed("too many password checks in progress"),
                 Err(e) => temp_failed(&format!("verifying: {e}")),
             }
         }
@@ -100,6 +109,7 @@ pub async fn login(
             throttle_wait(imap, client, address.as_deref()).await;
             let _ = verify(
                 imap,
+                client,
                 address.as_deref().unwrap_or("unknown@invalid"),
                 password,
             )
@@ -116,6 +126,7 @@ pub async fn login(
             throttle_wait(imap, client, address.as_deref()).await;
             let _ = verify(
                 imap,
+                client,
                 address.as_deref().unwrap_or("unknown@invalid"),
                 password,
             )
@@ -134,12 +145,15 @@ async fn forward(
     password: &Secret,
 ) -> LoginOutcome {
     let client = attempt.client;
-    let mut lookup = imap.locator.locate_login(address, Service::Imap).await;
+    let mut lookup = imap
+        .locator
+        .locate_login_bounded(address, Service::Imap, attempt.fanouts)
+        .await;
     for round in 0..2 {
         let owner = match lookup {
             LoginOwner::Remote(owner) => owner,
             LoginOwner::NotFound(reason) => {
-                let _ = verify(imap, address, password).await;
+                let _ = verify(imap, client, address, password).await;
                 return failed(imap, client, Some(address), &reason);
             }
             LoginOwner::TempFail(reason) => return temp_failed(&format!("locating: {reason}")),
@@ -243,13 +257,15 @@ async fn throttle_wait(imap: &Imap, client: IpAddr, account: Option<&str>) {
     }
 }
 
-/// Argon2 off the async threads.
-async fn verify(imap: &Imap, address: &str, password: &Secret) -> crate::Result<bool> {
-    let directory = imap.directory.clone();
-    let address = address.to_owned();
-    let password = password.clone();
-    Ok(
-        tokio::task::spawn_blocking(move || directory.verify_password(&address, password.expose()))
-            .await??,
-    )
+/// The node's bounded, cached password check (Argon2 off the async threads), shared with POP3.
+async fn verify(
+    imap: &Imap,
+    client: IpAddr,
+    address: &str,
+    password: &Secret,
+) -> crate::Result<Check> {
+    Ok(imap
+        .passwords
+        .check(client, address, password.expose())
+        .await?)
 }

@@ -84,6 +84,8 @@ pub(crate) struct Session {
     /// The owner's session after a forwarded login: spliced with the client's once the tagged
     /// answer is queued.
     pub splice_to: Option<ds_access::owner::OwnerConn>,
+    /// Uncached peer lookups this connection may still cause (DESIGN §9).
+    pub fanouts: ds_access::FanoutBudget,
     /// The message of the APPEND being read, streamed into the body store (imap-next gets an
     /// empty literal in its place); taken by [`Session::append`].
     pub staged_append: Option<ds_store::StagedBody>,
@@ -116,6 +118,7 @@ pub(crate) async fn run(imap: Arc<Imap>, stream: MailStream, ctx: ConnContext, s
         let mut conn = LineConn::new(stream);
         conn.set_write_timeout(ds_net::DEFAULT_WRITE_TIMEOUT);
         let imap_hostname = imap.config.hostname.clone();
+        let fanouts = imap.locator.fanout_budget();
         let mut session = Session {
             client: ctx.peer.ip(),
             server: new_server(&imap),
@@ -131,6 +134,7 @@ pub(crate) async fn run(imap: Arc<Imap>, stream: MailStream, ctx: ConnContext, s
             auth_tag: None,
             pending: None,
             nonce: ds_access::proof::greeting_nonce(&imap_hostname),
+            fanouts,
             forwarded: None,
             splice_to: None,
             staged_append: None,

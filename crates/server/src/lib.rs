@@ -565,6 +565,7 @@ impl Node {
                 idle_timeout: limits.imap_idle,
                 max_message_size: limits.message_size,
                 throttle: Arc::clone(&throttle),
+                passwords: Some(Arc::clone(&passwords)),
                 proof_key: Some(proof_key.clone()),
                 peer_tls: peer_tls.clone(),
                 body_budget: body_budget.clone(),

@@ -51,6 +51,7 @@ impl Session {
             client: self.client,
             forwarded: self.forwarded.is_some(),
             session_id: &session_id,
+            fanouts: &self.fanouts,
         };
         let outcome = login::login(&self.imap, attempt, name, password).await;
         Ok(match outcome {
