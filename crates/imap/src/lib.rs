@@ -8,9 +8,10 @@
 //! - [`op`]: one small module per command family, so a reader finds a command by its name.
 //! - [`mailbox_view`]: a selected mailbox as one session sees it (sequence numbers, `\Recent`,
 //!   changes not yet announced).
-//! - [`login`]: name resolution and password checks, shared with POP3 (moves to ds-access).
-//! - [`msg`]: ENVELOPE, BODYSTRUCTURE, BODY[section], SEARCH and modified UTF-7 (moves to
-//!   ds-message).
+//! - [`login`]: name resolution, the node's shared password checker, throttle and fan-out
+//!   budget (ds-access), and forwarding to the owner.
+//! - [`msg`]: the session's use of ds-message (ENVELOPE, BODYSTRUCTURE, BODY[section], SEARCH,
+//!   modified UTF-7) and the per-body structure cache.
 //!
 //! Accounts owned by a peer are forwarded ([`login`], `ds_access::imap_client`): the owner's
 //! session is spliced with the client's after a login the owner accepted.
