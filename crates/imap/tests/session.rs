@@ -95,12 +95,12 @@ s.close()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn account_on_a_peer_is_unavailable_for_now() -> anyhow::Result<()> {
+async fn account_on_a_peer_is_forwarded_and_bad_logins_fail_alike() -> anyhow::Result<()> {
     let c = ds_testkit::Cluster::start(2).await?;
     c.node(1).add_account(USER, PASS).await?;
     let script = r#"
-m = imaplib.IMAP4(HOST, PORT)
 for name, pw in [("bob", PASS), ("bob", "wrong"), ("nobody", PASS)]:
+    m = imaplib.IMAP4(HOST, PORT)
     try:
         print(name, pw == PASS, m.login(name, pw))
     except imaplib.IMAP4.error as e:
@@ -108,8 +108,13 @@ for name, pw in [("bob", PASS), ("bob", "wrong"), ("nobody", PASS)]:
 "#;
     let out = python(c.node(0).imap(), script)?;
     print!("{out}");
-    // Forwarding to the owner comes with the shared access layer; until then: UNAVAILABLE.
-    assert!(out.contains("bob True b'[UNAVAILABLE]"), "{out}");
+    // The owner (node 1) accepted the password: the client sees the owner's capabilities.
+    assert!(
+        out.contains("bob True ('OK', [b'[CAPABILITY IMAP4rev1"),
+        "{out}"
+    );
+    // A wrong password and an unknown user get the same answer.
+    assert!(out.contains("bob False b'[AUTHENTICATIONFAILED]"), "{out}");
     assert!(
         out.contains("nobody True b'[AUTHENTICATIONFAILED]"),
         "{out}"

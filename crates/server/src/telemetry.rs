@@ -130,6 +130,13 @@ pub const CATALOG: &[Series] = &[
         &[],
     ),
     s(
+        "dshare_imap_appends_total",
+        Kind::Counter,
+        "IMAP APPENDs refused while their message was received, by reason.",
+        "result",
+        &["no_budget", "error"],
+    ),
+    s(
         "dshare_imap_logins_total",
         Kind::Counter,
         "IMAP login attempts, by result.",
