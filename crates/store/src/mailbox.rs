@@ -1023,59 +1023,9 @@ impl MailStore {
         op: FlagOp,
         flags: &[String],
     ) -> Result<Vec<MessageMeta>> {
-        let name = canonical_name(mailbox);
-        let key = mailbox_key(account, &name);
-        let flags = normalize_flags(flags);
-        let mut uids = uids.to_vec();
-        uids.sort_unstable();
-        uids.dedup();
-        self.transact(|tx| {
-            let mut info = tx
-                .mailbox(&key)?
-                .ok_or_else(|| abort(not_found(account, &name)))?;
-            let modseq = info.highest_modseq + 1;
-            let mut changed = false;
-            let mut out = Vec::with_capacity(uids.len());
-            for &uid in &uids {
-                let Some(mut meta) = tx.message(info.id, uid)? else {
-                    continue;
-                };
-                let new_flags = match op {
-                    FlagOp::Replace => flags.clone(),
-                    FlagOp::Add => {
-                        let mut all = meta.flags.clone();
-                        all.extend(flags.iter().cloned());
-                        normalize_flags(&all)
-                    }
-                    FlagOp::Remove => meta
-                        .flags
-                        .iter()
-                        .filter(|f| !has_flag(&flags, f))
-                        .cloned()
-                        .collect(),
-                };
-                let same = new_flags.len() == meta.flags.len()
-                    && new_flags.iter().all(|f| has_flag(&meta.flags, f));
-                if !same {
-                    match (is_seen(&meta.flags), is_seen(&new_flags)) {
-                        (false, true) => info.unseen = info.unseen.saturating_sub(1),
-                        (true, false) => info.unseen += 1,
-                        _ => {}
-                    }
-                    meta.flags = new_flags;
-                    meta.modseq = modseq;
-                    tx.put_message(info.id, &meta)?;
-                    changed = true;
-                }
-                out.push(meta);
-            }
-            if changed {
-                info.highest_modseq = modseq;
-                tx.put_mailbox(&key, &info)?;
-            }
-            Ok(out)
-        })
-        .inspect(|_| self.changed(account, &name))
+        // No message can have changed after the highest mod-sequence: nothing is refused.
+        self.store_flags_unchanged_since(account, mailbox, uids, op, flags, u64::MAX)
+            .map(|(found, _refused)| found)
     }
 
     fn flags_of_one(
