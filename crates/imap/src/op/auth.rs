@@ -53,7 +53,10 @@ impl Session {
             session_id: &session_id,
             fanouts: &self.fanouts,
         };
+        let started = std::time::Instant::now();
         let outcome = login::login(&self.imap, attempt, name, password).await;
+        metrics::histogram!("dshare_login_seconds", "protocol" => "imap")
+            .record(started.elapsed().as_secs_f64());
         Ok(match outcome {
             LoginOutcome::Local(account) => {
                 if let Err(e) = self.imap.mail.ensure_account(&account) {
