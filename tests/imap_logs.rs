@@ -2,35 +2,15 @@
 //! node (DESIGN.md §7). A test binary of its own, since it installs the global log
 //! subscriber.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use ds_testkit::Cluster;
+use dshare_e2e::capture_logs;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_logs_the_original_client_address_imap() -> anyhow::Result<()> {
-    let logs = Buf::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("info")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let logs = capture_logs();
 
     let c = Cluster::start(2).await?;
     c.node(1).add_account("bob@example.com", "bob-pass").await?;
@@ -60,7 +40,7 @@ async fn owner_logs_the_original_client_address_imap() -> anyhow::Result<()> {
     drop((r, w));
     c.shutdown().await;
 
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let text = logs.text();
     let owner_lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("forwarded session") && l.contains("front="))
