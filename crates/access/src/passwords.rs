@@ -109,6 +109,17 @@ impl Drop for IpSlot<'_> {
 }
 
 impl PasswordChecker {
+    /// The node's shared checker when one is given, else one of its own with the default
+    /// bounds (a protocol service started alone, in tests).
+    pub fn shared_or_default(
+        shared: Option<std::sync::Arc<Self>>,
+        directory: &Directory,
+    ) -> std::sync::Arc<Self> {
+        shared.unwrap_or_else(|| {
+            std::sync::Arc::new(Self::new(directory.clone(), CheckerConfig::default()))
+        })
+    }
+
     pub fn new(directory: Directory, config: CheckerConfig) -> Self {
         let mut key = [0u8; 32];
         // Without randomness the key is still unknown outside the process memory; never fails

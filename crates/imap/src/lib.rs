@@ -139,12 +139,8 @@ impl Imap {
         locator: Arc<dyn Locate>,
         tls_acceptor: Option<TlsAcceptor>,
     ) -> Arc<Imap> {
-        let passwords = config.passwords.clone().unwrap_or_else(|| {
-            Arc::new(ds_access::PasswordChecker::new(
-                directory.clone(),
-                ds_access::CheckerConfig::default(),
-            ))
-        });
+        let passwords =
+            ds_access::PasswordChecker::shared_or_default(config.passwords.clone(), &directory);
         Arc::new(Imap {
             passwords,
             config,

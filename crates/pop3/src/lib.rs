@@ -132,12 +132,8 @@ impl Pop3 {
         tls_acceptor: Option<TlsAcceptor>,
         peer_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Arc<Pop3> {
-        let passwords = config.passwords.clone().unwrap_or_else(|| {
-            Arc::new(ds_access::PasswordChecker::new(
-                directory.clone(),
-                ds_access::CheckerConfig::default(),
-            ))
-        });
+        let passwords =
+            ds_access::PasswordChecker::shared_or_default(config.passwords.clone(), &directory);
         Arc::new(Pop3 {
             passwords,
             config,
