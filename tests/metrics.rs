@@ -3,7 +3,8 @@
 
 use ds_cluster::{Location, Purpose};
 use ds_testkit::Cluster;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use dshare_e2e::{Smtp, eventually, message};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -53,6 +54,51 @@ async fn metrics_count_lookups_cache_hits_and_peer_latency() -> anyhow::Result<(
     );
     assert!(
         after.contains("dshare_peer_rpc_seconds_count{peer=\"node-b\"}"),
+        "{after}"
+    );
+
+    // Relay latency: a message for bob through node-a is relayed to node-b.
+    let mut smtp = Smtp::connect(c.node(0).smtp()).await?;
+    let replies = smtp
+        .send(
+            "someone@elsewhere.test",
+            &["bob@example.com"],
+            &message("hi", 200),
+        )
+        .await?;
+    assert!(replies.iter().all(|r| r.is(250)), "{replies:?}");
+    smtp.quit().await?;
+    assert!(
+        eventually(std::time::Duration::from_secs(20), || c
+            .node(1)
+            .inbox_len("bob@example.com")
+            == 1)
+        .await,
+        "not relayed"
+    );
+    let relayed = scrape(addr).await?;
+    assert!(
+        value(&relayed, "dshare_smtp_relay_seconds_count") >= 1.0,
+        "{relayed}"
+    );
+
+    // POP3 login latency, on node-b (loopback: USER/PASS allowed without TLS).
+    let b_metrics = c.node(1).node().addrs().metrics[0];
+    let before = scrape(b_metrics).await?;
+    let pop = tokio::net::TcpStream::connect(c.node(1).pop3()).await?;
+    let mut pop = tokio::io::BufReader::new(pop);
+    let mut line = String::new();
+    for cmd in ["", "USER bob@example.com\r\n", "PASS pw\r\n", "QUIT\r\n"] {
+        pop.get_mut().write_all(cmd.as_bytes()).await?;
+        line.clear();
+        pop.read_line(&mut line).await?;
+        assert!(line.starts_with("+OK"), "{cmd:?}: {line}");
+    }
+    let after = scrape(b_metrics).await?;
+    let series = "dshare_login_seconds_count{protocol=\"pop3\"}";
+    assert_eq!(
+        value(&after, series) - value(&before, series),
+        1.0,
         "{after}"
     );
     c.shutdown().await;

@@ -78,6 +78,9 @@ enum Command {
     },
     /// Show each peer's state, last round trip and last error.
     Peers,
+    /// Check each peer end to end from this node: Minger, the SMTP relay, POP3 and IMAP, each
+    /// with TLS verified against the cluster CA. Exits non-zero when a check fails.
+    Doctor,
     /// Inspect and manage the outbound queue.
     #[command(subcommand)]
     Queue(QueueCmd),
@@ -368,6 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             sni: sni.unwrap_or_default(),
         }),
         Command::Peers => Op::Peers(proto::Empty {}),
+        Command::Doctor => Op::Doctor(proto::Empty {}),
         Command::Queue(c) => match c {
             QueueCmd::List => Op::QueueList(proto::Empty {}),
             QueueCmd::Show { id } => Op::QueueShow(proto::Id { id }),
@@ -385,7 +389,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     };
-    admin_call(&config, cli.admin, op, cli.json).await
+    let doctor = matches!(op, Op::Doctor(_));
+    let reply = admin_call(&config, cli.admin, op, cli.json).await?;
+    if doctor {
+        let v: serde_json::Value =
+            serde_json::from_str(&reply.json).context("the node's doctor report is not JSON")?;
+        if v["ok"] != serde_json::Value::Bool(true) {
+            bail!("some peer checks failed (see above)");
+        }
+    }
+    Ok(())
 }
 
 fn check_config(file: Option<&PathBuf>) -> anyhow::Result<()> {
@@ -437,13 +450,13 @@ async fn serve(config: Config, embedded_defaults: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends one command to the node's admin service and prints the reply.
+/// Sends one command to the node's admin service, prints the reply and returns it.
 async fn admin_call(
     config: &Config,
     admin: Option<SocketAddr>,
     op: Op,
     json: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<proto::AdminReply> {
     let mut addr = admin
         .or_else(|| config.listen.admin.first().copied())
         .context("no admin listener configured (give --admin)")?;
@@ -476,11 +489,11 @@ async fn admin_call(
                 }
                 println!("{}", reply.json);
             } else {
-                for line in reply.lines {
+                for line in &reply.lines {
                     println!("{line}");
                 }
             }
-            Ok(())
+            Ok(reply)
         }
         Err(status) => bail!("{}", status.message()),
     }

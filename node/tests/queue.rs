@@ -1,59 +1,12 @@
 //! The queue commands (`postqueue`/`postsuper`-like) and `--json` output, with the real CLI
 //! against a two-node test cluster whose second node is down, so mail to it stays queued.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use ds_store::{QueueEntry, QueuedRecipient, unix_now};
 use ds_testkit::Cluster;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dshare");
-
-/// A config file that points the CLI at a test node (its data dir holds the admin token).
-fn cli_config(dir: &Path, data_dir: &Path, admin: std::net::SocketAddr) -> PathBuf {
-    let path = dir.join("cli.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[node]\nid = \"node-a\"\ndata_dir = \"{}\"\n\n[listen]\nadmin = [\"{admin}\"]\n",
-            data_dir.display()
-        ),
-    )
-    .unwrap();
-    path
-}
-
-async fn dshare(cfg: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("-c").arg(cfg).args(args);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
-
-async fn ok(cfg: &Path, args: &[&str]) -> String {
-    let out = dshare(cfg, args).await;
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-async fn err(cfg: &Path, args: &[&str]) -> String {
-    let out = dshare(cfg, args).await;
-    assert!(!out.status.success(), "{args:?} unexpectedly succeeded");
-    String::from_utf8(out.stderr).unwrap()
-}
-
-async fn json(cfg: &Path, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = ok(cfg, &a).await;
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
-}
+mod common;
+use common::{cli_config, err, json, ok};
 
 fn queue_to(c: &Cluster, rcpts: &[&str], subject: &str) -> u64 {
     let q = &c.node(0).node().state.queue;

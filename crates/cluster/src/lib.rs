@@ -28,7 +28,9 @@ pub use config::{
     PeerConfig,
 };
 pub use error::{Error, Result};
-pub use locator::{FanoutBudget, Kind, ListKeeper, ListKeepers, Location, Locator, Owner, Purpose};
+pub use locator::{
+    FanoutBudget, Kind, ListKeeper, ListKeepers, Location, Locator, Owner, PeerHello, Purpose,
+};
 pub use peer::{PeerState, PeerStatus};
 pub use reservation::{RESERVATIONS_TABLE, Reservation};
 pub use server::{MingerService, serve_minger};

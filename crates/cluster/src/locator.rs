@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ds_directory::{Address, Directory, Domains, Outcome};
 use ds_store::Store;
@@ -204,6 +204,19 @@ impl Caches {
 enum Miss {
     NotFound,
     TempFail(String),
+}
+
+/// A peer's answer to `Hello`, from [`Locator::hello_peers`].
+#[derive(Debug, Clone)]
+pub struct PeerHello {
+    /// The peer's id as configured here.
+    pub id: String,
+    pub minger_url: String,
+    /// The SMTP endpoint configured here for it, which overrides what it advertises.
+    pub smtp_override: Option<String>,
+    /// How long the call took (until the answer or the failure).
+    pub elapsed: Duration,
+    pub reply: std::result::Result<proto::HelloReply, String>,
 }
 
 /// A peer that keeps a version of a mailing list.
@@ -411,6 +424,30 @@ impl Locator {
             }
         }
         out
+    }
+
+    /// Asks every peer who it is and where its services are (`dshare doctor`), concurrently.
+    pub async fn hello_peers(&self) -> Vec<PeerHello> {
+        let from_node = self.inner.config.node_id.clone();
+        let calls = self.inner.peers.iter().map(|peer| {
+            let request = proto::HelloRequest {
+                from_node: from_node.clone(),
+            };
+            async move {
+                let started = Instant::now();
+                let reply = peer
+                    .call("hello", request, |mut c, r| async move { c.hello(r).await })
+                    .await;
+                PeerHello {
+                    id: peer.id.clone(),
+                    minger_url: peer.status().minger_url,
+                    smtp_override: peer.smtp_override.clone(),
+                    elapsed: started.elapsed(),
+                    reply,
+                }
+            }
+        });
+        futures::future::join_all(calls).await
     }
 
     /// The live creation-guard reservation of `address` on this node, if any.

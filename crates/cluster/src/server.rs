@@ -15,8 +15,9 @@ use tonic::{Request, Response, Status};
 use crate::locator::{Caches, Scope};
 use crate::proto::minger_server::{Minger, MingerServer};
 use crate::proto::{
-    InvalidateReply, InvalidateRequest, Kind, ListPeersReply, ListPeersRequest, LookupReply,
-    LookupRequest, Purpose, Refusal, ReleaseReply, ReleaseRequest, ReserveReply, ReserveRequest,
+    HelloReply, HelloRequest, InvalidateReply, InvalidateRequest, Kind, ListPeersReply,
+    ListPeersRequest, LookupReply, LookupRequest, Purpose, Refusal, ReleaseReply, ReleaseRequest,
+    ReserveReply, ReserveRequest,
 };
 use crate::reservation::{Refused, Reservations};
 use crate::{
@@ -251,6 +252,21 @@ impl Minger for MingerService {
             keeps,
             owner: self.inner.node_id.clone(),
             smtp: self.inner.advertise.smtp.clone(),
+        }))
+    }
+
+    async fn hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> std::result::Result<Response<HelloReply>, Status> {
+        self.authorize(&request)?;
+        let a = &self.inner.advertise;
+        Ok(Response::new(HelloReply {
+            node_id: self.inner.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            smtp: a.smtp.clone(),
+            pop3: a.pop3.clone(),
+            imap: a.imap.clone(),
         }))
     }
 }

@@ -407,8 +407,23 @@ impl Session {
         .await
     }
 
-    /// DESIGN.md §3–§4: resolve the name, then check the password here or forward to the owner.
+    /// A login, timed in `dshare_login_seconds{protocol=pop3}`.
     async fn login(
+        &mut self,
+        conn: &mut Conn,
+        name: &str,
+        password: Secret,
+        method: LoginMethod,
+    ) -> Result<Flow> {
+        let started = std::time::Instant::now();
+        let flow = self.resolve_and_login(conn, name, password, method).await;
+        metrics::histogram!("dshare_login_seconds", "protocol" => "pop3")
+            .record(started.elapsed().as_secs_f64());
+        flow
+    }
+
+    /// DESIGN.md §3–§4: resolve the name, then check the password here or forward to the owner.
+    async fn resolve_and_login(
         &mut self,
         conn: &mut Conn,
         name: &str,

@@ -307,6 +307,13 @@ impl AdminService {
                 Ok(with_json(out, json))
             }
             Op::Peers(_) => Ok(with_json(node.peers_report(), node.peers_json())),
+            Op::Doctor(_) => {
+                let reports = crate::doctor::run(&node).await;
+                Ok(with_json(
+                    crate::doctor::table(&reports),
+                    crate::doctor::to_json(&reports),
+                ))
+            }
             Op::QueueList(_) => {
                 let (l, j) = node.queue_listing().map_err(Status::internal)?;
                 Ok(with_json(l, j))

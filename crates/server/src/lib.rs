@@ -19,6 +19,7 @@ use ds_store::{MailStore, QueueStore, Store, unix_now};
 pub mod admin;
 pub mod check;
 pub mod config;
+pub mod doctor;
 pub mod keys;
 mod metrics_http;
 pub mod queue_admin;
@@ -109,6 +110,8 @@ pub struct NodeState {
     /// The last hour of samples, for the status page.
     pub history: status::History,
     pub started: std::time::Instant,
+    /// TLS to peers, verified against the cluster CA (`None` without a CA: no peers).
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl NodeState {
@@ -588,6 +591,7 @@ impl Node {
             queue_wake: smtp.queue_waker(),
             history: status::History::default(),
             started,
+            peer_tls: peer_tls.clone(),
         });
         let (trigger, shutdown) = shutdown_pair();
         let mut tasks = vec![];

@@ -309,9 +309,12 @@ impl QueueRunner {
                     .iter()
                     .map(|&i| entry.recipients[i].address.clone())
                     .collect();
+                let started = std::time::Instant::now();
                 let outcomes = sessions
                     .relay(&endpoint, &entry.sender, &addresses, body)
                     .await;
+                metrics::histogram!("dshare_smtp_relay_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 for (&i, outcome) in indexes.iter().zip(outcomes) {
                     let address = entry.recipients[i].address.clone();
                     match outcome {

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dshare");
@@ -54,4 +54,51 @@ pub fn serve(config: &Path, ports: &[u16]) -> Serve {
         }
     }
     node
+}
+
+// The admin CLI against an in-process test node.
+
+/// A config file that points the CLI at a test node (its data dir holds the admin token).
+pub fn cli_config(dir: &Path, data_dir: &Path, admin: std::net::SocketAddr) -> PathBuf {
+    let path = dir.join("cli.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[node]\nid = \"node-a\"\ndata_dir = \"{}\"\n\n[listen]\nadmin = [\"{admin}\"]\n",
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+pub async fn dshare(cfg: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("-c").arg(cfg).args(args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+pub async fn ok(cfg: &Path, args: &[&str]) -> String {
+    let out = dshare(cfg, args).await;
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub async fn err(cfg: &Path, args: &[&str]) -> String {
+    let out = dshare(cfg, args).await;
+    assert!(!out.status.success(), "{args:?} unexpectedly succeeded");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+pub async fn json(cfg: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = ok(cfg, &a).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
 }
