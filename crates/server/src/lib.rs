@@ -369,6 +369,9 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 pub struct StartOptions {
     /// Argon2id cost for new password hashes (tests lower it).
     pub hash_cost: Option<HashCost>,
+    /// Delays of the login throttle (the fuzzing harness turns them off; default: the
+    /// throttle's own defaults).
+    pub throttle: Option<ds_access::ThrottleConfig>,
 }
 
 /// A running node.
@@ -537,7 +540,11 @@ impl Node {
             peer_tls.clone(),
         );
         // Shared by every login protocol of the node.
-        let throttle = Arc::new(ds_access::LoginThrottle::default());
+        let throttle = Arc::new(
+            opts.throttle
+                .map(ds_access::LoginThrottle::new)
+                .unwrap_or_default(),
+        );
         // Bounded, cached password checks, one set of bounds for every login protocol
         // (#13 point 5; IMAP and SMTP AUTH are to call it too).
         let passwords = Arc::new(ds_access::PasswordChecker::new(

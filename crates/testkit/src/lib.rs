@@ -140,6 +140,7 @@ async fn start_node(config: Config) -> anyhow::Result<Node> {
         config,
         StartOptions {
             hash_cost: Some(TEST_HASH_COST),
+            ..Default::default()
         },
     )
     .await
