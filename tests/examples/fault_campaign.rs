@@ -311,7 +311,8 @@ secret_file = "{secret}"
             .arg("--config")
             .arg(&node.config)
             .arg("serve")
-            .env("RUST_LOG", "warn")
+            // Warnings, and the owner's line for a relay it had delivered before (counted).
+            .env("RUST_LOG", "warn,ds_smtp::delivery=info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -535,6 +536,9 @@ struct Tally {
     /// `-ERR [AUTH]` for an existing account with its password: wrong.
     pop3_auth_refused: AtomicU64,
     pop3_other: AtomicU64,
+    pop3_unreachable: AtomicU64,
+    /// The first few "other" POP3 replies, for the report.
+    pop3_samples: Mutex<Vec<String>>,
 }
 
 /// One SMTP load session: a few messages to random accounts over one connection.
@@ -668,6 +672,8 @@ struct KillReport {
     doubled: usize,
     stored_unacked: usize,
     queued_left: usize,
+    /// Relays the owners answered 250 without storing (delivered before), from their logs.
+    repeats: usize,
     wall: Duration,
 }
 
@@ -744,9 +750,14 @@ async fn kill_run(a: &Args) -> anyhow::Result<KillReport> {
                     Ok(PopOutcome::AuthRefused) => {
                         tally.pop3_auth_refused.fetch_add(1, Ordering::Relaxed)
                     }
-                    Ok(PopOutcome::Other(_)) | Err(_) => {
+                    Ok(PopOutcome::Other(reply)) => {
+                        let mut samples = tally.pop3_samples.lock().unwrap();
+                        if samples.len() < 3 && !samples.contains(&reply) {
+                            samples.push(reply);
+                        }
                         tally.pop3_other.fetch_add(1, Ordering::Relaxed)
                     }
+                    Err(_) => tally.pop3_unreachable.fetch_add(1, Ordering::Relaxed),
                 };
                 tokio::time::sleep(rng.millis(100, 400)).await;
             }
@@ -797,6 +808,13 @@ async fn kill_run(a: &Args) -> anyhow::Result<KillReport> {
     for i in 0..a.nodes {
         cluster.stop(i).await;
     }
+    let mut repeats = 0;
+    for node in &cluster.nodes {
+        let log = std::fs::read(node.dir.join("node.log")).unwrap_or_default();
+        repeats += String::from_utf8_lossy(&log)
+            .matches("relayed message delivered before, not stored again")
+            .count();
+    }
     // Count what the databases hold.
     let mut stored: HashMap<(u64, String), usize> = HashMap::new();
     let mut queued_left = 0;
@@ -841,12 +859,16 @@ async fn kill_run(a: &Args) -> anyhow::Result<KillReport> {
         tally.rcpt_refused.load(Ordering::Relaxed),
     );
     println!(
-        "  POP3 logins: {} ok, {} [SYS/TEMP], {} [AUTH] for existing accounts, {} other/failed",
+        "  POP3 logins: {} ok, {} [SYS/TEMP], {} [AUTH] for existing accounts, {} other replies, {} connections failed",
         tally.pop3_ok.load(Ordering::Relaxed),
         tally.pop3_temp.load(Ordering::Relaxed),
         tally.pop3_auth_refused.load(Ordering::Relaxed),
         tally.pop3_other.load(Ordering::Relaxed),
+        tally.pop3_unreachable.load(Ordering::Relaxed),
     );
+    for sample in tally.pop3_samples.lock().unwrap().iter() {
+        println!("    other POP3 reply: {sample}");
+    }
     if a.keep {
         let root = cluster.root.keep();
         println!("  kept {}", root.display());
@@ -859,6 +881,7 @@ async fn kill_run(a: &Args) -> anyhow::Result<KillReport> {
         doubled,
         stored_unacked,
         queued_left,
+        repeats,
         wall: started.elapsed(),
     })
 }
@@ -1164,7 +1187,7 @@ async fn main() -> anyhow::Result<()> {
     if a.kill_run {
         let r = kill_run(&a).await?;
         println!(
-            "KILL RUN: {} kills of random nodes in {:.0} s: acked {} (message, recipient) pairs, stored {}, lost {}, doubled {}, stored without 250 {}, left queued {}",
+            "KILL RUN: {} kills of random nodes in {:.0} s: acked {} (message, recipient) pairs, stored {}, lost {}, doubled {}, stored without 250 {}, left queued {}; repeated relays answered 250 without a copy: {}",
             r.kills,
             r.wall.as_secs_f64(),
             r.acked,
@@ -1172,7 +1195,8 @@ async fn main() -> anyhow::Result<()> {
             r.lost,
             r.doubled,
             r.stored_unacked,
-            r.queued_left
+            r.queued_left,
+            r.repeats
         );
         bad |= r.lost > 0 || r.doubled > 0;
     }
