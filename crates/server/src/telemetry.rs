@@ -123,6 +123,13 @@ pub const CATALOG: &[Series] = &[
         &[],
     ),
     s(
+        "dshare_smtp_relay_repeats_total",
+        Kind::Counter,
+        "Recipients of relays a peer repeated after this node had delivered them (answered 250, not stored again).",
+        "",
+        &[],
+    ),
+    s(
         "dshare_smtp_relay_seconds",
         Kind::Histogram,
         "Time to relay one queued message to its owner's SMTP.",

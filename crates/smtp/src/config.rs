@@ -99,6 +99,15 @@ impl SmtpConfig {
         let factor = 1u32 << attempts.saturating_sub(1).min(20);
         base.saturating_mul(factor).min(self.retry_max.max(base))
     }
+
+    /// How long an owner remembers a relayed message it delivered (#13 point 18): longer
+    /// than a sender may retry it (the maximum queue age and one more back-off), with a day's
+    /// margin for clocks and for peers configured with a somewhat longer age.
+    pub fn relay_mark_retention(&self) -> Duration {
+        self.max_queue_age
+            .saturating_add(self.retry_max)
+            .saturating_add(Duration::from_secs(24 * 3600))
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +120,7 @@ mod tests {
         let secs: Vec<u64> = (1..=8).map(|a| c.backoff(a).as_secs()).collect();
         assert_eq!(secs, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
         assert_eq!(c.backoff(1000).as_secs(), 3600);
+        assert!(c.relay_mark_retention() > c.max_queue_age + c.retry_max);
         assert!(!format!("{c:?}").contains("secret\": \""));
     }
 }

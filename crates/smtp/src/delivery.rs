@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ds_directory::Outcome;
-use ds_store::StagedBody;
 use ds_store::queue::{QueueEntry, QueuedRecipient};
+use ds_store::{RelayMark, StagedBody};
 use mail_builder::headers::date::Date;
 
 use crate::locate::{Location, Purpose};
@@ -58,9 +58,13 @@ impl Smtp {
 
     /// Works out the local accounts and the peer copies of a message.
     pub(crate) async fn plan(&self, env: &Envelope) -> Plan {
+        self.plan_recipients(&env.recipients, env.hop.is_some())
+            .await
+    }
+
+    async fn plan_recipients(&self, recipients: &[Rcpt], hop: bool) -> Plan {
         let mut plan = Plan::default();
-        let hop = env.hop.is_some();
-        for rcpt in &env.recipients {
+        for rcpt in recipients {
             match rcpt {
                 Rcpt::Local(account) => {
                     plan.local.insert(account.clone());
@@ -184,6 +188,9 @@ impl Smtp {
     /// Delivers locally and queues for peers, all sharing the one stored `body` (each copy
     /// with its own `Return-Path`/`Received` prefix), then flushes once. `Ok` = durable.
     pub(crate) async fn accept(&self, env: &Envelope, body: StagedBody) -> Result<()> {
+        if let (Some(origin), Some(relay_id)) = (&env.hop, &env.relay_id) {
+            return self.accept_relayed(env, origin, relay_id, body).await;
+        }
         let plan = self.plan(env).await;
         let size = body.body().len;
         let return_path = format!("Return-Path: <{}>\r\n", env.sender);
@@ -266,5 +273,87 @@ impl Smtp {
             "message accepted"
         );
         Ok(())
+    }
+
+    /// A message a peer relayed with its queue id (#13 point 18): each recipient is delivered
+    /// at most once per `(origin, queue id)`, its [`RelayMark`] written in the same
+    /// transaction as the delivery. Recipients marked before are left out (the peer retries
+    /// after it lost our `250`); if none is left, nothing is stored and the peer gets `250`.
+    async fn accept_relayed(
+        &self,
+        env: &Envelope,
+        origin: &str,
+        relay_id: &str,
+        mut body: StagedBody,
+    ) -> Result<()> {
+        let mark = |rcpt: &Rcpt| match rcpt {
+            Rcpt::Local(address) | Rcpt::List(address) => RelayMark::new(origin, relay_id, address),
+            Rcpt::Remote(_) => None,
+        };
+        // A repeat that races the first delivery loses the commit and is looked at again.
+        for _ in 0..3 {
+            let mut fresh = Vec::new();
+            let mut marks = Vec::new();
+            let mut repeated = 0usize;
+            for rcpt in &env.recipients {
+                match mark(rcpt) {
+                    Some(m) if self.mail.relay_marks().contains(&m)? => repeated += 1,
+                    Some(m) => {
+                        fresh.push(rcpt.clone());
+                        marks.push(m);
+                    }
+                    None => fresh.push(rcpt.clone()),
+                }
+            }
+            if repeated > 0 {
+                metrics::counter!("dshare_smtp_relay_repeats_total").increment(repeated as u64);
+            }
+            if fresh.is_empty() {
+                tracing::info!(id = %env.id, %origin, %relay_id, repeated, "relayed message delivered before, not stored again");
+                return Ok(());
+            }
+            let plan = self.plan_recipients(&fresh, true).await;
+            let return_path = format!("Return-Path: <{}>\r\n", env.sender);
+            let local: Vec<(String, String)> = plan
+                .local
+                .iter()
+                .map(|account| {
+                    let mut header = return_path.clone();
+                    header.push_str(&self.received_header(env, Some(account)));
+                    (account.clone(), header)
+                })
+                .collect();
+            let mail = self.mail.clone();
+            let (back, delivered) = tokio::task::spawn_blocking(move || {
+                let delivered = mail.deliver_relayed(&body, &local, &marks);
+                (body, delivered)
+            })
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?;
+            body = back;
+            match delivered {
+                Ok(_) => {
+                    self.store.flush_async().await?;
+                    tracing::info!(
+                        id = %env.id,
+                        sender = %env.sender,
+                        hop = %origin,
+                        %relay_id,
+                        size = body.body().len,
+                        local = plan.local.len(),
+                        repeated,
+                        "message accepted"
+                    );
+                    return Ok(());
+                }
+                Err(ds_store::Error::Duplicate(why)) => {
+                    tracing::info!(id = %env.id, %origin, %relay_id, %why, "relayed message delivered meanwhile, looking again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Relay(format!(
+            "relayed message {origin}/{relay_id} kept racing its own repeats"
+        )))
     }
 }

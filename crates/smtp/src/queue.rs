@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ds_net::Shutdown;
+use ds_store::RelayMark;
 use ds_store::queue::{QueueEntry, RecipientState};
 
 use crate::locate::{Location, Purpose};
@@ -34,6 +35,15 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 pub(crate) const MAX_OWNERS_AT_ONCE: usize = 8;
 /// A relay session unused for this long is closed (Postfix's connection cache time limit).
 const SESSION_IDLE: Duration = Duration::from_secs(2);
+/// How often expired relay marks are swept (#13 point 18).
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// The id a queued message is relayed with (`XDSHARE-ID`): its creation time and queue id,
+/// so a node whose database was made anew (its ids starting over) does not reuse one while
+/// owners still remember it.
+pub(crate) fn relay_id(entry: &QueueEntry) -> String {
+    format!("{}.{}", entry.created, entry.id)
+}
 
 /// Due entries of one pass that one worker relays in order: those whose first pending recipient
 /// has the same owner endpoint.
@@ -112,9 +122,14 @@ impl QueueRunner {
     /// a pass never waits for a slow owner.
     pub async fn run(self, shutdown: Shutdown) {
         tracing::info!(queued = self.smtp.queue.len(), "queue runner started");
+        let mut swept: Option<std::time::Instant> = None;
         loop {
             if shutdown.is_shutdown() {
                 break;
+            }
+            if swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+                swept = Some(std::time::Instant::now());
+                self.sweep_relay_marks().await;
             }
             let wait = match self.start_pass() {
                 // Detached: each worker releases its claim and wakes the runner when done.
@@ -144,6 +159,30 @@ impl QueueRunner {
             }
         }
         Ok(self.next_wait())
+    }
+
+    /// Removes the relay marks older than the retention (see
+    /// [`crate::SmtpConfig::relay_mark_retention`]); returns how many.
+    pub async fn sweep_relay_marks(&self) -> usize {
+        let retention = self.smtp.config.relay_mark_retention();
+        let cutoff = unix_now().saturating_sub(retention.as_secs().min(i64::MAX as u64) as i64);
+        let marks = self.smtp.mail.relay_marks().clone();
+        match tokio::task::spawn_blocking(move || marks.sweep(cutoff)).await {
+            Ok(Ok(removed)) => {
+                if removed > 0 {
+                    tracing::info!(removed, "expired relay marks swept");
+                }
+                removed
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "sweeping relay marks failed");
+                0
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sweeping relay marks failed");
+                0
+            }
+        }
     }
 
     fn cool_down(&self) {
@@ -256,6 +295,7 @@ impl QueueRunner {
             bodies: smtp.store.bodies().clone(),
             prefix: entry.prefix.clone(),
             body: stored,
+            relay_id: relay_id(&entry),
         };
         let last_error = self.attempt(&mut entry, &body, sessions).await;
         self.finish_attempt(entry, last_error).await
@@ -448,8 +488,17 @@ impl QueueRunner {
                 let stored = body.body;
                 let mail = smtp.mail.clone();
                 let account = address.clone();
+                // At most once, as relays to peers (#13 point 18): a crash before the entry
+                // records the delivery must not deliver it again.
+                let mark = RelayMark::new(&smtp.config.node_id, &body.relay_id, &address);
                 let delivered = tokio::task::spawn_blocking(move || {
-                    mail.deliver_stored(&account, &prefix, &stored)
+                    match mail.deliver_stored(&account, &prefix, &stored, mark.as_ref()) {
+                        Err(ds_store::Error::Duplicate(why)) => {
+                            tracing::info!(%why, "recipient was delivered before");
+                            Ok(0)
+                        }
+                        other => other,
+                    }
                 })
                 .await
                 .map_err(|e| crate::Error::Task(e.to_string()))

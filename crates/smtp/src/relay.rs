@@ -28,6 +28,9 @@ pub(crate) struct Outgoing {
     pub bodies: Bodies,
     pub prefix: String,
     pub body: BodyRef,
+    /// The queued message's id, sent to peers that take `XDSHARE-ID` so that a repeated
+    /// relay (our record of their `250` lost in a crash) is not delivered twice.
+    pub relay_id: String,
 }
 
 impl Outgoing {
@@ -161,6 +164,8 @@ struct RelaySession {
     closing: bool,
     /// When the last transaction ended (or the session was opened).
     last_used: Instant,
+    /// Authenticated as a peer: the owner takes our queue ids (`XDSHARE-ID`).
+    peer: bool,
 }
 
 impl RelaySession {
@@ -231,7 +236,8 @@ impl RelaySession {
                 return Err(fail_one(&caps, "EHLO after STARTTLS"));
             }
         }
-        if !config.cluster_secret.is_empty() {
+        let peer = !config.cluster_secret.is_empty();
+        if peer {
             let token = format!(
                 "\0{PEER_AUTH_PREFIX}{}\0{}",
                 config.node_id, config.cluster_secret
@@ -255,6 +261,7 @@ impl RelaySession {
             transactions: 0,
             closing: false,
             last_used: Instant::now(),
+            peer,
         })
     }
 
@@ -309,6 +316,14 @@ impl RelaySession {
             && has_cap(caps, "SMTPUTF8")
         {
             mail.push_str(" SMTPUTF8");
+        }
+        // Last, where the owner looks for it.
+        if self.peer && has_cap(caps, crate::session::RELAY_ID_PARAM) {
+            mail.push_str(&format!(
+                " {}={}",
+                crate::session::RELAY_ID_PARAM,
+                body.relay_id
+            ));
         }
         mail.push_str("\r\n");
         let reply = self.command(&mail, "MAIL").await?;

@@ -80,6 +80,9 @@ pub(crate) struct Envelope {
     pub recipients: Vec<Rcpt>,
     /// The peer node when the session is a relay hop.
     pub hop: Option<String>,
+    /// On a relay hop: the sending node's id of the queued message (`XDSHARE-ID`), which
+    /// makes the delivery idempotent (#13 point 18).
+    pub relay_id: Option<String>,
     pub helo: String,
     pub peer: IpAddr,
     pub with: &'static str,
@@ -89,6 +92,8 @@ struct Transaction {
     sender: String,
     smtputf8: bool,
     recipients: Vec<Rcpt>,
+    /// `XDSHARE-ID` of a peer's relay.
+    relay_id: Option<String>,
 }
 
 enum Action {
@@ -303,6 +308,18 @@ impl Session {
         conn: &mut LineConn<MailStream>,
         line: &[u8],
     ) -> crate::Result<Action> {
+        // smtp-proto refuses MAIL parameters it does not know: ours is taken off first.
+        let (line, relay_id) = match split_relay_id(line) {
+            Some((rest, id)) => (Cow::Owned(rest), Some(id)),
+            None => (Cow::Borrowed(line), None),
+        };
+        if relay_id.is_some() && self.hop.is_none() {
+            // Only an authenticated peer may name its queued message; anyone else gets what a
+            // server without the extension answers.
+            tracing::info!("MAIL refused: XDSHARE-ID from a client that is not a peer");
+            let reply = format!("555 5.5.4 Unsupported parameter \"{RELAY_ID_PARAM}\"\r\n");
+            return self.reply(conn, &reply).await;
+        }
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(e) => {
@@ -320,7 +337,9 @@ impl Session {
                 self.reply(conn, &reply).await
             }
             Request::Mail { from } => {
-                let reply = self.mail(from.address, from.size, from.flags).await;
+                let reply = self
+                    .mail(from.address, from.size, from.flags, relay_id)
+                    .await;
                 self.reply(conn, reply.as_ref()).await
             }
             Request::Rcpt { to } => {
@@ -400,6 +419,10 @@ impl Session {
             if self.smtp.tls.is_some() && !self.ctx.tls {
                 lines.push("STARTTLS".into());
             }
+            if self.auth_offered() {
+                // Peers relay with their queue id (taken only after peer AUTH).
+                lines.push(RELAY_ID_PARAM.into());
+            }
             if self.auth_offered() && self.hop.is_none() {
                 lines.push("AUTH PLAIN".into());
             }
@@ -414,7 +437,13 @@ impl Session {
         out
     }
 
-    async fn mail(&mut self, address: Cow<'_, str>, size: usize, flags: u64) -> Cow<'static, str> {
+    async fn mail(
+        &mut self,
+        address: Cow<'_, str>,
+        size: usize,
+        flags: u64,
+        relay_id: Option<String>,
+    ) -> Cow<'static, str> {
         if self.helo.is_none() {
             return NEED_HELO.into();
         }
@@ -459,6 +488,7 @@ impl Session {
             sender,
             smtputf8,
             recipients: Vec::new(),
+            relay_id,
         });
         SENDER_OK.into()
     }
@@ -726,6 +756,7 @@ impl Session {
             sender: tx.sender,
             recipients: tx.recipients,
             hop: self.hop.clone(),
+            relay_id: tx.relay_id,
             helo: self.helo.clone().unwrap_or_default(),
             peer: self.ctx.peer.ip(),
             with,
@@ -745,6 +776,47 @@ impl Session {
         conn.write_all(reply.as_bytes()).await?;
         Ok(true)
     }
+}
+
+/// The `MAIL` parameter with which an authenticated peer names the queued message it relays
+/// (its EHLO keyword too): `XDSHARE-ID=<created>.<queue id>`.
+pub(crate) const RELAY_ID_PARAM: &str = "XDSHARE-ID";
+/// Longest `XDSHARE-ID` value.
+const MAX_RELAY_ID: usize = 64;
+
+/// A `MAIL` line whose last parameter is `XDSHARE-ID=<value>`: the line without it, and the
+/// value. Only the last word is looked at, and only a value of `[A-Za-z0-9._-]` counts: it
+/// can hold neither `>` nor a quote, so no part of an address is taken for the parameter
+/// (anything else is left to smtp-proto, which refuses unknown parameters).
+fn split_relay_id(line: &[u8]) -> Option<(Vec<u8>, String)> {
+    if !line.get(..5)?.eq_ignore_ascii_case(b"MAIL ") {
+        return None;
+    }
+    let body = line.strip_suffix(b"\n")?;
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    let start = body.iter().rposition(|b| *b == b' ')? + 1;
+    let word = &body[start..];
+    let prefix = RELAY_ID_PARAM.len() + 1;
+    if word.len() < prefix
+        || !word[..prefix - 1].eq_ignore_ascii_case(RELAY_ID_PARAM.as_bytes())
+        || word[prefix - 1] != b'='
+    {
+        return None;
+    }
+    let value = String::from_utf8_lossy(&word[prefix..]).into_owned();
+    if !valid_relay_id(&value) {
+        return None;
+    }
+    let mut rest = body[..start].trim_ascii_end().to_vec();
+    rest.extend_from_slice(b"\r\n");
+    Some((rest, value))
+}
+
+fn valid_relay_id(id: &str) -> bool {
+    (1..=MAX_RELAY_ID).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 /// Printable ASCII only (HELO names go into headers and logs).
@@ -790,6 +862,27 @@ fn refused_reply(text: &str) -> String {
         UNKNOWN_USER.to_string()
     } else {
         format!("550 5.1.1 {clean}\r\n")
+    }
+}
+
+#[cfg(test)]
+mod relay_id_tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_id_is_split_off_the_last_mail_parameter_only() {
+        let (rest, id) =
+            split_relay_id(b"MAIL FROM:<a@b.c> SIZE=10 BODY=8BITMIME xdshare-id=17.42\r\n")
+                .unwrap();
+        assert_eq!(rest, b"MAIL FROM:<a@b.c> SIZE=10 BODY=8BITMIME\r\n");
+        assert_eq!(id, "17.42");
+        assert!(split_relay_id(b"MAIL FROM:<a@b.c> SIZE=10\r\n").is_none());
+        assert!(split_relay_id(b"RCPT TO:<a@b.c> XDSHARE-ID=1\r\n").is_none());
+        // Inside a quoted local part it is no parameter: the value would hold `">`.
+        assert!(split_relay_id(b"MAIL FROM:<\"x XDSHARE-ID=1\"@b.c>\r\n").is_none());
+        assert!(split_relay_id(b"MAIL FROM:<a@b.c> XDSHARE-ID=\r\n").is_none());
+        assert!(!valid_relay_id(""));
+        assert!(!valid_relay_id(&"1".repeat(65)));
     }
 }
 

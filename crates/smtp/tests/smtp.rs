@@ -1307,3 +1307,104 @@ async fn a_router_error_record_reaches_the_client_as_its_text() {
     let reply = c.cmd("RCPT TO:<old@company.com>").await;
     assert_eq!(reply, "550 5.1.1 moved to new@company.com  250 ok\r\n");
 }
+
+#[tokio::test]
+async fn a_relay_repeated_by_a_restarted_sender_is_stored_once() {
+    // #13 point 18: the sender relays, the owner delivers and answers 250, the sender dies
+    // before it records that and relays the same queue entry again after its restart. Two
+    // senders with the same node id and the same queue entry (same id, same creation time)
+    // stand for the sender before and after the crash; both use the real relay client over
+    // TLS with peer AUTH to a real owner.
+    let b = start("b", &[BOB]).await;
+    let endpoint = format!("localhost:{}", b.addr.port());
+    let created = unix_now();
+    let mut ids = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..2 {
+        let mut opts = NodeOptions::new("a", &[ALICE]);
+        opts.queue_runner = false;
+        let a = start_with(opts).await;
+        let r = ds_store::queue::QueuedRecipient {
+            address: BOB.into(),
+            owner: Some("b".into()),
+            endpoint: Some(endpoint.clone()),
+            state: ds_store::queue::RecipientState::Pending,
+        };
+        ids.push(
+            a.queue
+                .enqueue(
+                    ALICE,
+                    vec![r],
+                    b"Subject: once\r\n\r\nonly once\r\n",
+                    false,
+                    created,
+                )
+                .unwrap(),
+        );
+        senders.push(a);
+    }
+    assert_eq!(
+        ids[0], ids[1],
+        "the same queue entry before and after the crash"
+    );
+    for a in &senders {
+        a.smtp.queue_runner().run_once().await.unwrap();
+        // 250 from the owner: the entry is done, without a bounce to the sender.
+        assert!(a.queue.is_empty(), "{:?}", a.queue.list().unwrap());
+        assert!(a.inbox(ALICE).is_empty(), "no DSN: the owner answered 250");
+    }
+    let inbox = b.inbox(BOB);
+    assert_eq!(inbox.len(), 1, "stored once");
+    assert!(String::from_utf8_lossy(&inbox[0]).ends_with("only once\r\n"));
+    assert_eq!(b.mail.relay_marks().len(), 1);
+    // Another message of the same sender is a message of its own.
+    let a = &senders[1];
+    enqueue_for(a, BOB, "b", &endpoint, "Subject: two\r\n\r\nanother\r\n");
+    a.smtp.queue_runner().run_once().await.unwrap();
+    assert_eq!(b.inbox(BOB).len(), 2);
+}
+
+#[tokio::test]
+async fn relay_ids_are_taken_from_peers_only_and_a_repeat_gets_250_without_a_copy() {
+    let carol = "carol@company.com";
+    let node = start_with(NodeOptions::plain("b", &[BOB, carol])).await;
+    let mut c = connect(node.addr).await;
+    let ehlo = c.cmd("EHLO a.test").await;
+    assert!(ehlo.contains("XDSHARE-ID"), "{ehlo}");
+    // Not a peer: the parameter is refused like any unknown one.
+    c.expect("MAIL FROM:<x@outside.org> XDSHARE-ID=17.1", "555 5.5.4")
+        .await;
+    let token = b64(format!("\0dshare-peer/a\0{SECRET}").as_bytes());
+    c.expect(&format!("AUTH PLAIN {token}"), "235").await;
+    for round in 0..2 {
+        c.expect("MAIL FROM:<x@outside.org> SIZE=40 XDSHARE-ID=17.1", "250")
+            .await;
+        c.expect("RCPT TO:<bob@company.com>", "250 2.1.5").await;
+        c.cmd("DATA").await;
+        let reply = c
+            .expect("Subject: relayed\r\n\r\nhop\r\n.", "250 2.0.0")
+            .await;
+        assert!(reply.contains("id="), "round {round}: {reply}");
+    }
+    assert_eq!(node.inbox(BOB).len(), 1, "the repeat is not stored");
+    // The same message with one more recipient: only the new one gets it.
+    c.cmd("MAIL FROM:<x@outside.org> XDSHARE-ID=17.1").await;
+    c.expect("RCPT TO:<bob@company.com>", "250").await;
+    c.expect("RCPT TO:<carol@company.com>", "250").await;
+    c.cmd("DATA").await;
+    c.expect("Subject: relayed\r\n\r\nhop\r\n.", "250 2.0.0")
+        .await;
+    assert_eq!(node.inbox(BOB).len(), 1);
+    assert_eq!(node.inbox(carol).len(), 1);
+    // Another message id is another message; without one a hop delivers as before.
+    c.cmd("MAIL FROM:<x@outside.org> XDSHARE-ID=17.2").await;
+    c.cmd("RCPT TO:<bob@company.com>").await;
+    c.cmd("DATA").await;
+    c.expect("second\r\n.", "250 2.0.0").await;
+    c.cmd("MAIL FROM:<x@outside.org>").await;
+    c.cmd("RCPT TO:<bob@company.com>").await;
+    c.cmd("DATA").await;
+    c.expect("third\r\n.", "250 2.0.0").await;
+    assert_eq!(node.inbox(BOB).len(), 3);
+    assert_eq!(node.mail.relay_marks().len(), 3);
+}

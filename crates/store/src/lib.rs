@@ -16,10 +16,12 @@ mod commit;
 pub mod mailbox;
 mod migrate;
 pub mod queue;
+pub mod relayed;
 
 pub use body::{Bodies, BodyReader, BodyRef, BodyWriter, INLINE_MAX, MessageReader, StagedBody};
 pub use mailbox::{MailStore, MailboxInfo, MessageMeta};
 pub use queue::{QueueEntry, QueueStore, QueuedRecipient, RecipientState};
+pub use relayed::{RelayMark, RelayMarks};
 
 /// The schema this build writes. Recorded in the database on first open; a database written
 /// by a newer schema is refused, an older one is migrated by [`Store::open`].
@@ -57,6 +59,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A relayed message's recipient was delivered before ([`relayed`]).
+    #[error("{0}")]
+    Duplicate(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -28,6 +28,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use crate::body::{BodyRef, BodyTx, DEAD_TREE, INLINE_TREE, LineEnds, MessageReader, REFS_TREE};
 use crate::queue::{QueueEntry, QueueStore};
+use crate::relayed::{RelayMark, RelayMarks};
 use crate::{Error, Result, StagedBody, Store, unix_now};
 
 mod sync;
@@ -138,6 +139,8 @@ pub struct MailStore {
     dead: sled::Tree,
     accounts: sled::Tree,
     counters: sled::Tree,
+    /// Relayed messages already delivered ([`crate::relayed`]).
+    relayed: RelayMarks,
     /// Change notification, expunge log, `\Recent`, subscriptions ([`sync`]).
     sync: std::sync::Arc<sync::SyncState>,
 }
@@ -393,6 +396,7 @@ impl MailStore {
             dead: store.tree(DEAD_TREE)?,
             accounts: store.tree(ACCOUNTS)?,
             counters: store.tree(COUNTERS)?,
+            relayed: RelayMarks::new(store)?,
             sync: std::sync::Arc::new(sync::SyncState::new(store)?),
         })
     }
@@ -788,32 +792,64 @@ impl MailStore {
     }
 
     /// Delivers a body already stored (a queue entry's, say) to one more account's INBOX.
-    pub fn deliver_stored(&self, account: &str, prefix: &str, body: &BodyRef) -> Result<u32> {
+    /// With a `mark`, the delivery happens at most once: the mark is written in the same
+    /// transaction, and `Error::Duplicate` (nothing stored) says it was done before.
+    pub fn deliver_stored(
+        &self,
+        account: &str,
+        prefix: &str,
+        body: &BodyRef,
+        mark: Option<&RelayMark>,
+    ) -> Result<u32> {
         check_prefix(prefix)?;
         self.ensure_account(account)?;
         let key = mailbox_key(account, INBOX);
         let (size, pop3_size) = sizes(prefix, body);
         let now = unix_now();
-        self.transact(|tx| {
-            let mut info = tx
-                .mailbox(&key)?
-                .ok_or_else(|| abort(not_found(account, INBOX)))?;
-            info.highest_modseq += 1;
-            let mut meta = MessageMeta {
-                uid: 0,
-                flags: Vec::new(),
-                internal_date: now,
-                size,
-                modseq: 0,
-                blob: body.id,
-                prefix: prefix.to_string(),
-                pop3_size,
-            };
-            tx.retain_blob(body.id)?;
-            tx.add_message(&mut info, &mut meta)?;
-            tx.put_mailbox(&key, &info)?;
-            Ok(meta.uid)
-        })
+        let written_at = now.to_be_bytes();
+        tx_result(
+            (
+                &self.mailboxes,
+                &self.messages,
+                &self.blobs,
+                &self.refs,
+                &self.dead,
+                self.relayed.tree(),
+            )
+                .transaction(|(mailboxes, messages, inline, refs, dead, relayed)| {
+                    let tx = Tx {
+                        mailboxes,
+                        messages,
+                        body: BodyTx { inline, refs, dead },
+                    };
+                    if let Some(mark) = mark {
+                        if relayed.get(mark.key())?.is_some() {
+                            return Err(abort(Error::Duplicate(format!(
+                                "already delivered: {mark}"
+                            ))));
+                        }
+                        relayed.insert(mark.key(), &written_at[..])?;
+                    }
+                    let mut info = tx
+                        .mailbox(&key)?
+                        .ok_or_else(|| abort(not_found(account, INBOX)))?;
+                    info.highest_modseq += 1;
+                    let mut meta = MessageMeta {
+                        uid: 0,
+                        flags: Vec::new(),
+                        internal_date: now,
+                        size,
+                        modseq: 0,
+                        blob: body.id,
+                        prefix: prefix.to_string(),
+                        pop3_size,
+                    };
+                    tx.retain_blob(body.id)?;
+                    tx.add_message(&mut info, &mut meta)?;
+                    tx.put_mailbox(&key, &info)?;
+                    Ok(meta.uid)
+                }),
+        )
         .inspect(|_| self.changed(account, INBOX))
     }
 
@@ -826,6 +862,35 @@ impl MailStore {
         body: &StagedBody,
         local: &[(String, String)],
         queued: Option<(&QueueStore, Vec<(QueueEntry, String)>)>,
+    ) -> Result<(Vec<u32>, Vec<u64>)> {
+        self.deliver_marked(body, local, queued, &[])
+    }
+
+    /// [`MailStore::deliver_shared`] of a message relayed by a peer: `marks` (one per
+    /// delivered recipient, see [`crate::relayed`]) are written in the same transaction as the
+    /// messages. `Error::Duplicate` (and nothing stored) if one of them is there already: the
+    /// caller leaves those recipients out and tries again. Does not flush.
+    pub fn deliver_relayed(
+        &self,
+        body: &StagedBody,
+        local: &[(String, String)],
+        marks: &[RelayMark],
+    ) -> Result<Vec<u32>> {
+        self.deliver_marked(body, local, None, marks)
+            .map(|(uids, _)| uids)
+    }
+
+    /// The relay marks of this database.
+    pub fn relay_marks(&self) -> &RelayMarks {
+        &self.relayed
+    }
+
+    fn deliver_marked(
+        &self,
+        body: &StagedBody,
+        local: &[(String, String)],
+        queued: Option<(&QueueStore, Vec<(QueueEntry, String)>)>,
+        marks: &[RelayMark],
     ) -> Result<(Vec<u32>, Vec<u64>)> {
         for (account, prefix) in local {
             check_prefix(prefix)?;
@@ -853,7 +918,7 @@ impl MailStore {
             None => (None, Vec::new()),
         };
         let count = (local.len() + entries.len()) as u64;
-        if count == 0 {
+        if count == 0 && marks.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
         let encoded: Vec<Vec<u8>> = entries
@@ -864,6 +929,7 @@ impl MailStore {
             Some(q) => q.entries_tree().clone(),
             None => self.store.tree(crate::queue::ENTRIES)?,
         };
+        let written_at = now.to_be_bytes();
         let uids = tx_result(
             (
                 &self.mailboxes,
@@ -872,42 +938,57 @@ impl MailStore {
                 &self.refs,
                 &self.dead,
                 &entries_tree,
+                self.relayed.tree(),
             )
-                .transaction(|(mailboxes, messages, inline, refs, dead, q)| {
-                    let tx = Tx {
-                        mailboxes,
-                        messages,
-                        body: BodyTx { inline, refs, dead },
-                    };
-                    tx.body.add_staged(body, count)?;
-                    let mut uids = Vec::with_capacity(local.len());
-                    for ((account, prefix), key) in local.iter().zip(&keys) {
-                        let mut info = tx
-                            .mailbox(key)?
-                            .ok_or_else(|| abort(not_found(account, INBOX)))?;
-                        info.highest_modseq += 1;
-                        let (size, pop3_size) = sizes(prefix, &body_ref);
-                        let mut meta = MessageMeta {
-                            uid: 0,
-                            flags: Vec::new(),
-                            internal_date: now,
-                            size,
-                            modseq: 0,
-                            blob: body_ref.id,
-                            prefix: prefix.clone(),
-                            pop3_size,
+                .transaction(
+                    |(mailboxes, messages, inline, refs, dead, q, relayed)| {
+                        let tx = Tx {
+                            mailboxes,
+                            messages,
+                            body: BodyTx { inline, refs, dead },
                         };
-                        tx.add_message(&mut info, &mut meta)?;
-                        tx.put_mailbox(key, &info)?;
-                        uids.push(meta.uid);
-                    }
-                    for (entry, bytes) in entries.iter().zip(&encoded) {
-                        q.insert(&entry.id.to_be_bytes()[..], bytes.as_slice())?;
-                    }
-                    Ok(uids)
-                }),
+                        for mark in marks {
+                            if relayed.get(mark.key())?.is_some() {
+                                return Err(abort(Error::Duplicate(format!(
+                                    "relayed message already delivered: {mark}"
+                                ))));
+                            }
+                            relayed.insert(mark.key(), &written_at[..])?;
+                        }
+                        if count > 0 {
+                            tx.body.add_staged(body, count)?;
+                        }
+                        let mut uids = Vec::with_capacity(local.len());
+                        for ((account, prefix), key) in local.iter().zip(&keys) {
+                            let mut info = tx
+                                .mailbox(key)?
+                                .ok_or_else(|| abort(not_found(account, INBOX)))?;
+                            info.highest_modseq += 1;
+                            let (size, pop3_size) = sizes(prefix, &body_ref);
+                            let mut meta = MessageMeta {
+                                uid: 0,
+                                flags: Vec::new(),
+                                internal_date: now,
+                                size,
+                                modseq: 0,
+                                blob: body_ref.id,
+                                prefix: prefix.clone(),
+                                pop3_size,
+                            };
+                            tx.add_message(&mut info, &mut meta)?;
+                            tx.put_mailbox(key, &info)?;
+                            uids.push(meta.uid);
+                        }
+                        for (entry, bytes) in entries.iter().zip(&encoded) {
+                            q.insert(&entry.id.to_be_bytes()[..], bytes.as_slice())?;
+                        }
+                        Ok(uids)
+                    },
+                ),
         )?;
-        body.mark_committed();
+        if count > 0 {
+            body.mark_committed();
+        }
         for (account, _) in local {
             self.changed(account, INBOX);
         }
