@@ -307,6 +307,35 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=30) as s:
     assert!(msg.contains(".dot line"), "{msg}");
 }
 
+/// `require_tls` (#13 point 7): a node without STARTTLS accepts AUTH in plaintext only on an
+/// exempt listener (loopback by default); with the exempt list emptied, 127.0.0.1 counts as
+/// outside, AUTH is not offered and gets `538 5.7.11` before any secret is checked.
+#[tokio::test]
+async fn require_tls_refuses_plaintext_auth_off_the_exempt_networks() {
+    let mut opts = NodeOptions::plain("b", &[BOB]);
+    opts.config.tls_policy.exempt.clear();
+    let node = start_with(opts).await;
+    let mut c = connect(node.addr).await;
+    let ehlo = c.cmd("EHLO a.test").await;
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    let token = b64(format!("\0dshare-peer/a\0{SECRET}").as_bytes());
+    c.expect(&format!("AUTH PLAIN {token}"), "538 5.7.11").await;
+    c.expect("AUTH PLAIN", "538 5.7.11").await;
+    // Mail without AUTH still flows.
+    c.cmd("MAIL FROM:<x@outside.org>").await;
+    c.expect("RCPT TO:<bob@company.com>", "250 2.1.5").await;
+
+    // Loopback exempt (the default): the same node offers AUTH in plaintext.
+    let node = start_with(NodeOptions::plain("b", &[BOB])).await;
+    let mut c = connect(node.addr).await;
+    assert!(c.cmd("EHLO a.test").await.contains("AUTH PLAIN"));
+    assert!(
+        c.cmd(&format!("AUTH PLAIN {token}"))
+            .await
+            .starts_with("235")
+    );
+}
+
 #[tokio::test]
 async fn peer_auth_marks_a_hop_that_delivers_locally_only() {
     let node = start_with(NodeOptions::plain("b", &[BOB])).await;
