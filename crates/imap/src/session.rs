@@ -853,6 +853,11 @@ impl Session {
     }
 }
 
+/// APPEND while the data disk is below its reserve (Dovecot answers a full disk the same way).
+fn no_space_reply() -> Reply {
+    Reply::no("Not enough disk space, try again later").code("OVERQUOTA")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -884,9 +889,4 @@ mod tests {
         assert_eq!(raw_tag(b"a{ NOOP\r\n"), None);
         assert_eq!(raw_command(b"a1 uid fetch 1 FLAGS\r\n"), "FETCH");
     }
-}
-
-/// APPEND while the data disk is below its reserve (Dovecot answers a full disk the same way).
-fn no_space_reply() -> Reply {
-    Reply::no("Not enough disk space, try again later").code("OVERQUOTA")
 }
