@@ -322,3 +322,85 @@ async fn unknown_pipelined_rcpts_fan_out_only_within_the_connection_budget() -> 
     c.shutdown().await;
     Ok(())
 }
+
+/// #13 point 19: below the data disk's free-space reserve new mail gets `452 4.3.1` (MAIL
+/// FROM, and DATA of a transaction begun before) and IMAP APPEND `NO [OVERQUOTA]`, while POP3
+/// and IMAP keep serving the mail already there; once the reserve is met again (here: the
+/// reserve lowered at run time, as freed space would) mail flows without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_free_space_reserve_new_mail_waits_and_reads_go_on() -> anyhow::Result<()> {
+    let c = Cluster::start(1).await?;
+    let n = c.node(0);
+    n.add_account("alice@example.com", "pw").await?;
+    let store = n.node().state.store.clone();
+    assert_eq!(store.min_free_space(), ds_store::DEFAULT_MIN_FREE_SPACE);
+    let mut s = Smtp::connect(n.smtp()).await?;
+    let r = s
+        .send(
+            "x@elsewhere.org",
+            &["alice@example.com"],
+            &message("before", 4096),
+        )
+        .await?;
+    anyhow::ensure!(r.iter().all(|r| r.is(250)), "{r:?}");
+
+    // A transaction begun before the disk filled up, and one after.
+    anyhow::ensure!(s.cmd("MAIL FROM:<x@elsewhere.org>").await?.is(250));
+    anyhow::ensure!(s.cmd("RCPT TO:<alice@example.com>").await?.is(250));
+    store.set_min_free_space(u64::MAX);
+    let data = s.cmd("DATA").await?;
+    assert!(data.is(452) && data.text.starts_with("4.3.1"), "{data:?}");
+    let mail = s.cmd("MAIL FROM:<x@elsewhere.org>").await?;
+    assert!(mail.is(452) && mail.text.starts_with("4.3.1"), "{mail:?}");
+    anyhow::ensure!(s.cmd("NOOP").await?.is(250), "the session goes on");
+
+    let reads = || {
+        python(&format!(
+            r#"
+import imaplib, poplib
+p = poplib.POP3("{ip}", {pop3}, timeout=30)
+p.user("alice"); p.pass_("pw")
+print("stat", p.stat()[0])
+print("retr", len(p.retr(1)[1]) > 10)
+p.quit()
+m = imaplib.IMAP4("{ip}", {imap}, timeout=30)
+m.login("alice", "pw")
+print("select", m.select("INBOX")[1][0].decode())
+try:
+    print("append", m.append("INBOX", None, None, b"Subject: appended\r\n\r\nx\r\n"))
+except imaplib.IMAP4.error as e:
+    print("append", e)
+m.logout()
+"#,
+            ip = n.pop3().ip(),
+            pop3 = n.pop3().port(),
+            imap = n.imap().port(),
+        ))
+    };
+    let out = reads()?;
+    print!("{out}");
+    assert!(
+        out.contains("stat 1\n") && out.contains("retr True"),
+        "{out}"
+    );
+    assert!(out.contains("select 1\n"), "{out}");
+    assert!(out.contains("[OVERQUOTA]"), "{out}");
+    assert_eq!(n.inbox_len("alice@example.com"), 1);
+
+    // Space is back: the same session's next message goes through, and APPEND works.
+    store.set_min_free_space(store.free_space()? / 2);
+    let r = s
+        .send(
+            "x@elsewhere.org",
+            &["alice@example.com"],
+            &message("after", 4096),
+        )
+        .await?;
+    anyhow::ensure!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await?;
+    let out = reads()?;
+    assert!(out.contains("stat 2\n"), "{out}");
+    assert!(out.contains("append ('OK'"), "{out}");
+    assert_eq!(n.inbox_len("alice@example.com"), 3);
+    Ok(())
+}

@@ -55,8 +55,9 @@ pub struct ImapConfig {
     pub max_literal: usize,
     /// Largest message APPEND accepts (the node's message size limit). Default 50 MiB.
     pub max_message_size: usize,
-    /// Refuse passwords before TLS on non-loopback addresses (`LOGINDISABLED`). Default on.
-    pub require_tls: bool,
+    /// `require_tls`: where passwords are refused before TLS (`LOGINDISABLED`). Default:
+    /// required, loopback listeners exempt.
+    pub tls_policy: ds_net::TlsPolicy,
     /// Failed logins in one session before it is closed. Default 3.
     pub max_failed_logins: u32,
     /// Invalid commands in one session before it is closed. Default 20.
@@ -93,7 +94,7 @@ impl Default for ImapConfig {
             max_line: 64 * 1024,
             max_literal: 64 * 1024,
             max_message_size: 50 * 1024 * 1024,
-            require_tls: true,
+            tls_policy: ds_net::TlsPolicy::default(),
             max_failed_logins: 3,
             max_bad_commands: 20,
             tls_handshake_timeout: Duration::from_secs(10),

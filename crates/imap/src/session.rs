@@ -282,9 +282,9 @@ impl Session {
         matches!(self.state, State::Authenticated | State::Selected(_))
     }
 
-    /// Passwords are refused before TLS on non-loopback listeners.
+    /// Passwords are refused before TLS unless the listener is exempt (loopback by default).
     pub(crate) fn login_disabled(&self) -> bool {
-        self.imap.config.require_tls && !self.ctx.tls && !self.ctx.local.ip().is_loopback()
+        !self.imap.config.tls_policy.password_allowed(&self.ctx)
     }
 
     pub(crate) fn starttls_available(&self) -> bool {
@@ -509,7 +509,9 @@ impl Session {
     /// store fails, the octets are read and dropped and the command refused.
     async fn stream_literal(&mut self, len: u64, c: &crate::ImapConfig) -> Result<Streamed> {
         let budget = c.body_budget.try_take(APPEND_IN_FLIGHT);
+        let mut no_space = self.below_space_reserve();
         let mut writer = match &budget {
+            Some(_) if no_space => None,
             Some(_) => match self.imap.store.bodies().writer() {
                 Ok(w) => Some(w),
                 Err(e) => {
@@ -519,9 +521,14 @@ impl Session {
             },
             None => None,
         };
-        let mut store_failed = budget.is_some() && writer.is_none();
+        let mut store_failed = budget.is_some() && writer.is_none() && !no_space;
         let mut left = len;
         while left > 0 {
+            if writer.is_some() && self.below_space_reserve() {
+                // Dropping the writer removes what was spilled of this message.
+                writer = None;
+                no_space = true;
+            }
             let input = match self.conn().fill_buf(c.command_timeout).await {
                 Ok(input) => input,
                 Err(ds_net::Error::Timeout) => {
@@ -545,6 +552,9 @@ impl Session {
             }
             self.conn().consume(n);
             left -= n as u64;
+        }
+        if no_space {
+            return Ok(Streamed::Refused(no_space_reply()));
         }
         if budget.is_none() {
             tracing::warn!("APPEND refused: bodies in flight over the node's budget");
@@ -570,6 +580,19 @@ impl Session {
                 Ok(Streamed::Refused(
                     Reply::no("Cannot store the message now").code("SERVERBUG"),
                 ))
+            }
+        }
+    }
+
+    /// The free-space reserve of the data disk (#13 point 19): true (logged) when an APPEND
+    /// must wait. Asked for every message, so APPEND works again once space returns.
+    fn below_space_reserve(&self) -> bool {
+        match self.imap.store.check_free_space() {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "APPEND refused: data disk below its reserve");
+                metrics::counter!("dshare_imap_appends_total", "result" => "no_space").increment(1);
+                true
             }
         }
     }
@@ -604,6 +627,15 @@ impl Session {
                 // A non-synchronising literal is on its way: nothing can be trusted after it.
                 self.send(b"* BYE Literal too large\r\n").await?;
                 return Ok(Input::Close);
+            }
+            if sync
+                && append
+                && is_append_message(&message, line_start)
+                && self.below_space_reserve()
+            {
+                // The client waits for `+`: it sends nothing of the message.
+                self.send(&no_space_reply().line(&tag)).await?;
+                return Ok(Input::Handled);
             }
             if sync {
                 // `{n}` → `{n+}` for imap-next, which then sends no continuation itself.
@@ -819,6 +851,11 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// APPEND while the data disk is below its reserve (Dovecot answers a full disk the same way).
+fn no_space_reply() -> Reply {
+    Reply::no("Not enough disk space, try again later").code("OVERQUOTA")
 }
 
 #[cfg(test)]

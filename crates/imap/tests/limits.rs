@@ -61,6 +61,41 @@ m.logout()
     Ok(())
 }
 
+/// `require_tls` from the node's configuration (#13 point 7): with `tls.require_tls_exempt`
+/// emptied, a loopback listener counts as outside, so the rule is tested on any machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_disabled_on_a_listener_that_is_not_exempt() -> anyhow::Result<()> {
+    let c = Cluster::start_with(1, |_, cfg| {
+        cfg.tls.require_tls_exempt.clear();
+    })
+    .await?;
+    c.node(0).add_account(USER, PASS).await?;
+    let out = python(
+        c.node(0).imap(),
+        r#"
+import ssl
+m = imaplib.IMAP4(HOST, PORT)
+print("caps", " ".join(sorted(m.capabilities)))
+try:
+    m.login(USER, PASS)
+except imaplib.IMAP4.error as e:
+    print("plain login", e)
+m.starttls(ssl._create_unverified_context())
+print("login", m.login(USER, PASS)[0])
+m.logout()
+"#,
+    )?;
+    print!("{out}");
+    let first = out.lines().next().unwrap_or("");
+    assert!(
+        first.contains("LOGINDISABLED") && !first.contains("AUTH=PLAIN"),
+        "{out}"
+    );
+    assert!(out.contains("plain login b'[PRIVACYREQUIRED]"), "{out}");
+    assert!(out.contains("login OK"), "{out}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_messages_are_byte_exact_and_changedsince() -> anyhow::Result<()> {
     let c = node().await?;

@@ -7,6 +7,7 @@
 //!   graceful drain on shutdown).
 //! - [`Shutdown`] / [`ShutdownTrigger`] / [`Drain`]: the shutdown signal and the task tracker.
 //! - [`splice`]: the two-way byte copy used to proxy a session to the owning node.
+//! - [`TlsPolicy`]: `require_tls`, where passwords need TLS first.
 //! - [`tls`]: rustls configurations (ring provider only), self-signed certificates, a small dev/test CA.
 
 mod error;
@@ -17,6 +18,7 @@ mod shutdown;
 mod splice;
 mod stream;
 pub mod tls;
+mod tls_policy;
 
 pub use error::{Error, Result};
 pub use limits::{BodyBudget, BudgetGuard, PerIpGuard, PerIpLimiter};
@@ -26,4 +28,5 @@ pub use shutdown::{Drain, Shutdown, ShutdownTrigger, os_signal, shutdown_pair};
 pub use splice::splice;
 pub use stream::{ConnContext, MailStream};
 pub use tls::ensure_crypto_provider;
+pub use tls_policy::{IpNetwork, TlsPolicy};
 pub use tokio_rustls::{TlsAcceptor, TlsConnector};

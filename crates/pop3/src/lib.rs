@@ -56,6 +56,9 @@ pub struct Pop3Config {
     /// The node's bounded, cached password checks (shared with IMAP and SMTP AUTH); `None`:
     /// [`Pop3::new`] makes one of its own with the default bounds.
     pub passwords: Option<Arc<ds_access::PasswordChecker>>,
+    /// `require_tls`: where USER/PASS and AUTH are refused before STLS (CAPA then lists
+    /// neither USER nor SASL). Default: required, loopback listeners exempt.
+    pub tls_policy: ds_net::TlsPolicy,
 }
 
 impl Default for Pop3Config {
@@ -72,6 +75,7 @@ impl Default for Pop3Config {
             tls_handshake_timeout: Duration::from_secs(10),
             throttle: Arc::new(LoginThrottle::default()),
             passwords: None,
+            tls_policy: ds_net::TlsPolicy::default(),
         }
     }
 }
@@ -89,6 +93,7 @@ impl std::fmt::Debug for Pop3Config {
             .field("peer_timeout", &self.peer_timeout)
             .field("tls_handshake_timeout", &self.tls_handshake_timeout)
             .field("throttle", &self.throttle)
+            .field("tls_policy", &self.tls_policy)
             .finish()
     }
 }

@@ -20,6 +20,9 @@ use crate::{Pop3, Result, count_login, xclient};
 
 /// The reply to every failed login, whatever the reason (bad password, unknown user, list, …).
 pub const AUTH_FAILED: &str = "-ERR [AUTH] Authentication failed\r\n";
+/// A password before STLS on a listener that requires TLS (RFC 3206 has no better code).
+const PRIVACY_REQUIRED: &str =
+    "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections, use STLS first\r\n";
 const TEMP_FAILED: &str = "-ERR [SYS/TEMP] Temporary failure, try again later\r\n";
 const BAD_STATE: &str = "-ERR command not valid in this state\r\n";
 
@@ -213,7 +216,9 @@ impl Session {
         let mut capa = String::from("+OK Capability list follows\r\nTOP\r\nUIDL\r\n");
         let authorization = matches!(self.state, State::Authorization { .. });
         if authorization {
-            capa.push_str("USER\r\nSASL PLAIN\r\n");
+            if self.password_allowed() {
+                capa.push_str("USER\r\nSASL PLAIN\r\n");
+            }
             if self.pop3.tls_acceptor.is_some() && !self.ctx.tls {
                 capa.push_str("STLS\r\n");
             }
@@ -262,7 +267,21 @@ impl Session {
         Ok(Flow::Close)
     }
 
+    /// `require_tls`: whether a password may be sent on this connection now.
+    fn password_allowed(&self) -> bool {
+        self.pop3.config.tls_policy.password_allowed(&self.ctx)
+    }
+
     async fn authorization(&mut self, conn: &mut Conn, command: Command) -> Result<Flow> {
+        if matches!(
+            command,
+            Command::User(_) | Command::Pass(_) | Command::Auth { .. }
+        ) && !self.password_allowed()
+        {
+            tracing::info!(local = %self.ctx.local, "login refused: no TLS yet (require_tls)");
+            conn.write_all(PRIVACY_REQUIRED.as_bytes()).await?;
+            return Ok(Flow::Continue);
+        }
         let State::Authorization { user } = &mut self.state else {
             return Ok(Flow::Continue);
         };

@@ -425,6 +425,73 @@ async fn stls() {
     node.stop().await;
 }
 
+/// `require_tls` (#13 point 7): on a listener that is not exempt (the exempt list emptied, so
+/// 127.0.0.1 counts as outside) CAPA lists neither USER nor SASL before STLS, USER, PASS and
+/// AUTH get `-ERR [AUTH]` without a password check, and after STLS poplib logs in.
+#[tokio::test]
+async fn require_tls_refuses_passwords_before_stls() {
+    let pki = Pki::generate("test CA");
+    let (cert, key) = pki.issue(&["localhost"], &[ip("127.0.0.1")]);
+    let parts = company();
+    parts.deliver("info@company.com", MSG1);
+    let mut config = test_config("a");
+    config.tls_policy.exempt.clear();
+    let mut node = parts.node(
+        config,
+        Arc::new(NoPeers),
+        Some(tls_acceptor(&cert, &key)),
+        None,
+    );
+    let addr = node.listen("127.0.0.1", None).await;
+    let script = r#"
+import poplib, ssl, sys, json
+p = poplib.POP3(sys.argv[1], int(sys.argv[2]), timeout=10)
+out = {"capa": sorted(p.capa().keys())}
+for cmd in ("USER info", "PASS secret", "AUTH PLAIN AGluZm8Ac2VjcmV0", "AUTH"):
+    try:
+        out[cmd] = p._shortcmd(cmd).decode()
+    except poplib.error_proto as e:
+        out[cmd] = e.args[0].decode()
+p.stls(ssl._create_unverified_context())
+out["tls_capa"] = sorted(p.capa().keys())
+p.user("info"); p.pass_("secret")
+out["stat"] = list(p.stat())
+p.quit()
+print(json.dumps(out))
+"#;
+    let out = python(script, &[addr.ip().to_string(), addr.port().to_string()]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let capa: Vec<&str> = v["capa"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(capa.contains(&"STLS"), "{out}");
+    assert!(!capa.contains(&"USER") && !capa.contains(&"SASL"), "{out}");
+    for cmd in [
+        "USER info",
+        "PASS secret",
+        "AUTH PLAIN AGluZm8Ac2VjcmV0",
+        "AUTH",
+    ] {
+        assert!(
+            v[cmd]
+                .as_str()
+                .unwrap()
+                .starts_with("-ERR [AUTH] Plaintext"),
+            "{cmd}: {out}"
+        );
+    }
+    let tls_capa = v["tls_capa"].as_array().unwrap();
+    assert!(
+        tls_capa.contains(&"USER".into()) && tls_capa.contains(&"SASL".into()),
+        "{out}"
+    );
+    assert_eq!(v["stat"], serde_json::json!([1, MSG1.len()]));
+    node.stop().await;
+}
+
 /// The CommuniGate Pro sample (DESIGN.md §3), with Python's poplib on 127.0.0.1/127.0.0.2 and
 /// curl over implicit TLS with SNI `mail.client2.com`.
 #[tokio::test]

@@ -88,13 +88,51 @@ impl Default for ListenSection {
 }
 
 /// Absent: a self-signed certificate made in `data_dir` on first start.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSection {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     /// Trust anchor for node-to-node connections.
     pub cluster_ca: Option<PathBuf>,
+    /// Refuse passwords before TLS (POP3 USER/PASS/AUTH before STLS, IMAP `LOGINDISABLED`,
+    /// SMTP AUTH before STARTTLS) on every listener whose address is not in
+    /// `require_tls_exempt`. Default on.
+    pub require_tls: bool,
+    /// Listener networks where plaintext passwords are still accepted (`addr/len`). Default
+    /// loopback: `["127.0.0.0/8", "::1/128"]`.
+    pub require_tls_exempt: Vec<String>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        let policy = ds_net::TlsPolicy::default();
+        Self {
+            cert: None,
+            key: None,
+            cluster_ca: None,
+            require_tls: policy.require_tls,
+            require_tls_exempt: policy.exempt.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+}
+
+impl TlsSection {
+    /// The `require_tls` policy every login protocol applies.
+    pub fn policy(&self) -> Result<ds_net::TlsPolicy> {
+        let exempt = self
+            .require_tls_exempt
+            .iter()
+            .map(|n| {
+                n.parse()
+                    .map_err(|e| Error::Config(format!("tls.require_tls_exempt: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        Ok(ds_net::TlsPolicy {
+            require_tls: self.require_tls,
+            exempt,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +202,10 @@ pub struct LimitsSection {
     pub bodies_in_flight: u64,
     /// Bound on the database's page cache (bytes).
     pub db_cache: u64,
+    /// Free space (bytes) kept on the data disk, like Postfix's `queue_minfree`: below it new
+    /// mail gets `452 4.3.1` (SMTP) or `NO [OVERQUOTA]` (IMAP APPEND) while reads go on;
+    /// mail flows again by itself once space returns. 0 = no reserve. Default 100 MiB.
+    pub min_free_space: u64,
 }
 
 impl Default for LimitsSection {
@@ -179,6 +221,7 @@ impl Default for LimitsSection {
             imap_idle: Duration::from_secs(1800),
             bodies_in_flight: ds_smtp::DEFAULT_BODIES_IN_FLIGHT,
             db_cache: ds_store::DEFAULT_CACHE_CAPACITY,
+            min_free_space: ds_store::DEFAULT_MIN_FREE_SPACE,
         }
     }
 }
@@ -277,6 +320,7 @@ impl Config {
                 )));
             }
         }
+        self.tls.policy()?;
         if self.limits.smtp_line < 512 {
             return Err(Error::Config(
                 "limits.smtp_line must be at least 512 (RFC 5321)".into(),
@@ -396,6 +440,33 @@ smtp = "office-b.example.net:25"
         );
         // A single node needs no CA.
         Config::parse("[node]\nid = \"solo\"\n").unwrap();
+    }
+
+    #[test]
+    fn require_tls_is_on_with_loopback_exempt() {
+        let c = Config::parse("").unwrap();
+        let p = c.tls.policy().unwrap();
+        assert!(p.require_tls);
+        assert!(p.plaintext_allowed("127.0.0.1".parse().unwrap()));
+        assert!(!p.plaintext_allowed("192.0.2.1".parse().unwrap()));
+        let c = Config::parse("[tls]\nrequire_tls_exempt = []\n").unwrap();
+        assert!(
+            !c.tls
+                .policy()
+                .unwrap()
+                .plaintext_allowed("127.0.0.1".parse().unwrap())
+        );
+        let c = Config::parse("[tls]\nrequire_tls = false\n").unwrap();
+        assert!(
+            c.tls
+                .policy()
+                .unwrap()
+                .plaintext_allowed("192.0.2.1".parse().unwrap())
+        );
+        let e = Config::parse("[tls]\nrequire_tls_exempt = [\"10.0.0.0/40\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("require_tls_exempt"), "{e}");
     }
 }
 

@@ -127,8 +127,9 @@ impl NodeState {
             .create_account(name, password, force, unix_now())
             .await
             .map_err(guard_status)?;
+        // A new account starts empty even where one of that name was deleted.
         self.mail
-            .ensure_account(&account.address)
+            .create_account(&account.address)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         self.store
             .flush_async()
@@ -278,11 +279,16 @@ impl NodeState {
             .collect()
     }
 
+    /// Makes a queued message due now. A message being relayed at this moment is left to
+    /// that attempt (it reschedules it itself), so it is never relayed twice.
     pub fn queue_retry(&self, id: u64) -> std::result::Result<(), String> {
-        self.queue.retry_now(id).map_err(|e| match e {
+        let rescheduled = self.queue.retry_now(id).map_err(|e| match e {
             ds_store::Error::NotFound(_) => format!("no queued message {id}"),
             other => other.to_string(),
         })?;
+        if !rescheduled {
+            tracing::info!(id, "queue retry: the message is being relayed right now");
+        }
         self.queue_wake.notify_one();
         Ok(())
     }
@@ -432,6 +438,7 @@ impl Node {
         std::fs::create_dir_all(&data_dir)
             .map_err(io(format!("cannot create data dir {}", data_dir.display())))?;
         let store = Store::open_with_cache(&data_dir, config.limits.db_cache)?;
+        store.set_min_free_space(config.limits.min_free_space);
         let domains = Domains::new(&config.node.main_domain, config.domains.clone())?;
         let mut directory = Directory::new(&store, domains)?;
         if let Some(cost) = opts.hash_cost {
@@ -508,6 +515,7 @@ impl Node {
             None => None,
         };
         let limits = config.limits.clone();
+        let tls_policy = config.tls.policy()?;
         // Shared by every protocol that receives message bodies.
         let body_budget = ds_net::BodyBudget::new(limits.bodies_in_flight);
         let listen_opts = |protocol: &'static str| ListenOptions {
@@ -529,6 +537,7 @@ impl Node {
                 retry_max: config.smtp.retry_max,
                 cluster_secret: keys.relay.clone(),
                 body_budget: body_budget.clone(),
+                tls_policy: tls_policy.clone(),
                 ..Default::default()
             },
             directory.clone(),
@@ -560,6 +569,7 @@ impl Node {
                 proof_key: Some(proof_key.clone()),
                 throttle: Arc::clone(&throttle),
                 passwords: Some(Arc::clone(&passwords)),
+                tls_policy: tls_policy.clone(),
                 ..Default::default()
             },
             directory.clone(),
@@ -579,6 +589,7 @@ impl Node {
                 proof_key: Some(proof_key.clone()),
                 peer_tls: peer_tls.clone(),
                 body_budget: body_budget.clone(),
+                tls_policy: tls_policy.clone(),
                 ..Default::default()
             },
             directory.clone(),

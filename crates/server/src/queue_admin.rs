@@ -243,8 +243,9 @@ impl NodeState {
                 continue;
             }
             match self.queue.retry_now(e.id) {
-                Ok(()) => n += 1,
-                Err(ds_store::Error::NotFound(_)) => {}
+                Ok(true) => n += 1,
+                // Being relayed right now: the attempt reschedules it.
+                Ok(false) | Err(ds_store::Error::NotFound(_)) => {}
                 Err(other) => return Err(other.to_string()),
             }
         }

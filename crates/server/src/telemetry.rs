@@ -112,6 +112,7 @@ pub const CATALOG: &[Series] = &[
             "bounced",
             "too_big",
             "no_budget",
+            "no_space",
             "error",
         ],
     ),
@@ -141,7 +142,7 @@ pub const CATALOG: &[Series] = &[
         Kind::Counter,
         "IMAP APPENDs refused while their message was received, by reason.",
         "result",
-        &["no_budget", "error"],
+        &["no_budget", "no_space", "error"],
     ),
     s(
         "dshare_imap_logins_total",

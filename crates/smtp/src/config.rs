@@ -46,6 +46,10 @@ pub struct SmtpConfig {
     /// The node-wide budget for message bodies in flight (shared with IMAP APPEND); a message
     /// that cannot get its share is refused with `452 4.3.1`.
     pub body_budget: ds_net::BodyBudget,
+    /// `require_tls`: where AUTH is refused before STARTTLS (`538 5.7.11`, not offered in
+    /// EHLO). Default: required, loopback listeners exempt. Shared by every listener (MX
+    /// intake, submission).
+    pub tls_policy: ds_net::TlsPolicy,
 }
 
 impl Default for SmtpConfig {
@@ -66,6 +70,7 @@ impl Default for SmtpConfig {
             relay_timeout: Duration::from_secs(60),
             max_errors: 20,
             body_budget: ds_net::BodyBudget::new(DEFAULT_BODIES_IN_FLIGHT),
+            tls_policy: ds_net::TlsPolicy::default(),
         }
     }
 }
@@ -88,6 +93,7 @@ impl fmt::Debug for SmtpConfig {
             .field("relay_timeout", &self.relay_timeout)
             .field("max_errors", &self.max_errors)
             .field("body_budget", &self.body_budget)
+            .field("tls_policy", &self.tls_policy)
             .finish()
     }
 }

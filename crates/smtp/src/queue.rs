@@ -267,6 +267,21 @@ impl QueueRunner {
         let mut sessions = RelaySessions::new(&smtp.config, smtp.relay_tls.as_ref());
         for entry in group {
             let id = entry.id;
+            // The claim re-reads the entry: a copy read at the start of the pass may be stale
+            // (relayed meanwhile, retried, removed), and an entry is relayed by one worker at
+            // a time; an operator's retry leaves a claimed entry alone (#13 point 15).
+            let (entry, _claim) = match smtp.queue.claim_due(id, unix_now()) {
+                Ok(Some(claimed)) => claimed,
+                Ok(None) => {
+                    tracing::debug!(id, "queue entry no longer due, skipped");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(id, error = %e, "queue entry cannot be claimed");
+                    failed = true;
+                    continue;
+                }
+            };
             if let Err(e) = self.process(entry, &mut sessions).await {
                 tracing::error!(id, error = %e, "queue entry processing failed");
                 failed = true;

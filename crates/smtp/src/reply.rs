@@ -39,6 +39,8 @@ pub(crate) const AUTH_ENCRYPT: &str =
 pub(crate) const AUTH_MECH: &str = "504 5.5.4 Unrecognized authentication type\r\n";
 pub(crate) const AUTH_CANCELLED: &str = "501 5.0.0 Authentication cancelled\r\n";
 pub(crate) const AUTH_BAD_B64: &str = "501 5.5.2 Cannot decode response\r\n";
+/// The data disk is below its free-space reserve (`limits.min_free_space`).
+pub(crate) const NO_SPACE: &str = "452 4.3.1 Insufficient system storage, try again later\r\n";
 pub(crate) const TEMP_LOCAL: &str = "451 4.3.0 Local error in processing, try again later\r\n";
 pub(crate) const NO_BUDGET: &str =
     "452 4.3.1 Insufficient system resources (too many messages in flight), try again later\r\n";

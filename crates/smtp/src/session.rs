@@ -349,6 +349,10 @@ impl Session {
             Request::Data => match &self.tx {
                 None => self.reply(conn, NEED_MAIL).await,
                 Some(tx) if tx.recipients.is_empty() => self.reply(conn, NEED_RCPT).await,
+                Some(_) if !self.space_left() => {
+                    self.tx = None;
+                    self.reply(conn, NO_SPACE).await
+                }
                 Some(_) => {
                     conn.write_all(DATA_GO.as_bytes()).await?;
                     Ok(Action::Data)
@@ -395,8 +399,33 @@ impl Session {
         }
     }
 
+    /// The free-space reserve of the data disk (#13 point 19): false (logged) when new mail
+    /// must wait. Asked again for every message, so mail flows again once space returns.
+    fn space_left(&self) -> bool {
+        match self.smtp.store.check_free_space() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "message refused: data disk below its reserve");
+                metrics::counter!("dshare_smtp_messages_total", "result" => "no_space")
+                    .increment(1);
+                false
+            }
+        }
+    }
+
     fn auth_offered(&self) -> bool {
-        !self.config().cluster_secret.is_empty() && (self.ctx.tls || self.smtp.tls.is_none())
+        !self.config().cluster_secret.is_empty() && self.auth_allowed_now()
+    }
+
+    /// `require_tls`: a password only over TLS, or in plaintext on an exempt listener (loopback
+    /// by default) of a node that cannot offer STARTTLS.
+    fn auth_allowed_now(&self) -> bool {
+        self.ctx.tls
+            || (self.smtp.tls.is_none()
+                && self
+                    .config()
+                    .tls_policy
+                    .plaintext_allowed(self.ctx.local.ip()))
     }
 
     fn ehlo(&mut self, host: &str, esmtp: bool) -> String {
@@ -454,6 +483,9 @@ impl Session {
         if size > max {
             tracing::info!(size, max, "MAIL refused: declared SIZE over the limit");
             return TOO_BIG.into();
+        }
+        if !self.space_left() {
+            return NO_SPACE.into();
         }
         let smtputf8 = flags & MAIL_SMTPUTF8 != 0;
         if !address.is_ascii() && !smtputf8 {
@@ -587,7 +619,8 @@ impl Session {
         if mechanism != AUTH_PLAIN {
             return Ok(AUTH_MECH);
         }
-        if self.smtp.tls.is_some() && !self.ctx.tls {
+        if !self.auth_allowed_now() {
+            tracing::info!(local = %self.ctx.local, "AUTH refused: no TLS yet (require_tls)");
             return Ok(AUTH_ENCRYPT);
         }
         let response = if initial.is_empty() {
@@ -663,6 +696,8 @@ impl Session {
             None => None,
         };
         let mut store_failed = budget.is_some() && writer.is_none();
+        // The disk went below its reserve while the message came in: nothing of it is kept.
+        let mut no_space = false;
         let mut chunk = Vec::with_capacity(CHUNK);
         conn.flush().await?;
         loop {
@@ -695,6 +730,11 @@ impl Session {
                 chunk.clear();
             }
             let done = matches!(end, DataEnd::Done(_));
+            if writer.is_some() && (chunk.len() >= CHUNK || done) && !self.space_left() {
+                // Dropping the writer removes what was spilled of this message.
+                writer = None;
+                no_space = true;
+            }
             if let Some(w) = &mut writer
                 && (chunk.len() >= CHUNK || done)
             {
@@ -719,6 +759,10 @@ impl Session {
             tracing::info!(size = reader.len(), max, sender = %tx.sender, "message refused: too big");
             metrics::counter!("dshare_smtp_messages_total", "result" => "too_big").increment(1);
             self.reply(conn, TOO_BIG).await?;
+            return Ok(true);
+        }
+        if no_space {
+            self.reply(conn, NO_SPACE).await?;
             return Ok(true);
         }
         if budget.is_none() {

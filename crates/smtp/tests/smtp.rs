@@ -307,6 +307,35 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=30) as s:
     assert!(msg.contains(".dot line"), "{msg}");
 }
 
+/// `require_tls` (#13 point 7): a node without STARTTLS accepts AUTH in plaintext only on an
+/// exempt listener (loopback by default); with the exempt list emptied, 127.0.0.1 counts as
+/// outside, AUTH is not offered and gets `538 5.7.11` before any secret is checked.
+#[tokio::test]
+async fn require_tls_refuses_plaintext_auth_off_the_exempt_networks() {
+    let mut opts = NodeOptions::plain("b", &[BOB]);
+    opts.config.tls_policy.exempt.clear();
+    let node = start_with(opts).await;
+    let mut c = connect(node.addr).await;
+    let ehlo = c.cmd("EHLO a.test").await;
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    let token = b64(format!("\0dshare-peer/a\0{SECRET}").as_bytes());
+    c.expect(&format!("AUTH PLAIN {token}"), "538 5.7.11").await;
+    c.expect("AUTH PLAIN", "538 5.7.11").await;
+    // Mail without AUTH still flows.
+    c.cmd("MAIL FROM:<x@outside.org>").await;
+    c.expect("RCPT TO:<bob@company.com>", "250 2.1.5").await;
+
+    // Loopback exempt (the default): the same node offers AUTH in plaintext.
+    let node = start_with(NodeOptions::plain("b", &[BOB])).await;
+    let mut c = connect(node.addr).await;
+    assert!(c.cmd("EHLO a.test").await.contains("AUTH PLAIN"));
+    assert!(
+        c.cmd(&format!("AUTH PLAIN {token}"))
+            .await
+            .starts_with("235")
+    );
+}
+
 #[tokio::test]
 async fn peer_auth_marks_a_hop_that_delivers_locally_only() {
     let node = start_with(NodeOptions::plain("b", &[BOB])).await;
@@ -1407,4 +1436,93 @@ async fn relay_ids_are_taken_from_peers_only_and_a_repeat_gets_250_without_a_cop
     c.expect("third\r\n.", "250 2.0.0").await;
     assert_eq!(node.inbox(BOB).len(), 3);
     assert_eq!(node.mail.relay_marks().len(), 3);
+}
+
+/// A peer that takes one message per connection and answers its DATA only when `go` is
+/// notified; the bodies it received are in the returned list.
+async fn gated_peer() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    Arc<tokio::sync::Notify>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (log, gate) = (bodies.clone(), go.clone());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (log, gate) = (log.clone(), gate.clone());
+            tokio::spawn(async move {
+                let mut s = tokio::io::BufReader::new(s);
+                let _ = s.get_mut().write_all(b"220 gated ESMTP\r\n").await;
+                let mut line = String::new();
+                while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let reply: &[u8] = match line.get(..4).unwrap_or("") {
+                        "EHLO" => b"250-gated\r\n250 SIZE 100000000\r\n",
+                        "QUIT" => b"221 bye\r\n",
+                        "DATA" => b"354 go\r\n",
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = s.get_mut().write_all(reply).await;
+                    if line.starts_with("DATA") {
+                        let mut body = String::new();
+                        loop {
+                            let mut l = String::new();
+                            if s.read_line(&mut l).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if l == ".\r\n" {
+                                break;
+                            }
+                            body.push_str(&l);
+                        }
+                        log.lock().unwrap().push(body);
+                        gate.notified().await;
+                        let _ = s.get_mut().write_all(b"250 queued\r\n").await;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    (addr, bodies, go)
+}
+
+/// #13 point 15: an operator's `queue retry` while the entry is being relayed leaves it to
+/// that attempt (the worker holds a claim on it): no second pass takes it, and once the owner
+/// answers it is gone; the owner got it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_during_a_relay_does_not_send_twice() {
+    let (peer, bodies, go) = gated_peer().await;
+    let mut opts = NodeOptions::new("a", &[ALICE]);
+    opts.plaintext_relay();
+    opts.queue_runner = false;
+    let a = start_with(opts).await;
+    let body = "Subject: once\r\n\r\nonce\r\n";
+    let id = enqueue_for(&a, BOB, "b", &peer.to_string(), body);
+    let runner = a.smtp.queue_runner();
+    let pass = tokio::spawn(async move { runner.run_once().await.unwrap() });
+    for _ in 0..400 {
+        if !bodies.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(bodies.lock().unwrap().len(), 1, "the relay reached DATA");
+    assert!(a.queue.is_claimed(id));
+    assert!(!a.queue.retry_now(id).unwrap(), "being relayed: left alone");
+    assert_eq!(a.queue.len(), 1);
+    // Another pass meanwhile starts nothing for it.
+    a.smtp.queue_runner().run_once().await.unwrap();
+    go.notify_one();
+    tokio::time::timeout(Duration::from_secs(30), pass)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(a.queue.is_empty(), "{:?}", a.queue.list().unwrap());
+    assert!(!a.queue.is_claimed(id));
+    a.smtp.queue_runner().run_once().await.unwrap();
+    assert_eq!(bodies.lock().unwrap().clone(), [body.to_string()]);
 }

@@ -17,11 +17,13 @@ pub mod mailbox;
 mod migrate;
 pub mod queue;
 pub mod relayed;
+mod space;
 
 pub use body::{Bodies, BodyReader, BodyRef, BodyWriter, INLINE_MAX, MessageReader, StagedBody};
 pub use mailbox::{MailStore, MailboxInfo, MessageMeta};
-pub use queue::{QueueEntry, QueueStore, QueuedRecipient, RecipientState};
+pub use queue::{QueueClaim, QueueEntry, QueueStore, QueuedRecipient, RecipientState};
 pub use relayed::{RelayMark, RelayMarks};
+pub use space::DEFAULT_MIN_FREE_SPACE;
 
 /// The schema this build writes. Recorded in the database on first open; a database written
 /// by a newer schema is refused, an older one is migrated by [`Store::open`].
@@ -62,6 +64,16 @@ pub enum Error {
     /// A relayed message's recipient was delivered before ([`relayed`]).
     #[error("{0}")]
     Duplicate(String),
+    /// The data disk is below its free-space reserve: new mail waits (`452 4.3.1`).
+    #[error("the data disk has {free} bytes free, below the reserve of {reserve}")]
+    DiskFull { free: u64, reserve: u64 },
+}
+
+impl Error {
+    /// Whether this is the free-space reserve refusing a write.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::DiskFull { .. })
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -81,6 +93,7 @@ pub struct Store {
     db: sled::Db,
     commit: std::sync::Arc<commit::GroupCommit>,
     bodies: Bodies,
+    reserve: std::sync::Arc<space::SpaceReserve>,
 }
 
 impl std::fmt::Debug for Store {
@@ -165,7 +178,36 @@ impl Store {
             tracing::info!(from = found, to = 2, "database schema migrated");
         }
         let commit = std::sync::Arc::new(commit::GroupCommit::start(db.clone())?);
-        Ok(Self { db, commit, bodies })
+        let reserve = std::sync::Arc::new(space::SpaceReserve::new(dir));
+        Ok(Self {
+            db,
+            commit,
+            bodies,
+            reserve,
+        })
+    }
+
+    /// Sets the free-space reserve of the data disk (bytes; 0 = none, the default of a bare
+    /// store). Takes effect at the next check: a node can lower it at run time.
+    pub fn set_min_free_space(&self, bytes: u64) {
+        self.reserve.set(bytes);
+    }
+
+    /// The free-space reserve (bytes).
+    pub fn min_free_space(&self) -> u64 {
+        self.reserve.get()
+    }
+
+    /// Bytes free for this process on the data disk.
+    pub fn free_space(&self) -> Result<u64> {
+        Ok(self.reserve.free()?)
+    }
+
+    /// `Err(DiskFull)` when the data disk is below the reserve: check before accepting new
+    /// mail. Asks the file system each time (one `statvfs`), so it clears by itself once
+    /// space returns.
+    pub fn check_free_space(&self) -> Result<()> {
+        self.reserve.check()
     }
 
     /// The body store.
@@ -483,6 +525,21 @@ mod tests {
             }
         }
         assert!(reopened.is_some());
+    }
+
+    /// #13 point 19: the reserve refuses while the disk is below it and clears by itself.
+    #[test]
+    fn free_space_reserve_refuses_below_it_and_clears_when_lowered() {
+        let store = Store::temporary().unwrap();
+        store.check_free_space().unwrap();
+        let free = store.free_space().unwrap();
+        assert!(free > 0);
+        store.set_min_free_space(u64::MAX);
+        let e = store.check_free_space().unwrap_err();
+        assert!(e.is_disk_full(), "{e}");
+        store.clone().set_min_free_space(free / 2);
+        store.check_free_space().unwrap();
+        assert_eq!(store.min_free_space(), free / 2);
     }
 
     #[test]

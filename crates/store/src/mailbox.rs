@@ -10,6 +10,9 @@
 //!   counts in `mail_blob_refs`): copies, and the recipients of one delivery, share a body;
 //!   a message keeps its own `prefix` (`Return-Path`/`Received` lines) beside the shared body;
 //! - `mail_accounts`: `account` → when its default mailboxes were provisioned;
+//! - `mail_deleted_accounts`: `account` → when it was deleted (a tombstone): no mailbox of it
+//!   is created again until [`MailStore::create_account`] (a new account of that name) clears
+//!   it, so a delivery racing `account del` cannot bring the old one's mailboxes back;
 //! - `mail_counters`: the last UIDVALIDITY handed out.
 //!
 //! Every change to messages runs as one sled transaction over the mailbox record, the message
@@ -40,6 +43,7 @@ const BLOBS: &str = INLINE_TREE;
 #[cfg(test)]
 const BLOB_REFS: &str = REFS_TREE;
 const ACCOUNTS: &str = "mail_accounts";
+const DELETED_ACCOUNTS: &str = "mail_deleted_accounts";
 const COUNTERS: &str = "mail_counters";
 const UIDVALIDITY_KEY: &[u8] = b"uidvalidity";
 
@@ -138,6 +142,8 @@ pub struct MailStore {
     refs: sled::Tree,
     dead: sled::Tree,
     accounts: sled::Tree,
+    /// Tombstones of deleted accounts (see the module header).
+    deleted: sled::Tree,
     counters: sled::Tree,
     /// Relayed messages already delivered ([`crate::relayed`]).
     relayed: RelayMarks,
@@ -295,6 +301,10 @@ fn new_mailbox(
     }
 }
 
+fn account_deleted(account: &str) -> Error {
+    Error::NotFound(format!("account {account} was deleted"))
+}
+
 fn not_found(account: &str, name: &str) -> Error {
     Error::NotFound(format!("no mailbox {name:?} for {account}"))
 }
@@ -395,6 +405,7 @@ impl MailStore {
             refs: store.tree(REFS_TREE)?,
             dead: store.tree(DEAD_TREE)?,
             accounts: store.tree(ACCOUNTS)?,
+            deleted: store.tree(DELETED_ACCOUNTS)?,
             counters: store.tree(COUNTERS)?,
             relayed: RelayMarks::new(store)?,
             sync: std::sync::Arc::new(sync::SyncState::new(store)?),
@@ -465,13 +476,25 @@ impl MailStore {
             return Ok(false);
         }
         let info = self.fresh_mailbox(name, special_use, subscribed)?;
-        self.transact(|tx| {
-            if tx.mailbox(&key)?.is_some() {
-                return Ok(false);
-            }
-            tx.put_mailbox(&key, &info)?;
-            Ok(true)
-        })
+        self.put_new_mailbox(account, &key, &info)
+    }
+
+    /// Writes a new mailbox record unless one exists (`false`), in one transaction with the
+    /// check that the account was not deleted (`NotFound`).
+    fn put_new_mailbox(&self, account: &str, key: &[u8], info: &MailboxInfo) -> Result<bool> {
+        let value = encode(info)?;
+        tx_result(
+            (&self.mailboxes, &self.deleted).transaction(|(mailboxes, deleted)| {
+                if deleted.get(account.as_bytes())?.is_some() {
+                    return Err(abort(account_deleted(account)));
+                }
+                if mailboxes.get(key)?.is_some() {
+                    return Ok(false);
+                }
+                mailboxes.insert(key, value.as_slice())?;
+                Ok(true)
+            }),
+        )
     }
 
     fn read_mailbox(&self, account: &str, name: &str) -> Result<Option<MailboxInfo>> {
@@ -500,7 +523,12 @@ impl MailStore {
     /// Creates INBOX and, the first time, the [`DEFAULT_MAILBOXES`] with their SPECIAL-USE
     /// attributes. Idempotent and cheap once done; a default mailbox the user deleted is not
     /// created again, INBOX always is.
+    /// `NotFound` if the account was deleted ([`MailStore::delete_account`]) and not created
+    /// again with [`MailStore::create_account`].
     pub fn ensure_account(&self, account: &str) -> Result<()> {
+        if self.deleted.contains_key(account)? {
+            return Err(account_deleted(account));
+        }
         let provisioned = self.accounts.contains_key(account)?;
         if provisioned && self.mailboxes.contains_key(mailbox_key(account, INBOX))? {
             return Ok(());
@@ -536,13 +564,9 @@ impl MailStore {
             return Err(Error::Conflict(format!("mailbox {name:?} exists")));
         }
         let info = self.fresh_mailbox(&name, special_use, false)?;
-        self.transact(|tx| {
-            if tx.mailbox(&key)?.is_some() {
-                return Err(abort(Error::Conflict(format!("mailbox {name:?} exists"))));
-            }
-            tx.put_mailbox(&key, &info)?;
-            Ok(())
-        })?;
+        if !self.put_new_mailbox(account, &key, &info)? {
+            return Err(Error::Conflict(format!("mailbox {name:?} exists")));
+        }
         Ok(info)
     }
 
@@ -660,8 +684,18 @@ impl MailStore {
         )))
     }
 
-    /// Removes all of an account's mailboxes and messages, and its provisioning record.
+    /// A new account (`account add`): clears the tombstone of a deleted account of the same
+    /// name, then [`MailStore::ensure_account`]. The new account starts empty.
+    pub fn create_account(&self, account: &str) -> Result<()> {
+        self.deleted.remove(account)?;
+        self.ensure_account(account)
+    }
+
+    /// Removes all of an account's mailboxes and messages, and its provisioning record. The
+    /// tombstone is written first, so nothing (a delivery that located the account before it
+    /// was deleted, say) creates a mailbox of it afterwards; see [`MailStore::create_account`].
     pub fn delete_account(&self, account: &str) -> Result<()> {
+        self.deleted.insert(account, encode(&unix_now())?)?;
         let names = self
             .list_mailboxes(account)?
             .into_iter()
@@ -1314,6 +1348,47 @@ mod tests {
         (store, mail)
     }
 
+    /// #13 point 13: a delivery that located the account before `account del` and runs after
+    /// it creates nothing, and a new account of that name starts empty.
+    #[test]
+    fn a_delivery_racing_account_deletion_recreates_nothing() {
+        let (store, mail) = mail();
+        mail.deliver(A, b"Subject: old\r\n\r\nold\r\n").unwrap();
+        mail.delete_account(A).unwrap();
+        assert!(matches!(
+            mail.deliver(A, b"Subject: late\r\n\r\nlate\r\n"),
+            Err(Error::NotFound(_))
+        ));
+        let staged = store.bodies().stage(b"late too\r\n").unwrap();
+        let body = staged.body();
+        let queued = QueueStore::new(&store).unwrap();
+        assert!(
+            mail.deliver_and_queue(
+                &staged,
+                &[(A.to_string(), String::new())],
+                Some((&queued, vec![]))
+            )
+            .is_err()
+        );
+        drop(staged);
+        assert!(mail.deliver_stored(A, "", &body, None).is_err());
+        assert!(
+            mail.ensure_account(A).is_err(),
+            "a login does not bring it back"
+        );
+        assert!(mail.create_mailbox(A, "Archive", None).is_err());
+        assert!(mail.list_mailboxes(A).unwrap().is_empty());
+        // A new account of that name starts empty, with its defaults, and takes mail.
+        mail.create_account(A).unwrap();
+        assert!(mail.messages(A, INBOX).unwrap().is_empty());
+        assert_eq!(mail.list_mailboxes(A).unwrap().len(), 5);
+        mail.deliver(A, b"Subject: new\r\n\r\nnew\r\n").unwrap();
+        assert_eq!(mail.messages(A, INBOX).unwrap().len(), 1);
+        // Deleting it again removes the tombstone's successor too.
+        mail.delete_account(A).unwrap();
+        assert!(mail.list_mailboxes(A).unwrap().is_empty());
+    }
+
     #[test]
     fn ensure_account_creates_defaults_once() {
         let (_store, mail) = mail();
@@ -1710,8 +1785,8 @@ mod tests {
         assert_eq!(store.tree(BLOBS).unwrap().len(), 1);
         assert_eq!(store.tree(BLOB_REFS).unwrap().len(), 1);
         assert_eq!(store.tree(MESSAGES).unwrap().len(), 1);
-        // The account can come back, provisioned afresh.
-        mail.ensure_account(A).unwrap();
+        // The account can come back as a new one, provisioned afresh.
+        mail.create_account(A).unwrap();
         assert_eq!(mail.list_mailboxes(A).unwrap().len(), 5);
     }
 

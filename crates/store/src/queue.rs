@@ -8,7 +8,7 @@
 //! [`Store::flush_async`] before it answers `250` to the message it queued. (Schema 1 kept
 //! bodies in `queue_bodies`; the migration moves them.)
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -99,6 +99,58 @@ impl QueueEntry {
     }
 }
 
+/// The in-memory schedule, rebuilt from disk at start: due entries, the next due time and the
+/// length without scanning the queue. Every change to an entry's `next_attempt`, hold or
+/// claim writes the database and this under one lock, so the two never disagree (an
+/// operator's retry racing the runner left a stale second slot that made the entry due twice
+/// and relayed it twice: #13 point 15).
+#[derive(Debug, Default)]
+struct Schedule {
+    /// `next_attempt` of every entry (held and claimed ones included): one slot per id.
+    at: HashMap<u64, i64>,
+    /// `(next_attempt, id)` of the entries that are neither held nor claimed.
+    due: BTreeSet<(i64, u64)>,
+    /// Held entry ids (see [`HELD`]): never due until released.
+    held: BTreeSet<u64>,
+    /// Entries a queue worker is relaying now ([`QueueStore::claim_due`]).
+    claimed: HashSet<u64>,
+}
+
+impl Schedule {
+    fn waiting(&self, id: u64) -> bool {
+        !self.held.contains(&id) && !self.claimed.contains(&id)
+    }
+
+    /// Sets (or, with `None`, forgets) an entry's `next_attempt`.
+    fn set(&mut self, id: u64, at: Option<i64>) {
+        if let Some(old) = self.at.remove(&id) {
+            self.due.remove(&(old, id));
+        }
+        if let Some(at) = at {
+            self.at.insert(id, at);
+            if self.waiting(id) {
+                self.due.insert((at, id));
+            }
+        }
+    }
+
+    /// Takes an entry out of `due` (held or claimed).
+    fn park(&mut self, id: u64) {
+        if let Some(at) = self.at.get(&id) {
+            self.due.remove(&(*at, id));
+        }
+    }
+
+    /// Puts an entry back into `due` if it is waiting again.
+    fn unpark(&mut self, id: u64) {
+        if let Some(at) = self.at.get(&id)
+            && self.waiting(id)
+        {
+            self.due.insert((*at, id));
+        }
+    }
+}
+
 /// The outbound queue. Cheap to clone; a node builds one and clones it, since the clones
 /// share the in-memory schedule.
 #[derive(Clone)]
@@ -109,13 +161,31 @@ pub struct QueueStore {
     inline: sled::Tree,
     refs: sled::Tree,
     dead: sled::Tree,
-    /// `(next_attempt, id)` of every entry, rebuilt from disk at start: due entries, the
-    /// next due time and the length without scanning the queue.
-    schedule: Arc<Mutex<BTreeSet<(i64, u64)>>>,
+    schedule: Arc<Mutex<Schedule>>,
     /// On-disk set of held entry ids (see [`HELD`]).
     held_tree: sled::Tree,
-    /// Held entry ids: out of the schedule, so the runner never sees them as due.
-    held: Arc<Mutex<BTreeSet<u64>>>,
+}
+
+/// A queue worker's claim on one entry ([`QueueStore::claim_due`]): while it lives the entry
+/// is not due for anyone else and an operator's retry leaves it alone; dropping it (even by a
+/// panic) makes the entry wait for its `next_attempt` again.
+pub struct QueueClaim {
+    queue: QueueStore,
+    id: u64,
+}
+
+impl std::fmt::Debug for QueueClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueClaim").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for QueueClaim {
+    fn drop(&mut self) {
+        let mut s = self.queue.schedule();
+        s.claimed.remove(&self.id);
+        s.unpark(self.id);
+    }
 }
 
 impl std::fmt::Debug for QueueStore {
@@ -139,21 +209,20 @@ impl QueueStore {
     pub fn new(store: &Store) -> Result<QueueStore> {
         let entries: Table<QueueEntry> = store.table(ENTRIES)?;
         let held_tree = store.tree(HELD)?;
-        let mut held = BTreeSet::new();
+        let mut schedule = Schedule::default();
         for kv in held_tree.iter() {
             let (k, _) = kv?;
             if let Ok(b) = <[u8; 8]>::try_from(k.as_ref()) {
-                held.insert(u64::from_be_bytes(b));
+                schedule.held.insert(u64::from_be_bytes(b));
             }
         }
-        let schedule = entries
-            .iter()
-            .filter_map(|kv| match kv {
-                Ok((_, e)) if held.contains(&e.id) => None,
-                Ok((_, e)) => Some(Ok((e.next_attempt, e.id))),
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<BTreeSet<_>>>()?;
+        for kv in entries.iter() {
+            let (_, e) = kv?;
+            schedule.set(e.id, Some(e.next_attempt));
+        }
+        // A hold whose entry is gone (removed before the hold was cleaned up) holds nothing.
+        let at = &schedule.at;
+        schedule.held.retain(|id| at.contains_key(id));
         Ok(QueueStore {
             store: store.clone(),
             entries,
@@ -163,43 +232,47 @@ impl QueueStore {
             dead: store.tree(DEAD_TREE)?,
             schedule: Arc::new(Mutex::new(schedule)),
             held_tree,
-            held: Arc::new(Mutex::new(held)),
         })
-    }
-
-    fn held_ids(&self) -> MutexGuard<'_, BTreeSet<u64>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the operator holds entry `id` (the runner skips held entries).
     pub fn is_held(&self, id: u64) -> bool {
-        self.held_ids().contains(&id)
+        self.schedule().held.contains(&id)
+    }
+
+    /// Whether a queue worker is relaying entry `id` now.
+    pub fn is_claimed(&self, id: u64) -> bool {
+        self.schedule().claimed.contains(&id)
     }
 
     /// Holds an entry: it stays queued but is never due until [`Self::release`]. Returns
     /// whether it was newly held; `NotFound` if there is no such entry. Does not flush.
     pub fn hold(&self, id: u64) -> Result<bool> {
-        let Some(entry) = self.get(id)? else {
+        let mut s = self.schedule();
+        if self.get(id)?.is_none() {
             return Err(Error::NotFound(format!("no queue entry {id}")));
-        };
+        }
         if self.held_tree.insert(key(id), &[][..])?.is_some() {
             return Ok(false);
         }
-        self.held_ids().insert(id);
-        self.schedule().remove(&(entry.next_attempt, id));
+        s.held.insert(id);
+        s.park(id);
         Ok(true)
     }
 
-    /// Releases a held entry and makes it due at once. Returns whether it was held;
-    /// `NotFound` if there is no such entry. Does not flush.
+    /// Releases a held entry and makes it due at once (unless a worker has it claimed).
+    /// Returns whether it was held; `NotFound` if there is no such entry. Does not flush.
     pub fn release(&self, id: u64) -> Result<bool> {
-        if self.get(id)?.is_none() {
-            self.held_tree.remove(key(id))?;
-            self.held_ids().remove(&id);
-            return Err(Error::NotFound(format!("no queue entry {id}")));
-        }
-        let was = self.held_tree.remove(key(id))?.is_some();
-        self.held_ids().remove(&id);
+        let was = {
+            let mut s = self.schedule();
+            let was = self.held_tree.remove(key(id))?.is_some();
+            s.held.remove(&id);
+            if self.get(id)?.is_none() {
+                return Err(Error::NotFound(format!("no queue entry {id}")));
+            }
+            s.unpark(id);
+            was
+        };
         if was {
             self.retry_now(id)?;
         }
@@ -208,25 +281,11 @@ impl QueueStore {
 
     /// Number of held entries.
     pub fn held_len(&self) -> usize {
-        self.held_ids().len()
+        self.schedule().held.len()
     }
 
-    fn schedule(&self) -> MutexGuard<'_, BTreeSet<(i64, u64)>> {
+    fn schedule(&self) -> MutexGuard<'_, Schedule> {
         self.schedule.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Moves an entry in the schedule after its `next_attempt` changed.
-    fn reschedule(&self, id: u64, old: Option<i64>, new: Option<i64>) {
-        let held = self.is_held(id);
-        let mut s = self.schedule();
-        if let Some(old) = old {
-            s.remove(&(old, id));
-        }
-        if let Some(new) = new
-            && !held
-        {
-            s.insert((new, id));
-        }
     }
 
     pub(crate) fn entries_tree(&self) -> &sled::Tree {
@@ -235,21 +294,49 @@ impl QueueStore {
 
     /// Adds an entry written by another module's transaction to the schedule.
     pub(crate) fn scheduled(&self, entry: &QueueEntry) {
-        self.reschedule(entry.id, None, Some(entry.next_attempt));
+        self.schedule().set(entry.id, Some(entry.next_attempt));
     }
 
-    /// When the earliest entry is due, if any.
+    /// When the earliest waiting entry is due, if any.
     pub fn next_due(&self) -> Option<i64> {
-        self.schedule().first().map(|(at, _)| *at)
+        self.schedule().due.first().map(|(at, _)| *at)
     }
 
     /// When the earliest entry not in `skip` is due, if any (the queue runner leaves out the
     /// entries it is working on).
     pub fn next_due_except(&self, skip: &std::collections::HashSet<u64>) -> Option<i64> {
         self.schedule()
+            .due
             .iter()
             .find(|(_, id)| !skip.contains(id))
             .map(|(at, _)| *at)
+    }
+
+    /// Claims a due entry for relaying: `None` if it is gone, held, not due at `now`, or
+    /// already claimed; else its current state (read under the claim, so never a stale copy)
+    /// and the claim. While claimed, [`Self::retry_now`] leaves it alone; the worker's
+    /// [`Self::update`] or [`Self::remove`] ends the attempt and dropping the claim lets the
+    /// entry wait for its (new) `next_attempt`.
+    pub fn claim_due(&self, id: u64, now: i64) -> Result<Option<(QueueEntry, QueueClaim)>> {
+        let mut s = self.schedule();
+        if !s.waiting(id) {
+            return Ok(None);
+        }
+        let Some(entry) = self.get(id)? else {
+            s.set(id, None);
+            return Ok(None);
+        };
+        if entry.next_attempt > now {
+            s.set(id, Some(entry.next_attempt));
+            return Ok(None);
+        }
+        s.claimed.insert(id);
+        s.park(id);
+        let claim = QueueClaim {
+            queue: self.clone(),
+            id,
+        };
+        Ok(Some((entry, claim)))
     }
 
     /// Like [`Self::due`], leaving out the ids in `skip` (not even read).
@@ -260,6 +347,7 @@ impl QueueStore {
     ) -> Result<Vec<QueueEntry>> {
         let ids: Vec<u64> = self
             .schedule()
+            .due
             .range(..=(now, u64::MAX))
             .map(|(_, id)| *id)
             .filter(|id| !skip.contains(id))
@@ -323,6 +411,7 @@ impl QueueStore {
         entry.body = Some(body_ref);
         let encoded = serde_json::to_vec(&entry).map_err(Error::Encode)?;
         let k = key(entry.id);
+        let mut s = self.schedule();
         tx_result(
             (&self.entries_tree, &self.inline, &self.refs, &self.dead).transaction(
                 |(entries, inline, refs, dead)| {
@@ -333,7 +422,7 @@ impl QueueStore {
             ),
         )?;
         body.mark_committed();
-        self.reschedule(entry.id, None, Some(entry.next_attempt));
+        s.set(entry.id, Some(entry.next_attempt));
         Ok(entry.id)
     }
 
@@ -376,6 +465,7 @@ impl QueueStore {
     pub fn due(&self, now: i64) -> Result<Vec<QueueEntry>> {
         let ids: Vec<u64> = self
             .schedule()
+            .due
             .range(..=(now, u64::MAX))
             .map(|(_, id)| *id)
             .collect();
@@ -391,14 +481,13 @@ impl QueueStore {
     /// Writes back an entry (after an attempt). `NotFound` if it was removed meanwhile;
     /// an update never brings a removed entry back.
     pub fn update(&self, entry: &QueueEntry) -> Result<()> {
-        let mut old = None;
-        let updated = self.entries.update(key(entry.id), |current| {
-            old = current.as_ref().map(|c| c.next_attempt);
-            current.map(|_| entry.clone())
-        })?;
+        let mut s = self.schedule();
+        let updated = self
+            .entries
+            .update(key(entry.id), |current| current.map(|_| entry.clone()))?;
         match updated {
             Some(_) => {
-                self.reschedule(entry.id, old, Some(entry.next_attempt));
+                s.set(entry.id, Some(entry.next_attempt));
                 Ok(())
             }
             None => Err(Error::NotFound(format!("no queue entry {}", entry.id))),
@@ -408,6 +497,7 @@ impl QueueStore {
     /// Removes an entry and releases its body; returns the entry if it was there.
     pub fn remove(&self, id: u64) -> Result<Option<QueueEntry>> {
         let k = key(id);
+        let mut s = self.schedule();
         let removed = tx_result(
             (&self.entries_tree, &self.inline, &self.refs, &self.dead).transaction(
                 |(entries, inline, refs, dead)| {
@@ -428,20 +518,28 @@ impl QueueStore {
                 },
             ),
         )?;
-        if let Some(e) = &removed {
-            self.reschedule(id, Some(e.next_attempt), None);
-            if self.held_ids().remove(&id) {
+        if removed.is_some() {
+            s.set(id, None);
+            if s.held.remove(&id) {
                 self.held_tree.remove(k)?;
             }
         }
         Ok(removed)
     }
 
-    /// Makes an entry due at once. `NotFound` if there is no such entry.
-    pub fn retry_now(&self, id: u64) -> Result<()> {
-        let mut old = None;
+    /// Makes an entry due at once; `Ok(false)` if a queue worker is relaying it right now
+    /// (it reschedules the entry itself when the attempt ends; rescheduling it here would make
+    /// it due twice). `NotFound` if there is no such entry. Does not flush.
+    pub fn retry_now(&self, id: u64) -> Result<bool> {
+        let mut s = self.schedule();
+        if s.claimed.contains(&id) {
+            return if self.get(id)?.is_some() {
+                Ok(false)
+            } else {
+                Err(Error::NotFound(format!("no queue entry {id}")))
+            };
+        }
         let updated = self.entries.update(key(id), |current| {
-            old = current.as_ref().map(|c| c.next_attempt);
             current.map(|mut e| {
                 e.next_attempt = 0;
                 e
@@ -449,16 +547,19 @@ impl QueueStore {
         })?;
         match updated {
             Some(_) => {
-                self.reschedule(id, old, Some(0));
-                Ok(())
+                s.set(id, Some(0));
+                Ok(true)
             }
-            None => Err(Error::NotFound(format!("no queue entry {id}"))),
+            None => {
+                s.set(id, None);
+                Err(Error::NotFound(format!("no queue entry {id}")))
+            }
         }
     }
 
-    /// Number of queued entries, held ones included (from the schedule: no scan).
+    /// Number of queued entries, held and claimed ones included (from the schedule: no scan).
     pub fn len(&self) -> usize {
-        self.schedule().len() + self.held_len()
+        self.schedule().at.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -574,6 +675,82 @@ mod tests {
         q.hold(b).unwrap();
         q.remove(b).unwrap();
         assert_eq!((q.len(), q.held_len()), (1, 0));
+    }
+
+    /// #13 point 15: an operator's retry racing the end of an attempt (the runner's update)
+    /// leaves the entry exactly one slot in the schedule, at the time the database has; a
+    /// second slot made it due twice, and the runner relayed it twice.
+    #[test]
+    fn retry_racing_attempts_leaves_one_slot() {
+        let store = Store::temporary().unwrap();
+        let q = QueueStore::new(&store).unwrap();
+        let id = q.enqueue("", rcpts(&["x@c.com"]), b"m", false, 1).unwrap();
+        let entry = q.get(id).unwrap().unwrap();
+        const ROUNDS: i64 = 20_000;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..ROUNDS {
+                    q.retry_now(id).unwrap();
+                }
+            });
+            s.spawn(|| {
+                let mut e = entry.clone();
+                for i in 0..ROUNDS {
+                    e.next_attempt = 1_000_000 + i;
+                    q.update(&e).unwrap();
+                }
+            });
+        });
+        let at = q.get(id).unwrap().unwrap().next_attempt;
+        assert_eq!(q.len(), 1, "one entry, one slot");
+        assert_eq!(q.next_due(), Some(at));
+        assert_eq!(q.due(i64::MAX).unwrap().len(), 1);
+    }
+
+    /// #13 point 15: a claimed entry (a worker relays it) is neither retried nor claimed again;
+    /// the worker's update decides when it is due next, and the claim reads the current state.
+    #[test]
+    fn a_claimed_entry_is_not_retried_nor_claimed_twice() {
+        let store = Store::temporary().unwrap();
+        let q = QueueStore::new(&store).unwrap();
+        let id = q.enqueue("", rcpts(&["x@c.com"]), b"m", false, 10).unwrap();
+        assert!(q.claim_due(id, 9).unwrap().is_none(), "not due yet");
+        let (mut e, claim) = q.claim_due(id, 10).unwrap().unwrap();
+        assert!(q.is_claimed(id));
+        assert!(
+            q.claim_due(id, 10).unwrap().is_none(),
+            "one worker at a time"
+        );
+        assert_eq!(q.due(100).unwrap().len(), 0);
+        assert_eq!(q.next_due(), None);
+        // The operator's retry while it is relayed changes nothing.
+        assert!(!q.retry_now(id).unwrap());
+        assert_eq!(q.get(id).unwrap().unwrap().next_attempt, 10);
+        // The attempt ends with a back-off.
+        e.attempts = 1;
+        e.next_attempt = 500;
+        q.update(&e).unwrap();
+        drop(claim);
+        assert!(!q.is_claimed(id));
+        assert_eq!((q.len(), q.next_due()), (1, Some(500)));
+        assert!(q.due(100).unwrap().is_empty(), "no second attempt now");
+        assert!(q.claim_due(id, 100).unwrap().is_none());
+        // Retried once it is no longer claimed: due at once, and the claim reads it afresh.
+        assert!(q.retry_now(id).unwrap());
+        let (fresh, claim) = q.claim_due(id, 100).unwrap().unwrap();
+        assert_eq!((fresh.attempts, fresh.next_attempt), (1, 0));
+        // Removed under the claim (delivered): gone from the schedule when the claim ends.
+        q.remove(id).unwrap();
+        drop(claim);
+        assert!(q.is_empty());
+        assert!(q.claim_due(id, 100).unwrap().is_none());
+        assert!(matches!(q.retry_now(id), Err(Error::NotFound(_))));
+        // Held entries are never claimed.
+        let h = q.enqueue("", rcpts(&["y@c.com"]), b"h", false, 1).unwrap();
+        q.hold(h).unwrap();
+        assert!(q.claim_due(h, 100).unwrap().is_none());
+        q.release(h).unwrap();
+        assert!(q.claim_due(h, 100).unwrap().is_some());
     }
 
     #[test]
