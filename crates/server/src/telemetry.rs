@@ -144,6 +144,13 @@ pub const CATALOG: &[Series] = &[
         LOGIN_RESULTS,
     ),
     s(
+        "dshare_submission_logins_total",
+        Kind::Counter,
+        "Submission (SMTP AUTH) login attempts, by result.",
+        "result",
+        LOGIN_RESULTS,
+    ),
+    s(
         "dshare_pop3_logins_total",
         Kind::Counter,
         "POP3 login attempts, by result.",

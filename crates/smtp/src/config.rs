@@ -46,6 +46,17 @@ pub struct SmtpConfig {
     /// The node-wide budget for message bodies in flight (shared with IMAP APPEND); a message
     /// that cannot get its share is refused with `452 4.3.1`.
     pub body_budget: ds_net::BodyBudget,
+    /// The node's login throttle, shared with POP3 and IMAP (submission AUTH counts failures
+    /// in it too).
+    pub throttle: std::sync::Arc<ds_access::LoginThrottle>,
+    /// The node's bounded password checker; `None`: one of the service's own.
+    pub passwords: Option<std::sync::Arc<ds_access::PasswordChecker>>,
+    /// Submission: the `Received` line names the client's IP address (default off: only its
+    /// EHLO name and that it authenticated).
+    pub reveal_client: bool,
+    /// Submission: domains whose users may use any envelope sender and `From:` (the sender
+    /// rules of DESIGN.md §6 are off for them).
+    pub any_sender_domains: Vec<String>,
 }
 
 impl Default for SmtpConfig {
@@ -66,6 +77,10 @@ impl Default for SmtpConfig {
             relay_timeout: Duration::from_secs(60),
             max_errors: 20,
             body_budget: ds_net::BodyBudget::new(DEFAULT_BODIES_IN_FLIGHT),
+            throttle: std::sync::Arc::new(ds_access::LoginThrottle::default()),
+            passwords: None,
+            reveal_client: false,
+            any_sender_domains: Vec::new(),
         }
     }
 }
@@ -88,7 +103,9 @@ impl fmt::Debug for SmtpConfig {
             .field("relay_timeout", &self.relay_timeout)
             .field("max_errors", &self.max_errors)
             .field("body_budget", &self.body_budget)
-            .finish()
+            .field("reveal_client", &self.reveal_client)
+            .field("any_sender_domains", &self.any_sender_domains)
+            .finish_non_exhaustive()
     }
 }
 
