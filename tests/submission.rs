@@ -239,3 +239,63 @@ s.quit()
     c.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_rules_and_added_headers() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    c.node(1)
+        .node()
+        .state
+        .create_alias("robert@example.com", BOB, false)
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let a = c.node(0).submissions();
+    let out = python(&format!(
+        r#"
+import smtplib, ssl
+ctx = ssl.create_default_context(cafile="{ca}")
+s = smtplib.SMTP_SSL("{ip}", {port}, timeout=30, context=ctx)
+s.ehlo("laptop.test")
+s.user, s.password = "{bob}", "{pw}"
+s.auth("PLAIN", s.auth_plain)
+for sender in ["alice@example.com", "mallory@example.com", "x@outside.test", ""]:
+    code, text = s.mail(sender)
+    print("mail", sender or "<>", code, text.decode())
+    s.rset()
+try:
+    s.sendmail("{bob}", ["{alice}"], "From: {alice}\r\nSubject: forged\r\n\r\nforged\r\n")
+    print("forged accepted")
+except smtplib.SMTPDataError as e:
+    print("forged", e.smtp_code, e.smtp_error.decode())
+s.sendmail("robert@example.com", ["{alice}"],
+    "From: Robert <robert@example.com>\r\nSubject: by alias\r\n\r\nno id, no date\r\n")
+print("alias sent")
+s.quit()
+"#,
+        ca = ca(&c),
+        ip = a.ip(),
+        port = a.port(),
+        bob = BOB,
+        alice = ALICE,
+        pw = PW,
+    ))?;
+    for sender in [
+        "alice@example.com",
+        "mallory@example.com",
+        "x@outside.test",
+        "<>",
+    ] {
+        assert!(out.contains(&format!("mail {sender} 553 5.7.1")), "{out}");
+    }
+    assert!(out.contains("forged 553 5.7.1"), "{out}");
+    assert!(out.contains("alias sent"), "{out}");
+    let inbox = c.node(0).inbox(ALICE);
+    assert_eq!(inbox.len(), 1, "only the message by alias arrives");
+    let text = String::from_utf8_lossy(&inbox[0]);
+    let header = text.split("\r\n\r\n").next().unwrap_or("");
+    assert!(header.contains("\r\nMessage-ID: <"), "{text}");
+    assert!(header.contains("\r\nDate: "), "{text}");
+    assert!(text.ends_with("no id, no date\r\n"), "{text}");
+    c.shutdown().await;
+    Ok(())
+}

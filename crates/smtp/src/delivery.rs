@@ -50,8 +50,7 @@ impl Smtp {
             None => env.peer.to_string(),
         };
         format!(
-            "{}Received: from {} ({})\r\n\tby {} (Domain Share) with {} id {}{};\r\n\t{}\r\n",
-            env.added_headers,
+            "Received: from {} ({})\r\n\tby {} (Domain Share) with {} id {}{};\r\n\t{}\r\n{}",
             if env.helo.is_empty() {
                 "unknown"
             } else {
@@ -63,6 +62,7 @@ impl Smtp {
             env.id,
             for_clause,
             Date::new(unix_now()).to_rfc822(),
+            env.added_headers,
         )
     }
 

@@ -15,6 +15,7 @@ mod config;
 mod data;
 mod delivery;
 mod dsn;
+mod headers;
 mod queue;
 mod relay;
 mod reply;

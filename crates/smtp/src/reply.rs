@@ -52,3 +52,7 @@ pub(crate) const AUTH_TEMP: &str =
     "454 4.7.0 Temporary authentication failure, try again later\r\n";
 pub(crate) const SENDER_NOT_OWNED: &str =
     "553 5.7.1 Sender address not owned by the authenticated user\r\n";
+pub(crate) const FROM_NOT_OWNED: &str =
+    "553 5.7.1 From: header address not owned by the authenticated user\r\n";
+pub(crate) const HEADER_TOO_LARGE: &str =
+    "553 5.7.1 Header section too large to check the From: address\r\n";

@@ -699,6 +699,11 @@ impl Session {
         };
         let mut store_failed = budget.is_some() && writer.is_none();
         let mut chunk = Vec::with_capacity(CHUNK);
+        // Submission: the header section is kept (bounded) for the sender rules.
+        let mut header_scan = self
+            .user
+            .is_some()
+            .then(crate::headers::HeaderScan::default);
         conn.flush().await?;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -718,7 +723,11 @@ impl Session {
                 tracing::info!("connection closed during DATA");
                 return Ok(false);
             }
+            let before = chunk.len();
             let end = reader.push(input, &mut chunk);
+            if let Some(scan) = &mut header_scan {
+                scan.push(&chunk[before..]);
+            }
             let used = match end {
                 DataEnd::Done(n) => n,
                 DataEnd::More => input.len(),
@@ -762,6 +771,21 @@ impl Session {
             self.reply(conn, NO_BUDGET).await?;
             return Ok(true);
         }
+        let mut added_headers = String::new();
+        if let (Some(scan), Some(user)) = (header_scan, self.user.clone()) {
+            match self.check_headers(&user, &tx.sender, scan.finish()).await {
+                Ok(added) => added_headers = added,
+                Err(reply) => {
+                    // Nothing of it is kept (dropping the writer removes a spilled file).
+                    drop(writer);
+                    drop(budget);
+                    metrics::counter!("dshare_smtp_messages_total", "result" => "refused")
+                        .increment(1);
+                    self.reply(conn, reply.as_ref()).await?;
+                    return Ok(true);
+                }
+            }
+        }
         let finished = match writer {
             Some(w) if !store_failed => tokio::task::spawn_blocking(move || w.finish())
                 .await
@@ -796,7 +820,7 @@ impl Session {
             peer: self.ctx.peer.ip(),
             with,
             user: self.user.clone(),
-            added_headers: String::new(),
+            added_headers,
         };
         let reply = match self.smtp.accept(&envelope, body).await {
             Ok(()) => {

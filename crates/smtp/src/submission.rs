@@ -14,6 +14,7 @@ use ds_net::{LineConn, MailStream};
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
 
 use crate::base64;
+use crate::headers::Headers;
 use crate::locate::{Location, Purpose};
 use crate::reply::*;
 use crate::session::Session;
@@ -315,6 +316,59 @@ impl Session {
                 Err(TEMPFAIL_LOOKUP.into())
             }
         }
+    }
+
+    /// After DATA on a submission listener: every `From:` address must be the account or one of
+    /// its aliases (553 5.7.1 otherwise, unless the domain is exempt); returns the header lines
+    /// to add (`Message-ID`, `Date`, and `From` when the message has none).
+    pub(crate) async fn check_headers(
+        &self,
+        user: &str,
+        sender: &str,
+        headers: Headers,
+    ) -> Result<String, Cow<'static, str>> {
+        if !self.sender_exempt(user) {
+            if headers.has_from && headers.from.is_empty() {
+                tracing::info!(%user, "message refused: From: has no address");
+                return Err(FROM_NOT_OWNED.into());
+            }
+            for from in &headers.from {
+                match self.owns_address(user, from).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(%user, %from, "message refused: From: is not the authenticated account's address");
+                        return Err(FROM_NOT_OWNED.into());
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%user, %from, %reason, "message deferred: From: lookup failed");
+                        return Err(TEMPFAIL_LOOKUP.into());
+                    }
+                }
+            }
+            if headers.overflow && !headers.has_from {
+                tracing::info!(%user, "message refused: header section too large to check From:");
+                return Err(HEADER_TOO_LARGE.into());
+            }
+        }
+        let mut added = String::new();
+        if !headers.has_from && !headers.overflow {
+            added.push_str(&format!("From: <{sender}>\r\n"));
+        }
+        if !headers.has_message_id && !headers.overflow {
+            added.push_str(&format!(
+                "Message-ID: <{}@{}>\r\n",
+                self.smtp.new_id(),
+                self.smtp.config.hostname
+            ));
+        }
+        if !headers.has_date && !headers.overflow {
+            let now = ds_store::unix_now();
+            added.push_str(&format!(
+                "Date: {}\r\n",
+                mail_builder::headers::date::Date::new(now).to_rfc822()
+            ));
+        }
+        Ok(added)
     }
 
     /// Whether the sender rules are off for `user`'s domain.
