@@ -17,6 +17,8 @@ async fn cluster() -> anyhow::Result<Cluster> {
     let c = Cluster::start_with(2, |_, c| {
         c.smtp.retry_base = Duration::from_secs(1);
         c.smtp.retry_max = Duration::from_secs(2);
+        // Outside recipients stay queued here (tests/outbound.rs delivers them).
+        c.outbound.enabled = false;
     })
     .await?;
     c.node(0).add_account(ALICE, "alice-pw").await?;

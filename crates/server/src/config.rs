@@ -24,6 +24,7 @@ pub struct Config {
     pub limits: LimitsSection,
     pub smtp: SmtpSection,
     pub submission: SubmissionSection,
+    pub outbound: OutboundSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +226,29 @@ pub struct SubmissionSection {
     /// Domains whose users may send with any envelope sender and `From:` (else 553 5.7.1
     /// unless it is the account or one of its aliases).
     pub any_sender_domains: Vec<String>,
+}
+
+/// Internet delivery for authenticated submissions and DSNs (DESIGN.md §6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundSection {
+    /// Deliver to recipients outside every served domain; off: they stay queued until they
+    /// expire (and their senders get a DSN).
+    pub enabled: bool,
+    /// Resolver addresses (`ip:port`) for MX lookups; empty = the system's.
+    pub dns: Vec<SocketAddr>,
+    /// The SMTP port of MX hosts (25).
+    pub port: u16,
+}
+
+impl Default for OutboundSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dns: vec![],
+            port: 25,
+        }
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {

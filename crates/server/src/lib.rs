@@ -541,6 +541,10 @@ impl Node {
                 passwords: Some(Arc::clone(&passwords)),
                 reveal_client: config.submission.reveal_client,
                 any_sender_domains: config.submission.any_sender_domains.clone(),
+                outbound: config.outbound.enabled.then(|| ds_smtp::OutboundConfig {
+                    dns: config.outbound.dns.clone(),
+                    port: config.outbound.port,
+                }),
                 ..Default::default()
             },
             directory.clone(),

@@ -109,6 +109,8 @@ pub const CATALOG: &[Series] = &[
         &[
             "accepted",
             "relayed",
+            "outbound",
+            "refused",
             "bounced",
             "too_big",
             "no_budget",

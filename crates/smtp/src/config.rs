@@ -57,6 +57,9 @@ pub struct SmtpConfig {
     /// Submission: domains whose users may use any envelope sender and `From:` (the sender
     /// rules of DESIGN.md §6 are off for them).
     pub any_sender_domains: Vec<String>,
+    /// Delivery to recipients outside every served domain (MX lookup); `None`: such
+    /// recipients stay queued until they expire.
+    pub outbound: Option<crate::OutboundConfig>,
 }
 
 impl Default for SmtpConfig {
@@ -81,6 +84,7 @@ impl Default for SmtpConfig {
             passwords: None,
             reveal_client: false,
             any_sender_domains: Vec::new(),
+            outbound: None,
         }
     }
 }
@@ -105,6 +109,7 @@ impl fmt::Debug for SmtpConfig {
             .field("body_budget", &self.body_budget)
             .field("reveal_client", &self.reveal_client)
             .field("any_sender_domains", &self.any_sender_domains)
+            .field("outbound", &self.outbound)
             .finish_non_exhaustive()
     }
 }

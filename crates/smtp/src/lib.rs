@@ -16,6 +16,7 @@ mod data;
 mod delivery;
 mod dsn;
 mod headers;
+mod outbound;
 mod queue;
 mod relay;
 mod reply;
@@ -27,6 +28,7 @@ pub use data::{DataEnd, DataReader};
 /// The crate's modules name the shared lookup types as `crate::locate::…`.
 use ds_access::locate;
 pub use ds_access::{BoxFuture, ListKeeper, Locate, Location, Owner, Purpose};
+pub use outbound::OutboundConfig;
 pub use queue::QueueRunner;
 pub use session::Smtp;
 
