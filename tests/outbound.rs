@@ -2,14 +2,15 @@
 //! loopback. A user of node-b submits at node-a over 587 STARTTLS; node-a looks up the MX of
 //! `outside.test` (our DNS server), resolves the MX host and delivers to the sink. A sink
 //! answering 451 gets the message after a retry; one answering 550 makes the sender's DSN
-//! arrive in its mailbox on node-b.
+//! arrive in its mailbox on node-b; and a message from an outside sender that expires in the
+//! queue bounces to the sink through the same outbound path.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ds_testkit::Cluster;
-use dshare_e2e::{eventually, python};
+use dshare_e2e::{Smtp, eventually, message, python};
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, MX};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -265,6 +266,53 @@ async fn deferred_then_delivered_and_refused_then_bounced() -> anyhow::Result<()
     assert!(dsn.contains("nobody@outside.test"), "{dsn}");
     assert!(dsn.contains("550 5.1.1"), "{dsn}");
     assert_eq!(sink.messages().len(), 1);
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outside_senders_expired_message_bounces_to_the_sink() -> anyhow::Result<()> {
+    let dns = dns_server().await?;
+    let sink = Sink::default();
+    let sink_addr = sink.start().await?;
+    let mut c = Cluster::start_with(2, move |_, c| {
+        c.smtp.retry_base = Duration::from_secs(1);
+        c.smtp.retry_max = Duration::from_secs(1);
+        c.smtp.max_queue_age = Duration::from_secs(3);
+        c.outbound.dns = vec![dns];
+        c.outbound.port = sink_addr.port();
+    })
+    .await?;
+    c.node(1).add_account(BOB, PW).await?;
+    // node-a learns that bob lives on node-b, then node-b stops: bob's mail waits at node-a.
+    let loc = c
+        .node(0)
+        .node()
+        .state
+        .locator
+        .locate(BOB, ds_cluster::Purpose::Rcpt)
+        .await;
+    anyhow::ensure!(matches!(loc, ds_cluster::Location::Remote(_)), "{loc:?}");
+    c.node_mut(1).stop().await;
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    let r = s
+        .send(
+            "someone@outside.test",
+            &[BOB],
+            &message("never-arrives", 512),
+        )
+        .await?;
+    assert!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await?;
+    assert!(
+        eventually(Duration::from_secs(30), || sink.messages().iter().any(
+            |m| m.contains("bob@example.com") && m.contains("never-arrives")
+        ))
+        .await,
+        "no DSN reached the sink: {:?}; queue {:?}",
+        sink.messages(),
+        c.node(0).node().state.queue_listing()
+    );
     c.shutdown().await;
     Ok(())
 }
