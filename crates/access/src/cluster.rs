@@ -1,7 +1,7 @@
 //! [`Locate`] for the cluster's `ds_cluster::Locator`: the one adapter between the cluster crate's
 //! answers and what the protocol fronts see.
 
-use crate::locate::{BoxFuture, ListKeeper, Locate, Location, Owner, Purpose};
+use crate::locate::{BoxFuture, ListKeeper, Locate, Location, Owner, OwnerCheck, Purpose};
 
 fn convert(location: ds_cluster::Location) -> Location {
     use ds_cluster::Location as L;
@@ -79,6 +79,24 @@ impl Locate for ds_cluster::Locator {
                     })
                     .collect(),
             )
+        })
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        owner: &'a Owner,
+        address: &'a str,
+        password: &'a str,
+        client_ip: std::net::IpAddr,
+    ) -> BoxFuture<'a, OwnerCheck> {
+        Box::pin(async move {
+            match ds_cluster::Locator::authenticate(self, &owner.node, address, password, client_ip)
+                .await
+            {
+                ds_cluster::AuthAnswer::Ok(canonical) => OwnerCheck::Ok(canonical),
+                ds_cluster::AuthAnswer::Bad => OwnerCheck::Bad,
+                ds_cluster::AuthAnswer::Temp(reason) => OwnerCheck::TempFail(reason),
+            }
         })
     }
 

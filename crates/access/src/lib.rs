@@ -12,6 +12,8 @@
 //!   cluster CA.
 //! - [`forward`]: passing pipelined bytes on and splicing a logged-in session.
 //! - [`sasl`]: SASL PLAIN decoding and [`sasl::Secret`], for every login protocol.
+//! - [`OwnerPasswords`]: the owner's side of Minger `Authenticate` (a peer asks this node to
+//!   check a password of one of its accounts); [`Locate::authenticate`] is the asking side.
 //! - [`lock`]: [`MailboxLocks`], exclusive in-process locks by name (POP3 maildrops, IMAP
 //!   mailboxes).
 //! - [`imap_client`]: the IMAP forwarding dialogue with the owner (`STARTTLS`, `ID` with the
@@ -20,6 +22,7 @@
 //! The byte splice itself stays in `ds-net` ([`ds_net::splice`]): it is stream mechanics with no
 //! knowledge of owners or protocols, next to the stream type it is tuned for.
 
+mod authority;
 mod cluster;
 mod error;
 pub mod forward;
@@ -32,11 +35,12 @@ pub mod proof;
 pub mod sasl;
 pub mod throttle;
 
+pub use authority::OwnerPasswords;
 pub use error::{Error, Result};
 pub use forward::{Copied, splice_session};
 pub use locate::{
-    BoxFuture, FanoutBudget, ListKeeper, Locate, Location, LoginOwner, NoPeers, Owner, Purpose,
-    Service,
+    BoxFuture, FanoutBudget, ListKeeper, Locate, Location, LoginOwner, NoPeers, Owner, OwnerCheck,
+    Purpose, Service,
 };
 pub use lock::{MailboxGuard, MailboxLocks};
 pub use passwords::{Check, CheckerConfig, PasswordChecker};

@@ -129,6 +129,18 @@ pub enum LoginOwner {
     TempFail(String),
 }
 
+/// The owner's answer to a password check for one of its accounts (Minger `Authenticate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerCheck {
+    /// The password is right and the account enabled; the owner's canonical address.
+    Ok(String),
+    /// Wrong password, unknown or disabled account (the owner counted the failure).
+    Bad,
+    /// No answer now (owner unreachable, busy, throttling): a temporary error, never "bad
+    /// password". The text is for the log.
+    TempFail(String),
+}
+
 /// A peer that keeps a version of a mailing list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListKeeper {
@@ -199,6 +211,20 @@ pub trait Locate: Send + Sync + 'static {
                 .await
                 .for_login(service)
         })
+    }
+
+    /// Asks `owner` (a peer) to check `password` for its account `address` on behalf of a
+    /// client at `client_ip` (a submission login that arrived here). Only over TLS verified
+    /// against the cluster CA; the owner applies its own throttle. Without peers: `TempFail`.
+    fn authenticate<'a>(
+        &'a self,
+        owner: &'a Owner,
+        address: &'a str,
+        password: &'a str,
+        client_ip: std::net::IpAddr,
+    ) -> BoxFuture<'a, OwnerCheck> {
+        let _ = (address, password, client_ip);
+        Box::pin(async move { OwnerCheck::TempFail(format!("cannot ask {}", owner.node)) })
     }
 
     /// Like [`Locate::locate_login`], after forgetting what is cached about `address`.

@@ -8,6 +8,7 @@
 //! match locator.locate("info@company.com", Purpose::Rcpt).await { … }
 //! ```
 
+mod authenticate;
 pub mod config;
 mod error;
 mod guard;
@@ -22,6 +23,7 @@ pub mod proto {
     tonic::include_proto!("dshare.minger.v1");
 }
 
+pub use authenticate::{AuthAnswer, PasswordAuthority};
 pub use config::{
     ClusterConfig, DEFAULT_FANOUTS_PER_CONNECTION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_NEGATIVE_TTL,
     DEFAULT_POSITIVE_TTL, DEFAULT_RESERVATION_TTL, Endpoints, MAX_RESERVATION_TTL, MIN_SECRET_LEN,

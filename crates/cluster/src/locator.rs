@@ -450,6 +450,50 @@ impl Locator {
         futures::future::join_all(calls).await
     }
 
+    /// Asks the peer `node` to check `password` for its account `address` (Minger
+    /// `Authenticate`) for a client at `client_ip`. The password goes only to a peer reached
+    /// over TLS verified against the cluster CA; an unknown or unreachable peer is `Temp`.
+    pub async fn authenticate(
+        &self,
+        node: &str,
+        address: &str,
+        password: &str,
+        client_ip: std::net::IpAddr,
+    ) -> crate::AuthAnswer {
+        use crate::AuthAnswer;
+        use crate::proto::{AuthResult, AuthenticateRequest};
+        let Some(peer) = self.inner.peers.iter().find(|p| p.id == node) else {
+            return AuthAnswer::Temp(format!("{node} is not a configured peer"));
+        };
+        if !peer.verified_tls {
+            return AuthAnswer::Temp(format!(
+                "{node} is not reached over TLS verified against the cluster CA; no password is sent"
+            ));
+        }
+        let request = AuthenticateRequest {
+            address: address.to_string(),
+            password: password.to_string(),
+            client_ip: client_ip.to_string(),
+            from_node: self.inner.config.node_id.clone(),
+        };
+        let reply = peer
+            .call_slow("authenticate", request, |mut c, r| async move {
+                c.authenticate(r).await
+            })
+            .await;
+        match reply {
+            Ok(reply) => match AuthResult::try_from(reply.result) {
+                Ok(AuthResult::Ok) if !reply.canonical.is_empty() => {
+                    AuthAnswer::Ok(reply.canonical)
+                }
+                Ok(AuthResult::Ok) => AuthAnswer::Ok(address.to_string()),
+                Ok(AuthResult::Bad) => AuthAnswer::Bad,
+                _ => AuthAnswer::Temp(format!("{node} could not check the password now")),
+            },
+            Err(reason) => AuthAnswer::Temp(reason),
+        }
+    }
+
     /// The live creation-guard reservation of `address` on this node, if any.
     pub fn reservation(&self, address: &str) -> Result<Option<crate::Reservation>> {
         self.inner.reservations.get(address)

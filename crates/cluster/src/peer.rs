@@ -36,19 +36,31 @@ pub struct PeerStatus {
     pub last_error_at: Option<SystemTime>,
 }
 
+/// Bound on an `Authenticate` call: the owner may wait out its login throttle and run Argon2.
+pub(crate) const AUTHENTICATE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) id: String,
     pub(crate) smtp_override: Option<String>,
     url: String,
     client: MingerClient<Channel>,
+    /// A second lazy channel whose requests may take [`AUTHENTICATE_TIMEOUT`].
+    slow_client: MingerClient<Channel>,
+    /// The channel runs TLS verified against the cluster CA (an `https://` URL).
+    pub(crate) verified_tls: bool,
     secret: MetadataValue<Ascii>,
     timeout: Duration,
     status: Mutex<PeerStatus>,
 }
 
 /// Builds the lazy channel: nothing is dialled until the first call.
-fn channel(peer: &PeerConfig, ca_pem: Option<&[u8]>, timeout: Duration) -> Result<Channel> {
+fn channel(
+    peer: &PeerConfig,
+    ca_pem: Option<&[u8]>,
+    timeout: Duration,
+    request_timeout: Duration,
+) -> Result<Channel> {
     let endpoint_err = |source| Error::Endpoint {
         peer: peer.id.clone(),
         source,
@@ -59,7 +71,7 @@ fn channel(peer: &PeerConfig, ca_pem: Option<&[u8]>, timeout: Duration) -> Resul
         .map_err(|e| Error::Config(format!("peer {}: bad URL: {e}", peer.id)))?;
     let mut endpoint = Endpoint::from(uri.clone())
         .connect_timeout(timeout)
-        .timeout(timeout)
+        .timeout(request_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(timeout);
@@ -122,7 +134,14 @@ impl Peer {
             id: config.id.clone(),
             smtp_override: config.smtp.clone(),
             url: config.minger_url.clone(),
-            client: MingerClient::new(channel(config, ca_pem, timeout)?),
+            client: MingerClient::new(channel(config, ca_pem, timeout, timeout)?),
+            slow_client: MingerClient::new(channel(
+                config,
+                ca_pem,
+                timeout,
+                AUTHENTICATE_TIMEOUT.max(timeout),
+            )?),
+            verified_tls: config.minger_url.starts_with("https://") && ca_pem.is_some(),
             secret,
             timeout,
             status: Mutex::new(PeerStatus {
@@ -156,20 +175,52 @@ impl Peer {
         F: FnOnce(MingerClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<Rep>, Status>>,
     {
+        self.call_on(&self.client, self.timeout, rpc, message, f)
+            .await
+    }
+
+    /// [`Peer::call`] for a request that may take up to [`AUTHENTICATE_TIMEOUT`].
+    pub(crate) async fn call_slow<Req, Rep, F, Fut>(
+        &self,
+        rpc: &'static str,
+        message: Req,
+        f: F,
+    ) -> std::result::Result<Rep, String>
+    where
+        F: FnOnce(MingerClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<Rep>, Status>>,
+    {
+        let timeout = AUTHENTICATE_TIMEOUT.max(self.timeout);
+        self.call_on(&self.slow_client, timeout, rpc, message, f)
+            .await
+    }
+
+    async fn call_on<Req, Rep, F, Fut>(
+        &self,
+        client: &MingerClient<Channel>,
+        timeout: Duration,
+        rpc: &'static str,
+        message: Req,
+        f: F,
+    ) -> std::result::Result<Rep, String>
+    where
+        F: FnOnce(MingerClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<Rep>, Status>>,
+    {
         let mut request = Request::new(message);
         request
             .metadata_mut()
             .insert(SECRET_HEADER, self.secret.clone());
-        request.set_timeout(self.timeout);
+        request.set_timeout(timeout);
         let started = Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, f(self.client.clone(), request)).await;
+        let outcome = tokio::time::timeout(timeout, f(client.clone(), request)).await;
         let rtt = started.elapsed();
         metrics::histogram!("dshare_peer_rpc_seconds", "peer" => self.id.clone())
             .record(rtt.as_secs_f64());
         let result = match outcome {
             Ok(Ok(reply)) => Ok(reply.into_inner()),
             Ok(Err(status)) => Err(describe(&status)),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
         };
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         match &result {

@@ -2,6 +2,7 @@
 //! asking other peers), guards creations with reservations, drops cache entries on request.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,11 +16,12 @@ use tonic::{Request, Response, Status};
 use crate::locator::{Caches, Scope};
 use crate::proto::minger_server::{Minger, MingerServer};
 use crate::proto::{
-    HelloReply, HelloRequest, InvalidateReply, InvalidateRequest, Kind, ListPeersReply,
-    ListPeersRequest, LookupReply, LookupRequest, Purpose, Refusal, ReleaseReply, ReleaseRequest,
-    ReserveReply, ReserveRequest,
+    AuthResult, AuthenticateReply, AuthenticateRequest, HelloReply, HelloRequest, InvalidateReply,
+    InvalidateRequest, Kind, ListPeersReply, ListPeersRequest, LookupReply, LookupRequest, Purpose,
+    Refusal, ReleaseReply, ReleaseRequest, ReserveReply, ReserveRequest,
 };
 use crate::reservation::{Refused, Reservations};
+use crate::{AuthAnswer, PasswordAuthority};
 use crate::{
     DEFAULT_RESERVATION_TTL, Endpoints, Error, MAX_RESERVATION_TTL, Result, SECRET_HEADER,
     ensure_crypto_provider,
@@ -34,6 +36,8 @@ const CONCURRENCY_PER_CONNECTION: usize = 64;
 #[derive(Clone)]
 pub struct MingerService {
     inner: Arc<Inner>,
+    /// Checks passwords for `Authenticate`; without one every check is `TEMP`.
+    authority: Option<Arc<dyn PasswordAuthority>>,
 }
 
 struct Inner {
@@ -76,7 +80,14 @@ impl MingerService {
                 caches,
                 lookups: AtomicU64::new(0),
             }),
+            authority: None,
         }
+    }
+
+    /// Answers `Authenticate` with `authority` (the node's password checker and throttle).
+    pub fn with_authority(mut self, authority: Arc<dyn PasswordAuthority>) -> Self {
+        self.authority = Some(authority);
+        self
     }
 
     /// Authenticated `Lookup` calls served so far.
@@ -235,6 +246,46 @@ impl Minger for MingerService {
         Ok(Response::new(InvalidateReply {}))
     }
 
+    async fn authenticate(
+        &self,
+        request: Request<AuthenticateRequest>,
+    ) -> std::result::Result<Response<AuthenticateReply>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let (address, from, client) = (
+            req.address.clone(),
+            req.from_node.clone(),
+            req.client_ip.clone(),
+        );
+        let answer = self.check_password(req).await;
+        let reply = match &answer {
+            AuthAnswer::Ok(canonical) => AuthenticateReply {
+                result: AuthResult::Ok.into(),
+                canonical: canonical.clone(),
+            },
+            AuthAnswer::Bad => AuthenticateReply {
+                result: AuthResult::Bad.into(),
+                canonical: String::new(),
+            },
+            AuthAnswer::Temp(_) => AuthenticateReply {
+                result: AuthResult::Temp.into(),
+                canonical: String::new(),
+            },
+        };
+        match answer {
+            AuthAnswer::Temp(reason) => {
+                tracing::warn!(%address, %from, %client, %reason, "peer password check: temporary failure")
+            }
+            AuthAnswer::Ok(_) => {
+                tracing::info!(%address, %from, %client, "peer password check: ok")
+            }
+            AuthAnswer::Bad => {
+                tracing::info!(%address, %from, %client, "peer password check: refused")
+            }
+        }
+        Ok(Response::new(reply))
+    }
+
     async fn list_peers(
         &self,
         request: Request<ListPeersRequest>,
@@ -268,6 +319,31 @@ impl Minger for MingerService {
             pop3: a.pop3.clone(),
             imap: a.imap.clone(),
         }))
+    }
+}
+
+impl MingerService {
+    async fn check_password(&self, req: AuthenticateRequest) -> AuthAnswer {
+        let Some(authority) = &self.authority else {
+            return AuthAnswer::Temp("this node checks no passwords for peers".into());
+        };
+        let Ok(address) = Address::parse(&req.address) else {
+            return AuthAnswer::Bad;
+        };
+        if !self
+            .inner
+            .scope
+            .shares(self.inner.directory.domains(), address.domain())
+        {
+            return AuthAnswer::Bad;
+        }
+        let client_ip = req
+            .client_ip
+            .parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        authority
+            .check(&address.to_string(), &req.password, client_ip)
+            .await
     }
 }
 

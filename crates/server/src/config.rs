@@ -23,6 +23,8 @@ pub struct Config {
     pub cluster: ClusterSection,
     pub limits: LimitsSection,
     pub smtp: SmtpSection,
+    pub submission: SubmissionSection,
+    pub outbound: OutboundSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +65,10 @@ pub struct ListenSection {
     pub pop3s: Vec<SocketAddr>,
     pub imap: Vec<SocketAddr>,
     pub imaps: Vec<SocketAddr>,
+    /// Message submission with STARTTLS (RFC 6409, port 587).
+    pub submission: Vec<SocketAddr>,
+    /// Message submission over implicit TLS (RFC 8314, port 465).
+    pub submissions: Vec<SocketAddr>,
     pub minger: Vec<SocketAddr>,
     pub admin: Vec<SocketAddr>,
     pub metrics: Vec<SocketAddr>,
@@ -80,6 +86,8 @@ impl Default for ListenSection {
             pop3s: vec![],
             imap: lo(1143),
             imaps: vec![],
+            submission: lo(1587),
+            submissions: lo(1465),
             minger: lo(4069),
             admin: lo(4070),
             metrics: lo(9100),
@@ -252,6 +260,40 @@ impl Default for SmtpSection {
     }
 }
 
+/// Message submission (DESIGN.md §6).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubmissionSection {
+    /// The `Received` line of a submitted message names the client's IP address.
+    pub reveal_client: bool,
+    /// Domains whose users may send with any envelope sender and `From:` (else 553 5.7.1
+    /// unless it is the account or one of its aliases).
+    pub any_sender_domains: Vec<String>,
+}
+
+/// Internet delivery for authenticated submissions and DSNs (DESIGN.md §6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundSection {
+    /// Deliver to recipients outside every served domain; off: they stay queued until they
+    /// expire (and their senders get a DSN).
+    pub enabled: bool,
+    /// Resolver addresses (`ip:port`) for MX lookups; empty = the system's.
+    pub dns: Vec<SocketAddr>,
+    /// The SMTP port of MX hosts (25).
+    pub port: u16,
+}
+
+impl Default for OutboundSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dns: vec![],
+            port: 25,
+        }
+    }
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(serde::de::Error::custom)
@@ -356,6 +398,8 @@ pop3 = ["0.0.0.0:110"]
 pop3s = ["0.0.0.0:995"]
 imap = ["0.0.0.0:143"]
 imaps = ["0.0.0.0:993"]
+submission = ["0.0.0.0:587"]
+submissions = ["0.0.0.0:465"]
 minger = ["0.0.0.0:4069"]
 admin = ["127.0.0.1:4070"]
 metrics = ["127.0.0.1:9100"]
@@ -385,6 +429,8 @@ smtp = "office-b.example.net:25"
         assert_eq!(c.domains.len(), 2);
         assert!(c.domains[0].shared);
         assert_eq!(c.listen.pop3s[0].port(), 995);
+        assert_eq!(c.listen.submission[0].port(), 587);
+        assert_eq!(c.listen.submissions[0].port(), 465);
         assert_eq!(c.cluster.positive_ttl, Duration::from_secs(432000));
         assert_eq!(
             c.cluster.peers[0].smtp.as_deref(),
@@ -397,6 +443,8 @@ smtp = "office-b.example.net:25"
         let c = Config::parse("").unwrap();
         assert_eq!(c.node.main_domain, "example.com");
         assert_eq!(c.listen.smtp[0].port(), 2525);
+        assert_eq!(c.listen.submission[0].port(), 1587);
+        assert_eq!(c.listen.submissions[0].port(), 1465);
         assert_eq!(c.cluster.lookup_timeout, Duration::from_secs(2));
     }
 

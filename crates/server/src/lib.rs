@@ -91,6 +91,8 @@ pub struct BoundAddrs {
     pub pop3s: Vec<SocketAddr>,
     pub imap: Vec<SocketAddr>,
     pub imaps: Vec<SocketAddr>,
+    pub submission: Vec<SocketAddr>,
+    pub submissions: Vec<SocketAddr>,
     pub minger: Vec<SocketAddr>,
     pub admin: Vec<SocketAddr>,
     pub metrics: Vec<SocketAddr>,
@@ -461,6 +463,8 @@ impl Node {
         let pop3s_l = bind_all(&config.listen.pop3s, "POP3S").await?;
         let imap_l = bind_all(&config.listen.imap, "IMAP").await?;
         let imaps_l = bind_all(&config.listen.imaps, "IMAPS").await?;
+        let submission_l = bind_all(&config.listen.submission, "submission").await?;
+        let submissions_l = bind_all(&config.listen.submissions, "submissions").await?;
         let minger_l = bind_all(&config.listen.minger, "Minger").await?;
         let admin_l = bind_all(&config.listen.admin, "admin").await?;
         let metrics_l = bind_all(&config.listen.metrics, "metrics").await?;
@@ -470,6 +474,8 @@ impl Node {
             pop3s: local_addrs(&pop3s_l),
             imap: local_addrs(&imap_l),
             imaps: local_addrs(&imaps_l),
+            submission: local_addrs(&submission_l),
+            submissions: local_addrs(&submissions_l),
             minger: local_addrs(&minger_l),
             admin: local_addrs(&admin_l),
             metrics: local_addrs(&metrics_l),
@@ -523,6 +529,18 @@ impl Node {
             max_per_ip: limits.max_connections_per_ip,
             ..ListenOptions::new(protocol)
         };
+        // Shared by every login protocol of the node.
+        let throttle = Arc::new(
+            opts.throttle
+                .map(ds_access::LoginThrottle::new)
+                .unwrap_or_default(),
+        );
+        // Bounded, cached password checks, one set of bounds for every login protocol
+        // (#13 point 5): POP3, IMAP, submission AUTH and peers' Minger `Authenticate`.
+        let passwords = Arc::new(ds_access::PasswordChecker::new(
+            directory.clone(),
+            ds_access::CheckerConfig::default(),
+        ));
         let smtp = ds_smtp::Smtp::new(
             ds_smtp::SmtpConfig {
                 hostname: config.node.advertise.clone(),
@@ -538,6 +556,14 @@ impl Node {
                 cluster_secret: keys.relay.clone(),
                 body_budget: body_budget.clone(),
                 tls_policy: tls_policy.clone(),
+                throttle: Arc::clone(&throttle),
+                passwords: Some(Arc::clone(&passwords)),
+                reveal_client: config.submission.reveal_client,
+                any_sender_domains: config.submission.any_sender_domains.clone(),
+                outbound: config.outbound.enabled.then(|| ds_smtp::OutboundConfig {
+                    dns: config.outbound.dns.clone(),
+                    port: config.outbound.port,
+                }),
                 ..Default::default()
             },
             directory.clone(),
@@ -548,18 +574,6 @@ impl Node {
             Some(acceptor.clone()),
             peer_tls.clone(),
         );
-        // Shared by every login protocol of the node.
-        let throttle = Arc::new(
-            opts.throttle
-                .map(ds_access::LoginThrottle::new)
-                .unwrap_or_default(),
-        );
-        // Bounded, cached password checks, one set of bounds for every login protocol
-        // (#13 point 5; IMAP and SMTP AUTH are to call it too).
-        let passwords = Arc::new(ds_access::PasswordChecker::new(
-            directory.clone(),
-            ds_access::CheckerConfig::default(),
-        ));
         let proof_key = ds_access::ProofKey::from_cluster_secret(&keys.session);
         let pop3 = ds_pop3::Pop3::new(
             ds_pop3::Pop3Config {
@@ -627,11 +641,25 @@ impl Node {
                 shutdown.clone(),
             )));
         }
-        for l in smtp_l {
+        // MX intake, then submission (587, STARTTLS) and submissions (465, implicit TLS):
+        // the session tells them apart by the listener's protocol name.
+        let smtp_listeners = smtp_l
+            .into_iter()
+            .map(|l| (l, "smtp", None))
+            .chain(submission_l.into_iter().map(|l| (l, "submission", None)))
+            .chain(
+                submissions_l
+                    .into_iter()
+                    .map(|l| (l, "submissions", Some(acceptor.clone()))),
+            );
+        for (l, protocol, implicit_tls) in smtp_listeners {
             let s = smtp.clone();
             tasks.push(tokio::spawn(ds_net::serve(
                 l,
-                listen_opts("smtp"),
+                ListenOptions {
+                    implicit_tls,
+                    ..listen_opts(protocol)
+                },
                 move |st, ctx, sd| s.clone().handle(st, ctx, sd),
                 shutdown.clone(),
             )));
@@ -683,8 +711,18 @@ impl Node {
                 shutdown.clone(),
             )));
         }
+        // Peers' submission logins for our accounts are checked with our checker and throttle.
+        let authority: Arc<dyn ds_cluster::PasswordAuthority> =
+            Arc::new(ds_access::OwnerPasswords::new(
+                state.directory.clone(),
+                Arc::clone(&passwords),
+                Arc::clone(&throttle),
+            ));
         for l in minger_l {
-            let svc = state.locator.minger_service();
+            let svc = state
+                .locator
+                .minger_service()
+                .with_authority(Arc::clone(&authority));
             let tls = Some((tls.cert.clone(), tls.key.clone()));
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -707,6 +745,8 @@ impl Node {
             smtp = ?addrs.smtp,
             pop3 = ?addrs.pop3,
             imap = ?addrs.imap,
+            submission = ?addrs.submission,
+            submissions = ?addrs.submissions,
             minger = ?addrs.minger,
             admin = ?addrs.admin,
             "node started"

@@ -72,7 +72,8 @@ pub struct QueueSummary {
     pub held: usize,
     /// Seconds; 0 when empty.
     pub oldest_age: i64,
-    /// Pending recipients per destination node (`?` = not located yet).
+    /// Pending recipients per destination node (`outbound:DOMAIN` = Internet delivery, `?` =
+    /// not located yet).
     pub by_destination: BTreeMap<String, usize>,
     /// The latest errors: `(id, error)`, newest attempts first, at most 10.
     pub recent_failures: Vec<(u64, String)>,
@@ -98,6 +99,28 @@ fn recipient_json(r: &QueuedRecipient) -> Value {
 }
 
 impl NodeState {
+    /// Where a queued recipient goes: its owner node, `outbound:DOMAIN` for a recipient
+    /// outside every served domain (Internet delivery), `?` when not located yet.
+    pub fn destination(&self, r: &QueuedRecipient) -> String {
+        match &r.owner {
+            Some(owner) => owner.clone(),
+            None => {
+                let domain = domain_of(&r.address);
+                if self.directory.domains().is_served(domain) {
+                    "?".into()
+                } else {
+                    format!("outbound:{}", domain.to_ascii_lowercase())
+                }
+            }
+        }
+    }
+
+    fn recipient_json(&self, r: &QueuedRecipient) -> Value {
+        let mut v = recipient_json(r);
+        v["destination"] = json!(self.destination(r));
+        v
+    }
+
     fn entry_json(&self, e: &QueueEntry, now: i64) -> Value {
         json!({
             "id": e.id,
@@ -110,7 +133,7 @@ impl NodeState {
             "held": self.queue.is_held(e.id),
             "hop": e.hop,
             "last_error": e.last_error,
-            "recipients": e.recipients.iter().map(recipient_json).collect::<Vec<_>>(),
+            "recipients": e.recipients.iter().map(|r| self.recipient_json(r)).collect::<Vec<_>>(),
         })
     }
 
@@ -129,8 +152,8 @@ impl NodeState {
                     .recipients
                     .iter()
                     .map(|r| {
-                        let owner = r.owner.as_deref().unwrap_or("?");
-                        format!("{} via {owner} {}", r.address, state_name(&r.state).0)
+                        let to = self.destination(r);
+                        format!("{} via {to} {}", r.address, state_name(&r.state).0)
                     })
                     .collect();
                 format!(
@@ -332,9 +355,7 @@ impl NodeState {
         };
         for e in &entries {
             for r in e.pending() {
-                *s.by_destination
-                    .entry(r.owner.clone().unwrap_or_else(|| "?".into()))
-                    .or_default() += 1;
+                *s.by_destination.entry(self.destination(r)).or_default() += 1;
             }
         }
         let mut failures: Vec<(i64, u64, String)> = entries

@@ -109,6 +109,8 @@ pub const CATALOG: &[Series] = &[
         &[
             "accepted",
             "relayed",
+            "outbound",
+            "refused",
             "bounced",
             "too_big",
             "no_budget",
@@ -148,6 +150,13 @@ pub const CATALOG: &[Series] = &[
         "dshare_imap_logins_total",
         Kind::Counter,
         "IMAP login attempts, by result.",
+        "result",
+        LOGIN_RESULTS,
+    ),
+    s(
+        "dshare_submission_logins_total",
+        Kind::Counter,
+        "Submission (SMTP AUTH) login attempts, by result.",
         "result",
         LOGIN_RESULTS,
     ),

@@ -50,6 +50,20 @@ pub struct SmtpConfig {
     /// EHLO). Default: required, loopback listeners exempt. Shared by every listener (MX
     /// intake, submission).
     pub tls_policy: ds_net::TlsPolicy,
+    /// The node's login throttle, shared with POP3 and IMAP (submission AUTH counts failures
+    /// in it too).
+    pub throttle: std::sync::Arc<ds_access::LoginThrottle>,
+    /// The node's bounded password checker; `None`: one of the service's own.
+    pub passwords: Option<std::sync::Arc<ds_access::PasswordChecker>>,
+    /// Submission: the `Received` line names the client's IP address (default off: only its
+    /// EHLO name and that it authenticated).
+    pub reveal_client: bool,
+    /// Submission: domains whose users may use any envelope sender and `From:` (the sender
+    /// rules of DESIGN.md §6 are off for them).
+    pub any_sender_domains: Vec<String>,
+    /// Delivery to recipients outside every served domain (MX lookup); `None`: such
+    /// recipients stay queued until they expire.
+    pub outbound: Option<crate::OutboundConfig>,
 }
 
 impl Default for SmtpConfig {
@@ -71,6 +85,11 @@ impl Default for SmtpConfig {
             max_errors: 20,
             body_budget: ds_net::BodyBudget::new(DEFAULT_BODIES_IN_FLIGHT),
             tls_policy: ds_net::TlsPolicy::default(),
+            throttle: std::sync::Arc::new(ds_access::LoginThrottle::default()),
+            passwords: None,
+            reveal_client: false,
+            any_sender_domains: Vec::new(),
+            outbound: None,
         }
     }
 }
@@ -94,7 +113,10 @@ impl fmt::Debug for SmtpConfig {
             .field("max_errors", &self.max_errors)
             .field("body_budget", &self.body_budget)
             .field("tls_policy", &self.tls_policy)
-            .finish()
+            .field("reveal_client", &self.reveal_client)
+            .field("any_sender_domains", &self.any_sender_domains)
+            .field("outbound", &self.outbound)
+            .finish_non_exhaustive()
     }
 }
 

@@ -24,6 +24,9 @@ pub(crate) struct Plan {
     /// for now, and lists whose peer copies could not be worked out because a peer that may
     /// keep the list could not be asked (#13 point 9).
     pub unlocated: BTreeSet<String>,
+    /// Recipients outside every served domain (authenticated submissions): queued for
+    /// outbound delivery, grouped per destination domain.
+    pub outbound: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Plan {
@@ -40,19 +43,26 @@ impl Smtp {
     /// The `Received:` trace header of this node.
     pub(crate) fn received_header(&self, env: &Envelope, rcpt: Option<&str>) -> String {
         let for_clause = rcpt.map(|r| format!("\r\n\tfor <{r}>")).unwrap_or_default();
+        // A submission names the client's address only when configured to (DESIGN.md §6).
+        let client = match &env.user {
+            Some(_) if !self.config.reveal_client => "authenticated".to_string(),
+            Some(_) => format!("authenticated, {}", env.peer),
+            None => env.peer.to_string(),
+        };
         format!(
-            "Received: from {} ({})\r\n\tby {} (Domain Share) with {} id {}{};\r\n\t{}\r\n",
+            "Received: from {} ({})\r\n\tby {} (Domain Share) with {} id {}{};\r\n\t{}\r\n{}",
             if env.helo.is_empty() {
                 "unknown"
             } else {
                 &env.helo
             },
-            env.peer,
+            client,
             self.config.hostname,
             env.with,
             env.id,
             for_clause,
             Date::new(unix_now()).to_rfc822(),
+            env.added_headers,
         )
     }
 
@@ -70,6 +80,13 @@ impl Smtp {
                     plan.local.insert(account.clone());
                 }
                 Rcpt::Remote(owner) => plan.add_remote(&owner.node, &owner.smtp, &owner.canonical),
+                Rcpt::Outbound(address) => {
+                    let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+                    plan.outbound
+                        .entry(domain.to_ascii_lowercase())
+                        .or_default()
+                        .insert(address.clone());
+                }
                 Rcpt::List(list) => self.plan_list(list, hop, &mut plan).await,
             }
         }
@@ -232,6 +249,25 @@ impl Smtp {
             };
             remote.push((entry, header));
         }
+        for (domain, addresses) in &plan.outbound {
+            // Waits in the queue for outbound delivery; `dshare queue list` shows the domain.
+            let entry = QueueEntry {
+                id: 0,
+                sender: env.sender.clone(),
+                recipients: addresses.iter().map(QueuedRecipient::new).collect(),
+                created: now,
+                next_attempt: now,
+                attempts: 0,
+                last_error: None,
+                size: 0,
+                hop: false,
+                envid: None,
+                body: None,
+                prefix: String::new(),
+            };
+            tracing::debug!(id = %env.id, %domain, "queued for outbound delivery");
+            remote.push((entry, self.received_header(env, None)));
+        }
         if !plan.unlocated.is_empty() {
             let entry = QueueEntry {
                 id: 0,
@@ -270,6 +306,8 @@ impl Smtp {
             local = plan.local.len(),
             queued_for = ?plan.remote.keys().collect::<Vec<_>>(),
             unlocated = plan.unlocated.len(),
+            outbound = ?plan.outbound.keys().collect::<Vec<_>>(),
+            user = ?env.user,
             "message accepted"
         );
         Ok(())
@@ -288,7 +326,7 @@ impl Smtp {
     ) -> Result<()> {
         let mark = |rcpt: &Rcpt| match rcpt {
             Rcpt::Local(address) | Rcpt::List(address) => RelayMark::new(origin, relay_id, address),
-            Rcpt::Remote(_) => None,
+            Rcpt::Remote(_) | Rcpt::Outbound(_) => None,
         };
         // A repeat that races the first delivery loses the commit and is looked at again.
         for _ in 0..3 {

@@ -1,7 +1,8 @@
 //! ds-smtp: the SMTP side of a Domain Share node (DESIGN.md §6).
 //!
 //! - [`Smtp`]: the server session (ESMTP with PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES,
-//!   STARTTLS, SMTPUTF8, and `AUTH PLAIN` for peer nodes only), local delivery and queueing.
+//!   STARTTLS, SMTPUTF8, and `AUTH PLAIN` for peer nodes), local delivery and queueing; on
+//!   submission listeners (587/465) user AUTH PLAIN/LOGIN after TLS and the sender rules.
 //! - [`QueueRunner`]: relays queued messages to the owner node's SMTP endpoint, with back-off, a
 //!   single re-location on `550`, and an RFC 3464 DSN after the maximum queue age.
 //! - Where addresses live is asked through `ds_access::Locate` (the cluster's `Locator` in the
@@ -14,16 +15,20 @@ mod config;
 mod data;
 mod delivery;
 mod dsn;
+mod headers;
+mod outbound;
 mod queue;
 mod relay;
 mod reply;
 mod session;
+mod submission;
 
 pub use config::{DEFAULT_BODIES_IN_FLIGHT, SmtpConfig};
 pub use data::{DataEnd, DataReader};
 /// The crate's modules name the shared lookup types as `crate::locate::…`.
 use ds_access::locate;
 pub use ds_access::{BoxFuture, ListKeeper, Locate, Location, Owner, Purpose};
+pub use outbound::OutboundConfig;
 pub use queue::QueueRunner;
 pub use session::Smtp;
 

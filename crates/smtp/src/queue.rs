@@ -342,6 +342,8 @@ impl QueueRunner {
                     // Never located (not written by this crate, but be safe): locate now.
                     // A list post waiting for its keepers: see `expand_lists`.
                     _ if self.is_local_list(&r.address) => {}
+                    // Outside every served domain: `deliver_outbound` below.
+                    _ if self.smtp.outbound.is_some() && self.is_foreign(&r.address) => {}
                     _ if round == 0 => {
                         let address = r.address.clone();
                         let location = smtp.locator.locate(&address, Purpose::Rcpt).await;
@@ -415,7 +417,94 @@ impl QueueRunner {
                 break;
             }
         }
+        self.deliver_outbound(entry, body, &mut last_error).await;
         last_error
+    }
+
+    /// True for an address in a domain no node of the cluster serves.
+    fn is_foreign(&self, address: &str) -> bool {
+        address
+            .rsplit_once('@')
+            .is_some_and(|(_, domain)| !self.smtp.directory.domains().is_served(domain))
+    }
+
+    /// Delivers the pending recipients outside every served domain to their domains' MX
+    /// hosts, trying the hosts in order while every recipient is deferred.
+    async fn deliver_outbound(
+        &self,
+        entry: &mut QueueEntry,
+        body: &Outgoing,
+        last_error: &mut Option<String>,
+    ) {
+        let Some((config, mx)) = &self.smtp.outbound else {
+            return;
+        };
+        let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, r) in entry.recipients.iter().enumerate() {
+            if r.state == RecipientState::Pending
+                && r.owner.is_none()
+                && self.is_foreign(&r.address)
+            {
+                let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d);
+                by_domain
+                    .entry(domain.to_ascii_lowercase())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        for (domain, indexes) in by_domain {
+            let hosts = match mx.route(&domain).await {
+                crate::outbound::Route::Hosts(hosts) => hosts,
+                crate::outbound::Route::Permanent(why) => {
+                    tracing::info!(id = entry.id, %domain, %why, "outbound: destination takes no mail");
+                    for &i in &indexes {
+                        entry.recipients[i].state =
+                            RecipientState::Failed(format!("550 5.4.4 {why}"));
+                    }
+                    continue;
+                }
+                crate::outbound::Route::Temporary(why) => {
+                    tracing::info!(id = entry.id, %domain, %why, "outbound: no route now, deferred");
+                    *last_error = Some(why);
+                    continue;
+                }
+            };
+            let addresses: Vec<String> = indexes
+                .iter()
+                .map(|&i| entry.recipients[i].address.clone())
+                .collect();
+            let mut sessions = RelaySessions::new(config, None);
+            let mut outcomes = Vec::new();
+            for host in &hosts {
+                outcomes = sessions
+                    .relay(&host.to_string(), &entry.sender, &addresses, body)
+                    .await;
+                if !outcomes.iter().all(|o| matches!(o, RcptOutcome::Retry(_))) {
+                    break;
+                }
+                tracing::info!(id = entry.id, %domain, %host, "outbound: host deferred, trying the next");
+            }
+            sessions.close_all().await;
+            for (&i, outcome) in indexes.iter().zip(outcomes) {
+                let address = entry.recipients[i].address.clone();
+                match outcome {
+                    RcptOutcome::Delivered => {
+                        tracing::info!(id = entry.id, rcpt = %address, "delivered outbound");
+                        metrics::counter!("dshare_smtp_messages_total", "result" => "outbound")
+                            .increment(1);
+                        entry.recipients[i].state = RecipientState::Delivered;
+                    }
+                    RcptOutcome::Failed(reason) | RcptOutcome::NoSuchUser(reason) => {
+                        tracing::info!(id = entry.id, rcpt = %address, %reason, "outbound delivery failed permanently");
+                        entry.recipients[i].state = RecipientState::Failed(reason);
+                    }
+                    RcptOutcome::Retry(reason) => {
+                        tracing::info!(id = entry.id, rcpt = %address, %reason, "outbound delivery deferred");
+                        *last_error = Some(reason);
+                    }
+                }
+            }
+        }
     }
 
     /// True for an address outside the cluster: routed outside, or in a domain no node serves.

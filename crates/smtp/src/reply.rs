@@ -48,3 +48,13 @@ pub(crate) const TIMEOUT: &str = "421 4.4.2 Idle timeout, closing connection\r\n
 pub(crate) const TOO_MANY_ERRORS: &str = "421 4.7.0 Too many errors, closing connection\r\n";
 pub(crate) const SHUTTING_DOWN: &str = "421 4.3.2 Service shutting down\r\n";
 pub(crate) const BAD_8BIT_ADDR: &str = "553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n";
+pub(crate) const MUST_STARTTLS: &str = "530 5.7.0 Must issue a STARTTLS command first\r\n";
+pub(crate) const AUTH_REQUIRED: &str = "530 5.7.0 Authentication required\r\n";
+pub(crate) const AUTH_TEMP: &str =
+    "454 4.7.0 Temporary authentication failure, try again later\r\n";
+pub(crate) const SENDER_NOT_OWNED: &str =
+    "553 5.7.1 Sender address not owned by the authenticated user\r\n";
+pub(crate) const FROM_NOT_OWNED: &str =
+    "553 5.7.1 From: header address not owned by the authenticated user\r\n";
+pub(crate) const HEADER_TOO_LARGE: &str =
+    "553 5.7.1 Header section too large to check the From: address\r\n";

@@ -46,6 +46,10 @@ pub struct Smtp {
     /// The queue runner's workers and what they hold.
     in_flight: std::sync::Mutex<crate::queue::InFlight>,
     pub(crate) relay_workers: Arc<tokio::sync::Semaphore>,
+    /// Outbound delivery: the session settings (no peer AUTH) and the MX lookups.
+    pub(crate) outbound: Option<(SmtpConfig, crate::outbound::Mx)>,
+    /// Password checks of submission logins for local accounts.
+    pub(crate) passwords: Arc<ds_access::PasswordChecker>,
     /// Transaction ids, unique per process run (combined with the start time).
     next_id: AtomicU64,
     started: u64,
@@ -66,6 +70,8 @@ impl std::fmt::Debug for Smtp {
 pub(crate) enum Rcpt {
     /// A local account (canonical address).
     Local(String),
+    /// Outside every served domain (an authenticated submission): queued for outbound delivery.
+    Outbound(String),
     /// A local mailing list.
     List(String),
     /// Owned by a peer.
@@ -86,12 +92,17 @@ pub(crate) struct Envelope {
     pub helo: String,
     pub peer: IpAddr,
     pub with: &'static str,
+    /// Submission: the authenticated account (the `Received` line says so and hides `peer`
+    /// unless configured otherwise).
+    pub user: Option<String>,
+    /// Header lines the message lacked (`Message-ID`, `Date`), added before its header.
+    pub added_headers: String,
 }
 
-struct Transaction {
-    sender: String,
-    smtputf8: bool,
-    recipients: Vec<Rcpt>,
+pub(crate) struct Transaction {
+    pub(crate) sender: String,
+    pub(crate) smtputf8: bool,
+    pub(crate) recipients: Vec<Rcpt>,
     /// `XDSHARE-ID` of a peer's relay.
     relay_id: Option<String>,
 }
@@ -103,18 +114,23 @@ enum Action {
     Data,
 }
 
-struct Session {
-    smtp: Arc<Smtp>,
-    ctx: ConnContext,
-    helo: Option<String>,
-    esmtp: bool,
+pub(crate) struct Session {
+    pub(crate) smtp: Arc<Smtp>,
+    pub(crate) ctx: ConnContext,
+    pub(crate) helo: Option<String>,
+    pub(crate) esmtp: bool,
     /// Set after a successful peer AUTH: the peer's node id.
-    hop: Option<String>,
-    tx: Option<Transaction>,
+    pub(crate) hop: Option<String>,
+    pub(crate) tx: Option<Transaction>,
     errors: usize,
     /// Uncached peer fan-outs this client may still cause (RCPT, MAIL FROM, AUTH lookups);
     /// authenticated relay hops locate without it.
-    fanouts: ds_access::FanoutBudget,
+    pub(crate) fanouts: ds_access::FanoutBudget,
+    /// A submission listener (587 STARTTLS, 465 implicit TLS): users authenticate, MX
+    /// intake rules do not apply.
+    pub(crate) submission: bool,
+    /// Submission: the authenticated account (canonical address).
+    pub(crate) user: Option<String>,
 }
 
 impl Smtp {
@@ -136,7 +152,25 @@ impl Smtp {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
+        let passwords =
+            ds_access::PasswordChecker::shared_or_default(config.passwords.clone(), &directory);
+        let outbound = config.outbound.as_ref().and_then(|o| {
+            match crate::outbound::Mx::new(o) {
+                Ok(mx) => {
+                    let mut session = config.clone();
+                    // Never the relay key towards the Internet.
+                    session.cluster_secret.clear();
+                    Some((session, mx))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "outbound delivery off: no DNS resolver");
+                    None
+                }
+            }
+        });
         Arc::new(Smtp {
+            outbound,
+            passwords,
             config,
             directory,
             mail,
@@ -184,10 +218,15 @@ impl Smtp {
         format!("{:X}{:04X}", self.started, n)
     }
 
-    /// Serves one connection; the handler for `ds_net::serve`.
+    /// Serves one connection; the handler for `ds_net::serve`. A listener whose protocol
+    /// name starts with `submission` (`submission` on 587, `submissions` on 465) serves
+    /// message submission (RFC 6409): AUTH for users after TLS, mail to anywhere once
+    /// authenticated; any other is MX intake.
     pub async fn handle(self: Arc<Self>, stream: MailStream, ctx: ConnContext, shutdown: Shutdown) {
         let fanouts = self.locator.fanout_budget();
         let mut session = Session {
+            submission: ctx.protocol.starts_with("submission"),
+            user: None,
             smtp: self,
             fanouts,
             ctx,
@@ -263,6 +302,7 @@ impl Session {
                     self.helo = None;
                     self.esmtp = false;
                     self.hop = None;
+                    self.user = None;
                     self.tx = None;
                     tracing::debug!(sni = ?self.ctx.sni, "STARTTLS done");
                 }
@@ -388,7 +428,7 @@ impl Session {
                 initial_response,
             } => {
                 let reply = self.auth(conn, mechanism, &initial_response).await?;
-                self.reply(conn, reply).await
+                self.reply(conn, reply.as_ref()).await
             }
             Request::Lhlo { .. }
             | Request::Bdat { .. }
@@ -414,6 +454,9 @@ impl Session {
     }
 
     fn auth_offered(&self) -> bool {
+        if self.submission {
+            return self.ctx.tls && self.user.is_none();
+        }
         !self.config().cluster_secret.is_empty() && self.auth_allowed_now()
     }
 
@@ -448,12 +491,18 @@ impl Session {
             if self.smtp.tls.is_some() && !self.ctx.tls {
                 lines.push("STARTTLS".into());
             }
-            if self.auth_offered() {
-                // Peers relay with their queue id (taken only after peer AUTH).
-                lines.push(RELAY_ID_PARAM.into());
-            }
-            if self.auth_offered() && self.hop.is_none() {
-                lines.push("AUTH PLAIN".into());
+            if self.submission {
+                if self.auth_offered() {
+                    lines.push("AUTH PLAIN LOGIN".into());
+                }
+            } else {
+                if self.auth_offered() {
+                    // Peers relay with their queue id (taken only after peer AUTH).
+                    lines.push(RELAY_ID_PARAM.into());
+                }
+                if self.auth_offered() && self.hop.is_none() {
+                    lines.push("AUTH PLAIN".into());
+                }
             }
         }
         let mut out = String::new();
@@ -490,6 +539,20 @@ impl Session {
         let smtputf8 = flags & MAIL_SMTPUTF8 != 0;
         if !address.is_ascii() && !smtputf8 {
             return BAD_8BIT_ADDR.into();
+        }
+        if self.submission {
+            return match self.submission_sender(address.as_ref()).await {
+                Ok(()) => {
+                    self.tx = Some(Transaction {
+                        sender: address.into_owned(),
+                        smtputf8,
+                        recipients: Vec::new(),
+                        relay_id: None,
+                    });
+                    SENDER_OK.into()
+                }
+                Err(reply) => reply,
+            };
         }
         let sender = address.into_owned();
         if !sender.is_empty() && self.hop.is_none() && self.config().sender_check {
@@ -546,6 +609,9 @@ impl Session {
             return "501 5.1.3 Bad recipient address syntax\r\n".into();
         };
         if !self.smtp.directory.domains().is_served(parsed.domain()) {
+            if self.user.is_some() {
+                return self.add_rcpt(Rcpt::Outbound(parsed.to_string()));
+            }
             tracing::info!(rcpt = %parsed, "RCPT refused: domain not served (no relay)");
             return RELAY_DENIED.into();
         }
@@ -574,6 +640,7 @@ impl Session {
                 }
                 Rcpt::Remote(owner)
             }
+            Location::External(to) if self.user.is_some() => Rcpt::Outbound(to),
             Location::External(to) if !hop => {
                 tracing::info!(rcpt = %normal, %to, "RCPT refused: routed outside the served domains");
                 return EXTERNAL_DENIED.into();
@@ -593,6 +660,10 @@ impl Session {
                 return UNKNOWN_USER.into();
             }
         };
+        self.add_rcpt(rcpt)
+    }
+
+    fn add_rcpt(&mut self, rcpt: Rcpt) -> Cow<'static, str> {
         if let Some(tx) = &mut self.tx
             && !tx.recipients.contains(&rcpt)
         {
@@ -606,10 +677,24 @@ impl Session {
         conn: &mut LineConn<MailStream>,
         mechanism: u64,
         initial: &str,
-    ) -> crate::Result<&'static str> {
+    ) -> crate::Result<Cow<'static, str>> {
         if self.helo.is_none() || !self.esmtp {
-            return Ok(NEED_HELO);
+            return Ok(NEED_HELO.into());
         }
+        if self.submission {
+            return self.auth_user(conn, mechanism, initial).await;
+        }
+        self.auth_peer(conn, mechanism, initial)
+            .await
+            .map(Cow::from)
+    }
+
+    async fn auth_peer(
+        &mut self,
+        conn: &mut LineConn<MailStream>,
+        mechanism: u64,
+        initial: &str,
+    ) -> crate::Result<&'static str> {
         if self.hop.is_some() {
             return Ok(ALREADY_AUTH);
         }
@@ -699,6 +784,11 @@ impl Session {
         // The disk went below its reserve while the message came in: nothing of it is kept.
         let mut no_space = false;
         let mut chunk = Vec::with_capacity(CHUNK);
+        // Submission: the header section is kept (bounded) for the sender rules.
+        let mut header_scan = self
+            .user
+            .is_some()
+            .then(crate::headers::HeaderScan::default);
         conn.flush().await?;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -718,7 +808,11 @@ impl Session {
                 tracing::info!("connection closed during DATA");
                 return Ok(false);
             }
+            let before = chunk.len();
             let end = reader.push(input, &mut chunk);
+            if let Some(scan) = &mut header_scan {
+                scan.push(&chunk[before..]);
+            }
             let used = match end {
                 DataEnd::Done(n) => n,
                 DataEnd::More => input.len(),
@@ -771,6 +865,21 @@ impl Session {
             self.reply(conn, NO_BUDGET).await?;
             return Ok(true);
         }
+        let mut added_headers = String::new();
+        if let (Some(scan), Some(user)) = (header_scan, self.user.clone()) {
+            match self.check_headers(&user, &tx.sender, scan.finish()).await {
+                Ok(added) => added_headers = added,
+                Err(reply) => {
+                    // Nothing of it is kept (dropping the writer removes a spilled file).
+                    drop(writer);
+                    drop(budget);
+                    metrics::counter!("dshare_smtp_messages_total", "result" => "refused")
+                        .increment(1);
+                    self.reply(conn, reply.as_ref()).await?;
+                    return Ok(true);
+                }
+            }
+        }
         let finished = match writer {
             Some(w) if !store_failed => tokio::task::spawn_blocking(move || w.finish())
                 .await
@@ -788,7 +897,8 @@ impl Session {
                 return Ok(true);
             }
         };
-        let with = match (self.esmtp, self.ctx.tls, self.hop.is_some()) {
+        let authenticated = self.hop.is_some() || self.user.is_some();
+        let with = match (self.esmtp, self.ctx.tls, authenticated) {
             (false, _, _) => "SMTP",
             (true, false, false) => "ESMTP",
             (true, true, false) => "ESMTPS",
@@ -804,6 +914,8 @@ impl Session {
             helo: self.helo.clone().unwrap_or_default(),
             peer: self.ctx.peer.ip(),
             with,
+            user: self.user.clone(),
+            added_headers,
         };
         let reply = match self.smtp.accept(&envelope, body).await {
             Ok(()) => {

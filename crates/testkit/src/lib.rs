@@ -76,6 +76,16 @@ impl TestNode {
         self.node().addrs().imaps[0]
     }
 
+    /// The submission listener (STARTTLS, like port 587).
+    pub fn submission(&self) -> SocketAddr {
+        self.node().addrs().submission[0]
+    }
+
+    /// The submissions listener (implicit TLS, like port 465).
+    pub fn submissions(&self) -> SocketAddr {
+        self.node().addrs().submissions[0]
+    }
+
     pub fn admin(&self) -> SocketAddr {
         self.node().addrs().admin[0]
     }
@@ -122,6 +132,7 @@ impl TestNode {
             let l = &mut self.config.listen;
             (l.smtp, l.pop3, l.pop3s, l.imap, l.imaps, l.admin, l.metrics) =
                 (a.smtp, a.pop3, a.pop3s, a.imap, a.imaps, a.admin, a.metrics);
+            (l.submission, l.submissions) = (a.submission, a.submissions);
             node.shutdown().await;
         }
     }
@@ -202,6 +213,8 @@ impl Cluster {
             c.listen.pop3s = any_port(ip);
             c.listen.imap = any_port(ip);
             c.listen.imaps = any_port(ip);
+            c.listen.submission = any_port(ip);
+            c.listen.submissions = any_port(ip);
             c.listen.minger = vec![minger[i]];
             c.listen.admin = any_port(ip);
             c.listen.metrics = any_port(ip);

@@ -1,0 +1,318 @@
+//! Outbound delivery (DESIGN.md §6): "the Internet" is a DNS server and an SMTP sink on
+//! loopback. A user of node-b submits at node-a over 587 STARTTLS; node-a looks up the MX of
+//! `outside.test` (our DNS server), resolves the MX host and delivers to the sink. A sink
+//! answering 451 gets the message after a retry; one answering 550 makes the sender's DSN
+//! arrive in its mailbox on node-b; and a message from an outside sender that expires in the
+//! queue bounces to the sink through the same outbound path.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ds_testkit::Cluster;
+use dshare_e2e::{Smtp, eventually, message, python};
+use hickory_proto::op::{Message, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const BOB: &str = "bob@example.com";
+const PW: &str = "b0b-secret";
+
+/// A DNS server on loopback: `outside.test` has MX 10 `mx.outside.test`, which is 127.0.0.1;
+/// every other name does not exist.
+async fn dns_server() -> anyhow::Result<SocketAddr> {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = socket.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut reply = Message::response(query.metadata.id, OpCode::Query);
+            reply.metadata.recursion_desired = query.metadata.recursion_desired;
+            reply.metadata.recursion_available = true;
+            reply.metadata.authoritative = true;
+            for q in &query.queries {
+                reply.add_query(q.clone());
+                let name = q.name.to_ascii().to_ascii_lowercase();
+                match (name.as_str(), q.query_type) {
+                    ("outside.test.", RecordType::MX) => {
+                        let mx = Name::from_ascii("mx.outside.test.").expect("name");
+                        reply.add_answer(Record::from_rdata(
+                            q.name.clone(),
+                            60,
+                            RData::MX(MX::new(10, mx)),
+                        ));
+                    }
+                    ("mx.outside.test.", RecordType::A) => {
+                        reply.add_answer(Record::from_rdata(
+                            q.name.clone(),
+                            60,
+                            RData::A(A([127, 0, 0, 1].into())),
+                        ));
+                    }
+                    ("outside.test.", _) | ("mx.outside.test.", _) => {}
+                    _ => reply.metadata.response_code = ResponseCode::NXDomain,
+                }
+            }
+            if let Ok(bytes) = reply.to_vec() {
+                let _ = socket.send_to(&bytes, from).await;
+            }
+        }
+    });
+    Ok(addr)
+}
+
+/// An SMTP sink on loopback: answers `rcpt_reply` to RCPT and keeps the messages it takes.
+#[derive(Clone, Default)]
+struct Sink {
+    rcpt_reply: Arc<Mutex<String>>,
+    messages: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sink {
+    fn set_rcpt_reply(&self, reply: &str) {
+        *self.rcpt_reply.lock().unwrap() = reply.to_string();
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    async fn start(&self) -> anyhow::Result<SocketAddr> {
+        self.set_rcpt_reply("250 2.1.5 OK");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let sink = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let _ = sink.session(stream).await;
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    async fn session(&self, stream: tokio::net::TcpStream) -> anyhow::Result<()> {
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"220 sink.outside.test ESMTP\r\n").await?;
+        let mut accepted = 0;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply = match verb.as_str() {
+                "EHLO" => "250-sink.outside.test\r\n250 8BITMIME\r\n".to_string(),
+                "MAIL" => {
+                    accepted = 0;
+                    "250 2.1.0 OK\r\n".into()
+                }
+                "RCPT" => {
+                    let reply = self.rcpt_reply.lock().unwrap().clone();
+                    if reply.starts_with('2') {
+                        accepted += 1;
+                    }
+                    format!("{reply}\r\n")
+                }
+                "DATA" if accepted > 0 => {
+                    w.write_all(b"354 go ahead\r\n").await?;
+                    let mut message = String::new();
+                    loop {
+                        let mut l = String::new();
+                        if r.read_line(&mut l).await? == 0 {
+                            return Ok(());
+                        }
+                        if l == ".\r\n" {
+                            break;
+                        }
+                        message.push_str(l.strip_prefix('.').unwrap_or(&l));
+                    }
+                    self.messages.lock().unwrap().push(message);
+                    "250 2.0.0 queued\r\n".into()
+                }
+                "DATA" => "554 5.5.1 no valid recipients\r\n".into(),
+                "QUIT" => {
+                    w.write_all(b"221 2.0.0 bye\r\n").await?;
+                    return Ok(());
+                }
+                _ => "250 2.0.0 OK\r\n".into(),
+            };
+            w.write_all(reply.as_bytes()).await?;
+        }
+    }
+}
+
+async fn cluster(dns: SocketAddr, sink: SocketAddr) -> anyhow::Result<Cluster> {
+    let c = Cluster::start_with(2, move |_, c| {
+        c.smtp.retry_base = Duration::from_secs(1);
+        c.smtp.retry_max = Duration::from_secs(1);
+        c.outbound.dns = vec![dns];
+        c.outbound.port = sink.port();
+    })
+    .await?;
+    c.node(1).add_account(BOB, PW).await?;
+    Ok(c)
+}
+
+/// bob (on node-b) submits at node-a over STARTTLS to `to`.
+fn submit(c: &Cluster, to: &str, subject: &str) -> anyhow::Result<String> {
+    let a = c.node(0).submission();
+    python(&format!(
+        r#"
+import smtplib, ssl
+ctx = ssl.create_default_context(cafile="{ca}")
+s = smtplib.SMTP("{ip}", {port}, timeout=30)
+s.starttls(context=ctx)
+s.login("{bob}", "{pw}")
+print("refused", s.sendmail("{bob}", ["{to}"],
+    "From: {bob}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n.leading dot\r\nout into the world\r\n"))
+s.quit()
+"#,
+        ca = c.root.path().join("ca.pem").display(),
+        ip = a.ip(),
+        port = a.port(),
+        bob = BOB,
+        pw = PW,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_mail_reaches_the_mx_of_its_domain() -> anyhow::Result<()> {
+    let dns = dns_server().await?;
+    let sink = Sink::default();
+    let sink_addr = sink.start().await?;
+    let c = cluster(dns, sink_addr).await?;
+    let out = submit(&c, "x@outside.test", "hello out there")?;
+    assert!(out.contains("refused {}"), "{out}");
+    assert!(
+        eventually(Duration::from_secs(20), || !sink.messages().is_empty()).await,
+        "nothing reached the sink; queue: {:?}",
+        c.node(0).node().state.queue_listing()
+    );
+    let m = &sink.messages()[0];
+    assert!(m.contains("Subject: hello out there"), "{m}");
+    assert!(
+        m.contains("\r\n.leading dot\r\nout into the world\r\n"),
+        "{m}"
+    );
+    assert!(m.contains("with ESMTPSA"), "{m}");
+    assert!(
+        eventually(Duration::from_secs(10), || c
+            .node(0)
+            .node()
+            .state
+            .queue
+            .is_empty())
+        .await,
+        "delivered entry left in the queue"
+    );
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_then_delivered_and_refused_then_bounced() -> anyhow::Result<()> {
+    let dns = dns_server().await?;
+    let sink = Sink::default();
+    let sink_addr = sink.start().await?;
+    let c = cluster(dns, sink_addr).await?;
+    // 451: kept queued and retried; then the sink takes it.
+    sink.set_rcpt_reply("451 4.3.0 try later");
+    let out = submit(&c, "later@outside.test", "deferred")?;
+    assert!(out.contains("refused {}"), "{out}");
+    let state = &c.node(0).node().state;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            state
+                .queue
+                .list()
+                .unwrap_or_default()
+                .iter()
+                .any(|e| e.last_error.as_deref().is_some_and(|x| x.contains("451")))
+        })
+        .await,
+        "no deferral recorded: {:?}",
+        state.queue_listing()
+    );
+    assert!(sink.messages().is_empty());
+    sink.set_rcpt_reply("250 2.1.5 OK");
+    assert!(
+        eventually(Duration::from_secs(20), || sink.messages().len() == 1).await,
+        "not delivered after the retry: {:?}",
+        state.queue_listing()
+    );
+    assert!(sink.messages()[0].contains("Subject: deferred"));
+
+    // 550: the sender (on node-b) gets a DSN in its mailbox.
+    sink.set_rcpt_reply("550 5.1.1 no such user");
+    let out = submit(&c, "nobody@outside.test", "refused")?;
+    assert!(out.contains("refused {}"), "{out}");
+    assert!(
+        eventually(Duration::from_secs(30), || c.node(1).inbox_len(BOB) == 1).await,
+        "no DSN for bob: queue of a {:?}",
+        state.queue_listing()
+    );
+    let dsn = String::from_utf8_lossy(&c.node(1).inbox(BOB)[0]).into_owned();
+    assert!(dsn.contains("nobody@outside.test"), "{dsn}");
+    assert!(dsn.contains("550 5.1.1"), "{dsn}");
+    assert_eq!(sink.messages().len(), 1);
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outside_senders_expired_message_bounces_to_the_sink() -> anyhow::Result<()> {
+    let dns = dns_server().await?;
+    let sink = Sink::default();
+    let sink_addr = sink.start().await?;
+    let mut c = Cluster::start_with(2, move |_, c| {
+        c.smtp.retry_base = Duration::from_secs(1);
+        c.smtp.retry_max = Duration::from_secs(1);
+        c.smtp.max_queue_age = Duration::from_secs(3);
+        c.outbound.dns = vec![dns];
+        c.outbound.port = sink_addr.port();
+    })
+    .await?;
+    c.node(1).add_account(BOB, PW).await?;
+    // node-a learns that bob lives on node-b, then node-b stops: bob's mail waits at node-a.
+    let loc = c
+        .node(0)
+        .node()
+        .state
+        .locator
+        .locate(BOB, ds_cluster::Purpose::Rcpt)
+        .await;
+    anyhow::ensure!(matches!(loc, ds_cluster::Location::Remote(_)), "{loc:?}");
+    c.node_mut(1).stop().await;
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    let r = s
+        .send(
+            "someone@outside.test",
+            &[BOB],
+            &message("never-arrives", 512),
+        )
+        .await?;
+    assert!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await?;
+    assert!(
+        eventually(Duration::from_secs(30), || sink.messages().iter().any(
+            |m| m.contains("bob@example.com") && m.contains("never-arrives")
+        ))
+        .await,
+        "no DSN reached the sink: {:?}; queue {:?}",
+        sink.messages(),
+        c.node(0).node().state.queue_listing()
+    );
+    c.shutdown().await;
+    Ok(())
+}
