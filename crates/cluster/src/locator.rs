@@ -249,6 +249,10 @@ pub(crate) struct Inner {
     pub(crate) reservations: Reservations,
     pub(crate) caches: Caches,
     pub(crate) peers: Vec<Peer>,
+    /// Account moves from this node (DESIGN.md §11).
+    pub(crate) moves: crate::moving::Moves,
+    /// The mail store, for account moves ([`Locator::attach_mail`]).
+    pub(crate) mail: std::sync::OnceLock<ds_store::MailStore>,
 }
 
 impl std::fmt::Debug for Locator {
@@ -282,6 +286,8 @@ impl Locator {
             inner: Arc::new(Inner {
                 scope: Scope::new(&config.allowed_domains)?,
                 reservations: Reservations::new(store)?,
+                moves: crate::moving::Moves::new(store)?,
+                mail: std::sync::OnceLock::new(),
                 caches: Caches::new(config.positive_ttl, config.negative_ttl),
                 directory,
                 peers,
@@ -302,6 +308,7 @@ impl Locator {
             i.scope.clone(),
             i.reservations.clone(),
             i.caches.clone(),
+            i.mail.get().cloned(),
         )
     }
 
@@ -491,7 +498,13 @@ impl Locator {
             }
         };
         let key = match resolution.outcome {
-            Outcome::Account { address, enabled } => return Location::Local { address, enabled },
+            Outcome::Account { address, enabled } => {
+                // Frozen for a move: neither delivered here nor elsewhere yet.
+                if let Some(moving) = self.inner.moves.location(&address, true) {
+                    return moving;
+                }
+                return Location::Local { address, enabled };
+            }
             Outcome::List(a) => return Location::LocalList(a),
             Outcome::Remote(a) => return Location::RemoteHost(a),
             Outcome::Error(text) => return Location::Refused(text),
@@ -500,6 +513,10 @@ impl Locator {
         let domain = key.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
         if !self.shares(domain) {
             return Location::Unknown;
+        }
+        // Moved away from here: forward to the new owner until every cache has expired.
+        if let Some(moved) = self.inner.moves.location(&key, false) {
+            return moved;
         }
         let caches = &self.inner.caches;
         if let Some(owner) = caches.positive.get(&key).await {

@@ -18,7 +18,7 @@ mod migrate;
 pub mod queue;
 
 pub use body::{Bodies, BodyReader, BodyRef, BodyWriter, INLINE_MAX, MessageReader, StagedBody};
-pub use mailbox::{MailStore, MailboxInfo, MessageMeta};
+pub use mailbox::{MailStore, MailboxImport, MailboxInfo, MessageMeta};
 pub use queue::{QueueEntry, QueueStore, QueuedRecipient, RecipientState};
 
 /// The schema this build writes. Recorded in the database on first open; a database written
@@ -57,6 +57,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The account is being moved to another node: try again shortly.
+    #[error("account {0} is being moved; try again later")]
+    Frozen(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -31,6 +31,9 @@ use crate::queue::{QueueEntry, QueueStore};
 use crate::{Error, Result, StagedBody, Store, unix_now};
 
 mod sync;
+mod transfer;
+
+pub use transfer::MailboxImport;
 
 pub(crate) const MAILBOXES: &str = "mail_mailboxes";
 pub(crate) const MESSAGES: &str = "mail_messages";
@@ -397,6 +400,11 @@ impl MailStore {
         })
     }
 
+    /// The database this mail store lives in (to flush it).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
         tx_result(
             (
@@ -743,6 +751,7 @@ impl MailStore {
         let body_ref = body.body();
         let (size, pop3_size) = sizes("", &body_ref);
         let done = self.transact(|tx| {
+            transfer::check_open(tx.mailboxes, account)?;
             let mut info = tx
                 .mailbox(&key)?
                 .ok_or_else(|| abort(not_found(account, &name)))?;
@@ -795,6 +804,7 @@ impl MailStore {
         let (size, pop3_size) = sizes(prefix, body);
         let now = unix_now();
         self.transact(|tx| {
+            transfer::check_open(tx.mailboxes, account)?;
             let mut info = tx
                 .mailbox(&key)?
                 .ok_or_else(|| abort(not_found(account, INBOX)))?;
@@ -882,6 +892,7 @@ impl MailStore {
                     tx.body.add_staged(body, count)?;
                     let mut uids = Vec::with_capacity(local.len());
                     for ((account, prefix), key) in local.iter().zip(&keys) {
+                        transfer::check_open(mailboxes, account)?;
                         let mut info = tx
                             .mailbox(key)?
                             .ok_or_else(|| abort(not_found(account, INBOX)))?;
@@ -1104,6 +1115,7 @@ impl MailStore {
         uids.sort_unstable();
         uids.dedup();
         self.transact(|tx| {
+            transfer::check_open(tx.mailboxes, account)?;
             let mut info = tx
                 .mailbox(&key)?
                 .ok_or_else(|| abort(not_found(account, &name)))?;
@@ -1169,6 +1181,7 @@ impl MailStore {
         uids.sort_unstable();
         uids.dedup();
         self.transact(|tx| {
+            transfer::check_open(tx.mailboxes, account)?;
             let source = tx
                 .mailbox(&from_key)?
                 .ok_or_else(|| abort(not_found(account, &from)))?;

@@ -1,0 +1,230 @@
+//! Moving an account's mailboxes to another node (DESIGN.md §11): the import side keeps the
+//! source's UIDs and UIDVALIDITY and is idempotent (a message is keyed by mailbox and UID, so
+//! a re-run skips what is there); the export side freezes an account so that no delivery or
+//! APPEND commits while the last changes are copied.
+//!
+//! The freeze marker lives in the mailbox tree under `\x01frozen\0account` (no account name
+//! starts with `\x01`, so it never shows up in an account's prefix scan) and is read inside
+//! the delivery transactions, so a delivery either committed before the freeze (and the
+//! final copy pass sees it) or is refused with [`crate::Error::Frozen`].
+
+use std::collections::HashSet;
+
+use super::{
+    AccountRecord, MailStore, MailboxInfo, MessageMeta, TxResult, abort, canonical_name, encode,
+    is_seen, mailbox_key, new_mailbox, normalize_flags, not_found, sizes, validate_name,
+};
+use crate::{Error, Result, StagedBody, unix_now};
+
+const FROZEN_PREFIX: &[u8] = b"\x01frozen\0";
+
+pub(super) fn frozen_key(account: &str) -> Vec<u8> {
+    let mut k = FROZEN_PREFIX.to_vec();
+    k.extend_from_slice(account.as_bytes());
+    k
+}
+
+/// A mailbox as the source node describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxImport {
+    pub name: String,
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+    pub special_use: Option<String>,
+    pub subscribed: bool,
+}
+
+impl MailStore {
+    /// Stops every delivery, APPEND, COPY and MOVE into `account`'s mailboxes (`on`), or
+    /// lets them go on again. Those refused fail with [`Error::Frozen`] (a temporary error).
+    pub fn freeze(&self, account: &str, on: bool) -> Result<()> {
+        let key = frozen_key(account);
+        if on {
+            self.mailboxes.insert(key, &[][..])?;
+        } else {
+            self.mailboxes.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `account` is frozen by [`MailStore::freeze`].
+    pub fn is_frozen(&self, account: &str) -> Result<bool> {
+        Ok(self.mailboxes.contains_key(frozen_key(account))?)
+    }
+
+    /// Creates a mailbox with the source's UIDVALIDITY and UID counter, or checks that the
+    /// one already here (an earlier, interrupted run) has the same UIDVALIDITY; raises its
+    /// UID counter and sets its subscription. `Conflict` when the name exists here with
+    /// another UIDVALIDITY.
+    pub fn import_mailbox(&self, account: &str, m: &MailboxImport) -> Result<MailboxInfo> {
+        let name = canonical_name(&m.name);
+        validate_name(&name)?;
+        let key = mailbox_key(account, &name);
+        let fresh = new_mailbox(
+            self.store.next_id()?,
+            &name,
+            m.uidvalidity,
+            m.special_use.as_deref(),
+            m.subscribed,
+        );
+        let info = self.transact(|tx| {
+            let mut info = match tx.mailbox(&key)? {
+                Some(info) if info.uidvalidity != m.uidvalidity => {
+                    return Err(abort(Error::Conflict(format!(
+                        "mailbox {name:?} exists here with another UIDVALIDITY"
+                    ))));
+                }
+                Some(info) => info,
+                None => fresh.clone(),
+            };
+            info.uidnext = info.uidnext.max(m.uidnext);
+            info.subscribed = m.subscribed;
+            info.special_use = m.special_use.clone();
+            tx.put_mailbox(&key, &info)?;
+            Ok(info)
+        })?;
+        // A UIDVALIDITY handed out here later must not repeat the imported one.
+        self.counters
+            .update_and_fetch(super::UIDVALIDITY_KEY, |old| {
+                let last = old
+                    .and_then(|v| v.try_into().ok().map(u32::from_be_bytes))
+                    .unwrap_or(0);
+                Some(last.max(m.uidvalidity).to_be_bytes().to_vec())
+            })?;
+        Ok(info)
+    }
+
+    /// The UIDs present in a mailbox (empty when it does not exist).
+    pub fn uids(&self, account: &str, mailbox: &str) -> Result<Vec<u32>> {
+        match self.mailbox(account, mailbox)? {
+            Some(info) => Ok(self.scan_messages(info.id)?.iter().map(|m| m.uid).collect()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Stores a message under the source's UID; `false` (and nothing written) if the mailbox
+    /// already has that UID, so a re-run of a move skips it. `NotFound` if the mailbox does
+    /// not exist.
+    pub fn import_message(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uid: u32,
+        flags: &[String],
+        internal_date: i64,
+        prefix: &str,
+        body: &StagedBody,
+    ) -> Result<bool> {
+        super::check_prefix(prefix)?;
+        if uid == 0 {
+            return Err(Error::Conflict("UID 0".into()));
+        }
+        let name = canonical_name(mailbox);
+        let key = mailbox_key(account, &name);
+        let flags = normalize_flags(flags);
+        let body_ref = body.body();
+        let (size, pop3_size) = sizes(prefix, &body_ref);
+        let stored = self.transact(|tx| {
+            let mut info = tx
+                .mailbox(&key)?
+                .ok_or_else(|| abort(not_found(account, &name)))?;
+            if tx.message(info.id, uid)?.is_some() {
+                return Ok(false);
+            }
+            info.highest_modseq += 1;
+            let meta = MessageMeta {
+                uid,
+                flags: flags.clone(),
+                internal_date,
+                size,
+                modseq: info.highest_modseq,
+                blob: body_ref.id,
+                prefix: prefix.to_string(),
+                pop3_size,
+            };
+            tx.body.add_staged(body, 1)?;
+            info.uidnext = info.uidnext.max(uid.saturating_add(1));
+            info.messages += 1;
+            if !is_seen(&meta.flags) {
+                info.unseen += 1;
+            }
+            tx.put_message(info.id, &meta)?;
+            tx.put_mailbox(&key, &info)?;
+            Ok(true)
+        })?;
+        if stored {
+            body.mark_committed();
+            self.changed(account, &name);
+        }
+        Ok(stored)
+    }
+
+    /// Makes a mailbox match the source's at the end of a move: `flags` for each UID the
+    /// source has, every other UID expunged, the UID counter at least `uidnext`. Returns the
+    /// number of messages expunged. `NotFound` if the mailbox does not exist.
+    pub fn reconcile_mailbox(
+        &self,
+        account: &str,
+        mailbox: &str,
+        flags: &[(u32, Vec<String>)],
+        uidnext: u32,
+    ) -> Result<usize> {
+        let name = canonical_name(mailbox);
+        let keep: HashSet<u32> = flags.iter().map(|(uid, _)| *uid).collect();
+        let gone: Vec<u32> = self
+            .uids(account, &name)?
+            .into_iter()
+            .filter(|uid| !keep.contains(uid))
+            .collect();
+        let removed = self.expunge(account, &name, &gone)?.len();
+        for (uid, f) in flags {
+            match self.set_flags(account, &name, *uid, f) {
+                Ok(_) | Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let key = mailbox_key(account, &name);
+        self.transact(|tx| {
+            let mut info = tx
+                .mailbox(&key)?
+                .ok_or_else(|| abort(not_found(account, &name)))?;
+            if info.uidnext < uidnext {
+                info.uidnext = uidnext;
+                tx.put_mailbox(&key, &info)?;
+            }
+            Ok(())
+        })?;
+        Ok(removed)
+    }
+
+    /// Records the account as provisioned without creating its default mailboxes (an
+    /// imported account has its own set; one the user deleted must not come back).
+    pub fn mark_provisioned(&self, account: &str) -> Result<()> {
+        if self.accounts.contains_key(account)? {
+            return Ok(());
+        }
+        let record = AccountRecord {
+            provisioned: unix_now(),
+        };
+        self.accounts.insert(account, encode(&record)?)?;
+        Ok(())
+    }
+
+    /// Whether `account` is provisioned here (has a provisioning record).
+    pub fn is_provisioned(&self, account: &str) -> Result<bool> {
+        Ok(self.accounts.contains_key(account)?)
+    }
+
+    /// The message metadata of a mailbox, decoded (export side).
+    pub fn export_messages(&self, info: &MailboxInfo) -> Result<Vec<MessageMeta>> {
+        self.scan_messages(info.id)
+    }
+}
+
+/// Refuses a change to a frozen account inside a transaction.
+pub(super) fn check_open(tx: &sled::transaction::TransactionalTree, account: &str) -> TxResult<()> {
+    if tx.get(frozen_key(account))?.is_some() {
+        return Err(abort(Error::Frozen(account.to_string())));
+    }
+    Ok(())
+}
