@@ -26,6 +26,10 @@ async fn cluster() -> anyhow::Result<Cluster> {
 /// Every folder, every message (UID, flags without `\Recent`, SHA-256 of the whole message),
 /// one line each, sorted; as seen over IMAP at `addr`.
 fn imap_view(addr: SocketAddr) -> anyhow::Result<String> {
+    imap_view_of(addr, USER, PASS)
+}
+
+fn imap_view_of(addr: SocketAddr, user: &str, pass: &str) -> anyhow::Result<String> {
     python(&format!(
         r#"
 import imaplib, hashlib, re
@@ -52,8 +56,8 @@ print("\n".join(sorted(out)))
 "#,
         ip = addr.ip(),
         port = addr.port(),
-        user = USER,
-        pw = PASS
+        user = user,
+        pw = pass
     ))
 }
 
@@ -285,6 +289,124 @@ async fn dry_run_and_refusals_change_nothing() -> anyhow::Result<()> {
     assert!(cn.mail.list_mailboxes(USER)?.is_empty());
     assert_eq!(imap_view(c.node(1).imap())?, before);
     assert_eq!(imap_view(c.node(0).imap())?, before);
+    c.shutdown().await;
+    Ok(())
+}
+
+/// A small account on B: INBOX and `Work`, flags and keywords.
+async fn seed_small(c: &Cluster, user: &str) -> anyhow::Result<()> {
+    c.node(1).add_account(user, PASS).await?;
+    let mail = &c.node(1).node().state.mail;
+    mail.create_mailbox(user, "Work", None)?;
+    for i in 0..30 {
+        let flags: Vec<String> = if i % 2 == 0 {
+            vec!["\\Seen".into(), "Kw".into()]
+        } else {
+            vec![]
+        };
+        let folder = if i % 3 == 0 { "INBOX" } else { "Work" };
+        mail.append(
+            user,
+            folder,
+            &dshare_e2e::message(&format!("{user}-{i}"), 700 + i * 90),
+            &flags,
+            1_700_000_000 + i as i64,
+        )?;
+    }
+    c.node(1).node().state.store.flush_async().await?;
+    Ok(())
+}
+
+/// B "dies" at each stage of a move (the test hook stops the move there with no cleanup,
+/// then B restarts from its data directory); running the move again finishes it with the
+/// same mailbox on C, nothing lost or doubled, and one owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn move_resumes_after_the_old_owner_dies_at_each_stage() -> anyhow::Result<()> {
+    let mut c = cluster().await?;
+    for (i, stage) in ["copied", "frozen", "switching", "finished"]
+        .into_iter()
+        .enumerate()
+    {
+        let user = format!("resume{i}@example.com");
+        seed_small(&c, &user).await?;
+        let before = imap_view_of(c.node(1).imap(), &user, PASS)?;
+        c.node(1).node().state.locator.stop_moves_at(Some(stage));
+        let stopped = c
+            .node(1)
+            .node()
+            .state
+            .move_account(&user, "node-c", false)
+            .await;
+        assert!(stopped.is_err(), "{stage}: {stopped:?}");
+        c.node_mut(1).stop().await;
+        c.node_mut(1).restart().await?;
+        let report = c
+            .node(1)
+            .node()
+            .state
+            .move_account(&user, "node-c", false)
+            .await?;
+        println!("{stage}: {}", report.lines().join(" / "));
+        let b = &c.node(1).node().state;
+        assert!(b.directory.account(&user)?.is_none(), "{stage}");
+        assert!(
+            c.node(2).node().state.directory.account(&user)?.is_some(),
+            "{stage}"
+        );
+        assert_eq!(
+            imap_view_of(c.node(2).imap(), &user, PASS)?,
+            before,
+            "{stage}"
+        );
+        assert_eq!(
+            imap_view_of(c.node(1).imap(), &user, PASS)?,
+            before,
+            "{stage}"
+        );
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
+/// The new owner stops in the middle of the copy: the move fails with nothing switched (B
+/// still serves the account), and running it again copies only what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn move_resumes_after_the_new_owner_stops_mid_copy() -> anyhow::Result<()> {
+    let mut c = cluster().await?;
+    let user = "resume-target@example.com";
+    seed_small(&c, user).await?;
+    let before = imap_view_of(c.node(1).imap(), user, PASS)?;
+    let locator = c.node(1).node().state.locator.clone();
+    let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+    let mover = tokio::spawn(async move {
+        locator
+            .move_account(user, "node-c", false, move |p| {
+                let _ = tx.send(p.messages);
+                // Slow enough for the test to stop C in the middle.
+                std::thread::sleep(Duration::from_millis(150));
+            })
+            .await
+    });
+    rx.wait_for(|n| *n >= 10).await?;
+    c.node_mut(2).stop().await;
+    let failed = mover.await?;
+    assert!(failed.is_err(), "{failed:?}");
+    let b = &c.node(1).node().state;
+    assert!(b.directory.account(user)?.is_some());
+    assert!(!b.mail.is_frozen(user)?);
+    assert_eq!(imap_view_of(c.node(1).imap(), user, PASS)?, before);
+    c.node_mut(2).restart().await?;
+    let report = c
+        .node(1)
+        .node()
+        .state
+        .move_account(user, "node-c", false)
+        .await?;
+    println!("{}", report.lines().join(" / "));
+    assert!(report.skipped >= 10, "{report:?}");
+    assert_eq!(report.copied + report.skipped, 30, "{report:?}");
+    assert_eq!(imap_view_of(c.node(2).imap(), user, PASS)?, before);
+    assert_eq!(imap_view_of(c.node(0).imap(), user, PASS)?, before);
     c.shutdown().await;
     Ok(())
 }

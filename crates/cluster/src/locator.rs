@@ -253,6 +253,8 @@ pub(crate) struct Inner {
     pub(crate) moves: crate::moving::Moves,
     /// The mail store, for account moves ([`Locator::attach_mail`]).
     pub(crate) mail: std::sync::OnceLock<ds_store::MailStore>,
+    /// Test hook: where moves stop ([`Locator::stop_moves_at`]).
+    pub(crate) move_stop: std::sync::Mutex<Option<&'static str>>,
 }
 
 impl std::fmt::Debug for Locator {
@@ -288,6 +290,7 @@ impl Locator {
                 reservations: Reservations::new(store)?,
                 moves: crate::moving::Moves::new(store)?,
                 mail: std::sync::OnceLock::new(),
+                move_stop: std::sync::Mutex::new(None),
                 caches: Caches::new(config.positive_ttl, config.negative_ttl),
                 directory,
                 peers,

@@ -270,6 +270,30 @@ impl Locator {
         let _ = self.inner.mail.set(mail);
     }
 
+    /// Test hook: the next moves stop at `stage` (`"copied"`, `"frozen"`, `"switching"`,
+    /// `"finished"`) as if the node died there: no cleanup, the state stays as recorded.
+    #[doc(hidden)]
+    pub fn stop_moves_at(&self, stage: Option<&'static str>) {
+        *self
+            .inner
+            .move_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = stage;
+    }
+
+    fn stop_here(&self, stage: &'static str) -> Result<()> {
+        let at = *self
+            .inner
+            .move_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if at == Some(stage) {
+            tracing::warn!(stage, "account move stopped by the test hook");
+            return Err(Error::Move(format!("stopped at {stage} (test hook)")));
+        }
+        Ok(())
+    }
+
     /// The move record of `address` on this node, if any.
     pub fn move_record(&self, address: &str) -> Result<Option<MoveRecord>> {
         self.inner.moves.get(address)
@@ -408,6 +432,7 @@ impl Locator {
             report.elapsed = started.elapsed();
             return Ok(report);
         }
+        report.skipped = report.mailboxes.iter().map(|m| m.3).sum();
 
         let mut finish_reply = None;
         if !begin.account_exists {
@@ -440,12 +465,14 @@ impl Locator {
             )
             .await?;
 
+            self.stop_here("copied")?;
             // Freeze, then copy what came meanwhile and make flags and expunges match.
             mail.freeze(&address, true)?;
             record.state = MoveState::Frozen;
             moves.put(&record)?;
             mail.store().flush_async().await?;
             self.forget(&address).await;
+            self.stop_here("frozen")?;
             let boxes = inventory(&mail)?;
             totals.total_messages += boxes
                 .iter()
@@ -513,6 +540,7 @@ impl Locator {
             record.state = MoveState::Switching;
             moves.put(&record)?;
             mail.store().flush_async().await?;
+            self.stop_here("switching")?;
             finish_reply = Some(
                 self.finish_call(&peer, &mail, &account, &boxes_names(&boxes))
                     .await?,
@@ -530,6 +558,7 @@ impl Locator {
                 self.finish_call(&peer, &mail, &account, &names).await?
             }
         };
+        self.stop_here("finished")?;
         self.finish_here(&mail, &account, to, &reply).await?;
         let _ = peer
             .call(
