@@ -410,3 +410,63 @@ async fn move_resumes_after_the_new_owner_stops_mid_copy() -> anyhow::Result<()>
     c.shutdown().await;
     Ok(())
 }
+
+/// A peer that missed the `Invalidate` (its cache still says B) delivers and logs in
+/// correctly: B's forwarding record sends it on to C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_cache_still_delivers_and_logs_in() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let user = "stale@example.com";
+    seed_small(&c, user).await?;
+    let a = c.node(0).node().state.locator.clone();
+    let Location::Remote(old) = a.locate(user, Purpose::Rcpt).await else {
+        anyhow::bail!("not located on B");
+    };
+    assert_eq!(old.node, "node-b");
+    let before = imap_view_of(c.node(1).imap(), user, PASS)?;
+    c.node(1)
+        .node()
+        .state
+        .move_account(user, "node-c", false)
+        .await?;
+    // A got the Invalidate; put the stale entry back.
+    a.remember(user, old.clone()).await;
+    assert_eq!(
+        a.cached(user).await.map(|o| o.node),
+        Some("node-b".to_string())
+    );
+
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    let r = s
+        .send(
+            "sender@example.org",
+            &[user],
+            &dshare_e2e::message("stale-cache", 500),
+        )
+        .await?;
+    assert!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await?;
+    let inbox = 10 + 1;
+    assert!(
+        eventually(Duration::from_secs(30), || c.node(2).inbox_len(user)
+            == inbox)
+        .await,
+        "C has {} of {inbox}",
+        c.node(2).inbox_len(user)
+    );
+    a.remember(user, old.clone()).await;
+    let via_a = imap_view_of(c.node(0).imap(), user, PASS)?;
+    assert_eq!(via_a, imap_view_of(c.node(2).imap(), user, PASS)?);
+    for line in before.lines().filter(|l| !l.starts_with("box INBOX")) {
+        assert!(via_a.contains(line), "{line}\n{via_a}");
+    }
+    a.remember(user, old).await;
+    let pop = python(&format!(
+        "import poplib\nP = poplib.POP3('{}', {}, timeout=30)\nP.user('{user}')\nP.pass_('{PASS}')\nprint(P.stat()[0])\nP.quit()\n",
+        c.node(0).pop3().ip(),
+        c.node(0).pop3().port()
+    ))?;
+    assert_eq!(pop.trim(), inbox.to_string());
+    c.shutdown().await;
+    Ok(())
+}

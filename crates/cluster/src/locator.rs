@@ -371,6 +371,17 @@ impl Locator {
         }
     }
 
+    /// Test hook: caches `owner` for `address` as a fan-out would (a peer that missed an
+    /// `Invalidate` keeps such an entry until its TTL).
+    #[doc(hidden)]
+    pub async fn remember(&self, address: &str, owner: Owner) {
+        self.inner
+            .caches
+            .positive
+            .insert(address.to_string(), owner)
+            .await;
+    }
+
     /// The cached owner of `address`, if any (no peer is asked).
     pub async fn cached(&self, address: &str) -> Option<Owner> {
         let key = self.cache_keys(address).pop()?;
