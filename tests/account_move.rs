@@ -470,3 +470,43 @@ async fn a_stale_cache_still_delivers_and_logs_in() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+/// Move throughput over loopback TLS (run by hand):
+/// `MOVE_MESSAGES=2000 MOVE_SIZE=20000 cargo test -p dshare-e2e --test account_move -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, run by hand"]
+async fn throughput() -> anyhow::Result<()> {
+    let n: usize = std::env::var("MOVE_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let size: usize = std::env::var("MOVE_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let c = cluster().await?;
+    let user = "bulk@example.com";
+    c.node(1).add_account(user, PASS).await?;
+    let mail = &c.node(1).node().state.mail;
+    for i in 0..n {
+        let folder = ["INBOX", "Sent", "Trash"][i % 3];
+        mail.append(
+            user,
+            folder,
+            &dshare_e2e::message(&format!("bulk-{i}"), size),
+            &["\\Seen".to_string()],
+            1_700_000_000,
+        )?;
+    }
+    c.node(1).node().state.store.flush_async().await?;
+    let report = c
+        .node(1)
+        .node()
+        .state
+        .move_account(user, "node-c", false)
+        .await?;
+    println!("{}", report.lines().join("\n"));
+    assert_eq!(report.copied as usize, n);
+    c.shutdown().await;
+    Ok(())
+}
