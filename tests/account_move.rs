@@ -510,3 +510,67 @@ async fn throughput() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+/// Reads IMAP lines until one starts with `until` (a tag) or is an untagged BYE.
+async fn imap_until(
+    r: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    until: &str,
+) -> anyhow::Result<Vec<String>> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = vec![];
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut line)).await??;
+        if n == 0 {
+            return Ok(lines);
+        }
+        let done = line.starts_with(until) || line.starts_with("* BYE");
+        lines.push(line.trim_end().to_string());
+        if done {
+            return Ok(lines);
+        }
+    }
+}
+
+/// An IMAP session open on the old owner when the account moves ends with
+/// `BYE [UNAVAILABLE]`; logging in again (through the old owner) reaches the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_sessions_on_the_old_owner_end_with_unavailable() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster().await?;
+    let user = "session@example.com";
+    seed_small(&c, user).await?;
+    let stream = tokio::net::TcpStream::connect(c.node(1).imap()).await?;
+    let (r, mut w) = stream.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    imap_until(&mut r, "* OK").await?;
+    w.write_all(format!("a LOGIN {user} {PASS}\r\n").as_bytes())
+        .await?;
+    let login = imap_until(&mut r, "a ").await?;
+    assert!(
+        login.last().is_some_and(|l| l.starts_with("a OK")),
+        "{login:?}"
+    );
+    w.write_all(b"b SELECT INBOX\r\n").await?;
+    let select = imap_until(&mut r, "b ").await?;
+    assert!(
+        select.last().is_some_and(|l| l.starts_with("b OK")),
+        "{select:?}"
+    );
+
+    c.node(1)
+        .node()
+        .state
+        .move_account(user, "node-c", false)
+        .await?;
+    let _ = w.write_all(b"c NOOP\r\n").await;
+    let after = imap_until(&mut r, "c ").await?;
+    assert!(
+        after.iter().any(|l| l.starts_with("* BYE [UNAVAILABLE]")),
+        "{after:?}"
+    );
+    let again = imap_view_of(c.node(1).imap(), user, PASS)?;
+    assert_eq!(again, imap_view_of(c.node(2).imap(), user, PASS)?);
+    c.shutdown().await;
+    Ok(())
+}
