@@ -228,3 +228,94 @@ pub(super) fn check_open(tx: &sled::transaction::TransactionalTree, account: &st
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+
+    fn import(name: &str, uidvalidity: u32, uidnext: u32) -> MailboxImport {
+        MailboxImport {
+            name: name.into(),
+            uidvalidity,
+            uidnext,
+            special_use: None,
+            subscribed: true,
+        }
+    }
+
+    #[test]
+    fn import_keeps_uids_and_uidvalidity_and_skips_what_is_there() {
+        let store = Store::temporary().unwrap();
+        let mail = MailStore::new(&store).unwrap();
+        let info = mail
+            .import_mailbox("a@x", &import("Work", 1234, 10))
+            .unwrap();
+        assert_eq!((info.uidvalidity, info.uidnext), (1234, 10));
+        let body = |t: &[u8]| store.bodies().stage(t).unwrap();
+        let flags = vec!["\\Seen".to_string(), "Kw".to_string()];
+        assert!(
+            mail.import_message("a@x", "Work", 7, &flags, 99, "X-P: 1\r\n", &body(b"hi\r\n"))
+                .unwrap()
+        );
+        assert!(
+            !mail
+                .import_message("a@x", "Work", 7, &flags, 99, "", &body(b"other\r\n"))
+                .unwrap()
+        );
+        assert!(
+            mail.import_message("a@x", "Work", 3, &[], 98, "", &body(b"three\r\n"))
+                .unwrap()
+        );
+        let m = mail.message("a@x", "Work", 7).unwrap().unwrap();
+        assert_eq!((m.flags.clone(), m.internal_date), (flags, 99));
+        assert_eq!(
+            mail.message_body("a@x", "Work", 7).unwrap().unwrap(),
+            b"X-P: 1\r\nhi\r\n"
+        );
+        let info = mail.mailbox("a@x", "Work").unwrap().unwrap();
+        assert_eq!((info.messages, info.unseen, info.uidnext), (2, 1, 10));
+        // Again (a resumed move): fine; another UIDVALIDITY: refused.
+        mail.import_mailbox("a@x", &import("Work", 1234, 10))
+            .unwrap();
+        assert!(mail.import_mailbox("a@x", &import("Work", 99, 10)).is_err());
+        // A mailbox created here later gets a UIDVALIDITY above the imported one.
+        let later = mail.create_mailbox("a@x", "Later", None).unwrap();
+        assert!(later.uidvalidity > 1234);
+        // The final pass: flags as given, the rest expunged.
+        let gone = mail
+            .reconcile_mailbox("a@x", "Work", &[(3, vec!["\\Flagged".into()])], 12)
+            .unwrap();
+        assert_eq!(gone, 1);
+        assert_eq!(mail.uids("a@x", "Work").unwrap(), vec![3]);
+        let info = mail.mailbox("a@x", "Work").unwrap().unwrap();
+        assert_eq!(info.uidnext, 12);
+    }
+
+    #[test]
+    fn a_frozen_account_takes_no_delivery_append_or_flag_change() {
+        let store = Store::temporary().unwrap();
+        let mail = MailStore::new(&store).unwrap();
+        mail.deliver("a@x", b"one\r\n").unwrap();
+        mail.freeze("a@x", true).unwrap();
+        assert!(mail.is_frozen("a@x").unwrap());
+        assert!(matches!(
+            mail.deliver("a@x", b"two\r\n"),
+            Err(Error::Frozen(_))
+        ));
+        assert!(matches!(
+            mail.append("a@x", "INBOX", b"x\r\n", &[], 1),
+            Err(Error::Frozen(_))
+        ));
+        assert!(matches!(
+            mail.add_flags("a@x", "INBOX", 1, &["\\Seen".into()]),
+            Err(Error::Frozen(_))
+        ));
+        // Other accounts are not affected; the list of mailboxes is unchanged.
+        mail.deliver("b@x", b"three\r\n").unwrap();
+        assert_eq!(mail.list_mailboxes("a@x").unwrap().len(), 5);
+        mail.freeze("a@x", false).unwrap();
+        mail.deliver("a@x", b"two\r\n").unwrap();
+        assert_eq!(mail.uids("a@x", "INBOX").unwrap(), vec![1, 2]);
+    }
+}
