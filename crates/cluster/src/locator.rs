@@ -311,8 +311,8 @@ impl Locator {
             i.scope.clone(),
             i.reservations.clone(),
             i.caches.clone(),
-            i.mail.get().cloned(),
         )
+        .with_mail(i.mail.get().cloned())
     }
 
     pub fn node_id(&self) -> &str {

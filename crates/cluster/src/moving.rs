@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ds_directory::Account;
-use ds_store::{MailStore, MailboxImport, MailboxInfo, MessageMeta, Store, Table, unix_now};
+use ds_store::{
+    MailStore, MailboxImport, MailboxInfo, MessageImport, MessageMeta, Store, Table, unix_now,
+};
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -898,15 +900,13 @@ impl MingerService {
         }
         let stored = tokio::task::spawn_blocking(move || -> ds_store::Result<bool> {
             let staged = writer.finish()?;
-            mail.import_message(
-                &address,
-                &header.mailbox,
-                header.uid,
-                &header.flags,
-                header.internal_date,
-                &header.prefix,
-                &staged,
-            )
+            let message = MessageImport {
+                uid: header.uid,
+                flags: header.flags,
+                internal_date: header.internal_date,
+                prefix: header.prefix,
+            };
+            mail.import_message(&address, &header.mailbox, &message, &staged)
         })
         .await
         .map_err(|e| internal("move put", e))?

@@ -68,7 +68,6 @@ impl MingerService {
         scope: Scope,
         reservations: Reservations,
         caches: Caches,
-        mail: Option<ds_store::MailStore>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -80,9 +79,17 @@ impl MingerService {
                 reservations,
                 caches,
                 lookups: AtomicU64::new(0),
-                mail,
+                mail: None,
             }),
         }
+    }
+
+    /// The mail store account moves write into (before the service is shared).
+    pub(crate) fn with_mail(mut self, mail: Option<ds_store::MailStore>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.mail = mail;
+        }
+        self
     }
 
     /// Authenticated `Lookup` calls served so far.

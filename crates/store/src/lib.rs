@@ -18,7 +18,7 @@ mod migrate;
 pub mod queue;
 
 pub use body::{Bodies, BodyReader, BodyRef, BodyWriter, INLINE_MAX, MessageReader, StagedBody};
-pub use mailbox::{MailStore, MailboxImport, MailboxInfo, MessageMeta};
+pub use mailbox::{MailStore, MailboxImport, MailboxInfo, MessageImport, MessageMeta};
 pub use queue::{QueueEntry, QueueStore, QueuedRecipient, RecipientState};
 
 /// The schema this build writes. Recorded in the database on first open; a database written

@@ -33,7 +33,7 @@ use crate::{Error, Result, StagedBody, Store, unix_now};
 mod sync;
 mod transfer;
 
-pub use transfer::MailboxImport;
+pub use transfer::{MailboxImport, MessageImport};
 
 pub(crate) const MAILBOXES: &str = "mail_mailboxes";
 pub(crate) const MESSAGES: &str = "mail_messages";

@@ -34,6 +34,17 @@ pub struct MailboxImport {
     pub subscribed: bool,
 }
 
+/// A message as the source node describes it (its body comes separately).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageImport {
+    pub uid: u32,
+    pub flags: Vec<String>,
+    /// Unix seconds.
+    pub internal_date: i64,
+    /// The message's own first lines (ending with CRLF), or empty.
+    pub prefix: String,
+}
+
 impl MailStore {
     /// Stops every delivery, APPEND, COPY and MOVE into `account`'s mailboxes (`on`), or
     /// lets them go on again. Those refused fail with [`Error::Frozen`] (a temporary error).
@@ -109,12 +120,16 @@ impl MailStore {
         &self,
         account: &str,
         mailbox: &str,
-        uid: u32,
-        flags: &[String],
-        internal_date: i64,
-        prefix: &str,
+        message: &MessageImport,
         body: &StagedBody,
     ) -> Result<bool> {
+        let MessageImport {
+            uid,
+            ref flags,
+            internal_date,
+            ref prefix,
+        } = *message;
+        let prefix = prefix.as_str();
         super::check_prefix(prefix)?;
         if uid == 0 {
             return Err(Error::Conflict("UID 0".into()));
@@ -254,19 +269,17 @@ mod tests {
         assert_eq!((info.uidvalidity, info.uidnext), (1234, 10));
         let body = |t: &[u8]| store.bodies().stage(t).unwrap();
         let flags = vec!["\\Seen".to_string(), "Kw".to_string()];
-        assert!(
-            mail.import_message("a@x", "Work", 7, &flags, 99, "X-P: 1\r\n", &body(b"hi\r\n"))
-                .unwrap()
-        );
-        assert!(
-            !mail
-                .import_message("a@x", "Work", 7, &flags, 99, "", &body(b"other\r\n"))
-                .unwrap()
-        );
-        assert!(
-            mail.import_message("a@x", "Work", 3, &[], 98, "", &body(b"three\r\n"))
-                .unwrap()
-        );
+        let imp = |uid, flags: &[String], date, prefix: &str| MessageImport {
+            uid,
+            flags: flags.to_vec(),
+            internal_date: date,
+            prefix: prefix.into(),
+        };
+        let put =
+            |m: MessageImport, b: &[u8]| mail.import_message("a@x", "Work", &m, &body(b)).unwrap();
+        assert!(put(imp(7, &flags, 99, "X-P: 1\r\n"), b"hi\r\n"));
+        assert!(!put(imp(7, &flags, 99, ""), b"other\r\n"));
+        assert!(put(imp(3, &[], 98, ""), b"three\r\n"));
         let m = mail.message("a@x", "Work", 7).unwrap().unwrap();
         assert_eq!((m.flags.clone(), m.internal_date), (flags, 99));
         assert_eq!(
