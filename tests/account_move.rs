@@ -11,7 +11,7 @@ use dshare_e2e::{Smtp, eventually, python};
 const USER: &str = "mover@example.com";
 const PASS: &str = "mover-pass";
 /// Messages seeded per folder (three folders).
-const PER_FOLDER: usize = 40;
+const PER_FOLDER: usize = 250;
 /// Messages sent through A while the move runs.
 const DURING: usize = 8;
 
@@ -139,6 +139,11 @@ async fn move_account_b_to_c_while_mail_arrives() -> anyhow::Result<()> {
     seed(&c).await?;
     let before = imap_view(c.node(1).imap())?;
     assert!(before.contains("box Work"), "{before}");
+    c.node(1)
+        .node()
+        .state
+        .directory
+        .add_route("<mv.route>", USER)?;
     // A caches B as the owner.
     let a = &c.node(0).node().state.locator;
     assert!(
@@ -178,6 +183,13 @@ async fn move_account_b_to_c_while_mail_arrives() -> anyhow::Result<()> {
     assert!(cn.directory.account(USER)?.is_some());
     assert!(b.directory.account(USER)?.is_none());
     assert!(b.mail.list_mailboxes(USER)?.is_empty());
+    // The Router record naming the account moved with it.
+    assert!(b.directory.routes()?.is_empty());
+    assert_eq!(cn.directory.routes()?.len(), 1);
+    assert!(matches!(
+        a.locate("mv.route@example.com", Purpose::Rcpt).await,
+        Location::Remote(ref o) if o.node == "node-c" && o.canonical == USER
+    ));
     assert!(
         matches!(b.locator.locate(USER, Purpose::Rcpt).await, Location::Remote(ref o) if o.node == "node-c")
     );
@@ -571,6 +583,35 @@ async fn open_sessions_on_the_old_owner_end_with_unavailable() -> anyhow::Result
     );
     let again = imap_view_of(c.node(1).imap(), user, PASS)?;
     assert_eq!(again, imap_view_of(c.node(2).imap(), user, PASS)?);
+    c.shutdown().await;
+    Ok(())
+}
+
+/// A folder deleted and created again on the old owner between two runs of a move (another
+/// UIDVALIDITY) replaces what the first run copied of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_folder_created_again_between_runs_is_copied_afresh() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let user = "again@example.com";
+    seed_small(&c, user).await?;
+    let b = c.node(1).node().state.clone();
+    b.locator.stop_moves_at(Some("copied"));
+    assert!(b.move_account(user, "node-c", false).await.is_err());
+    b.locator.stop_moves_at(None);
+    b.mail.delete_mailbox(user, "Work")?;
+    b.mail.create_mailbox(user, "Work", None)?;
+    b.mail.append(
+        user,
+        "Work",
+        b"Subject: new\r\n\r\nnew\r\n",
+        &[],
+        1_700_000_000,
+    )?;
+    b.mail.rename_mailbox(user, "INBOX", "Old-Inbox")?;
+    b.store.flush_async().await?;
+    let before = imap_view_of(c.node(1).imap(), user, PASS)?;
+    b.move_account(user, "node-c", false).await?;
+    assert_eq!(imap_view_of(c.node(2).imap(), user, PASS)?, before);
     c.shutdown().await;
     Ok(())
 }

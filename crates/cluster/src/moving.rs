@@ -395,10 +395,12 @@ impl Locator {
                 "{to} has an account {address} already"
             )));
         }
-        let mut present: HashMap<String, HashSet<u32>> = begin
+        // What the new owner has, by mailbox name and UIDVALIDITY: a name deleted and
+        // created again here since is another mailbox.
+        let mut present: HashMap<(String, u32), HashSet<u32>> = begin
             .mailboxes
             .into_iter()
-            .map(|m: MoveMailboxState| (m.name, m.uids.into_iter().collect()))
+            .map(|m: MoveMailboxState| ((m.name, m.uidvalidity), m.uids.into_iter().collect()))
             .collect();
 
         let mut report = MoveReport {
@@ -419,7 +421,7 @@ impl Locator {
         };
         let boxes = inventory(&mail)?;
         for (info, messages) in &boxes {
-            let there = present.get(&info.name);
+            let there = present.get(&(info.name.clone(), info.uidvalidity));
             report.mailboxes.push((
                 info.name.clone(),
                 messages.len() as u64,
@@ -479,7 +481,11 @@ impl Locator {
             totals.total_messages += boxes
                 .iter()
                 .flat_map(|(i, ms)| ms.iter().map(move |m| (i, m)))
-                .filter(|(i, m)| !present.get(&i.name).is_some_and(|p| p.contains(&m.uid)))
+                .filter(|(i, m)| {
+                    !present
+                        .get(&(i.name.clone(), i.uidvalidity))
+                        .is_some_and(|p| p.contains(&m.uid))
+                })
                 .count() as u64;
             let copy = self
                 .copy_pass(
@@ -604,7 +610,7 @@ impl Locator {
         mail: &MailStore,
         address: &str,
         boxes: &[(MailboxInfo, Vec<MessageMeta>)],
-        present: &mut HashMap<String, HashSet<u32>>,
+        present: &mut HashMap<(String, u32), HashSet<u32>>,
         report: &mut MoveReport,
         totals: &mut MoveProgress,
         progress: &(impl Fn(MoveProgress) + Send + Sync),
@@ -625,7 +631,9 @@ impl Locator {
             })
             .await
             .map_err(remote(&to))?;
-            let there = present.entry(info.name.clone()).or_default();
+            let there = present
+                .entry((info.name.clone(), info.uidvalidity))
+                .or_default();
             let missing: Vec<MessageMeta> = messages
                 .iter()
                 .filter(|m| !there.contains(&m.uid))
@@ -679,7 +687,9 @@ impl Locator {
         account: &Account,
         mailboxes: &[String],
     ) -> Result<MoveFinishReply> {
+        let routes = routes_to(&self.inner.directory, &account.address)?;
         let request = MoveFinishRequest {
+            routes,
             address: account.address.clone(),
             from_node: self.node_id().to_string(),
             password_hash: account.password_hash.clone(),
@@ -733,7 +743,14 @@ impl Locator {
         let dir = self.inner.directory.clone();
         let m = mail.clone();
         let a = address.clone();
+        let routes = routes_to(&dir, &a)?;
         tokio::task::spawn_blocking(move || -> Result<()> {
+            for pattern in &routes {
+                match dir.delete_route(pattern) {
+                    Ok(_) | Err(ds_directory::Error::NotFound(..)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             match dir.delete_account(&a) {
                 Ok(_) | Err(ds_directory::Error::NotFound(..)) => {}
                 Err(e) => return Err(e.into()),
@@ -747,6 +764,20 @@ impl Locator {
         mail.store().flush_async().await?;
         Ok(())
     }
+}
+
+/// The patterns of this node's Router records that name exactly `address` (domain-wide
+/// records stay: they are about a domain, not an account).
+fn routes_to(dir: &ds_directory::Directory, address: &str) -> Result<Vec<String>> {
+    Ok(dir
+        .routes()?
+        .into_iter()
+        .filter(|r| {
+            !r.pattern.starts_with("*@")
+                && matches!(&r.target, ds_directory::RouteTarget::Address(a) if a == address)
+        })
+        .map(|r| r.pattern)
+        .collect())
 }
 
 fn boxes_names(boxes: &[(MailboxInfo, Vec<MessageMeta>)]) -> Vec<String> {
@@ -859,8 +890,18 @@ impl MingerService {
             special_use: (!req.special_use.is_empty()).then_some(req.special_use),
             subscribed: req.subscribed,
         };
-        mail.import_mailbox(&address, &import)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        match mail.import_mailbox(&address, &import) {
+            Ok(_) => {}
+            // The name was deleted and created again on the old owner since an earlier run:
+            // what was copied of the old one goes.
+            Err(ds_store::Error::Conflict(_)) => {
+                mail.discard_import(&address, &import.name)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                mail.import_mailbox(&address, &import)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            }
+            Err(e) => return Err(Status::failed_precondition(e.to_string())),
+        }
         Ok(Response::new(MoveMailboxReply {}))
     }
 
@@ -975,6 +1016,7 @@ impl MingerService {
                 created: req.created,
                 aliases: req.aliases.clone(),
             };
+            let routes = req.routes.clone();
             let keep: HashSet<String> = req.mailboxes.iter().cloned().collect();
             let subscriptions = req.subscriptions.clone();
             let a = address.clone();
@@ -992,7 +1034,13 @@ impl MingerService {
                 }
                 m.mark_provisioned(&a).map_err(|e| e.to_string())?;
                 m.ensure_account(&a).map_err(|e| e.to_string())?;
-                dir.import_account(&account).map_err(|e| e.to_string())
+                dir.import_account(&account).map_err(|e| e.to_string())?;
+                for pattern in &routes {
+                    if let Err(e) = dir.add_route(pattern, &a) {
+                        tracing::warn!(%pattern, error = %e, "Router record of a moved account not added");
+                    }
+                }
+                Ok(())
             })
             .await
             .map_err(|e| internal("move finish", e))?

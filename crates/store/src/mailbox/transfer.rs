@@ -105,6 +105,12 @@ impl MailStore {
         Ok(info)
     }
 
+    /// Drops a partly imported mailbox (INBOX too) with its messages: the source's mailbox
+    /// of that name was created again (another UIDVALIDITY) since the copy began.
+    pub fn discard_import(&self, account: &str, name: &str) -> Result<()> {
+        self.remove_mailbox(account, &canonical_name(name))
+    }
+
     /// The UIDs present in a mailbox (empty when it does not exist).
     pub fn uids(&self, account: &str, mailbox: &str) -> Result<Vec<u32>> {
         match self.mailbox(account, mailbox)? {
