@@ -166,6 +166,16 @@ enum AccountCmd {
     Disable {
         name: String,
     },
+    /// Move an account with all its mail to another node (run on its owner).
+    Move {
+        name: String,
+        /// Node id of the new owner.
+        #[arg(long)]
+        to: String,
+        /// Only print what would move; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -321,6 +331,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
             }),
             AccountCmd::Del { name } => Op::AccountDel(proto::Name { name }),
+            AccountCmd::Move { name, to, dry_run } => {
+                Op::AccountMove(proto::AccountMove { name, to, dry_run })
+            }
             AccountCmd::List { domain } => Op::AccountList(proto::DomainFilter {
                 domain: domain.unwrap_or_default(),
             }),
@@ -471,7 +484,13 @@ async fn admin_call(
     })?;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(60))
+        .timeout(std::time::Duration::from_secs(
+            if matches!(op, Op::AccountMove(_)) {
+                6 * 3600
+            } else {
+                60
+            },
+        ))
         .connect()
         .await
         .with_context(|| format!("cannot reach the node's admin service at {addr}"))?;

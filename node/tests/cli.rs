@@ -139,6 +139,30 @@ fn accounts_survive_restart_and_bad_input_changes_nothing() {
         "info@company.com"
     );
 
+    // Moves that cannot go ahead say why and change nothing.
+    let moves: &[(&[&str], &str)] = &[
+        (
+            &["account", "move", "info", "--to", "node-z", "--dry-run"],
+            "unknown node \"node-z\"",
+        ),
+        (
+            &["account", "move", "info", "--to", "node-z"],
+            "unknown node",
+        ),
+        (
+            &["account", "move", "nobody", "--to", "node-z"],
+            "unknown node",
+        ),
+    ];
+    for (args, want) in moves {
+        let e = err(&dshare(&cfg, args, None));
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    assert_eq!(
+        ok(&dshare(&cfg, &["account", "list"], None)).trim(),
+        "info@company.com"
+    );
+
     // A restart keeps the account.
     drop(node);
     let _node = serve(&cfg, &[admin]);

@@ -30,6 +30,9 @@ pub enum Error {
     },
     #[error("Minger server: {0}")]
     Serve(#[source] tonic::transport::Error),
+    /// An account move could not go ahead (nothing was changed unless said otherwise).
+    #[error("move: {0}")]
+    Move(String),
     #[error("background task failed: {0}")]
     Task(String),
 }

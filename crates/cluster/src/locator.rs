@@ -249,6 +249,12 @@ pub(crate) struct Inner {
     pub(crate) reservations: Reservations,
     pub(crate) caches: Caches,
     pub(crate) peers: Vec<Peer>,
+    /// Account moves from this node (DESIGN.md §11).
+    pub(crate) moves: crate::moving::Moves,
+    /// The mail store, for account moves ([`Locator::attach_mail`]).
+    pub(crate) mail: std::sync::OnceLock<ds_store::MailStore>,
+    /// Test hook: where moves stop ([`Locator::stop_moves_at`]).
+    pub(crate) move_stop: std::sync::Mutex<Option<&'static str>>,
 }
 
 impl std::fmt::Debug for Locator {
@@ -282,6 +288,9 @@ impl Locator {
             inner: Arc::new(Inner {
                 scope: Scope::new(&config.allowed_domains)?,
                 reservations: Reservations::new(store)?,
+                moves: crate::moving::Moves::new(store)?,
+                mail: std::sync::OnceLock::new(),
+                move_stop: std::sync::Mutex::new(None),
                 caches: Caches::new(config.positive_ttl, config.negative_ttl),
                 directory,
                 peers,
@@ -303,6 +312,7 @@ impl Locator {
             i.reservations.clone(),
             i.caches.clone(),
         )
+        .with_mail(i.mail.get().cloned())
     }
 
     pub fn node_id(&self) -> &str {
@@ -359,6 +369,17 @@ impl Locator {
         for key in self.cache_keys(address) {
             self.inner.caches.drop_entry(&key).await;
         }
+    }
+
+    /// Test hook: caches `owner` for `address` as a fan-out would (a peer that missed an
+    /// `Invalidate` keeps such an entry until its TTL).
+    #[doc(hidden)]
+    pub async fn remember(&self, address: &str, owner: Owner) {
+        self.inner
+            .caches
+            .positive
+            .insert(address.to_string(), owner)
+            .await;
     }
 
     /// The cached owner of `address`, if any (no peer is asked).
@@ -535,7 +556,13 @@ impl Locator {
             }
         };
         let key = match resolution.outcome {
-            Outcome::Account { address, enabled } => return Location::Local { address, enabled },
+            Outcome::Account { address, enabled } => {
+                // Frozen for a move: neither delivered here nor elsewhere yet.
+                if let Some(moving) = self.inner.moves.location(&address, true) {
+                    return moving;
+                }
+                return Location::Local { address, enabled };
+            }
             Outcome::List(a) => return Location::LocalList(a),
             Outcome::Remote(a) => return Location::RemoteHost(a),
             Outcome::Error(text) => return Location::Refused(text),
@@ -544,6 +571,10 @@ impl Locator {
         let domain = key.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
         if !self.shares(domain) {
             return Location::Unknown;
+        }
+        // Moved away from here: forward to the new owner until every cache has expired.
+        if let Some(moved) = self.inner.moves.location(&key, false) {
+            return moved;
         }
         let caches = &self.inner.caches;
         if let Some(owner) = caches.positive.get(&key).await {

@@ -101,7 +101,7 @@ fn channel(
 }
 
 /// A failed call in a few words: the gRPC code, its message and the transport's reason.
-fn describe(status: &Status) -> String {
+pub(crate) fn describe(status: &Status) -> String {
     let mut text = format!("{:?}", status.code());
     if !status.message().is_empty() {
         text.push_str(": ");
@@ -161,6 +161,22 @@ impl Peer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A client and a request carrying the secret and the timeout, for calls that
+    /// [`Peer::call`] cannot make (client streaming). Not recorded in the peer's status.
+    pub(crate) fn request<T>(&self, message: T) -> (MingerClient<Channel>, Request<T>) {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert(SECRET_HEADER, self.secret.clone());
+        request.set_timeout(self.timeout);
+        (self.client.clone(), request)
+    }
+
+    /// The bound on one call.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// One call to the peer, with the secret, bounded by the timeout, recorded in the

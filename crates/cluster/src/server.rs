@@ -17,7 +17,9 @@ use crate::locator::{Caches, Scope};
 use crate::proto::minger_server::{Minger, MingerServer};
 use crate::proto::{
     AuthResult, AuthenticateReply, AuthenticateRequest, HelloReply, HelloRequest, InvalidateReply,
-    InvalidateRequest, Kind, ListPeersReply, ListPeersRequest, LookupReply, LookupRequest, Purpose,
+    InvalidateRequest, Kind, ListPeersReply, ListPeersRequest, LookupReply, LookupRequest,
+    MoveBeginReply, MoveBeginRequest, MoveFinishReply, MoveFinishRequest, MoveMailboxReply,
+    MoveMailboxRequest, MovePutChunk, MovePutReply, MoveSyncReply, MoveSyncRequest, Purpose,
     Refusal, ReleaseReply, ReleaseRequest, ReserveReply, ReserveRequest,
 };
 use crate::reservation::{Refused, Reservations};
@@ -35,20 +37,22 @@ const CONCURRENCY_PER_CONNECTION: usize = 64;
 /// The Minger service of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct MingerService {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     /// Checks passwords for `Authenticate`; without one every check is `TEMP`.
     authority: Option<Arc<dyn PasswordAuthority>>,
 }
 
-struct Inner {
-    node_id: String,
-    advertise: Endpoints,
+pub(crate) struct Inner {
+    pub(crate) node_id: String,
+    pub(crate) advertise: Endpoints,
     secret: Vec<u8>,
-    directory: Directory,
+    pub(crate) directory: Directory,
     scope: Scope,
-    reservations: Reservations,
-    caches: Caches,
+    pub(crate) reservations: Reservations,
+    pub(crate) caches: Caches,
     lookups: AtomicU64,
+    /// The mail store account moves write into; `None`: moves are refused.
+    pub(crate) mail: Option<ds_store::MailStore>,
 }
 
 impl std::fmt::Debug for MingerService {
@@ -79,6 +83,7 @@ impl MingerService {
                 reservations,
                 caches,
                 lookups: AtomicU64::new(0),
+                mail: None,
             }),
             authority: None,
         }
@@ -90,13 +95,21 @@ impl MingerService {
         self
     }
 
+    /// The mail store account moves write into (before the service is shared).
+    pub(crate) fn with_mail(mut self, mail: Option<ds_store::MailStore>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.mail = mail;
+        }
+        self
+    }
+
     /// Authenticated `Lookup` calls served so far.
     pub fn lookups_served(&self) -> u64 {
         self.inner.lookups.load(Ordering::Relaxed)
     }
 
     /// Checks the cluster secret in constant time; a caller without it learns nothing.
-    fn authorize<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
+    pub(crate) fn authorize<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
         let given = request
             .metadata()
             .get(SECRET_HEADER)
@@ -319,6 +332,41 @@ impl Minger for MingerService {
             pop3: a.pop3.clone(),
             imap: a.imap.clone(),
         }))
+    }
+
+    async fn move_begin(
+        &self,
+        request: Request<MoveBeginRequest>,
+    ) -> std::result::Result<Response<MoveBeginReply>, Status> {
+        self.do_move_begin(request).await
+    }
+
+    async fn move_mailbox(
+        &self,
+        request: Request<MoveMailboxRequest>,
+    ) -> std::result::Result<Response<MoveMailboxReply>, Status> {
+        self.do_move_mailbox(request).await
+    }
+
+    async fn move_put(
+        &self,
+        request: Request<tonic::Streaming<MovePutChunk>>,
+    ) -> std::result::Result<Response<MovePutReply>, Status> {
+        self.do_move_put(request).await
+    }
+
+    async fn move_sync(
+        &self,
+        request: Request<MoveSyncRequest>,
+    ) -> std::result::Result<Response<MoveSyncReply>, Status> {
+        self.do_move_sync(request).await
+    }
+
+    async fn move_finish(
+        &self,
+        request: Request<MoveFinishRequest>,
+    ) -> std::result::Result<Response<MoveFinishReply>, Status> {
+        self.do_move_finish(request).await
     }
 }
 

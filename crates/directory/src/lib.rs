@@ -320,6 +320,46 @@ impl Directory {
         Ok(account)
     }
 
+    /// Stores an account record handed over by another node (an account move, DESIGN.md §11)
+    /// with its password hash and aliases as they are. Idempotent: the same record again is
+    /// fine; an address or alias that is something else here is `Exists`. The caller (the
+    /// move, under the creation guard's reservation) has made sure no peer has it.
+    pub fn import_account(&self, account: &Account) -> Result<()> {
+        let addr = self.served_address(&account.address)?.to_string();
+        match self.accounts.get(&addr)? {
+            Some(existing) if existing.password_hash == account.password_hash => {}
+            Some(_) => return Err(Error::Exists(addr, "an account")),
+            None => {
+                if let Some(kind) = self.taken_as(&addr)? {
+                    return Err(Error::Exists(addr, kind));
+                }
+            }
+        }
+        for alias in &account.aliases {
+            let alias = self.served_address(alias)?.to_string();
+            match self.aliases.get(&alias)? {
+                Some(target) if target == addr => {}
+                Some(_) => return Err(Error::Exists(alias, "an alias")),
+                None => {
+                    if let Some(kind) = self.taken_as(&alias)? {
+                        return Err(Error::Exists(alias, kind));
+                    }
+                    self.aliases.insert(&alias, &addr)?;
+                }
+            }
+        }
+        let mut record = account.clone();
+        record.address = addr.clone();
+        self.accounts.insert(&addr, &record)?;
+        tracing::info!(account = %addr, "account imported");
+        Ok(())
+    }
+
+    /// The alias `address` stands for, if it is an alias here.
+    pub fn alias_of(&self, address: &str) -> Result<Option<String>> {
+        Ok(self.aliases.get(address)?)
+    }
+
     pub fn account(&self, address: &str) -> Result<Option<Account>> {
         Ok(self.accounts.get(address)?)
     }

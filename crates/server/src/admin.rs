@@ -154,6 +154,24 @@ impl AdminService {
                 let account = node.delete_account(&n.name).await?;
                 Ok(one(format!("deleted {}", account.address)))
             }
+            Op::AccountMove(m) => {
+                let report = node.move_account(&m.name, &m.to, m.dry_run).await?;
+                let json = serde_json::json!({
+                    "address": report.address,
+                    "to": report.to,
+                    "dry_run": report.dry_run,
+                    "mailboxes": report.mailboxes.iter().map(|(name, n, b, there)| serde_json::json!({
+                        "name": name, "messages": n, "bytes": b, "already_there": there,
+                    })).collect::<Vec<_>>(),
+                    "aliases": report.aliases,
+                    "copied": report.copied,
+                    "copied_bytes": report.copied_bytes,
+                    "skipped": report.skipped,
+                    "expunged": report.expunged,
+                    "seconds": report.elapsed.as_secs_f64(),
+                });
+                Ok(with_json(report.lines(), json))
+            }
             Op::AccountList(f) => {
                 let domain = (!f.domain.is_empty()).then_some(f.domain.as_str());
                 let accounts = dir.accounts(domain).map_err(status)?;

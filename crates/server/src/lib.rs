@@ -200,6 +200,74 @@ impl NodeState {
         Ok(account)
     }
 
+    /// Moves a local account with its mail to peer `to` (DESIGN.md §11); progress is
+    /// logged. An account that lives elsewhere is refused with where it lives.
+    pub async fn move_account(
+        &self,
+        name: &str,
+        to: &str,
+        dry_run: bool,
+    ) -> std::result::Result<ds_cluster::MoveReport, tonic::Status> {
+        let address = self
+            .directory
+            .served_address(name)
+            .map_err(admin::status)?
+            .to_string();
+        let is_local = self
+            .directory
+            .account(&address)
+            .map_err(admin::status)?
+            .is_some();
+        if !is_local
+            && self
+                .directory
+                .alias_of(&address)
+                .map_err(admin::status)?
+                .is_none()
+            && let Location::Remote(owner) = self.locator.locate(&address, Purpose::Admin).await
+        {
+            return Err(tonic::Status::failed_precondition(format!(
+                "{address} lives on node {}; run the move there",
+                owner.node
+            )));
+        }
+        let last = std::sync::Mutex::new(std::time::Instant::now());
+        let started = std::time::Instant::now();
+        let progress = |p: ds_cluster::MoveProgress| {
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() < Duration::from_secs(2) && p.messages < p.total_messages {
+                return;
+            }
+            *last = std::time::Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            let rate = p.bytes as f64 / secs;
+            let eta = if rate > 0.0 {
+                p.total_bytes.saturating_sub(p.bytes) as f64 / rate
+            } else {
+                0.0
+            };
+            tracing::info!(
+                account = %address,
+                messages = p.messages,
+                of_messages = p.total_messages,
+                bytes = p.bytes,
+                of_bytes = p.total_bytes,
+                mb_per_s = rate / 1e6,
+                eta_s = eta,
+                "account move progress"
+            );
+        };
+        self.locator
+            .move_account(&address, to, dry_run, progress)
+            .await
+            .map_err(|e| match e {
+                ds_cluster::Error::Move(m) => tonic::Status::failed_precondition(m),
+                ds_cluster::Error::Unavailable { .. } => tonic::Status::unavailable(e.to_string()),
+                ds_cluster::Error::Directory(d) => admin::status(d),
+                e => tonic::Status::internal(e.to_string()),
+            })
+    }
+
     /// An address stopped being an active account here: drop it from every peer's cache.
     pub async fn account_gone(&self, address: &str) {
         self.locator.invalidate_everywhere(address).await;
@@ -514,6 +582,7 @@ impl Node {
         let locator = Locator::new(cluster, directory.clone(), &store)?;
 
         let mail = MailStore::new(&store)?;
+        locator.attach_mail(mail.clone());
         let queue = QueueStore::new(&store)?;
         let acceptor = TlsAcceptor::from(tls.server.clone());
         let peer_tls = match &ca_pem {

@@ -20,7 +20,7 @@ pub mod relayed;
 mod space;
 
 pub use body::{Bodies, BodyReader, BodyRef, BodyWriter, INLINE_MAX, MessageReader, StagedBody};
-pub use mailbox::{MailStore, MailboxInfo, MessageMeta};
+pub use mailbox::{MailStore, MailboxImport, MailboxInfo, MessageImport, MessageMeta};
 pub use queue::{QueueClaim, QueueEntry, QueueStore, QueuedRecipient, RecipientState};
 pub use relayed::{RelayMark, RelayMarks};
 pub use space::DEFAULT_MIN_FREE_SPACE;
@@ -64,6 +64,9 @@ pub enum Error {
     /// A relayed message's recipient was delivered before ([`relayed`]).
     #[error("{0}")]
     Duplicate(String),
+    /// The account is being moved to another node: try again shortly.
+    #[error("account {0} is being moved; try again later")]
+    Frozen(String),
     /// The data disk is below its free-space reserve: new mail waits (`452 4.3.1`).
     #[error("the data disk has {free} bytes free, below the reserve of {reserve}")]
     DiskFull { free: u64, reserve: u64 },

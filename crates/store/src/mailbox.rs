@@ -35,6 +35,9 @@ use crate::relayed::{RelayMark, RelayMarks};
 use crate::{Error, Result, StagedBody, Store, unix_now};
 
 mod sync;
+mod transfer;
+
+pub use transfer::{MailboxImport, MessageImport};
 
 pub(crate) const MAILBOXES: &str = "mail_mailboxes";
 pub(crate) const MESSAGES: &str = "mail_messages";
@@ -412,6 +415,11 @@ impl MailStore {
         })
     }
 
+    /// The database this mail store lives in (to flush it).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
         tx_result(
             (
@@ -781,6 +789,7 @@ impl MailStore {
         let body_ref = body.body();
         let (size, pop3_size) = sizes("", &body_ref);
         let done = self.transact(|tx| {
+            transfer::check_open(tx.mailboxes, account)?;
             let mut info = tx
                 .mailbox(&key)?
                 .ok_or_else(|| abort(not_found(account, &name)))?;
@@ -864,6 +873,7 @@ impl MailStore {
                         }
                         relayed.insert(mark.key(), &written_at[..])?;
                     }
+                    transfer::check_open(tx.mailboxes, account)?;
                     let mut info = tx
                         .mailbox(&key)?
                         .ok_or_else(|| abort(not_found(account, INBOX)))?;
@@ -994,6 +1004,7 @@ impl MailStore {
                         }
                         let mut uids = Vec::with_capacity(local.len());
                         for ((account, prefix), key) in local.iter().zip(&keys) {
+                            transfer::check_open(mailboxes, account)?;
                             let mut info = tx
                                 .mailbox(key)?
                                 .ok_or_else(|| abort(not_found(account, INBOX)))?;
@@ -1219,6 +1230,7 @@ impl MailStore {
         uids.sort_unstable();
         uids.dedup();
         self.transact(|tx| {
+            transfer::check_open(tx.mailboxes, account)?;
             let mut info = tx
                 .mailbox(&key)?
                 .ok_or_else(|| abort(not_found(account, &name)))?;
@@ -1284,6 +1296,7 @@ impl MailStore {
         uids.sort_unstable();
         uids.dedup();
         self.transact(|tx| {
+            transfer::check_open(tx.mailboxes, account)?;
             let source = tx
                 .mailbox(&from_key)?
                 .ok_or_else(|| abort(not_found(account, &from)))?;

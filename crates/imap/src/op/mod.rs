@@ -48,6 +48,10 @@ pub(crate) fn store_error(e: &ds_store::Error) -> Reply {
     match e {
         ds_store::Error::NotFound(_) => Reply::no("No such mailbox").code("NONEXISTENT"),
         ds_store::Error::Conflict(text) => Reply::no(text.clone()).code("CANNOT"),
+        // The account is being moved to another node (DESIGN.md §11).
+        ds_store::Error::Frozen(_) => {
+            Reply::no("Account is being moved, try again later").code("UNAVAILABLE")
+        }
         e => {
             tracing::warn!(error = %e, "store error");
             Reply::no("Server error, try again later").code("SERVERBUG")

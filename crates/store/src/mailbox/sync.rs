@@ -212,6 +212,7 @@ impl MailStore {
         uids.sort_unstable();
         uids.dedup();
         let result = self.transact(|tx| {
+            super::transfer::check_open(tx.mailboxes, account)?;
             let mut info = tx
                 .mailbox(&key)?
                 .ok_or_else(|| abort(not_found(account, &name)))?;
