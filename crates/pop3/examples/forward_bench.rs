@@ -265,11 +265,7 @@ async fn main() {
     }
     if modes.len() == all.len() {
         for (label, d, f) in [("plain", 0, 1), ("tls", 2, 3)] {
-            let per_round: Vec<f64> = times[f]
-                .iter()
-                .zip(&times[d])
-                .map(|(f, d)| f / d)
-                .collect();
+            let per_round: Vec<f64> = times[f].iter().zip(&times[d]).map(|(f, d)| f / d).collect();
             println!(
                 "ratio forwarded/direct {label:<5}  of medians {:.3}  median of rounds {:.3}",
                 median(&times[f]) / median(&times[d]),
