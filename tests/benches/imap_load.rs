@@ -2,46 +2,70 @@
 //! forwarding node (A → B over STARTTLS verified against the cluster CA, as in production).
 //!
 //! ```text
-//! cargo bench -p dshare-e2e --bench imap_load [-- CLIENTS SECONDS ROUNDS]
+//! cargo bench -p dshare-e2e --bench imap_load [-- CLIENTS SECONDS ROUNDS REPEATS [PARTS]]
 //! ```
 //!
-//! - `session`: CLIENTS clients, each logged in once, loop SELECT, FETCH 1:* (FLAGS), STORE,
-//!   APPEND, EXPUNGE (ops = commands completed).
-//! - `login`: CLIENTS clients loop connect, LOGIN, SELECT, FETCH 1 (BODY.PEEK[]), LOGOUT
-//!   (ops = cycles; the password check dominates).
-//! - `download`: one client, `FETCH 1:100 BODY.PEEK[]` of 100 × 100 KiB, ROUNDS times; median
-//!   and best wall time.
+//! Defaults: 8 clients, 5 s per run, 11 download rounds, 3 repeats, every part. PARTS picks
+//! some: a comma-separated list of `session`, `login`, `download` (to profile one of them).
 //!
-//! Each figure is printed direct and forwarded, with the ratio forwarded/direct.
+//! - `session`: CLIENTS clients, each logged in once, loop SELECT, APPEND, FETCH 1:* (FLAGS),
+//!   STORE, EXPUNGE (ops = commands completed).
+//! - `login`: CLIENTS clients loop connect, LOGIN, SELECT, FETCH 1 (BODY.PEEK[]), LOGOUT
+//!   (ops = cycles), on plain TCP and on implicit TLS (`imaps`, a handshake per cycle).
+//! - `download`: one client, `FETCH 1:100 BODY.PEEK[]` of 100 × 100 KiB, ROUNDS times, plain and
+//!   TLS; median and best wall time.
+//!
+//! The session and login runs are repeated REPEATS times, direct and forwarded in turn (so a
+//! change in the machine's speed hits both alike); the download rounds alternate likewise. Each
+//! figure is the median, printed direct and forwarded with the cost of forwarding as
+//! forwarded/direct time (= direct/forwarded rate; 1.00 = free): the ratio of the medians and
+//! the median of the per-run ratios.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ds_net::TlsConnector;
 use ds_testkit::Cluster;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A client's byte stream: plain TCP or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Where the clients connect: the address, and TLS (implicit) or not.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    tls: Option<TlsConnector>,
+}
+
 /// A minimal IMAP client: tagged commands, responses read to the tagged line, literals skipped.
 struct Client {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+    r: BufReader<Pin<Box<dyn Io>>>,
     n: u64,
     /// Octets of literals received by the last command.
     literal_octets: usize,
 }
 
 impl Client {
-    async fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
-        let s = TcpStream::connect(addr).await?;
+    async fn connect(target: &Target) -> anyhow::Result<Client> {
+        let s = TcpStream::connect(target.addr).await?;
         s.set_nodelay(true)?;
-        let (r, w) = s.into_split();
+        let stream: Pin<Box<dyn Io>> = match &target.tls {
+            None => Box::pin(s),
+            Some(connector) => {
+                let name = ServerName::try_from("localhost")?;
+                Box::pin(connector.connect(name, s).await?)
+            }
+        };
         let mut c = Client {
-            r: BufReader::with_capacity(256 * 1024, r),
-            w,
+            r: BufReader::with_capacity(256 * 1024, stream),
             n: 0,
             literal_octets: 0,
         };
@@ -71,7 +95,8 @@ impl Client {
             out.extend_from_slice(l);
         }
         out.extend_from_slice(b"\r\n");
-        self.w.write_all(&out).await?;
+        self.r.get_mut().write_all(&out).await?;
+        self.r.get_mut().flush().await?;
         self.literal_octets = 0;
         loop {
             let line = self.line().await?;
@@ -107,7 +132,7 @@ fn message(i: usize, size: usize) -> Vec<u8> {
 }
 
 async fn session_load(
-    addr: SocketAddr,
+    target: &Target,
     user: &str,
     clients: usize,
     secs: u64,
@@ -117,8 +142,9 @@ async fn session_load(
     let mut tasks = Vec::new();
     for i in 0..clients {
         let user = user.to_owned();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(addr).await?;
+            let mut c = Client::connect(&target).await?;
             c.cmd(&format!("LOGIN {user} pass"), None).await?;
             let mailbox = format!("load{i}");
             let _ = c.cmd(&format!("CREATE {mailbox}"), None).await;
@@ -143,21 +169,17 @@ async fn session_load(
     Ok(ops as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn login_load(
-    addr: SocketAddr,
-    user: &str,
-    clients: usize,
-    secs: u64,
-) -> anyhow::Result<f64> {
+async fn login_load(target: &Target, user: &str, clients: usize, secs: u64) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let user = user.to_owned();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut cycles = 0u64;
             while Instant::now() < deadline {
-                let mut c = Client::connect(addr).await?;
+                let mut c = Client::connect(&target).await?;
                 c.cmd(&format!("LOGIN {user} pass"), None).await?;
                 c.cmd("SELECT INBOX", None).await?;
                 c.cmd("FETCH 1 (BODY.PEEK[])", None).await?;
@@ -174,20 +196,70 @@ async fn login_load(
     Ok(cycles as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn download(addr: SocketAddr, user: &str, rounds: usize) -> anyhow::Result<(f64, f64)> {
-    let mut times = Vec::new();
-    for _ in 0..rounds {
-        let started = Instant::now();
-        let mut c = Client::connect(addr).await?;
-        c.cmd(&format!("LOGIN {user} pass"), None).await?;
-        c.cmd("EXAMINE INBOX", None).await?;
-        c.cmd("FETCH 1:100 (BODY.PEEK[])", None).await?;
-        anyhow::ensure!(c.literal_octets >= 100 * 100 * 1000, "short download");
-        c.cmd("LOGOUT", None).await?;
-        times.push(started.elapsed().as_secs_f64());
+/// One download round: wall time of connect, LOGIN, EXAMINE, `FETCH 1:100 (BODY.PEEK[])`,
+/// LOGOUT.
+async fn download(target: &Target, user: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut c = Client::connect(target).await?;
+    c.cmd(&format!("LOGIN {user} pass"), None).await?;
+    c.cmd("EXAMINE INBOX", None).await?;
+    c.cmd("FETCH 1:100 (BODY.PEEK[])", None).await?;
+    anyhow::ensure!(c.literal_octets >= 100 * 100 * 1000, "short download");
+    c.cmd("LOGOUT", None).await?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `run` on the direct then the forwarded target, `repeats` times; returns the figures
+/// `(direct, forwarded)` in run order.
+async fn paired<F, Fut>(
+    direct: &Target,
+    forwarded: &Target,
+    repeats: usize,
+    mut run: F,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)>
+where
+    F: FnMut(Target) -> Fut,
+    Fut: Future<Output = anyhow::Result<f64>>,
+{
+    let (mut d, mut f) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        d.push(run(direct.clone()).await?);
+        f.push(run(forwarded.clone()).await?);
     }
-    times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times[0]))
+    Ok((d, f))
+}
+
+/// One line for rates (higher is better): medians and the cost of forwarding.
+fn report_rate(name: &str, unit: &str, d: &[f64], f: &[f64]) {
+    let per_run: Vec<f64> = d.iter().zip(f).map(|(d, f)| d / f).collect();
+    println!(
+        "{name:<14} direct {:8.1} {unit}  forwarded {:8.1} {unit}  forwarded/direct time: of medians {:.3}  median of runs {:.3}",
+        median(d),
+        median(f),
+        median(d) / median(f),
+        median(&per_run),
+    );
+}
+
+/// One line for wall times (lower is better).
+fn report_time(name: &str, d: &[f64], f: &[f64]) {
+    let per_run: Vec<f64> = f.iter().zip(d).map(|(f, d)| f / d).collect();
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "{name:<14} direct median {:.4} s best {:.4} s  forwarded median {:.4} s best {:.4} s  forwarded/direct: of medians {:.3}  median of rounds {:.3}",
+        median(d),
+        best(d),
+        median(f),
+        best(f),
+        median(f) / median(d),
+        median(&per_run),
+    );
 }
 
 fn arg(i: usize, default: u64) -> u64 {
@@ -203,19 +275,37 @@ async fn main() -> anyhow::Result<()> {
     let clients = arg(1, 8) as usize;
     let secs = arg(2, 5);
     let rounds = arg(3, 11) as usize;
+    let repeats = arg(4, 3).max(1) as usize;
+    let parts = std::env::args()
+        .filter(|a| !a.starts_with('-'))
+        .nth(5)
+        .unwrap_or_else(|| "session,login,download".into());
+    let part = |name: &str| parts.split(',').any(|p| p == name);
     let c = Cluster::start(2).await?;
     for user in ["load", "login", "big"] {
         c.node(1)
             .add_account(&format!("{user}@example.com"), "pass")
             .await?;
     }
-    let (a, b) = (c.node(0).imap(), c.node(1).imap());
+    let tls = TlsConnector::from(ds_net::tls::client_config_with_ca(&c.pki.ca_cert_pem())?);
+    let target = |addr, tls: Option<&TlsConnector>| Target {
+        addr,
+        tls: tls.cloned(),
+    };
+    let (a, b) = (
+        target(c.node(0).imap(), None),
+        target(c.node(1).imap(), None),
+    );
+    let (a_tls, b_tls) = (
+        target(c.node(0).imaps(), Some(&tls)),
+        target(c.node(1).imaps(), Some(&tls)),
+    );
     // Seed: one message for the login cycle, 100 × 100 KiB for the download.
-    let mut s = Client::connect(b).await?;
+    let mut s = Client::connect(&b).await?;
     s.cmd("LOGIN login pass", None).await?;
     s.cmd("APPEND INBOX", Some(&message(0, 4096))).await?;
     s.cmd("LOGOUT", None).await?;
-    let mut s = Client::connect(b).await?;
+    let mut s = Client::connect(&b).await?;
     s.cmd("LOGIN big pass", None).await?;
     let big = message(0, 100 * 1024);
     for _ in 0..100 {
@@ -223,29 +313,43 @@ async fn main() -> anyhow::Result<()> {
     }
     s.cmd("LOGOUT", None).await?;
 
-    println!("imap_load: {clients} clients, {secs} s per run, {rounds} download rounds");
-    let d = session_load(b, "load", clients, secs).await?;
-    let f = session_load(a, "load", clients, secs).await?;
+    // One forwarded login per account first: the front node learns each owner (the lookup is
+    // cached), as it would have long before in a running cluster.
+    for user in ["load", "login", "big"] {
+        let mut c = Client::connect(&a).await?;
+        c.cmd(&format!("LOGIN {user} pass"), None).await?;
+        c.cmd("LOGOUT", None).await?;
+    }
+
     println!(
-        "session  direct {d:8.1} ops/s  forwarded {f:8.1} ops/s  slowdown {:.3}",
-        d / f
+        "imap_load: {clients} clients, {secs} s per run, {repeats} repeats, {rounds} download rounds"
     );
-    let d = login_load(b, "login", clients, secs).await?;
-    let f = login_load(a, "login", clients, secs).await?;
-    println!(
-        "login    direct {d:8.1} cycles/s  forwarded {f:8.1} cycles/s  slowdown {:.3}",
-        d / f
-    );
-    // Warm both paths once, then measure.
-    download(b, "big", 1).await?;
-    download(a, "big", 1).await?;
-    let (dm, db) = download(b, "big", rounds).await?;
-    let (fm, fb) = download(a, "big", rounds).await?;
-    println!(
-        "download 100 x 100 KiB  direct median {dm:.4} s best {db:.4} s  forwarded median {fm:.4} s best {fb:.4} s  ratio median {:.3} best {:.3}",
-        fm / dm,
-        fb / db
-    );
+    if part("session") {
+        let (d, f) = paired(&b, &a, repeats, |t| async move {
+            session_load(&t, "load", clients, secs).await
+        })
+        .await?;
+        report_rate("session", "ops/s", &d, &f);
+    }
+    let logins = [("login", &b, &a), ("login tls", &b_tls, &a_tls)];
+    for (name, direct, forwarded) in logins.into_iter().filter(|_| part("login")) {
+        let (d, f) = paired(direct, forwarded, repeats, |t| async move {
+            login_load(&t, "login", clients, secs).await
+        })
+        .await?;
+        report_rate(name, "cycles/s", &d, &f);
+    }
+    let downloads = [("download", &b, &a), ("download tls", &b_tls, &a_tls)];
+    for (name, direct, forwarded) in downloads.into_iter().filter(|_| part("download")) {
+        // Warm both paths once, then measure.
+        download(direct, "big").await?;
+        download(forwarded, "big").await?;
+        let (d, f) = paired(direct, forwarded, rounds, |t| async move {
+            download(&t, "big").await
+        })
+        .await?;
+        report_time(name, &d, &f);
+    }
     c.shutdown().await;
     Ok(())
 }

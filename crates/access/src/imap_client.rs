@@ -4,17 +4,21 @@
 //! tag, `OK [CAPABILITY <owner's>]`, `NO [AUTHENTICATIONFAILED]`, `NO [UNAVAILABLE]`) and, on
 //! success, hands both connections to [`crate::splice_session`].
 //!
-//! The dialogue, after an optional `STARTTLS` verified against the cluster CA:
+//! The dialogue, after an optional `STARTTLS` verified against the cluster CA (sent right after
+//! connecting, without waiting for the greeting):
 //!
 //! ```text
 //! S: * OK [CAPABILITY IMAP4rev1 ...] owner.example ready <nonce>
 //! C: ds1 ID ("x-originating-ip" "203.0.113.9" "x-originating-port" "51234"
 //!        "x-connected-ip" "192.0.2.1" "x-session-id" "9f0c…" "x-dshare-hop" "1" "x-dshare-sig" "…")
+//! C: ds2 LOGIN "bob@company.com" "password"          (a literal when a quoted string cannot hold it)
 //! S: * ID NIL
 //! S: ds1 OK ID completed
-//! C: ds2 LOGIN "bob@company.com" "password"          (a literal when a quoted string cannot hold it)
 //! S: ds2 OK [CAPABILITY IMAP4rev1 ...] Logged in     (or ds3 CAPABILITY is asked)
 //! ```
+//!
+//! A quoted LOGIN is pipelined behind ID (one round trip); one with a literal waits for the ID
+//! answer and the literal's continuation.
 //!
 //! **The nonce** is the first `<…@…>` token of the owner's greeting line (the greeting the
 //! client side reads first, before any STARTTLS), made with [`crate::proof::greeting_nonce`] and
@@ -202,6 +206,12 @@ pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> 
     let mut conn = link::connect(login.endpoint, t.reply)
         .await
         .map_err(unavailable)?;
+    if let OwnerTls::StartTls(_) = login.tls {
+        // Sent at once, not after the greeting: the owner reads it once it has greeted, and a
+        // round trip is saved on every forwarded login.
+        write_command(&mut conn, b"ds0 STARTTLS\r\n").await?;
+        flush(&mut conn).await?;
+    }
     if let OwnerTls::Implicit(connector) = login.tls {
         let (stream, _) = conn.into_parts();
         let stream = stream
@@ -224,14 +234,7 @@ pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> 
         .is_some_and(|caps| caps.iter().any(|c| c.eq_ignore_ascii_case("LITERAL+")));
 
     if let OwnerTls::StartTls(connector) = login.tls {
-        let done = tagged(
-            &mut conn,
-            login.endpoint,
-            "ds0",
-            b"ds0 STARTTLS\r\n",
-            t.reply,
-        )
-        .await?;
+        let done = read_tagged(&mut conn, login.endpoint, "ds0", t.reply).await?;
         if done.status != Status::Ok {
             return Err(unavailable(format!("STARTTLS refused: {}", done.text)));
         }
@@ -244,12 +247,23 @@ pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> 
     }
 
     let id = id_command("ds1", &nonce, &login)?;
-    let done = tagged(&mut conn, login.endpoint, "ds1", id.as_bytes(), t.reply).await?;
+    // LOGIN goes with ID when it needs no literal (one round trip instead of two): the owner
+    // reads them in order, ID first. The password goes to the same verified owner either way.
+    let quoted_login = quoted_login_command(&login)?;
+    write_command(&mut conn, id.as_bytes()).await?;
+    if let Some(line) = &quoted_login {
+        write_command(&mut conn, line).await?;
+    }
+    flush(&mut conn).await?;
+    let done = read_tagged(&mut conn, login.endpoint, "ds1", t.reply).await?;
     if done.status != Status::Ok {
         return Err(unavailable(format!("ID refused: {}", done.text)));
     }
 
-    let done = send_login(&mut conn, &login, literal_plus).await?;
+    let done = match quoted_login {
+        Some(_) => read_tagged(&mut conn, login.endpoint, "ds2", t.reply).await?,
+        None => send_login(&mut conn, &login, literal_plus).await?,
+    };
     match done.status {
         Status::Ok => {}
         Status::No if done.text.contains(NOT_HERE_TEXT) => return Err(OwnerLoginError::NotHere),
@@ -383,17 +397,39 @@ fn quoted(s: &str) -> String {
 /// `ds2 LOGIN name password`, each a quoted string or, when it cannot be one, a literal
 /// (`{n+}` when the owner advertised LITERAL+, else a synchronising literal that waits for the
 /// owner's `+`). A NUL can be sent in neither: such a password is refused as bad credentials.
+/// `ds2 LOGIN "name" "password"` when both can be quoted (`None`: a literal is needed, see
+/// [`send_login`]).
+fn quoted_login_command(login: &OwnerLogin<'_>) -> LoginResult<Option<Vec<u8>>> {
+    check_no_nul(login)?;
+    if !quotable(login.canonical) || !quotable(login.password) {
+        return Ok(None);
+    }
+    Ok(Some(
+        format!(
+            "ds2 LOGIN {} {}\r\n",
+            quoted(login.canonical),
+            quoted(login.password)
+        )
+        .into_bytes(),
+    ))
+}
+
+fn check_no_nul(login: &OwnerLogin<'_>) -> LoginResult<()> {
+    if login.password.contains('\0') || login.canonical.contains('\0') {
+        return Err(OwnerLoginError::BadCredentials(
+            "a NUL in the credentials".into(),
+        ));
+    }
+    Ok(())
+}
+
 async fn send_login(
     conn: &mut OwnerConn,
     login: &OwnerLogin<'_>,
     literal_plus: bool,
 ) -> LoginResult<Tagged> {
     let t = login.timeouts;
-    if login.password.contains('\0') || login.canonical.contains('\0') {
-        return Err(OwnerLoginError::BadCredentials(
-            "a NUL in the credentials".into(),
-        ));
-    }
+    check_no_nul(login)?;
     let mut pending = b"ds2 LOGIN ".to_vec();
     for (i, arg) in [login.canonical, login.password].into_iter().enumerate() {
         let last = i == 1;
@@ -493,12 +529,31 @@ async fn tagged(
     command: &[u8],
     timeout: Duration,
 ) -> LoginResult<Tagged> {
+    write_command(conn, command).await?;
+    flush(conn).await?;
+    read_tagged(conn, endpoint, tag, timeout).await
+}
+
+/// Queue `command` (sent at the next [`flush`]).
+async fn write_command(conn: &mut OwnerConn, command: &[u8]) -> LoginResult<()> {
     conn.write_all(command)
         .await
-        .map_err(|e| unavailable(format!("writing: {e}")))?;
+        .map_err(|e| unavailable(format!("writing: {e}")))
+}
+
+async fn flush(conn: &mut OwnerConn) -> LoginResult<()> {
     conn.flush()
         .await
-        .map_err(|e| unavailable(format!("writing: {e}")))?;
+        .map_err(|e| unavailable(format!("writing: {e}")))
+}
+
+/// Read responses up to the one tagged `tag`; an untagged `CAPABILITY` on the way is kept.
+async fn read_tagged(
+    conn: &mut OwnerConn,
+    endpoint: &str,
+    tag: &str,
+    timeout: Duration,
+) -> LoginResult<Tagged> {
     let mut capabilities = None;
     for _ in 0..MAX_UNTAGGED {
         let line = read_response(conn, endpoint, timeout).await?;

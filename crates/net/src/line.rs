@@ -165,26 +165,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineConn<S> {
         self.discarding = false;
     }
 
-    /// Queue output; it is written on [`LineConn::flush`], or at once when a lot is queued.
+    /// Queue output; it is written on [`LineConn::flush`], or at once when a lot is queued. A
+    /// large `data` (a message body's chunk) that would fill the buffer is written from where it
+    /// is, after what was queued before it, without being copied into the buffer first.
     pub async fn write_all(&mut self, data: &[u8]) -> Result<()> {
-        self.wbuf.extend_from_slice(data);
-        if self.wbuf.len() >= WRITE_HIGH_WATER {
-            self.flush().await?;
+        if self.wbuf.len() + data.len() < WRITE_HIGH_WATER {
+            self.wbuf.extend_from_slice(data);
+            return Ok(());
         }
-        Ok(())
+        if data.len() < WRITE_HIGH_WATER / 2 {
+            // Small: one write with what is queued.
+            self.wbuf.extend_from_slice(data);
+            return self.flush().await;
+        }
+        self.write_out(data).await
     }
 
     /// Write all queued output and flush the stream, bounded by the write timeout.
     pub async fn flush(&mut self) -> Result<()> {
+        self.write_out(&[]).await
+    }
+
+    /// Write the queued output, then `data`, and flush the stream, bounded by the write timeout.
+    /// Both go out in one vectored write where the stream takes one.
+    async fn write_out(&mut self, mut data: &[u8]) -> Result<()> {
         let stream = &mut self.stream;
         let wbuf = &mut self.wbuf;
         tokio::time::timeout(self.write_timeout, async {
-            while !wbuf.is_empty() {
-                let n = stream.write(wbuf).await?;
+            while !wbuf.is_empty() || !data.is_empty() {
+                let n = if wbuf.is_empty() {
+                    stream.write(data).await?
+                } else if data.is_empty() || !stream.is_write_vectored() {
+                    stream.write(wbuf).await?
+                } else {
+                    let bufs = [std::io::IoSlice::new(wbuf), std::io::IoSlice::new(data)];
+                    stream.write_vectored(&bufs).await?
+                };
                 if n == 0 {
                     return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
                 }
-                wbuf.advance(n);
+                let queued = n.min(wbuf.len());
+                wbuf.advance(queued);
+                data = &data[n - queued..];
             }
             stream.flush().await
         })

@@ -3,11 +3,12 @@
 //!
 //! Tuned for throughput, since every octet of a forwarded session passes here: both directions run in
 //! one task over the two streams as they are (no `split`, so no lock per read or write), each with a
-//! 64 KiB buffer that is filled with everything the source has ready before it is written (a TLS
-//! source yields one 16 KiB record per read: gathered, a 100 KiB answer is two writes and two
-//! wake-ups of the reader on the far side instead of seven), and output is flushed only when the
-//! source has nothing more ready. The idle and half-close limits are kept by a watchdog that reads
-//! the time only when the task wakes.
+//! buffer (8 KiB, grown to 64 KiB once a direction fills it at once) that is filled with everything
+//! the source has ready before it is written (a TLS source yields one 16 KiB record per read:
+//! gathered, a 100 KiB answer is two writes and two wake-ups of the reader on the far side instead
+//! of seven), and output is flushed only when the source has nothing more ready. The idle and
+//! half-close limits are kept by a watchdog that reads the time only when the task wakes, and
+//! re-arms its timer only when it fired (or must fire sooner), not on every read.
 
 use std::future::Future;
 use std::io;
@@ -21,8 +22,14 @@ use tokio::time::Instant;
 
 use crate::Result;
 
-/// Size of each direction's copy buffer.
+/// Size of each direction's copy buffer, once the direction has carried a full buffer's worth at
+/// once.
 const BUF_SIZE: usize = 64 * 1024;
+
+/// Each direction's buffer to begin with: enough for commands and short answers, and cheap to
+/// set up for the short sessions of clients that log in for every check. A direction that fills
+/// it in one go (a download) grows it to [`BUF_SIZE`], once.
+const FIRST_BUF_SIZE: usize = 8 * 1024;
 
 /// After one side closed, how long the other direction may go without moving an octet before the
 /// splice ends (capped by the idle timeout). While it keeps moving it is not cut: a client that
@@ -107,7 +114,7 @@ where
 
 /// One direction's buffer: `buf[written..filled]` is waiting to be written.
 struct OneWay {
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
     filled: usize,
     written: usize,
     /// The source sent EOF.
@@ -121,7 +128,7 @@ struct OneWay {
 impl OneWay {
     fn new() -> Self {
         Self {
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            buf: vec![0; FIRST_BUF_SIZE],
             filled: 0,
             written: 0,
             eof: false,
@@ -158,6 +165,10 @@ impl OneWay {
                         break;
                     }
                 }
+            }
+            if self.filled == self.buf.len() && self.buf.len() < BUF_SIZE {
+                // More was ready than the first buffer holds: this direction carries bulk.
+                self.buf.resize(BUF_SIZE, 0);
             }
             if self.written < self.filled {
                 match Pin::new(&mut *to).poll_write(cx, &self.buf[self.written..self.filled]) {
@@ -314,7 +325,10 @@ impl Future for Watchdog<'_> {
                 }
                 return Poll::Ready(());
             }
-            if this.sleep.deadline() != deadline {
+            // The timer is moved only when it must fire earlier (a side closed) or has fired
+            // too early (octets moved since it was set): not on every wake-up, which would
+            // re-register it with the timer wheel once per read.
+            if this.sleep.deadline() > deadline || this.sleep.is_elapsed() {
                 this.sleep.as_mut().reset(deadline);
             }
             if this.sleep.as_mut().poll(cx).is_pending() {

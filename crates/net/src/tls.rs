@@ -23,9 +23,25 @@ pub const SELF_SIGNED_CERT_FILE: &str = "tls-cert.pem";
 /// File name of the self-signed certificate's key in the data dir (mode 0600).
 pub const SELF_SIGNED_KEY_FILE: &str = "tls-key.pem";
 
-/// The ring provider, the only one this workspace uses.
+/// The ring provider, the only one this workspace uses, with the AES-128-GCM suites first.
+///
+/// Every octet of a forwarded session crosses one TLS hop between nodes, and both nodes'
+/// preference decides its suite (rustls servers follow the client's order). AES-128-GCM is as
+/// safe for this as AES-256-GCM and about a third cheaper per octet, and its TLS 1.3 suite hashes
+/// with SHA-256 (in hardware on most CPUs) where the AES-256 suite's SHA-384 is not: each
+/// forwarded login's handshake costs less too. Clients that prefer another suite still get it.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    // A stable sort: only the AES-128-GCM suites move forward, the rest keep ring's order.
+    provider.cipher_suites.sort_by_key(|suite| {
+        !matches!(
+            suite.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    Arc::new(provider)
 }
 
 /// Install ring as the process-wide default provider (for libraries that build their own configs,

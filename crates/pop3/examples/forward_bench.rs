@@ -1,12 +1,20 @@
 //! Benchmark: retrieve 100 messages of 100 KiB directly from the owner vs through a forwarding
-//! node (plain hop, and STLS hop against a cluster CA as in production).
+//! node, with the client on plain TCP and on implicit TLS (`pop3s`). The forwarding node always
+//! reaches the owner over STLS verified against a cluster CA, as in production (a password never
+//! crosses to an owner in plaintext).
 //!
 //! ```text
-//! cargo run --release -p ds-pop3 --example forward_bench [rounds]
+//! cargo run --release -p ds-pop3 --example forward_bench [ROUNDS [MODE]]
 //! ```
 //!
+//! ROUNDS (default 9): rounds per mode, the modes interleaved round by round so that a change
+//! in the machine's speed hits them alike. MODE (default: all four) runs one mode only:
+//! `direct`, `forwarded`, `direct-tls` or `forwarded-tls` (to time one path from outside).
+//!
 //! Each round logs in, sends `RETR 1..=100` one at a time (like poplib), reads every reply to
-//! its final dot and quits. Reported: median and best wall time per round, and the ratio to direct.
+//! its final dot and quits. Reported per mode: median and best wall time per round, throughput,
+//! and the ratio forwarded/direct of the medians (plain and TLS client), plus the median of the
+//! per-round ratios.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,10 +23,11 @@ use std::time::{Duration, Instant};
 use ds_access::{BoxFuture, ListKeeper, Locate, Location, NoPeers, Owner, ProofKey, Purpose};
 use ds_directory::{Directory, Domain, Domains, HashCost};
 use ds_net::tls::{Pki, client_config_with_ca, server_config_from_pem};
-use ds_net::{ListenOptions, Shutdown, TlsAcceptor};
+use ds_net::{ListenOptions, Shutdown, TlsAcceptor, TlsConnector};
 use ds_pop3::{Pop3, Pop3Config};
 use ds_store::{MailStore, Store};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 const MESSAGES: usize = 100;
@@ -67,16 +76,23 @@ fn config(id: &str) -> Pop3Config {
     }
 }
 
-async fn serve(pop3: Arc<Pop3>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(ds_net::serve(
-        listener,
-        ListenOptions::new("pop3"),
-        move |s, c, sd| Arc::clone(&pop3).handle(s, c, sd),
-        Shutdown::never(),
-    ));
-    addr
+/// A `pop3` listener (plain, STLS offered) and a `pop3s` one (implicit TLS) for `pop3`.
+async fn serve(pop3: Arc<Pop3>, acceptor: &TlsAcceptor) -> (SocketAddr, SocketAddr) {
+    let mut addrs = vec![];
+    for implicit in [None, Some(acceptor.clone())] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        let mut options = ListenOptions::new(if implicit.is_some() { "pop3s" } else { "pop3" });
+        options.implicit_tls = implicit;
+        let pop3 = Arc::clone(&pop3);
+        tokio::spawn(ds_net::serve(
+            listener,
+            options,
+            move |s, c, sd| Arc::clone(&pop3).handle(s, c, sd),
+            Shutdown::never(),
+        ));
+    }
+    (addrs[0], addrs[1])
 }
 
 /// A message of about `MESSAGE_SIZE` octets: 78-character lines, some starting with a dot.
@@ -91,13 +107,11 @@ fn message(n: usize) -> Vec<u8> {
     m
 }
 
-async fn round(addr: SocketAddr) -> (Duration, usize) {
-    let start = Instant::now();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let mut c = BufReader::with_capacity(64 * 1024, tcp);
+/// One client session over `stream`: log in, RETR every message, QUIT. Returns the octets read.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> usize {
+    let mut c = BufReader::with_capacity(64 * 1024, stream);
     let mut line = Vec::new();
-    let read_line = async |c: &mut BufReader<TcpStream>, line: &mut Vec<u8>| {
+    let read_line = async |c: &mut BufReader<S>, line: &mut Vec<u8>| {
         line.clear();
         c.read_until(b'\n', line).await.unwrap();
         assert!(!line.is_empty(), "connection closed");
@@ -105,6 +119,7 @@ async fn round(addr: SocketAddr) -> (Duration, usize) {
     read_line(&mut c, &mut line).await;
     for cmd in ["USER bob\r\n", "PASS secret\r\n"] {
         c.get_mut().write_all(cmd.as_bytes()).await.unwrap();
+        c.get_mut().flush().await.unwrap();
         read_line(&mut c, &mut line).await;
         assert!(
             line.starts_with(b"+OK"),
@@ -118,6 +133,7 @@ async fn round(addr: SocketAddr) -> (Duration, usize) {
             .write_all(format!("RETR {n}\r\n").as_bytes())
             .await
             .unwrap();
+        c.get_mut().flush().await.unwrap();
         read_line(&mut c, &mut line).await;
         assert!(line.starts_with(b"+OK"));
         loop {
@@ -129,21 +145,43 @@ async fn round(addr: SocketAddr) -> (Duration, usize) {
         }
     }
     c.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+    c.get_mut().flush().await.unwrap();
     read_line(&mut c, &mut line).await;
+    octets
+}
+
+/// One round against `addr`, over TLS if `tls` is given; the TLS handshake is timed too.
+async fn round(addr: SocketAddr, tls: Option<&TlsConnector>) -> (Duration, usize) {
+    let start = Instant::now();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let octets = match tls {
+        None => session(tcp).await,
+        Some(connector) => {
+            let name = ServerName::try_from("localhost").unwrap();
+            session(connector.connect(name, tcp).await.unwrap()).await
+        }
+    };
     (start.elapsed(), octets)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 #[tokio::main]
 async fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(7);
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().and_then(|r| r.parse().ok()).unwrap_or(9);
+    let only = args.next();
 
-    // The owner, with STLS.
+    // The owner, with STLS; every node has a certificate of the cluster CA.
     let pki = Pki::generate("bench CA");
     let (cert, key) = pki.issue(&["localhost"], &["127.0.0.1".parse().unwrap()]);
     let acceptor = TlsAcceptor::from(server_config_from_pem(&cert, &key).unwrap());
+    let ca_client = client_config_with_ca(&pki.ca_cert_pem()).unwrap();
     let store = Store::temporary().unwrap();
     let dir = directory(&store);
     dir.add_account("bob@company.com", "secret", 0).unwrap();
@@ -157,75 +195,82 @@ async fn main() {
         mail,
         store,
         Arc::new(NoPeers),
-        Some(acceptor),
+        Some(acceptor.clone()),
         None,
     );
-    let owner_addr = serve(owner).await;
+    let (owner_plain, owner_tls) = serve(owner, &acceptor).await;
 
-    // Two front nodes: plain hop and STLS hop.
-    let front = |peer_tls: Option<Arc<rustls::ClientConfig>>| {
-        let store = Store::temporary().unwrap();
-        let lookup = Location::Remote(Owner {
-            node: "owner".into(),
-            canonical: "bob@company.com".into(),
-            is_list: false,
-            can_receive: true,
-            smtp: String::new(),
-            pop3: owner_addr.to_string(),
-            imap: String::new(),
-        });
-        Pop3::new(
-            config("front"),
-            directory(&store),
-            MailStore::new(&store).unwrap(),
-            store,
-            Arc::new(Fixed(lookup)),
-            None,
-            peer_tls,
-        )
-    };
-    let plain_front = serve(front(None)).await;
-    let tls_front = serve(front(Some(
-        client_config_with_ca(&pki.ca_cert_pem()).unwrap(),
-    )))
-    .await;
+    // The front node: reaches the owner over STLS against the cluster CA.
+    let front_store = Store::temporary().unwrap();
+    let lookup = Location::Remote(Owner {
+        node: "owner".into(),
+        canonical: "bob@company.com".into(),
+        is_list: false,
+        can_receive: true,
+        smtp: String::new(),
+        pop3: owner_plain.to_string(),
+        imap: String::new(),
+    });
+    let front = Pop3::new(
+        config("front"),
+        directory(&front_store),
+        MailStore::new(&front_store).unwrap(),
+        front_store,
+        Arc::new(Fixed(lookup)),
+        Some(acceptor.clone()),
+        Some(Arc::clone(&ca_client)),
+    );
+    let (front_plain, front_tls) = serve(front, &acceptor).await;
 
-    let modes = [
-        ("direct", owner_addr),
-        ("forwarded (plain hop)", plain_front),
-        ("forwarded (STLS hop)", tls_front),
+    // The benchmark client trusts the cluster CA too.
+    let client_tls = TlsConnector::from(ca_client);
+    let all = [
+        ("direct", owner_plain, None),
+        ("forwarded", front_plain, None),
+        ("direct-tls", owner_tls, Some(&client_tls)),
+        ("forwarded-tls", front_tls, Some(&client_tls)),
     ];
+    let modes: Vec<_> = all
+        .iter()
+        .filter(|(name, ..)| only.as_deref().is_none_or(|o| o == *name))
+        .collect();
+    assert!(!modes.is_empty(), "unknown mode {only:?}");
     // Warm up every path once.
-    for (_, addr) in modes {
-        round(addr).await;
+    for (_, addr, tls) in &modes {
+        round(*addr, *tls).await;
     }
-    let mut times: Vec<Vec<Duration>> = vec![vec![]; modes.len()];
+    let mut times: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     let mut octets = 0;
     for _ in 0..rounds {
-        for (i, (_, addr)) in modes.iter().enumerate() {
-            let (t, n) = round(*addr).await;
-            times[i].push(t);
+        for (i, (_, addr, tls)) in modes.iter().enumerate() {
+            let (t, n) = round(*addr, *tls).await;
+            times[i].push(t.as_secs_f64());
             octets = n;
         }
     }
-    let median = |v: &mut Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2]
-    };
-    let direct = median(&mut times[0].clone());
+    let mib = octets as f64 / (1024.0 * 1024.0);
     println!(
-        "{MESSAGES} messages x {} KiB ({:.1} MiB per round), {rounds} rounds",
+        "pop3 forward_bench: {MESSAGES} messages x {} KiB ({mib:.1} MiB per round), {rounds} rounds",
         MESSAGE_SIZE / 1024,
-        octets as f64 / (1024.0 * 1024.0)
     );
-    for (i, (name, _)) in modes.iter().enumerate() {
-        let m = median(&mut times[i]);
+    for (i, (name, ..)) in modes.iter().enumerate() {
+        let m = median(&times[i]);
+        let best = times[i].iter().copied().fold(f64::INFINITY, f64::min);
         println!(
-            "{name:<24} median {:>8.1} ms  best {:>8.1} ms  {:>7.1} MiB/s  ratio {:.2}",
-            m.as_secs_f64() * 1000.0,
-            times[i][0].as_secs_f64() * 1000.0,
-            octets as f64 / (1024.0 * 1024.0) / m.as_secs_f64(),
-            m.as_secs_f64() / direct.as_secs_f64()
+            "{name:<14} median {:>7.1} ms  best {:>7.1} ms  {:>7.1} MiB/s",
+            m * 1000.0,
+            best * 1000.0,
+            mib / m,
         );
+    }
+    if modes.len() == all.len() {
+        for (label, d, f) in [("plain", 0, 1), ("tls", 2, 3)] {
+            let per_round: Vec<f64> = times[f].iter().zip(&times[d]).map(|(f, d)| f / d).collect();
+            println!(
+                "ratio forwarded/direct {label:<5}  of medians {:.3}  median of rounds {:.3}",
+                median(&times[f]) / median(&times[d]),
+                median(&per_round),
+            );
+        }
     }
 }
