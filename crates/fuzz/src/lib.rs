@@ -23,6 +23,19 @@ use ds_directory::{Address, LoginName, ResolveContext};
 use ds_server::{Config, Node, StartOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A fuzz target: one input, panics (and so aborts the process) on a finding.
+pub type Target = fn(&[u8]);
+
+/// Every target by name (the cargo-afl binaries and the corpus directories use these names).
+pub const TARGETS: &[(&str, Target)] = &[
+    ("smtp_session", smtp_session),
+    ("pop3_session", pop3_session),
+    ("imap_session", imap_session),
+    ("pop3_command", pop3_command),
+    ("login_name", login_name),
+    ("config", config),
+];
+
 /// How long one session may take after the client has sent everything and half-closed.
 pub const SESSION_DEADLINE: Duration = Duration::from_secs(20);
 /// Output read from a session is counted beyond this, not kept.

@@ -183,16 +183,9 @@ proptest! {
 #[test]
 fn corpus_seeds() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
-    let targets: [(&str, fn(&[u8])); 6] = [
-        ("smtp_session", ds_fuzz::smtp_session),
-        ("pop3_session", ds_fuzz::pop3_session),
-        ("imap_session", ds_fuzz::imap_session),
-        ("pop3_command", ds_fuzz::pop3_command),
-        ("login_name", ds_fuzz::login_name),
-        ("config", ds_fuzz::config),
-    ];
+
     let mut ran = 0;
-    for (target, run) in targets {
+    for &(target, run) in ds_fuzz::TARGETS {
         let dir = root.join(target);
         let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         for entry in entries {
