@@ -165,6 +165,15 @@ pub struct Cluster {
     pub root: TempDir,
 }
 
+/// Whether starting failed because a port was taken.
+fn port_taken(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+            || c.to_string().contains("Address already in use")
+    })
+}
+
 impl Cluster {
     /// Starts `n` nodes with the default test configuration.
     pub async fn start(n: usize) -> anyhow::Result<Cluster> {
@@ -172,9 +181,29 @@ impl Cluster {
     }
 
     /// Starts `n` nodes, letting `tweak` change each configuration first.
+    ///
+    /// The Minger ports are picked before the nodes start (every node names its peers), so
+    /// another process may take one in between: then the whole cluster is started again on
+    /// new ports, a few times.
     pub async fn start_with(
         n: usize,
         tweak: impl Fn(usize, &mut Config),
+    ) -> anyhow::Result<Cluster> {
+        let mut attempt = 1;
+        loop {
+            match Self::try_start_with(n, &tweak).await {
+                Err(e) if attempt < 5 && port_taken(&e) => {
+                    eprintln!("a test port was taken meanwhile ({e:#}); starting again");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_start_with(
+        n: usize,
+        tweak: &impl Fn(usize, &mut Config),
     ) -> anyhow::Result<Cluster> {
         ds_net::ensure_crypto_provider();
         let root = tempfile::tempdir()?;
