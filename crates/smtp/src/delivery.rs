@@ -233,56 +233,25 @@ impl Smtp {
                     state: ds_store::queue::RecipientState::Pending,
                 })
                 .collect();
-            let entry = QueueEntry {
-                id: 0,
-                sender: env.sender.clone(),
-                recipients,
-                created: now,
-                next_attempt: now,
-                attempts: 0,
-                last_error: None,
-                size: 0,
-                hop: false,
-                envid: None,
-                body: None,
-                prefix: String::new(),
-            };
+            let entry = QueueEntry::new(env.sender.clone(), recipients, now);
             remote.push((entry, header));
         }
         for (domain, addresses) in &plan.outbound {
             // Waits in the queue for outbound delivery; `dshare queue list` shows the domain.
-            let entry = QueueEntry {
-                id: 0,
-                sender: env.sender.clone(),
-                recipients: addresses.iter().map(QueuedRecipient::new).collect(),
-                created: now,
-                next_attempt: now,
-                attempts: 0,
-                last_error: None,
-                size: 0,
-                hop: false,
-                envid: None,
-                body: None,
-                prefix: String::new(),
-            };
+            let entry = QueueEntry::new(
+                env.sender.clone(),
+                addresses.iter().map(QueuedRecipient::new).collect(),
+                now,
+            );
             tracing::debug!(id = %env.id, %domain, "queued for outbound delivery");
             remote.push((entry, self.received_header(env, None)));
         }
         if !plan.unlocated.is_empty() {
-            let entry = QueueEntry {
-                id: 0,
-                sender: env.sender.clone(),
-                recipients: plan.unlocated.iter().map(QueuedRecipient::new).collect(),
-                created: now,
-                next_attempt: now,
-                attempts: 0,
-                last_error: None,
-                size: 0,
-                hop: false,
-                envid: None,
-                body: None,
-                prefix: String::new(),
-            };
+            let entry = QueueEntry::new(
+                env.sender.clone(),
+                plan.unlocated.iter().map(QueuedRecipient::new).collect(),
+                now,
+            );
             remote.push((entry, self.received_header(env, None)));
         }
         let (mail, queue) = (self.mail.clone(), self.queue.clone());

@@ -86,6 +86,25 @@ pub struct QueueEntry {
 }
 
 impl QueueEntry {
+    /// A new entry from `sender` to `recipients`, due at `now`; the id, size and body are set
+    /// when it is stored.
+    pub fn new(sender: impl Into<String>, recipients: Vec<QueuedRecipient>, now: i64) -> Self {
+        Self {
+            id: 0,
+            sender: sender.into(),
+            recipients,
+            created: now,
+            next_attempt: now,
+            attempts: 0,
+            last_error: None,
+            size: 0,
+            hop: false,
+            envid: None,
+            body: None,
+            prefix: String::new(),
+        }
+    }
+
     /// Recipients still waiting for delivery.
     pub fn pending(&self) -> impl Iterator<Item = &QueuedRecipient> {
         self.recipients
