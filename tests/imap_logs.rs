@@ -2,11 +2,9 @@
 //! node (DESIGN.md §7). A test binary of its own, since it installs the global log
 //! subscriber.
 
-use std::net::SocketAddr;
-
 use ds_testkit::Cluster;
-use dshare_e2e::capture_logs;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use dshare_e2e::{capture_logs, connect_from};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_logs_the_original_client_address_imap() -> anyhow::Result<()> {
@@ -16,12 +14,7 @@ async fn owner_logs_the_original_client_address_imap() -> anyhow::Result<()> {
     c.node(1).add_account("bob@example.com", "bob-pass").await?;
 
     // The client comes from 127.0.0.5, a loopback address no node uses.
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind("127.0.0.5:0".parse()?)?;
-    let stream = sock.connect(c.node(0).imap()).await?;
-    let client: SocketAddr = stream.local_addr()?;
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
+    let (client, mut r, mut w) = connect_from("127.0.0.5".parse()?, c.node(0).imap()).await?;
     let mut line = String::new();
     r.read_line(&mut line).await?;
     for cmd in ["a LOGIN bob bob-pass", "b SELECT INBOX", "c LOGOUT"] {

@@ -174,6 +174,25 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
 
 /// Everything the process logs at `info` and above, captured in memory: for tests that read a
 /// node's log lines. Installs the global subscriber, so call it once per test binary.
+/// A TCP connection to `server` from the local address `from` (a loopback address no node
+/// uses, so logs can show that the owner saw the original client): the client's address and
+/// the two halves, the reading one buffered.
+pub async fn connect_from(
+    from: std::net::IpAddr,
+    server: SocketAddr,
+) -> anyhow::Result<(
+    SocketAddr,
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+)> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(from, 0))?;
+    let stream = sock.connect(server).await?;
+    let client = stream.local_addr()?;
+    let (r, w) = stream.into_split();
+    Ok((client, BufReader::new(r), w))
+}
+
 pub fn capture_logs() -> CapturedLogs {
     let logs = CapturedLogs::default();
     let writer = logs.clone();
