@@ -1,6 +1,8 @@
 //! Shared helpers for the end-to-end tests and load tools: a raw SMTP client over TCP and a
 //! way to run Python's standard mail clients.
 
+pub mod internet;
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
