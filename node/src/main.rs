@@ -457,10 +457,39 @@ async fn serve(config: Config, embedded_defaults: bool) -> anyhow::Result<()> {
     }
     let a = node.addrs();
     tracing::info!(smtp = ?a.smtp, pop3 = ?a.pop3, imap = ?a.imap, admin = ?a.admin, "ready");
-    ds_net::os_signal().await?;
-    tracing::info!("signal received, draining");
-    node.shutdown().await;
-    Ok(())
+    if std::env::var_os(REEXEC_ENV).is_some() {
+        tracing::warn!("started again in place after the store failed to write");
+    }
+    tokio::select! {
+        signal = ds_net::os_signal() => {
+            signal?;
+            tracing::info!("signal received, draining");
+            node.shutdown().await;
+            Ok(())
+        }
+        () = node.store_needs_reopen() => {
+            tracing::warn!("draining to reopen the store: this process starts again in place");
+            node.shutdown().await;
+            reexec()
+        }
+    }
+}
+
+/// Set in the environment of a node that re-executed itself to reopen its store.
+const REEXEC_ENV: &str = "DSHARE_REEXEC";
+
+/// Replaces this process with a fresh `dshare` of the same arguments (same PID, so a
+/// supervisor sees no restart). sled keeps a write error until its database is opened
+/// again, and every part of the node holds the store, so starting anew is how the store
+/// is reopened. Sockets and files are close-on-exec.
+fn reexec() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find the dshare executable")?;
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(REEXEC_ENV, "1")
+        .exec();
+    Err(anyhow::Error::new(err).context(format!("cannot re-execute {}", exe.display())))
 }
 
 /// Sends one command to the node's admin service, prints the reply and returns it.

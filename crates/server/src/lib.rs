@@ -456,6 +456,7 @@ pub struct Node {
     addrs: BoundAddrs,
     trigger: ShutdownTrigger,
     tasks: Vec<JoinHandle<()>>,
+    reopen: Arc<tokio::sync::Notify>,
 }
 
 async fn bind_all(addrs: &[SocketAddr], what: &str) -> Result<Vec<TcpListener>> {
@@ -477,12 +478,16 @@ fn local_addrs(ls: &[TcpListener]) -> Vec<SocketAddr> {
 /// How often released body files are deleted.
 const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Least time between two rounds of the reaper woken by a full disk.
+const REAP_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Deletes the files of released message bodies now and then (the store keeps them until the
-/// release is on disk), until shutdown.
+/// release is on disk), and at once when the disk is below its reserve, until shutdown.
 async fn reap_bodies(store: Store, shutdown: ds_net::Shutdown) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(REAP_EVERY) => {}
+            () = store.space_short() => {}
             () = shutdown.wait() => return,
         }
         let bodies = store.bodies().clone();
@@ -491,6 +496,47 @@ async fn reap_bodies(store: Store, shutdown: ds_net::Shutdown) {
             Ok(Ok(n)) => tracing::debug!(deleted = n, "released message bodies deleted"),
             Ok(Err(e)) => tracing::warn!(error = %e, "deleting released message bodies failed"),
             Err(e) => tracing::warn!(error = %e, "body reaper task failed"),
+        }
+        tokio::time::sleep(REAP_GAP).await;
+    }
+}
+
+/// How often the store watch looks at the store's health.
+const STORE_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Free space a failed store waits for before it is reopened (or the reserve, if larger).
+const REOPEN_MIN_FREE: u64 = 16 * 1024 * 1024;
+
+/// Watches for a store that can no longer write (sled keeps a write error, a full disk
+/// say, until the database is opened again). Meanwhile new mail gets temporary errors and
+/// reads go on; once the disk has room again it asks for a reopen ([`Node::store_needs_reopen`]).
+async fn watch_store(store: Store, reopen: Arc<tokio::sync::Notify>, shutdown: ds_net::Shutdown) {
+    let mut reported = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(STORE_WATCH_EVERY) => {}
+            () = shutdown.wait() => return,
+        }
+        let Some(why) = store.write_failure() else {
+            continue;
+        };
+        let need = store.min_free_space().max(REOPEN_MIN_FREE);
+        if !reported {
+            reported = true;
+            tracing::error!(
+                error = %why,
+                need_free = need,
+                "the store cannot write (disk full or I/O error): new mail gets temporary \
+                 errors, reads go on; the store is reopened once the disk has room"
+            );
+        }
+        match store.free_space() {
+            Ok(free) if free >= need => {
+                tracing::warn!(free, "the disk has room again: reopening the store");
+                reopen.notify_one();
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read free space"),
         }
     }
 }
@@ -738,6 +784,12 @@ impl Node {
             state.store.clone(),
             shutdown.clone(),
         )));
+        let reopen = Arc::new(tokio::sync::Notify::new());
+        tasks.push(tokio::spawn(watch_store(
+            state.store.clone(),
+            Arc::clone(&reopen),
+            shutdown.clone(),
+        )));
         let pop3_listeners = pop3_l
             .into_iter()
             .map(|l| (l, None))
@@ -825,11 +877,19 @@ impl Node {
             addrs,
             trigger,
             tasks,
+            reopen,
         })
     }
 
     pub fn addrs(&self) -> &BoundAddrs {
         &self.addrs
+    }
+
+    /// Returns when the store has failed to write (sled keeps such an error until the
+    /// database is opened again) and the disk has room again: the caller stops the node and
+    /// starts it anew on the same data (`dshare serve` re-executes itself in place).
+    pub async fn store_needs_reopen(&self) {
+        self.reopen.notified().await;
     }
 
     /// Stops accepting, lets sessions finish (bounded), flushes the store.

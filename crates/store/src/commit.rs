@@ -80,6 +80,13 @@ impl GroupCommit {
         }
     }
 
+    /// The error of the latest flush, if it failed. sled 0.34 keeps the first write error
+    /// of its log for good (every later write and flush fails with it) until the database
+    /// is opened again, so a failure seen here lasts.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.shared.done.borrow().error.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Requests> {
         self.shared
             .requests

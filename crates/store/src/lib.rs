@@ -213,6 +213,21 @@ impl Store {
         self.reserve.check()
     }
 
+    /// Why the database can no longer make writes durable (the error of its latest flush), if
+    /// so. sled keeps a write error (a full disk, an I/O error) until the database is opened
+    /// again: writes fail with a temporary error, reads go on, and the node reopens the store
+    /// once the cause is gone (`ds-server`'s store watch).
+    pub fn write_failure(&self) -> Option<String> {
+        self.commit.failure()
+    }
+
+    /// Returns once [`Store::check_free_space`] has found the disk below the reserve (at once
+    /// if it did since the last call): the body reaper then deletes released files at once,
+    /// so space freed by deleting mail counts before the next round.
+    pub async fn space_short(&self) {
+        self.reserve.short().await;
+    }
+
     /// The body store.
     pub fn bodies(&self) -> &Bodies {
         &self.bodies

@@ -18,6 +18,9 @@ pub const DEFAULT_MIN_FREE_SPACE: u64 = 100 * 1024 * 1024;
 pub(crate) struct SpaceReserve {
     dir: PathBuf,
     min_free: AtomicU64,
+    /// Poked when a check finds the disk below the reserve, so that the files of released
+    /// bodies are deleted now rather than at the reaper's next round.
+    short: tokio::sync::Notify,
 }
 
 impl SpaceReserve {
@@ -26,6 +29,7 @@ impl SpaceReserve {
         Self {
             dir: dir.to_path_buf(),
             min_free: AtomicU64::new(0),
+            short: tokio::sync::Notify::new(),
         }
     }
 
@@ -35,6 +39,12 @@ impl SpaceReserve {
 
     pub(crate) fn get(&self) -> u64 {
         self.min_free.load(Ordering::Relaxed)
+    }
+
+    /// Returns once a check has found the disk below the reserve (at once if one did since
+    /// the last call).
+    pub(crate) async fn short(&self) {
+        self.short.notified().await;
     }
 
     /// Bytes free for this process on the data disk.
@@ -51,7 +61,10 @@ impl SpaceReserve {
             return Ok(());
         }
         match self.free() {
-            Ok(free) if free < reserve => Err(Error::DiskFull { free, reserve }),
+            Ok(free) if free < reserve => {
+                self.short.notify_one();
+                Err(Error::DiskFull { free, reserve })
+            }
             Ok(_) => Ok(()),
             Err(e) => {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read free space");
