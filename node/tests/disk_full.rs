@@ -1,0 +1,146 @@
+//! #13 point 19 with the real process: `dshare serve` on a 48 MiB tmpfs that another program
+//! fills to the last block. The store meets ENOSPC (sled keeps that error until reopened):
+//! mail gets temporary errors and POP3 reads go on; once the space returns the node
+//! re-executes itself in place (same PID, so no supervisor is involved), reopens its store,
+//! and takes mail again on the same ports, holding exactly the mail it acknowledged.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{free_port, serve};
+use ds_testkit::SmallDisk;
+
+/// Sends one small message by SMTP; the final reply code, or 0 when the node did not answer.
+fn send(smtp: u16, subject: &str) -> u16 {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            r#"
+import smtplib
+try:
+    s = smtplib.SMTP("127.0.0.1", {smtp}, timeout=20)
+    s.sendmail("x@elsewhere.org", ["alice@example.com"], "Subject: {subject}\r\n\r\n" + "x" * 4000 + "\r\n")
+    print(250)
+    s.quit()
+except smtplib.SMTPResponseException as e:
+    print(e.smtp_code)
+except smtplib.SMTPRecipientsRefused as e:
+    print(list(e.recipients.values())[0][0])
+except Exception:
+    print(0)
+"#
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// POP3 STAT of alice, or `None` when the node did not serve it.
+fn stat(pop3: u16) -> Option<usize> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            r#"
+import poplib
+p = poplib.POP3("127.0.0.1", {pop3}, timeout=20)
+p.user("alice@example.com"); p.pass_("alice-pw")
+print(p.stat()[0])
+"#
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+#[test]
+fn the_real_node_reopens_its_store_in_place_when_the_disk_has_room_again() {
+    let Some(disk) = SmallDisk::mount(48).unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, pop3, admin) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[node]
+id = "full"
+data_dir = "{}"
+[listen]
+smtp = ["127.0.0.1:{smtp}"]
+pop3 = ["127.0.0.1:{pop3}"]
+imap = []
+submission = []
+submissions = []
+minger = []
+admin = ["127.0.0.1:{admin}"]
+metrics = []
+[limits]
+min_free_space = 0
+"#,
+            disk.data_dir().display()
+        ),
+    )
+    .unwrap();
+    let mut node = serve(&config, &[smtp, pop3, admin]);
+    let pid = node.0.id();
+    let out = Command::new(common::BIN)
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "account",
+            "add",
+            "alice@example.com",
+            "--password",
+            "alice-pw",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..3 {
+        assert_eq!(send(smtp, &format!("before{i}")), 250);
+    }
+
+    let filler = disk.fill().unwrap();
+    for i in 0..4 {
+        let code = send(smtp, &format!("full{i}"));
+        assert_eq!(code / 100, 4, "a message on a full disk got {code}");
+    }
+    assert!(stat(pop3).is_some_and(|n| n >= 3), "reads stopped");
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            node.0.try_wait().unwrap().is_none(),
+            "the node exited instead of reopening its store"
+        );
+        // The store watch looks every 2 s; then the node drains and starts again in place.
+        if send(smtp, "healed") == 250 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node never took mail again");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(node.0.id(), pid);
+    assert!(node.0.try_wait().unwrap().is_none());
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ.split(|&b| b == 0).any(|v| v == b"DSHARE_REEXEC=1"),
+        "the process did not re-execute itself"
+    );
+    assert_eq!(
+        stat(pop3),
+        Some(4),
+        "the three acknowledged messages and the one after"
+    );
+}
