@@ -359,11 +359,20 @@ impl AdminService {
                 Ok(one(format!("{n} message(s) released")))
             }
             Op::QueueDeleteSelect(s) => {
-                let (m, r) = node
+                let n = node
                     .queue_delete_selected(&selection(s))
                     .map_err(Status::failed_precondition)?;
+                let busy = if n.busy > 0 {
+                    format!(
+                        "; {} message(s) were being delivered and were left alone: run again",
+                        n.busy
+                    )
+                } else {
+                    String::new()
+                };
                 Ok(one(format!(
-                    "{m} message(s) deleted, {r} recipient(s) dropped"
+                    "{} message(s) deleted, {} recipient(s) dropped{busy}",
+                    n.removed, n.dropped
                 )))
             }
             Op::QueueRetry(id) => {

@@ -65,6 +65,17 @@ impl Selection {
     }
 }
 
+/// What `queue delete` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeleteCounts {
+    /// Messages removed.
+    pub removed: usize,
+    /// Recipients dropped (recipient filters).
+    pub dropped: usize,
+    /// Messages left alone because a delivery attempt had them at that moment.
+    pub busy: usize,
+}
+
 /// What the queue holds, in numbers.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueSummary {
@@ -305,23 +316,29 @@ impl NodeState {
     }
 
     /// Deletes the selected messages without a bounce. With a recipient filter only, the
-    /// matching recipients are dropped and a message is removed once none is pending.
-    /// Returns (messages removed, recipients dropped).
-    pub fn queue_delete_selected(&self, sel: &Selection) -> Result<(usize, usize), String> {
-        let (mut removed, mut dropped) = (0, 0);
+    /// matching recipients are dropped and a message is removed once none is pending; a
+    /// message being delivered at that moment is left alone (counted as busy: run again).
+    pub fn queue_delete_selected(&self, sel: &Selection) -> Result<DeleteCounts, String> {
+        let mut n = DeleteCounts::default();
         let per_recipient = sel.ids.is_empty() && !sel.all && sel.has_filter();
-        for mut e in self.select(sel)? {
+        for e in self.select(sel)? {
             if per_recipient {
-                let before = e.recipients.len();
-                e.recipients.retain(|r| !sel.recipient_matches(r));
-                dropped += before - e.recipients.len();
-                if !e.is_finished() {
-                    match self.queue.update(&e) {
-                        Ok(()) | Err(ds_store::Error::NotFound(_)) => {}
-                        Err(other) => return Err(other.to_string()),
+                match self
+                    .queue
+                    .drop_recipients(e.id, |r| sel.recipient_matches(r))
+                {
+                    Ok(Some((dropped, gone))) => {
+                        n.dropped += dropped;
+                        if gone {
+                            tracing::warn!(id = e.id, "queued message deleted by the operator");
+                            n.removed += 1;
+                        }
                     }
-                    continue;
+                    Ok(None) => {}
+                    Err(ds_store::Error::Conflict(_)) => n.busy += 1,
+                    Err(other) => return Err(other.to_string()),
                 }
+                continue;
             }
             if self
                 .queue
@@ -330,10 +347,10 @@ impl NodeState {
                 .is_some()
             {
                 tracing::warn!(id = e.id, "queued message deleted by the operator");
-                removed += 1;
+                n.removed += 1;
             }
         }
-        Ok((removed, dropped))
+        Ok(n)
     }
 
     /// Size, held count, oldest age, per-destination counts and recent failures.

@@ -513,6 +513,44 @@ impl QueueStore {
         }
     }
 
+    /// Drops the recipients `drop` selects from an entry that no worker is delivering,
+    /// against its current stored state (an operator's `queue delete --recipient`), and
+    /// removes the entry once no recipient is pending. Returns how many recipients were
+    /// dropped and whether the entry went, `None` if it is gone, and `Conflict` while a
+    /// worker has it claimed: the worker's own write-back would undo the change.
+    pub fn drop_recipients(
+        &self,
+        id: u64,
+        mut drop: impl FnMut(&QueuedRecipient) -> bool,
+    ) -> Result<Option<(usize, bool)>> {
+        let finished = {
+            // Under the schedule lock no worker can claim the entry meanwhile.
+            let s = self.schedule();
+            if s.claimed.contains(&id) {
+                return Err(Error::Conflict(format!(
+                    "queued message {id} is being delivered right now; try again in a moment"
+                )));
+            }
+            let mut dropped = 0;
+            let updated = self.entries.update(key(id), |current| {
+                current.map(|mut e| {
+                    let before = e.recipients.len();
+                    e.recipients.retain(|r| !drop(r));
+                    dropped = before - e.recipients.len();
+                    e
+                })
+            })?;
+            let Some(entry) = updated else {
+                return Ok(None);
+            };
+            (dropped, entry.is_finished())
+        };
+        if finished.1 {
+            self.remove(id)?;
+        }
+        Ok(Some(finished))
+    }
+
     /// Removes an entry and releases its body; returns the entry if it was there.
     pub fn remove(&self, id: u64) -> Result<Option<QueueEntry>> {
         let k = key(id);
@@ -770,6 +808,48 @@ mod tests {
         assert!(q.claim_due(h, 100).unwrap().is_none());
         q.release(h).unwrap();
         assert!(q.claim_due(h, 100).unwrap().is_some());
+    }
+
+    #[test]
+    fn dropping_recipients_waits_for_a_claim_and_works_on_the_current_entry() {
+        let store = Store::temporary().unwrap();
+        let q = QueueStore::new(&store).unwrap();
+        let id = q
+            .enqueue(
+                "",
+                rcpts(&["a@c.com", "b@c.com", "x@d.com"]),
+                b"m",
+                false,
+                10,
+            )
+            .unwrap();
+        let is_c = |r: &QueuedRecipient| r.address.ends_with("@c.com");
+        // A worker has it: the operator's change would be undone by its write-back.
+        let (mut e, claim) = q.claim_due(id, 10).unwrap().unwrap();
+        assert!(matches!(
+            q.drop_recipients(id, is_c),
+            Err(Error::Conflict(_))
+        ));
+        assert_eq!(q.get(id).unwrap().unwrap().recipients.len(), 3);
+        e.attempts = 1;
+        e.last_error = Some("deferred".into());
+        q.update(&e).unwrap();
+        drop(claim);
+        // Not claimed: dropped from the stored state, the worker's update kept.
+        assert_eq!(q.drop_recipients(id, is_c).unwrap(), Some((2, false)));
+        let now = q.get(id).unwrap().unwrap();
+        assert_eq!(now.recipients.len(), 1);
+        assert_eq!(
+            (now.attempts, now.last_error.as_deref()),
+            (1, Some("deferred"))
+        );
+        // The last pending recipient dropped: the entry goes, body and all.
+        assert_eq!(
+            q.drop_recipients(id, |r| r.address == "x@d.com").unwrap(),
+            Some((1, true))
+        );
+        assert!(q.get(id).unwrap().is_none() && q.is_empty());
+        assert_eq!(q.drop_recipients(id, is_c).unwrap(), None);
     }
 
     #[test]
