@@ -67,6 +67,7 @@ async fn multipart_message_through_smtp_and_imap() -> anyhow::Result<()> {
     let c = node().await?;
     let msg = multipart();
     let smtp = c.node(0).smtp();
+    let out_dir = tempfile::tempdir()?;
     let script = format!(
         r#"
 import smtplib
@@ -107,7 +108,7 @@ m.logout()
         msg = py_bytes(msg.as_bytes()),
         ip = smtp.ip(),
         port = smtp.port(),
-        dir = "/tmp/imsg",
+        dir = out_dir.path().display(),
     );
     let reads = ds_imap::msg::whole_reads();
     let out = python(c.node(0).imap(), &script)?;
@@ -130,7 +131,7 @@ m.logout()
     assert_eq!(lines, want);
     // BODY[] byte-exact with the store (the delivery's own Received/Return-Path lines first).
     let stored = c.node(0).inbox(common::USER).remove(0);
-    assert_eq!(std::fs::read("/tmp/imsg/body")?, stored);
+    assert_eq!(std::fs::read(out_dir.path().join("body"))?, stored);
     assert!(stored.ends_with(msg.as_bytes()));
 
     // The structure is parsed once per body: FETCH BODYSTRUCTURE again reads nothing whole.
