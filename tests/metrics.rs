@@ -104,3 +104,55 @@ async fn metrics_count_lookups_cache_hits_and_peer_latency() -> anyhow::Result<(
     c.shutdown().await;
     Ok(())
 }
+
+/// One IMAP login (through whichever node `addr` is) and a SELECT: the INBOX count.
+fn imap_login(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    dshare_e2e::python(&format!(
+        r#"
+import imaplib
+m = imaplib.IMAP4("{ip}", {port}, timeout=30)
+m.login("bob@example.com", "pw")
+print(m.select("INBOX")[0])
+m.logout()
+"#,
+        ip = addr.ip(),
+        port = addr.port(),
+    ))
+}
+
+/// Issue 9: a forwarded IMAP login takes a connection to the owner kept warm (TLS up,
+/// greeting read) once an earlier login asked for it, and one the owner closed meanwhile (it
+/// restarted) costs a fresh connection, not a failed login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_imap_logins_use_warm_connections_to_the_owner() -> anyhow::Result<()> {
+    let mut c = Cluster::start(2).await?;
+    c.node(1).add_account("bob@example.com", "pw").await?;
+    let metrics = c.node(0).node().addrs().metrics[0];
+    let imap = c.node(0).imap();
+    let links = |body: &str, link: &str| {
+        value(
+            body,
+            &format!("dshare_imap_forward_links_total{{link=\"{link}\"}}"),
+        )
+    };
+    let before = scrape(metrics).await?;
+    assert_eq!(imap_login(imap)?.trim(), "OK");
+    // The first login opened its own link and asked for warm ones; they are ready shortly.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        assert_eq!(imap_login(imap)?.trim(), "OK");
+    }
+    let after = scrape(metrics).await?;
+    let warm = links(&after, "warm") - links(&before, "warm");
+    let fresh = links(&after, "fresh") - links(&before, "fresh");
+    assert!(warm >= 2.0, "warm {warm}, fresh {fresh}");
+    assert!(fresh <= 2.0, "warm {warm}, fresh {fresh}");
+
+    // The owner restarts: its warm connections are dead, the login still works.
+    c.node_mut(1).stop().await;
+    c.node_mut(1).restart().await?;
+    assert_eq!(imap_login(imap)?.trim(), "OK");
+    assert_eq!(imap_login(imap)?.trim(), "OK");
+    c.shutdown().await;
+    Ok(())
+}

@@ -32,12 +32,14 @@
 //! [`NOT_HERE_TEXT`], so the front node can drop its cached owner and locate once more.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ds_net::{ConnContext, TlsConnector};
 
 use crate::owner::{self as link, OwnerConn};
 use crate::proof::{self, ProofKey};
+use crate::warm::WarmPool;
 
 /// `ID` key: the client's address as the front node saw it.
 pub const ID_ORIGINATING_IP: &str = "x-originating-ip";
@@ -149,6 +151,8 @@ pub struct OwnerSession {
     pub conn: OwnerConn,
     /// The owner's capabilities after login, as atoms (`IMAP4rev1`, `IDLE`, …).
     pub capabilities: Vec<String>,
+    /// The login used a warm connection from a [`WarmPool`].
+    pub warm: bool,
 }
 
 /// Why a forwarded login did not open a session.
@@ -185,34 +189,48 @@ pub struct ForwardedClient {
     pub hop: u32,
 }
 
-/// Connect to the owner, pass the client's address with the proof, and log in as
-/// `login.canonical` with `login.password`.
-pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> {
-    let t = login.timeouts;
-    let server_name = if login.server_name.is_empty() {
-        link::host_of(login.endpoint)
+/// A connection to an owner made ready for a forwarded login by [`open_owner`]: connected,
+/// TLS verified, the greeting read and its nonce kept. It may wait in a [`WarmPool`] (below the
+/// owner's pre-login timeout) until a login takes it.
+#[derive(Debug)]
+pub struct ReadyConn {
+    conn: OwnerConn,
+    nonce: String,
+    literal_plus: bool,
+}
+
+/// Connect to the owner's IMAP `endpoint` and make the connection ready for a login: TLS as
+/// `tls` says (verified for `server_name`, empty: the host of `endpoint`), the greeting read.
+pub async fn open_owner(
+    endpoint: &str,
+    tls: OwnerTls<'_>,
+    server_name: &str,
+    t: Timeouts,
+) -> LoginResult<ReadyConn> {
+    let server_name = if server_name.is_empty() {
+        link::host_of(endpoint)
     } else {
-        login.server_name
+        server_name
     };
-    if let OwnerTls::None = login.tls {
+    if let OwnerTls::None = tls {
         tracing::warn!(
-            endpoint = %login.endpoint,
+            %endpoint,
             "not forwarding an IMAP login: no cluster CA configured, and a password is never sent without verified TLS"
         );
         return Err(unavailable(
             "no verified TLS (no cluster CA): the password is never sent in plaintext",
         ));
     }
-    let mut conn = link::connect(login.endpoint, t.reply)
+    let mut conn = link::connect(endpoint, t.reply)
         .await
         .map_err(unavailable)?;
-    if let OwnerTls::StartTls(_) = login.tls {
+    if let OwnerTls::StartTls(_) = tls {
         // Sent at once, not after the greeting: the owner reads it once it has greeted, and a
         // round trip is saved on every forwarded login.
         write_command(&mut conn, b"ds0 STARTTLS\r\n").await?;
         flush(&mut conn).await?;
     }
-    if let OwnerTls::Implicit(connector) = login.tls {
+    if let OwnerTls::Implicit(connector) = tls {
         let (stream, _) = conn.into_parts();
         let stream = stream
             .connect_tls(connector, server_name, t.tls_handshake)
@@ -220,7 +238,7 @@ pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> 
             .map_err(|e| unavailable(format!("TLS: {e}")))?;
         conn = OwnerConn::new(stream);
     }
-    let greeting = read_response(&mut conn, login.endpoint, t.reply).await?;
+    let greeting = read_response(&mut conn, endpoint, t.reply).await?;
     let Some(rest) = strip_prefix_ci(&greeting, b"* OK") else {
         return Err(unavailable(format!(
             "greeting: {}",
@@ -233,36 +251,128 @@ pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> 
     let mut literal_plus = capabilities_in(rest)
         .is_some_and(|caps| caps.iter().any(|c| c.eq_ignore_ascii_case("LITERAL+")));
 
-    if let OwnerTls::StartTls(connector) = login.tls {
-        let done = read_tagged(&mut conn, login.endpoint, "ds0", t.reply).await?;
+    if let OwnerTls::StartTls(connector) = tls {
+        let done = read_tagged(&mut conn, endpoint, "ds0", t.reply).await?;
         if done.status != Status::Ok {
             return Err(unavailable(format!("STARTTLS refused: {}", done.text)));
         }
-        conn = link::start_tls(conn, login.endpoint, connector, t.tls_handshake)
+        conn = link::start_tls(conn, endpoint, connector, t.tls_handshake)
             .await
             .map_err(unavailable)?;
         // RFC 3501 §6.2.1: what was said before TLS is forgotten; LITERAL+ is asked again below
         // only if needed.
         literal_plus = false;
     }
+    Ok(ReadyConn {
+        conn,
+        nonce,
+        literal_plus,
+    })
+}
 
-    let id = id_command("ds1", &nonce, &login)?;
+/// Connect to the owner, pass the client's address with the proof, and log in as
+/// `login.canonical` with `login.password`.
+pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> {
+    let ready = open_owner(login.endpoint, login.tls, login.server_name, login.timeouts).await?;
+    login_on(ready, &login).await.map_err(|(e, _)| e)
+}
+
+/// [`login_at_owner`] on a warm connection from `pool` when there is one (one round trip to
+/// the owner instead of three), refilling the pool in the background. A warm connection the
+/// owner has closed meanwhile (it restarted) costs a fresh one, not a failed login.
+pub async fn login_at_owner_pooled(
+    login: OwnerLogin<'_>,
+    pool: &Arc<WarmPool<ReadyConn>>,
+) -> LoginResult<OwnerSession> {
+    let (connector, implicit) = match login.tls {
+        OwnerTls::None => return login_at_owner(login).await,
+        OwnerTls::StartTls(c) => (c.clone(), false),
+        OwnerTls::Implicit(c) => (c.clone(), true),
+    };
+    let key = format!("{} {} {implicit}", login.endpoint, login.server_name);
+    let taken = pool.take(&key);
+    for _ in 0..taken.refill {
+        let (pool, key, connector) = (Arc::clone(pool), key.clone(), connector.clone());
+        let (endpoint, server_name) = (login.endpoint.to_owned(), login.server_name.to_owned());
+        let timeouts = login.timeouts;
+        tokio::spawn(async move {
+            let tls = if implicit {
+                OwnerTls::Implicit(&connector)
+            } else {
+                OwnerTls::StartTls(&connector)
+            };
+            let ready = open_owner(&endpoint, tls, &server_name, timeouts).await;
+            if let Err(e) = &ready {
+                tracing::debug!(%endpoint, error = %e, "could not open a warm connection to the owner");
+            }
+            pool.put(&key, ready.ok());
+        });
+    }
+    if let Some(ready) = taken.conn {
+        match login_on(ready, &login).await {
+            Ok(session) => {
+                return Ok(OwnerSession {
+                    warm: true,
+                    ..session
+                });
+            }
+            Err((e, false)) => return Err(e),
+            Err((e, true)) => {
+                tracing::debug!(endpoint = %login.endpoint, error = %e, "a warm connection was closed by the owner; opening a fresh one");
+                pool.clear(&key);
+            }
+        }
+    }
+    login_at_owner(login).await
+}
+
+/// `ID` with the proof and `LOGIN` on a ready connection. An error comes with whether the
+/// connection was dead before the owner answered anything (a warm connection the owner
+/// closed: worth one fresh try).
+async fn login_on(
+    ready: ReadyConn,
+    login: &OwnerLogin<'_>,
+) -> Result<OwnerSession, (OwnerLoginError, bool)> {
+    let t = login.timeouts;
+    let ReadyConn {
+        mut conn,
+        nonce,
+        literal_plus,
+    } = ready;
+    let id = id_command("ds1", &nonce, login).map_err(|e| (e, false))?;
     // LOGIN goes with ID when it needs no literal (one round trip instead of two): the owner
     // reads them in order, ID first. The password goes to the same verified owner either way.
-    let quoted_login = quoted_login_command(&login)?;
-    write_command(&mut conn, id.as_bytes()).await?;
-    if let Some(line) = &quoted_login {
-        write_command(&mut conn, line).await?;
-    }
-    flush(&mut conn).await?;
-    let done = read_tagged(&mut conn, login.endpoint, "ds1", t.reply).await?;
+    let quoted_login = quoted_login_command(login).map_err(|e| (e, false))?;
+    let sent = async {
+        write_command(&mut conn, id.as_bytes()).await?;
+        if let Some(line) = &quoted_login {
+            write_command(&mut conn, line).await?;
+        }
+        flush(&mut conn).await?;
+        read_tagged(&mut conn, login.endpoint, "ds1", t.reply).await
+    };
+    let done = sent.await.map_err(|e| (e, true))?;
     if done.status != Status::Ok {
-        return Err(unavailable(format!("ID refused: {}", done.text)));
+        return Err((unavailable(format!("ID refused: {}", done.text)), false));
     }
+    finish_login(conn, login, quoted_login.is_some(), literal_plus)
+        .await
+        .map_err(|e| (e, false))
+}
 
-    let done = match quoted_login {
-        Some(_) => read_tagged(&mut conn, login.endpoint, "ds2", t.reply).await?,
-        None => send_login(&mut conn, &login, literal_plus).await?,
+/// The rest of a forwarded login once `ID` was accepted: `LOGIN`'s answer (and the
+/// capabilities, asked for if the owner did not send them with it).
+async fn finish_login(
+    mut conn: OwnerConn,
+    login: &OwnerLogin<'_>,
+    login_sent: bool,
+    literal_plus: bool,
+) -> LoginResult<OwnerSession> {
+    let t = login.timeouts;
+    let done = if login_sent {
+        read_tagged(&mut conn, login.endpoint, "ds2", t.reply).await?
+    } else {
+        send_login(&mut conn, login, literal_plus).await?
     };
     match done.status {
         Status::Ok => {}
@@ -290,7 +400,11 @@ pub async fn login_at_owner(login: OwnerLogin<'_>) -> LoginResult<OwnerSession> 
             }
         }
     };
-    Ok(OwnerSession { conn, capabilities })
+    Ok(OwnerSession {
+        conn,
+        capabilities,
+        warm: false,
+    })
 }
 
 /// The owner-side check of a forwarded session's `ID` fields (`(key, value)`, keys compared

@@ -16,6 +16,8 @@
 //!   check a password of one of its accounts); [`Locate::authenticate`] is the asking side.
 //! - [`lock`]: [`MailboxLocks`], exclusive in-process locks by name (POP3 maildrops, IMAP
 //!   mailboxes).
+//! - [`warm`]: [`WarmPool`], connections to owners opened ahead of need (TLS up, greeting
+//!   read), so a forwarded login costs one round trip.
 //! - [`imap_client`]: the IMAP forwarding dialogue with the owner (`STARTTLS`, `ID` with the
 //!   proof, `LOGIN`), and [`imap_client::verify_imap_id`] for the owner side.
 //!
@@ -34,6 +36,7 @@ pub mod passwords;
 pub mod proof;
 pub mod sasl;
 pub mod throttle;
+pub mod warm;
 
 pub use authority::OwnerPasswords;
 pub use error::{Error, Result};
@@ -46,3 +49,4 @@ pub use lock::{MailboxGuard, MailboxLocks};
 pub use passwords::{Check, CheckerConfig, PasswordChecker};
 pub use proof::ProofKey;
 pub use throttle::{LoginThrottle, ThrottleConfig, ip_key};
+pub use warm::WarmPool;

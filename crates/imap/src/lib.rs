@@ -78,6 +78,9 @@ pub struct ImapConfig {
     /// Bound on connecting to an owner and on each of its replies while a forwarded login is set
     /// up. Default 30 s.
     pub peer_timeout: Duration,
+    /// Connections per owner kept ready (TLS up, greeting read) for forwarded logins, opened
+    /// only after a forwarded login used one ([`ds_access::WarmPool`]); 0: none. Default 2.
+    pub warm_connections: usize,
     /// Bytes of message bodies in flight, node-wide (shared with SMTP DATA): APPEND takes its
     /// share while it receives a message. Default: a budget of its own of 256 MiB.
     pub body_budget: ds_net::BodyBudget,
@@ -103,6 +106,7 @@ impl Default for ImapConfig {
             proof_key: None,
             peer_tls: None,
             peer_timeout: Duration::from_secs(30),
+            warm_connections: 2,
             body_budget: ds_net::BodyBudget::new(256 * 1024 * 1024),
         }
     }
@@ -118,7 +122,13 @@ pub struct Imap {
     pub(crate) passwords: Arc<ds_access::PasswordChecker>,
     /// For STARTTLS; `None`: STARTTLS is not offered.
     pub(crate) tls_acceptor: Option<TlsAcceptor>,
+    /// Connections to owners ready for forwarded logins.
+    pub(crate) warm: Arc<ds_access::WarmPool<ds_access::imap_client::ReadyConn>>,
 }
+
+/// How long a warm connection may wait for a login: well below an owner's pre-login timeout
+/// (`auth_timeout`, 60 s by default).
+const WARM_MAX_AGE: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Imap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,8 +152,13 @@ impl Imap {
     ) -> Arc<Imap> {
         let passwords =
             ds_access::PasswordChecker::shared_or_default(config.passwords.clone(), &directory);
+        let warm = Arc::new(ds_access::WarmPool::new(
+            config.warm_connections,
+            WARM_MAX_AGE,
+        ));
         Arc::new(Imap {
             passwords,
+            warm,
             config,
             directory,
             mail,
@@ -156,6 +171,11 @@ impl Imap {
     /// The configuration.
     pub fn config(&self) -> &ImapConfig {
         &self.config
+    }
+
+    /// Forwarded logins that found a warm connection to the owner, and ones that did not.
+    pub fn warm_stats(&self) -> (u64, u64) {
+        self.warm.stats()
     }
 
     /// Serve one connection until the client logs out, it times out, or `shutdown` fires.

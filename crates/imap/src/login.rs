@@ -162,8 +162,10 @@ async fn forward(
             Ok(session) => {
                 imap.config.throttle.record_success(&owner.canonical);
                 count_login("forwarded");
+                let link = if session.warm { "warm" } else { "fresh" };
+                metrics::counter!("dshare_imap_forward_links_total", "link" => link).increment(1);
                 tracing::Span::current().record("user", owner.canonical.as_str());
-                tracing::info!(owner = %owner.node, "logged in on the owner, forwarding");
+                tracing::info!(owner = %owner.node, link, "logged in on the owner, forwarding");
                 return LoginOutcome::Forwarded(Box::new(session), owner);
             }
             Err(OwnerLoginError::NotHere) if round == 0 => {
@@ -218,21 +220,24 @@ async fn login_at(
         Some(connector) => OwnerTls::StartTls(connector),
         None => OwnerTls::None,
     };
-    imap_client::login_at_owner(OwnerLogin {
-        endpoint: &owner.imap,
-        tls,
-        server_name: "",
-        canonical: &owner.canonical,
-        password: password.expose(),
-        client: attempt.ctx,
-        session_id: attempt.session_id,
-        key,
-        hop: 1,
-        timeouts: Timeouts {
-            reply: c.peer_timeout,
-            tls_handshake: c.tls_handshake_timeout,
+    imap_client::login_at_owner_pooled(
+        OwnerLogin {
+            endpoint: &owner.imap,
+            tls,
+            server_name: "",
+            canonical: &owner.canonical,
+            password: password.expose(),
+            client: attempt.ctx,
+            session_id: attempt.session_id,
+            key,
+            hop: 1,
+            timeouts: Timeouts {
+                reply: c.peer_timeout,
+                tls_handshake: c.tls_handshake_timeout,
+            },
         },
-    })
+        &imap.warm,
+    )
     .await
 }
 
