@@ -99,10 +99,10 @@ impl<T> WarmPool<T> {
         let mut slots = self.lock();
         let slot = slots.entry(key.to_owned()).or_default();
         slot.opening = slot.opening.saturating_sub(1);
-        if let Some(conn) = conn {
-            if slot.ready.len() < self.target {
-                slot.ready.push((Instant::now(), conn));
-            }
+        if let Some(conn) = conn
+            && slot.ready.len() < self.target
+        {
+            slot.ready.push((Instant::now(), conn));
         }
     }
 
