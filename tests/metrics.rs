@@ -120,11 +120,38 @@ m.logout()
     ))
 }
 
-/// Issue 9: a forwarded IMAP login takes a connection to the owner kept warm (TLS up,
-/// greeting read) once an earlier login asked for it, and one the owner closed meanwhile (it
+/// One POP3 login through `addr` (USER/PASS, or AUTH PLAIN when `sasl`): the STAT count.
+fn pop3_login(addr: std::net::SocketAddr, sasl: bool) -> anyhow::Result<String> {
+    dshare_e2e::python(&format!(
+        r#"
+import poplib, base64
+p = poplib.POP3("{ip}", {port}, timeout=30)
+if {sasl}:
+    p._shortcmd("AUTH PLAIN " + base64.b64encode(b"\0bob@example.com\0pw").decode())
+else:
+    p.user("bob@example.com"); p.pass_("pw")
+print(p.stat()[0])
+p.quit()
+"#,
+        ip = addr.ip(),
+        port = addr.port(),
+        sasl = if sasl { "True" } else { "False" },
+    ))
+}
+
+/// Issue 9: a forwarded IMAP or POP3 login takes a connection to the owner kept warm (TLS
+/// up, greeting read) once an earlier login asked for it, and one the owner closed meanwhile (it
 /// restarted) costs a fresh connection, not a failed login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarded_imap_logins_use_warm_connections_to_the_owner() -> anyhow::Result<()> {
+async fn forwarded_logins_use_warm_connections_to_the_owner() -> anyhow::Result<()> {
+    let logs = dshare_e2e::capture_logs();
+    let r = forwarded_logins_inner().await;
+    if r.is_err() {
+        eprintln!("{}", logs.text());
+    }
+    r
+}
+async fn forwarded_logins_inner() -> anyhow::Result<()> {
     let mut c = Cluster::start(2).await?;
     c.node(1).add_account("bob@example.com", "pw").await?;
     let metrics = c.node(0).node().addrs().metrics[0];
@@ -148,11 +175,48 @@ async fn forwarded_imap_logins_use_warm_connections_to_the_owner() -> anyhow::Re
     assert!(warm >= 2.0, "warm {warm}, fresh {fresh}");
     assert!(fresh <= 2.0, "warm {warm}, fresh {fresh}");
 
-    // The owner restarts: its warm connections are dead, the login still works.
+    // POP3 likewise, both ways of logging in.
+    let pop3 = c.node(0).pop3();
+    let pop3_links = |body: &str, link: &str| {
+        value(
+            body,
+            &format!("dshare_pop3_forward_links_total{{link=\"{link}\"}}"),
+        )
+    };
+    let before = scrape(metrics).await?;
+    assert_eq!(pop3_login(pop3, false)?.trim(), "0");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for sasl in [false, true, false] {
+        assert_eq!(pop3_login(pop3, sasl)?.trim(), "0");
+    }
+    let after = scrape(metrics).await?;
+    let warm = pop3_links(&after, "warm") - pop3_links(&before, "warm");
+    let fresh = pop3_links(&after, "fresh") - pop3_links(&before, "fresh");
+    assert!(warm >= 2.0 && fresh <= 2.0, "warm {warm}, fresh {fresh}");
+
+    // The owner restarts: its warm connections are dead, the logins still work, and a wrong
+    // password on a warm connection is still a wrong password.
     c.node_mut(1).stop().await;
     c.node_mut(1).restart().await?;
     assert_eq!(imap_login(imap)?.trim(), "OK");
     assert_eq!(imap_login(imap)?.trim(), "OK");
+    assert_eq!(pop3_login(pop3, false)?.trim(), "0");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(pop3_login(pop3, true)?.trim(), "0");
+    let wrong = dshare_e2e::python(&format!(
+        r#"
+import poplib
+p = poplib.POP3("{ip}", {port}, timeout=30)
+p.user("bob@example.com")
+try:
+    p.pass_("wrong")
+except poplib.error_proto as e:
+    print(e)
+"#,
+        ip = pop3.ip(),
+        port = pop3.port(),
+    ))?;
+    assert!(wrong.contains("-ERR [AUTH]"), "{wrong}");
     c.shutdown().await;
     Ok(())
 }

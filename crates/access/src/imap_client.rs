@@ -290,7 +290,7 @@ pub async fn login_at_owner_pooled(
         OwnerTls::Implicit(c) => (c.clone(), true),
     };
     let key = format!("{} {} {implicit}", login.endpoint, login.server_name);
-    let taken = pool.take(&key);
+    let taken = pool.take_usable(&key, |ready| link::is_quiet(&mut ready.conn));
     for _ in 0..taken.refill {
         let (pool, key, connector) = (Arc::clone(pool), key.clone(), connector.clone());
         let (endpoint, server_name) = (login.endpoint.to_owned(), login.server_name.to_owned());

@@ -19,6 +19,25 @@ pub fn host_of(endpoint: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
+/// Whether a connection that has waited idle (a warm one) is still quiet: nothing buffered,
+/// and the owner has sent nothing since and not closed it. An owner that shuts down greets
+/// its idle connections with a last `-ERR`/`* BYE` line; such a connection must not be used
+/// for a login. Never waits: one read attempt that must find nothing ready.
+pub fn is_quiet(conn: &mut OwnerConn) -> bool {
+    use tokio::io::{AsyncRead, ReadBuf};
+    if !conn.buffered().is_empty() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    // Ready means data, EOF or an error: not quiet. (A byte read here is lost, and so is the
+    // connection: it is dropped.)
+    std::pin::Pin::new(conn.get_mut())
+        .poll_read(&mut cx, &mut buf)
+        .is_pending()
+}
+
 /// Connect to `endpoint` (`host:port`) within `timeout`, with `TCP_NODELAY`.
 pub async fn connect(endpoint: &str, timeout: Duration) -> Result<OwnerConn> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(endpoint))

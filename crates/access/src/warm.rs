@@ -67,9 +67,10 @@ impl<T> WarmPool<T> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The youngest warm connection for `key` (older ones than `max_age` are dropped), and
-    /// how many to open to bring the key back to its target.
-    pub fn take(&self, key: &str) -> Taken<T> {
+    /// The youngest warm connection for `key` that `usable` accepts (older ones than
+    /// `max_age`, and ones `usable` refuses, are dropped), and how many to open to bring the
+    /// key back to its target.
+    pub fn take_usable(&self, key: &str, mut usable: impl FnMut(&mut T) -> bool) -> Taken<T> {
         if self.target == 0 {
             return Taken {
                 conn: None,
@@ -81,7 +82,13 @@ impl<T> WarmPool<T> {
         let now = Instant::now();
         slot.ready
             .retain(|(born, _)| now.duration_since(*born) < self.max_age);
-        let conn = slot.ready.pop().map(|(_, c)| c);
+        let mut conn = None;
+        while let Some((_, mut c)) = slot.ready.pop() {
+            if usable(&mut c) {
+                conn = Some(c);
+                break;
+            }
+        }
         let counter = if conn.is_some() {
             &self.hits
         } else {
@@ -91,6 +98,11 @@ impl<T> WarmPool<T> {
         let refill = self.target.saturating_sub(slot.ready.len() + slot.opening);
         slot.opening += refill;
         Taken { conn, refill }
+    }
+
+    /// [`WarmPool::take_usable`] accepting any connection.
+    pub fn take(&self, key: &str) -> Taken<T> {
+        self.take_usable(key, |_| true)
     }
 
     /// Gives back the outcome of one opening [`WarmPool::take`] asked for: the connection,
@@ -161,6 +173,19 @@ mod tests {
         assert!(t.conn.is_none() && t.refill == 0);
         none.put("k", Some(1));
         assert!(none.take("k").conn.is_none());
+    }
+
+    #[test]
+    fn unusable_connections_are_dropped_on_the_way() {
+        let pool = WarmPool::new(3, Duration::from_secs(30));
+        assert_eq!(pool.take("k").refill, 3);
+        for c in [1, 2, 3] {
+            pool.put("k", Some(c));
+        }
+        // 3 (the youngest) is closed by its owner: 2 is taken, 3 is gone.
+        let t = pool.take_usable("k", |c| *c != 3);
+        assert_eq!((t.conn, t.refill), (Some(2), 2));
+        assert_eq!(pool.take("k").conn, Some(1));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! the two connections. The password is only ever held for the length of the login.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ds_access::Owner;
@@ -96,34 +97,22 @@ fn expect_ok(reply: &[u8], owner: &Owner, what: &str) -> Result<()> {
     }
 }
 
-/// Connect to `owner`'s POP3 endpoint, set the session up for `client` and log in as
-/// `owner.canonical` with `password`. `Err` means the owner could not be used (unreachable, no TLS, `XCLIENT` refused):
-/// the client gets `-ERR [SYS/TEMP]`.
-pub async fn login_at_owner(
-    pop3: &Pop3,
-    owner: &Owner,
-    client: SocketAddr,
-    method: LoginMethod,
-    password: &Secret,
-) -> Result<OwnerAnswer> {
-    let timeout = pop3.config.peer_timeout;
-    let key = pop3
-        .config
-        .proof_key
-        .as_ref()
-        .ok_or_else(|| owner_err(owner, "no cluster secret configured, cannot forward"))?;
+/// A connection to an owner made ready for a forwarded login: STLS done and verified, the
+/// greeting's timestamp (the proof's nonce) kept. It may wait in the warm pool (below the
+/// owner's pre-login timeout) until a login takes it.
+#[derive(Debug)]
+pub struct ReadyConn {
+    conn: OwnerConn,
+    timestamp: String,
+}
 
-    let Some(peer_tls) = &pop3.peer_tls else {
-        // #13 point 2: the client's password never crosses the network in plaintext.
-        tracing::warn!(
-            owner = %owner.node,
-            "not forwarding a login: no cluster CA configured, and a password is never sent without verified TLS"
-        );
-        return Err(owner_err(
-            owner,
-            "no verified TLS (no cluster CA): the password is never sent in plaintext",
-        ));
-    };
+/// Connect to `owner`'s POP3 endpoint and make the connection ready for a login.
+async fn open_owner(
+    owner: &Owner,
+    peer_tls: &TlsConnector,
+    timeout: Duration,
+    tls_handshake_timeout: Duration,
+) -> Result<ReadyConn> {
     let mut conn = link::connect(&owner.pop3, timeout)
         .await
         .map_err(|e| owner_err(owner, e.to_string()))?;
@@ -137,21 +126,101 @@ pub async fn login_at_owner(
     let timestamp = protocol::greeting_timestamp(&greeting)
         .ok_or_else(|| owner_err(owner, "greeting without a timestamp"))?
         .to_owned();
-
-    {
-        let tls = peer_tls;
-        let reply = read_reply(&mut conn, owner, timeout).await?;
-        expect_ok(&reply, owner, "STLS (TLS is required)")?;
-        conn = link::start_tls(
-            conn,
-            &owner.pop3,
-            &TlsConnector::from(tls.clone()),
-            pop3.config.tls_handshake_timeout,
-        )
+    let reply = read_reply(&mut conn, owner, timeout).await?;
+    expect_ok(&reply, owner, "STLS (TLS is required)")?;
+    let conn = link::start_tls(conn, &owner.pop3, peer_tls, tls_handshake_timeout)
         .await
         .map_err(|e| owner_err(owner, e.to_string()))?;
-    }
+    Ok(ReadyConn { conn, timestamp })
+}
 
+/// Connect to `owner`'s POP3 endpoint (or take a warm connection to it), set the session up
+/// for `client` and log in as `owner.canonical` with `password`. `Err` means the owner could
+/// not be used (unreachable, no TLS, `XCLIENT` refused): the client gets `-ERR [SYS/TEMP]`.
+pub async fn login_at_owner(
+    pop3: &Pop3,
+    owner: &Owner,
+    client: SocketAddr,
+    method: LoginMethod,
+    password: &Secret,
+) -> Result<OwnerAnswer> {
+    let timeout = pop3.config.peer_timeout;
+    if pop3.config.proof_key.is_none() {
+        return Err(owner_err(
+            owner,
+            "no cluster secret configured, cannot forward",
+        ));
+    }
+    let Some(peer_tls) = &pop3.peer_tls else {
+        // #13 point 2: the client's password never crosses the network in plaintext.
+        tracing::warn!(
+            owner = %owner.node,
+            "not forwarding a login: no cluster CA configured, and a password is never sent without verified TLS"
+        );
+        return Err(owner_err(
+            owner,
+            "no verified TLS (no cluster CA): the password is never sent in plaintext",
+        ));
+    };
+    let connector = TlsConnector::from(peer_tls.clone());
+    let handshake = pop3.config.tls_handshake_timeout;
+    let taken = pop3
+        .warm
+        .take_usable(&owner.pop3, |ready| link::is_quiet(&mut ready.conn));
+    for _ in 0..taken.refill {
+        let (warm, owner, connector) = (Arc::clone(&pop3.warm), owner.clone(), connector.clone());
+        tokio::spawn(async move {
+            let ready = open_owner(&owner, &connector, timeout, handshake).await;
+            if let Err(e) = &ready {
+                tracing::debug!(owner = %owner.node, error = %e, "could not open a warm connection to the owner");
+            }
+            warm.put(&owner.pop3, ready.ok());
+        });
+    }
+    if let Some(ready) = taken.conn {
+        match login_on(pop3, ready, owner, client, method, password).await {
+            Ok(answer) => {
+                count_link("warm");
+                return Ok(answer);
+            }
+            Err((e, false)) => return Err(e),
+            Err((e, true)) => {
+                tracing::debug!(owner = %owner.node, error = %e, "a warm connection was closed by the owner; opening a fresh one");
+                pop3.warm.clear(&owner.pop3);
+            }
+        }
+    }
+    let ready = open_owner(owner, &connector, timeout, handshake).await?;
+    let answer = login_on(pop3, ready, owner, client, method, password)
+        .await
+        .map_err(|(e, _)| e)?;
+    count_link("fresh");
+    Ok(answer)
+}
+
+fn count_link(link: &'static str) {
+    metrics::counter!("dshare_pop3_forward_links_total", "link" => link).increment(1);
+}
+
+/// `XCLIENT` with the proof and the login on a ready connection. An error comes with
+/// whether the connection was dead before the owner answered anything (a warm connection the
+/// owner closed: worth one fresh try).
+async fn login_on(
+    pop3: &Pop3,
+    ready: ReadyConn,
+    owner: &Owner,
+    client: SocketAddr,
+    method: LoginMethod,
+    password: &Secret,
+) -> std::result::Result<OwnerAnswer, (Error, bool)> {
+    let timeout = pop3.config.peer_timeout;
+    let ReadyConn {
+        mut conn,
+        timestamp,
+    } = ready;
+    let Some(key) = pop3.config.proof_key.as_ref() else {
+        return Err((owner_err(owner, "no cluster secret configured"), false));
+    };
     let line = xclient::command_line(
         key,
         &timestamp,
@@ -159,41 +228,84 @@ pub async fn login_at_owner(
         client.port(),
         &pop3.config.node_id,
     );
-    let reply = command(&mut conn, owner, line.as_bytes(), timeout).await?;
-    expect_ok(&reply, owner, "XCLIENT")?;
-
-    let reply = match method {
-        LoginMethod::UserPass => {
-            // Both at once (one round trip): a refused USER ends the login and the connection,
-            // whatever the owner says to the PASS behind it.
-            let user_pass = format!("USER {}\r\nPASS {}\r\n", owner.canonical, password.expose());
-            send(&mut conn, owner, user_pass.as_bytes()).await?;
-            let reply = read_reply(&mut conn, owner, timeout).await?;
-            if !protocol::is_ok(&reply) {
-                return Ok(refused(reply));
-            }
-            read_reply(&mut conn, owner, timeout).await?
-        }
+    // USER + PASS (or an AUTH PLAIN with its initial response) go with XCLIENT: one round
+    // trip. The owner reads them in order, so they are answered as the forwarded client's; if
+    // it refuses XCLIENT the login is given up whatever it says to the rest.
+    let pipelined = match method {
+        LoginMethod::UserPass => Some(format!(
+            "USER {}\r\nPASS {}\r\n",
+            owner.canonical,
+            password.expose()
+        )),
         LoginMethod::SaslPlain => {
             let initial = protocol::encode_plain(&owner.canonical, password.expose());
-            if initial.len() <= MAX_INITIAL_RESPONSE {
-                let auth = format!("AUTH PLAIN {initial}\r\n");
-                command(&mut conn, owner, auth.as_bytes(), timeout).await?
-            } else {
-                let go_ahead = command(&mut conn, owner, b"AUTH PLAIN\r\n", timeout).await?;
-                if !go_ahead.starts_with(b"+ ") && go_ahead != b"+\r\n" {
-                    return Ok(refused(go_ahead));
-                }
-                let response = format!("{initial}\r\n");
-                command(&mut conn, owner, response.as_bytes(), timeout).await?
-            }
+            (initial.len() <= MAX_INITIAL_RESPONSE).then(|| format!("AUTH PLAIN {initial}\r\n"))
         }
     };
-    if protocol::is_ok(&reply) {
-        Ok(OwnerAnswer::Accepted { conn, reply })
+    let first = async {
+        let mut out = line.into_bytes();
+        if let Some(rest) = &pipelined {
+            out.extend_from_slice(rest.as_bytes());
+        }
+        send(&mut conn, owner, &out).await?;
+        read_reply(&mut conn, owner, timeout).await
+    };
+    let reply = first.await.map_err(|e| (e, true))?;
+    // An owner shutting down answers `-ERR [SYS/TEMP]` to a connection it had open: for a
+    // warm one, worth one fresh try like a closed one.
+    let shutting_down = reply.starts_with(b"-ERR [SYS/TEMP]");
+    expect_ok(&reply, owner, "XCLIENT").map_err(|e| (e, shutting_down))?;
+    finish_login(
+        &mut conn,
+        owner,
+        method,
+        password,
+        pipelined.is_some(),
+        timeout,
+    )
+    .await
+    .map_err(|e| (e, false))
+    .map(|reply| match reply {
+        Ok(reply) => OwnerAnswer::Accepted { conn, reply },
+        Err(reply) => refused(reply),
+    })
+}
+
+/// The login's answer once `XCLIENT` was accepted: `Ok(+OK line)` or `Err(-ERR line)`.
+async fn finish_login(
+    conn: &mut OwnerConn,
+    owner: &Owner,
+    method: LoginMethod,
+    password: &Secret,
+    sent: bool,
+    timeout: Duration,
+) -> Result<std::result::Result<Vec<u8>, Vec<u8>>> {
+    let reply = match method {
+        LoginMethod::UserPass => {
+            // A refused USER ends the login and the connection, whatever the owner says to
+            // the PASS behind it.
+            let reply = read_reply(conn, owner, timeout).await?;
+            if !protocol::is_ok(&reply) {
+                return Ok(Err(reply));
+            }
+            read_reply(conn, owner, timeout).await?
+        }
+        LoginMethod::SaslPlain if sent => read_reply(conn, owner, timeout).await?,
+        LoginMethod::SaslPlain => {
+            let initial = protocol::encode_plain(&owner.canonical, password.expose());
+            let go_ahead = command(conn, owner, b"AUTH PLAIN\r\n", timeout).await?;
+            if !go_ahead.starts_with(b"+ ") && go_ahead != b"+\r\n" {
+                return Ok(Err(go_ahead));
+            }
+            let response = format!("{initial}\r\n");
+            command(conn, owner, response.as_bytes(), timeout).await?
+        }
+    };
+    Ok(if protocol::is_ok(&reply) {
+        Ok(reply)
     } else {
-        Ok(refused(reply))
-    }
+        Err(reply)
+    })
 }
 
 fn refused(reply: Vec<u8>) -> OwnerAnswer {

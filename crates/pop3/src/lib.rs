@@ -51,6 +51,10 @@ pub struct Pop3Config {
     pub peer_timeout: Duration,
     /// Bound on a TLS handshake (STLS, and to an owner). Default 10 s.
     pub tls_handshake_timeout: Duration,
+    /// Connections per owner kept ready (STLS done, greeting read) for forwarded logins,
+    /// opened only after a forwarded login used one ([`ds_access::WarmPool`]); 0: none.
+    /// Default 2.
+    pub warm_connections: usize,
     /// Failed-login delays; share one with the node's other login protocols.
     pub throttle: Arc<LoginThrottle>,
     /// The node's bounded, cached password checks (shared with IMAP and SMTP AUTH); `None`:
@@ -73,6 +77,7 @@ impl Default for Pop3Config {
             max_bad_commands: 20,
             peer_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
+            warm_connections: 2,
             throttle: Arc::new(LoginThrottle::default()),
             passwords: None,
             tls_policy: ds_net::TlsPolicy::default(),
@@ -111,7 +116,12 @@ pub struct Pop3 {
     pub(crate) peer_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) locks: MailboxLocks,
     pub(crate) passwords: Arc<ds_access::PasswordChecker>,
+    /// Connections to owners ready for forwarded logins.
+    pub(crate) warm: Arc<ds_access::WarmPool<forward::ReadyConn>>,
 }
+
+/// How long a warm connection may wait for a login: well below an owner's pre-login timeout.
+const WARM_MAX_AGE: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Pop3 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,8 +149,13 @@ impl Pop3 {
     ) -> Arc<Pop3> {
         let passwords =
             ds_access::PasswordChecker::shared_or_default(config.passwords.clone(), &directory);
+        let warm = Arc::new(ds_access::WarmPool::new(
+            config.warm_connections,
+            WARM_MAX_AGE,
+        ));
         Arc::new(Pop3 {
             passwords,
+            warm,
             config,
             directory,
             mail,

@@ -154,6 +154,14 @@ pub const CATALOG: &[Series] = &[
         LOGIN_RESULTS,
     ),
     s(
+        "dshare_pop3_forward_links_total",
+        Kind::Counter,
+        "Forwarded POP3 logins by the connection to the owner they used: one kept warm \
+         (STLS done, greeting read) or one opened for the login.",
+        "link",
+        &["warm", "fresh"],
+    ),
+    s(
         "dshare_imap_forward_links_total",
         Kind::Counter,
         "Forwarded IMAP logins by the connection to the owner they used: one kept warm \
