@@ -2,8 +2,12 @@
 //! password (#13 point 5). Argon2 is costly (memory and CPU), so:
 //!
 //! - at most `node_limit` checks run at once on the node (sized to the cores) and at most
-//!   `per_ip_limit` for one client address (IPv6 by /64); over either bound the answer is
-//!   [`Check::Busy`] at once (a temporary error for the client), never a queue;
+//!   `per_ip_limit` for one client address (IPv6 by /64). A check over either bound waits its
+//!   turn, but in a bounded line: at most `max_wait`, behind at most `node_waiting` others on
+//!   the node and `per_ip_waiting` of its own address; past those the answer is
+//!   [`Check::Busy`] at once (a temporary error for the client). So an office whose users all
+//!   come from one NAT address and open their mail at nine is served in turn, while a guesser
+//!   with sixty connections holds at most its few slots and gets quick refusals;
 //! - a verified-credentials cache (Dovecot's auth cache): in memory only, keyed by an HMAC with a
 //!   random per-process key of the account's canonical name and the password, for a short TTL.
 //!   A hit is honoured only while the account's stored hash and `enabled` flag are what they
@@ -44,6 +48,12 @@ pub struct CheckerConfig {
     pub node_limit: usize,
     /// Argon2 checks at once for one client address (IPv6 by /64).
     pub per_ip_limit: u32,
+    /// Checks of one client address running or waiting their turn; more are [`Check::Busy`].
+    pub per_ip_waiting: u32,
+    /// Checks waiting for one of the node's slots; more are [`Check::Busy`].
+    pub node_waiting: usize,
+    /// Longest a check waits for its turn before it is [`Check::Busy`].
+    pub max_wait: Duration,
     /// Lifetime of a cached verified password; zero disables the cache.
     pub cache_ttl: Duration,
 }
@@ -53,6 +63,9 @@ impl Default for CheckerConfig {
         Self {
             node_limit: std::thread::available_parallelism().map_or(2, |n| n.get()),
             per_ip_limit: 2,
+            per_ip_waiting: 16,
+            node_waiting: 64,
+            max_wait: Duration::from_secs(5),
             cache_ttl: DEFAULT_CACHE_TTL,
         }
     }
@@ -68,7 +81,9 @@ pub struct PasswordChecker {
     directory: Directory,
     config: CheckerConfig,
     node: std::sync::Arc<tokio::sync::Semaphore>,
-    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    per_ip: Mutex<HashMap<IpAddr, IpLine>>,
+    /// Checks waiting for a node slot.
+    node_waiting: std::sync::atomic::AtomicUsize,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
     key: hmac::Key,
     argon2_runs: AtomicU64,
@@ -86,7 +101,13 @@ impl std::fmt::Debug for PasswordChecker {
     }
 }
 
-/// Releases a client address's slot.
+/// One client address's checks: its slots, and how many checks hold or wait for one.
+struct IpLine {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    users: u32,
+}
+
+/// Leaves a client address's line (the map entry goes with its last user).
 struct IpSlot<'a> {
     checker: &'a PasswordChecker,
     ip: IpAddr,
@@ -99,9 +120,9 @@ impl Drop for IpSlot<'_> {
             .per_ip
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(line) = per_ip.get_mut(&self.ip) {
+            line.users -= 1;
+            if line.users == 0 {
                 per_ip.remove(&self.ip);
             }
         }
@@ -130,6 +151,7 @@ impl PasswordChecker {
             node: std::sync::Arc::new(tokio::sync::Semaphore::new(config.node_limit.max(1))),
             config,
             per_ip: Mutex::default(),
+            node_waiting: std::sync::atomic::AtomicUsize::new(0),
             cache: Mutex::default(),
             key: hmac::Key::new(hmac::HMAC_SHA256, &key),
             argon2_runs: AtomicU64::new(0),
@@ -177,18 +199,31 @@ impl PasswordChecker {
             return Ok(Check::Ok);
         }
         let ip = ip_key(ip);
-        let _slot = {
+        let (_line, slots) = {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
-            let n = per_ip.entry(ip).or_insert(0);
-            if *n >= self.config.per_ip_limit {
+            let line = per_ip.entry(ip).or_insert_with(|| IpLine {
+                slots: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                    self.config.per_ip_limit.max(1) as usize,
+                )),
+                users: 0,
+            });
+            if line.users >= self.config.per_ip_waiting.max(self.config.per_ip_limit) {
                 tracing::info!(%ip, "password check refused: too many in progress for this client");
                 return Ok(Check::Busy);
             }
-            *n += 1;
-            IpSlot { checker: self, ip }
+            line.users += 1;
+            (
+                IpSlot { checker: self, ip },
+                std::sync::Arc::clone(&line.slots),
+            )
         };
-        let Ok(_permit) = std::sync::Arc::clone(&self.node).try_acquire_owned() else {
-            tracing::warn!("password check refused: the node's Argon2 slots are all busy");
+        let Ok(Ok(_ip_permit)) =
+            tokio::time::timeout(self.config.max_wait, slots.acquire_owned()).await
+        else {
+            tracing::info!(%ip, "password check refused: this client's checks waited too long");
+            return Ok(Check::Busy);
+        };
+        let Some(_permit) = self.node_slot().await else {
             return Ok(Check::Busy);
         };
         self.argon2_runs.fetch_add(1, Ordering::Relaxed);
@@ -210,6 +245,31 @@ impl PasswordChecker {
             self.remember(key, account.password_hash);
         }
         Ok(Check::Ok)
+    }
+
+    /// One of the node's Argon2 slots, waiting in the bounded line for it; `None` when the
+    /// line is full or the wait too long.
+    async fn node_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = std::sync::Arc::clone(&self.node).try_acquire_owned() {
+            return Some(permit);
+        }
+        let waiting = self.node_waiting.fetch_add(1, Ordering::SeqCst);
+        let permit = if waiting >= self.config.node_waiting {
+            None
+        } else {
+            tokio::time::timeout(
+                self.config.max_wait,
+                std::sync::Arc::clone(&self.node).acquire_owned(),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+        };
+        self.node_waiting.fetch_sub(1, Ordering::SeqCst);
+        if permit.is_none() {
+            tracing::warn!("password check refused: the node's Argon2 slots stayed busy");
+        }
+        permit
     }
 
     fn cached(&self, key: &[u8; 32], password_hash: &str) -> bool {

@@ -800,3 +800,84 @@ async fn parallel_guessing_is_bounded() {
     assert_eq!(checker.argon2_runs() as usize + busy, 60);
     node.stop().await;
 }
+
+/// The bounded line for password checks: an office behind one NAT address, all opening their
+/// mail at once, is served in turn (nobody gets a temporary error), never more than the
+/// bounds running at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_logging_in_at_once_waits_its_turn() {
+    let parts = company();
+    let checker = Arc::new(ds_access::PasswordChecker::new(
+        parts.directory.clone(),
+        ds_access::CheckerConfig {
+            node_limit: 2,
+            per_ip_limit: 2,
+            cache_ttl: std::time::Duration::ZERO,
+            ..ds_access::CheckerConfig::default()
+        },
+    ));
+    let office: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    let checks: Vec<_> = (0..12)
+        .map(|_| {
+            let checker = Arc::clone(&checker);
+            tokio::spawn(async move {
+                checker
+                    .check(office, "info@company.com", common::PASSWORD)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for c in checks {
+        assert_eq!(c.await.unwrap(), ds_access::Check::Ok);
+    }
+    assert_eq!(checker.argon2_runs(), 12);
+    assert!(checker.peak_running() <= 2, "{}", checker.peak_running());
+}
+
+/// Past the line's length for one address the answer is a quick temporary error: a guesser's
+/// extra connections hold nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_beyond_its_line_is_refused_at_once() {
+    let parts = company();
+    // A check that takes a while (the default cost is far too slow for a debug build), so
+    // that all ten arrive while the first runs.
+    parts
+        .directory
+        .clone()
+        .with_hash_cost(ds_directory::HashCost {
+            memory_kib: 4096,
+            iterations: 2,
+        })
+        .add_account("slow@company.com", "right", 0)
+        .unwrap();
+    let checker = Arc::new(ds_access::PasswordChecker::new(
+        parts.directory.clone(),
+        ds_access::CheckerConfig {
+            node_limit: 1,
+            per_ip_limit: 1,
+            per_ip_waiting: 4,
+            ..ds_access::CheckerConfig::default()
+        },
+    ));
+    let guesser: std::net::IpAddr = "203.0.113.66".parse().unwrap();
+    let checks: Vec<_> = (0..10)
+        .map(|i| {
+            let checker = Arc::clone(&checker);
+            tokio::spawn(async move {
+                checker
+                    .check(guesser, "slow@company.com", &format!("guess-{i}"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut busy = 0;
+    for c in checks {
+        match c.await.unwrap() {
+            ds_access::Check::Busy => busy += 1,
+            other => assert_eq!(other, ds_access::Check::Bad),
+        }
+    }
+    assert_eq!((busy, checker.argon2_runs()), (6, 4));
+}
