@@ -57,14 +57,27 @@ pub async fn dns_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// An SMTP sink on loopback: answers `rcpt_reply` to RCPT and keeps the messages it takes.
+/// An SMTP sink on loopback: answers `rcpt_reply` to RCPT and keeps the messages it takes
+/// (and its MAIL and RCPT lines); advertises `DSN` when told to.
 #[derive(Clone, Default)]
 pub struct Sink {
     rcpt_reply: Arc<Mutex<String>>,
     messages: Arc<Mutex<Vec<String>>>,
+    envelopes: Arc<Mutex<Vec<String>>>,
+    dsn: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Sink {
+    /// Advertise `DSN` in EHLO from now on.
+    pub fn set_dsn(&self, on: bool) {
+        self.dsn.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The MAIL and RCPT lines received, without CRLF.
+    pub fn envelopes(&self) -> Vec<String> {
+        self.envelopes.lock().unwrap().clone()
+    }
+
     pub fn set_rcpt_reply(&self, reply: &str) {
         *self.rcpt_reply.lock().unwrap() = reply.to_string();
     }
@@ -100,7 +113,16 @@ impl Sink {
                 return Ok(());
             }
             let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            if verb == "MAIL" || verb == "RCPT" {
+                self.envelopes
+                    .lock()
+                    .unwrap()
+                    .push(line.trim_end().to_string());
+            }
             let reply = match verb.as_str() {
+                "EHLO" if self.dsn.load(std::sync::atomic::Ordering::Relaxed) => {
+                    "250-sink.outside.test\r\n250-DSN\r\n250 8BITMIME\r\n".to_string()
+                }
                 "EHLO" => "250-sink.outside.test\r\n250 8BITMIME\r\n".to_string(),
                 "MAIL" => {
                     accepted = 0;

@@ -247,6 +247,10 @@ pub struct SmtpSection {
     pub retry_base: Duration,
     #[serde(deserialize_with = "duration")]
     pub retry_max: Duration,
+    /// A message queued this long gets one delay DSN (unless its recipients said
+    /// `NOTIFY=NEVER` or left out `DELAY`); "0s": none.
+    #[serde(deserialize_with = "duration")]
+    pub delay_warning: Duration,
 }
 
 impl Default for SmtpSection {
@@ -256,6 +260,7 @@ impl Default for SmtpSection {
             max_queue_age: Duration::from_secs(5 * 24 * 3600),
             retry_base: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
+            delay_warning: Duration::from_secs(4 * 3600),
         }
     }
 }

@@ -622,6 +622,7 @@ impl Node {
                 max_queue_age: config.smtp.max_queue_age,
                 retry_base: config.smtp.retry_base,
                 retry_max: config.smtp.retry_max,
+                delay_warning: config.smtp.delay_warning,
                 cluster_secret: keys.relay.clone(),
                 body_budget: body_budget.clone(),
                 tls_policy: tls_policy.clone(),

@@ -13,6 +13,15 @@ use crate::session::{Envelope, Rcpt};
 use crate::{Error, Result, Smtp};
 use ds_store::unix_now;
 
+/// A queue entry for part of an accepted message, with its `RET` and `ENVID`.
+fn queue_entry(env: &Envelope, recipients: Vec<QueuedRecipient>, now: i64) -> QueueEntry {
+    QueueEntry {
+        envid: env.dsn.envid.clone(),
+        ret: env.dsn.ret,
+        ..QueueEntry::new(env.sender.clone(), recipients, now)
+    }
+}
+
 /// Where one accepted message goes.
 #[derive(Debug, Default)]
 pub(crate) struct Plan {
@@ -227,34 +236,36 @@ impl Smtp {
             let recipients: Vec<QueuedRecipient> = addresses
                 .iter()
                 .map(|a| QueuedRecipient {
-                    address: a.clone(),
-                    owner: Some(node.clone()),
-                    endpoint: Some(smtp.clone()),
-                    state: ds_store::queue::RecipientState::Pending,
+                    dsn: env.rcpt_dsn(a),
+                    ..QueuedRecipient::located(a, node, smtp)
                 })
                 .collect();
-            let entry = QueueEntry::new(env.sender.clone(), recipients, now);
+            let entry = queue_entry(env, recipients, now);
             remote.push((entry, header));
         }
         for (domain, addresses) in &plan.outbound {
             // Waits in the queue for outbound delivery; `dshare queue list` shows the domain.
-            let entry = QueueEntry::new(
-                env.sender.clone(),
-                addresses.iter().map(QueuedRecipient::new).collect(),
-                now,
-            );
+            let recipients = addresses
+                .iter()
+                .map(|a| QueuedRecipient {
+                    dsn: env.rcpt_dsn(a),
+                    ..QueuedRecipient::new(a)
+                })
+                .collect();
+            let entry = queue_entry(env, recipients, now);
             tracing::debug!(id = %env.id, %domain, "queued for outbound delivery");
             remote.push((entry, self.received_header(env, None)));
         }
         if !plan.unlocated.is_empty() {
-            let entry = QueueEntry::new(
-                env.sender.clone(),
+            let entry = queue_entry(
+                env,
                 plan.unlocated.iter().map(QueuedRecipient::new).collect(),
                 now,
             );
             remote.push((entry, self.received_header(env, None)));
         }
         let (mail, queue) = (self.mail.clone(), self.queue.clone());
+        let body_ref = body.body();
         let queued = tokio::task::spawn_blocking(move || -> Result<usize> {
             let n = remote.len();
             mail.deliver_and_queue(&body, &local, Some((&queue, remote)))?;
@@ -279,7 +290,48 @@ impl Smtp {
             user = ?env.user,
             "message accepted"
         );
+        self.report_local_success(env, &plan.local, &body_ref).await;
         Ok(())
+    }
+
+    /// RFC 3461 `NOTIFY=SUCCESS`: a "delivered" DSN for the local recipients that asked for
+    /// one (best effort: the message is delivered whatever becomes of the report).
+    async fn report_local_success(
+        &self,
+        env: &Envelope,
+        local: &BTreeSet<String>,
+        body: &ds_store::BodyRef,
+    ) {
+        let lines: Vec<crate::dsn::Line> = local
+            .iter()
+            .filter_map(|account| {
+                let dsn = env.rcpt_dsn.get(account)?;
+                dsn.wants_success().then(|| crate::dsn::Line {
+                    address: account.clone(),
+                    orcpt: dsn.orcpt.clone(),
+                    action: crate::dsn::Action::Delivered,
+                    why: "delivered to the mailbox".into(),
+                })
+            })
+            .collect();
+        if lines.is_empty() || env.sender.is_empty() {
+            return;
+        }
+        let sent = async {
+            let (start, _) = self.message_start(&env.added_headers, Some(body))?;
+            let about = crate::dsn::About {
+                sender: &env.sender,
+                envid: env.dsn.envid.as_deref(),
+                arrival: unix_now(),
+            };
+            let returned = crate::dsn::Returned::Headers(crate::dsn::header_part(&start));
+            let report = crate::dsn::build(&self.config.hostname, about, &lines, &returned);
+            self.send_report(&env.id, &env.sender, report).await
+        };
+        match sent.await {
+            Ok(()) => tracing::info!(id = %env.id, recipients = lines.len(), "success DSN sent"),
+            Err(e) => tracing::warn!(id = %env.id, error = %e, "success DSN not sent"),
+        }
     }
 
     /// A message a peer relayed with its queue id (#13 point 18): each recipient is delivered
@@ -351,6 +403,8 @@ impl Smtp {
                         repeated,
                         "message accepted"
                     );
+                    self.report_local_success(env, &plan.local, &body.body())
+                        .await;
                     return Ok(());
                 }
                 Err(ds_store::Error::Duplicate(why)) => {

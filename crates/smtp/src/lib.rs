@@ -15,6 +15,7 @@ mod config;
 mod data;
 mod delivery;
 mod dsn;
+mod dsn_params;
 mod headers;
 mod outbound;
 mod queue;
