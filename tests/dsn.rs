@@ -143,7 +143,10 @@ async fn notify_ret_envid_and_orcpt_are_honoured_on_the_way_out() -> anyhow::Res
     let d = &dsns[0];
     assert!(d.contains("Action: relayed"), "{d}");
     assert!(d.contains("Original-Envelope-Id: env+1"), "{d}");
-    assert!(d.contains("Original-Recipient: rfc822; X@Outside.test"), "{d}");
+    assert!(
+        d.contains("Original-Recipient: rfc822; X@Outside.test"),
+        "{d}"
+    );
     assert!(d.contains("Final-Recipient: rfc822; x@outside.test"), "{d}");
     assert_eq!(sink.messages().len(), 1);
     // Without DSN at the sink nothing of it was sent there.
@@ -180,7 +183,13 @@ async fn notify_ret_envid_and_orcpt_are_honoured_on_the_way_out() -> anyhow::Res
     // Failures: NOTIFY=NEVER gets no DSN; RET=HDRS returns the header section only, RET=FULL
     // the whole message; the default is a failure DSN.
     sink.set_rcpt_reply("550 5.1.1 no such user");
-    submit(&c, &["never@outside.test"], "never-one", &[], &["NOTIFY=NEVER"])?;
+    submit(
+        &c,
+        &["never@outside.test"],
+        "never-one",
+        &[],
+        &["NOTIFY=NEVER"],
+    )?;
     submit(
         &c,
         &["delayonly@outside.test"],
@@ -191,7 +200,10 @@ async fn notify_ret_envid_and_orcpt_are_honoured_on_the_way_out() -> anyhow::Res
     submit(&c, &["hdrs@outside.test"], "hdrs-one", &["RET=HDRS"], &[])?;
     let dsns = wait_for_dsn(&c, 2).await?;
     let d = &dsns[1];
-    assert!(d.contains("Action: failed") && d.contains("hdrs@outside.test"), "{d}");
+    assert!(
+        d.contains("Action: failed") && d.contains("hdrs@outside.test"),
+        "{d}"
+    );
     assert!(d.contains("text/rfc822-headers"), "{d}");
     assert!(d.contains("Subject: hdrs-one"), "{d}");
     assert!(!d.contains("the body text of hdrs-one"), "{d}");

@@ -4,13 +4,19 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::rdata::{A, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// A DNS server on loopback: `outside.test` has MX 10 `mx.outside.test`, which is 127.0.0.1;
 /// every other name does not exist.
 pub async fn dns_server() -> anyhow::Result<SocketAddr> {
+    dns_server_with_txt(Vec::new()).await
+}
+
+/// [`dns_server`], which also answers TXT queries for the given absolute names (a DKIM key
+/// record, say; a long value is cut into strings of 255).
+pub async fn dns_server_with_txt(txt: Vec<(String, String)>) -> anyhow::Result<SocketAddr> {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let addr = socket.local_addr()?;
     tokio::spawn(async move {
@@ -29,6 +35,21 @@ pub async fn dns_server() -> anyhow::Result<SocketAddr> {
             for q in &query.queries {
                 reply.add_query(q.clone());
                 let name = q.name.to_ascii().to_ascii_lowercase();
+                if let Some((_, value)) = txt.iter().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+                    if q.query_type == RecordType::TXT {
+                        let strings = value
+                            .as_bytes()
+                            .chunks(255)
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
+                            .collect();
+                        reply.add_answer(Record::from_rdata(
+                            q.name.clone(),
+                            60,
+                            RData::TXT(TXT::new(strings)),
+                        ));
+                    }
+                    continue;
+                }
                 match (name.as_str(), q.query_type) {
                     ("outside.test.", RecordType::MX) => {
                         let mx = Name::from_ascii("mx.outside.test.").expect("name");

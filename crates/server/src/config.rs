@@ -287,6 +287,27 @@ pub struct OutboundSection {
     pub dns: Vec<SocketAddr>,
     /// The SMTP port of MX hosts (25).
     pub port: u16,
+    /// DKIM signing keys, one per domain: `[{ domain, selector, key_file }]`.
+    pub dkim: Vec<DkimSection>,
+}
+
+/// One DKIM signing domain (`dshare dkim generate` makes the key and prints its DNS record).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSection {
+    pub domain: String,
+    pub selector: String,
+    pub key_file: PathBuf,
+}
+
+impl DkimSection {
+    pub fn to_smtp(&self) -> ds_smtp::dkim::DkimConfig {
+        ds_smtp::dkim::DkimConfig {
+            domain: self.domain.clone(),
+            selector: self.selector.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
 }
 
 impl Default for OutboundSection {
@@ -295,6 +316,7 @@ impl Default for OutboundSection {
             enabled: true,
             dns: vec![],
             port: 25,
+            dkim: vec![],
         }
     }
 }

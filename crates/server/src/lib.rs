@@ -610,6 +610,15 @@ impl Node {
             directory.clone(),
             ds_access::CheckerConfig::default(),
         ));
+        let dkim = ds_smtp::dkim::Dkim::load(
+            &config
+                .outbound
+                .dkim
+                .iter()
+                .map(config::DkimSection::to_smtp)
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
         let smtp = ds_smtp::Smtp::new(
             ds_smtp::SmtpConfig {
                 hostname: config.node.advertise.clone(),
@@ -630,6 +639,7 @@ impl Node {
                 passwords: Some(Arc::clone(&passwords)),
                 reveal_client: config.submission.reveal_client,
                 any_sender_domains: config.submission.any_sender_domains.clone(),
+                dkim: Arc::new(dkim),
                 outbound: config.outbound.enabled.then(|| ds_smtp::OutboundConfig {
                     dns: config.outbound.dns.clone(),
                     port: config.outbound.port,

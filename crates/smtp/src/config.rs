@@ -67,6 +67,8 @@ pub struct SmtpConfig {
     /// Delivery to recipients outside every served domain (MX lookup); `None`: such
     /// recipients stay queued until they expire.
     pub outbound: Option<crate::OutboundConfig>,
+    /// DKIM keys: submitted mail and DSNs from these domains are signed before they go out.
+    pub dkim: std::sync::Arc<crate::dkim::Dkim>,
 }
 
 impl Default for SmtpConfig {
@@ -94,6 +96,7 @@ impl Default for SmtpConfig {
             reveal_client: false,
             any_sender_domains: Vec::new(),
             outbound: None,
+            dkim: Default::default(),
         }
     }
 }
@@ -121,6 +124,7 @@ impl fmt::Debug for SmtpConfig {
             .field("reveal_client", &self.reveal_client)
             .field("any_sender_domains", &self.any_sender_domains)
             .field("outbound", &self.outbound)
+            .field("dkim", &self.dkim)
             .finish_non_exhaustive()
     }
 }

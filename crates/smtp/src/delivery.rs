@@ -213,7 +213,7 @@ impl Smtp {
 
     /// Delivers locally and queues for peers, all sharing the one stored `body` (each copy
     /// with its own `Return-Path`/`Received` prefix), then flushes once. `Ok` = durable.
-    pub(crate) async fn accept(&self, env: &Envelope, body: StagedBody) -> Result<()> {
+    pub(crate) async fn accept(&self, env: &Envelope, mut body: StagedBody) -> Result<()> {
         if let (Some(origin), Some(relay_id)) = (&env.hop, &env.relay_id) {
             return self.accept_relayed(env, origin, relay_id, body).await;
         }
@@ -243,6 +243,13 @@ impl Smtp {
             let entry = queue_entry(env, recipients, now);
             remote.push((entry, header));
         }
+        let signature = if env.user.is_some() && !plan.outbound.is_empty() {
+            let (back, signature) = self.dkim_sign(env, body).await?;
+            body = back;
+            signature
+        } else {
+            None
+        };
         for (domain, addresses) in &plan.outbound {
             // Waits in the queue for outbound delivery; `dshare queue list` shows the domain.
             let recipients = addresses
@@ -254,7 +261,9 @@ impl Smtp {
                 .collect();
             let entry = queue_entry(env, recipients, now);
             tracing::debug!(id = %env.id, %domain, "queued for outbound delivery");
-            remote.push((entry, self.received_header(env, None)));
+            let mut prefix = signature.clone().unwrap_or_default();
+            prefix.push_str(&self.received_header(env, None));
+            remote.push((entry, prefix));
         }
         if !plan.unlocated.is_empty() {
             let entry = queue_entry(
@@ -292,6 +301,40 @@ impl Smtp {
         );
         self.report_local_success(env, &plan.local, &body_ref).await;
         Ok(())
+    }
+
+    /// The `DKIM-Signature` of a submitted message that goes out (DESIGN.md §6): signed
+    /// once, here, over the header lines we added and the stored body, with the key of its
+    /// `From:` domain; `None` without one. The body is handed back.
+    async fn dkim_sign(
+        &self,
+        env: &Envelope,
+        body: StagedBody,
+    ) -> Result<(StagedBody, Option<String>)> {
+        let dkim = std::sync::Arc::clone(&self.config.dkim);
+        if dkim.is_empty() {
+            return Ok((body, None));
+        }
+        let head = env.added_headers.clone();
+        let (body, signed) = tokio::task::spawn_blocking(move || {
+            let signed = body.reader().map_err(|e| e.to_string()).and_then(|mut r| {
+                dkim.sign(head.as_bytes(), &mut r)
+                    .map_err(|e| e.to_string())
+            });
+            (body, signed)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?;
+        match signed {
+            Ok(signature) => {
+                tracing::debug!(id = %env.id, signed = signature.is_some(), "DKIM");
+                Ok((body, signature))
+            }
+            Err(e) => {
+                tracing::warn!(id = %env.id, error = %e, "DKIM signing failed, sent unsigned");
+                Ok((body, None))
+            }
+        }
     }
 
     /// RFC 3461 `NOTIFY=SUCCESS`: a "delivered" DSN for the local recipients that asked for

@@ -187,7 +187,10 @@ pub(crate) fn build(
     for l in lines {
         status.push_str("\r\n");
         if let Some(orcpt) = &l.orcpt {
-            status.push_str(&format!("Original-Recipient: rfc822; {}\r\n", one_line(orcpt)));
+            status.push_str(&format!(
+                "Original-Recipient: rfc822; {}\r\n",
+                one_line(orcpt)
+            ));
         }
         status.push_str(&format!(
             "Final-Recipient: rfc822; {}\r\nAction: {}\r\nStatus: {}\r\n",
@@ -249,9 +252,15 @@ impl Successes {
     /// Notes that recipient `i` of `entry` was delivered here, or handed to a next hop that
     /// `passes_dsn` (which then reports) or not (we report "relayed").
     pub fn note(&self, entry: &QueueEntry, i: usize, action: Action, passes_dsn: bool) {
-        let wanted = entry.recipients.get(i).is_some_and(|r| r.dsn.wants_success());
+        let wanted = entry
+            .recipients
+            .get(i)
+            .is_some_and(|r| r.dsn.wants_success());
         if wanted && !(action == Action::Relayed && passes_dsn) {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).push((i, action));
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((i, action));
         }
     }
 
@@ -278,7 +287,11 @@ impl Smtp {
             MAX_QUOTED_HEADERS as u64 + 4
         };
         let mut start = Vec::new();
-        if let Some(reader) = self.store.bodies().open_message(prefix.as_bytes(), body.id)? {
+        if let Some(reader) = self
+            .store
+            .bodies()
+            .open_message(prefix.as_bytes(), body.id)?
+        {
             std::io::Read::read_to_end(&mut std::io::Read::take(reader, cap), &mut start)?;
         }
         Ok((start, whole))
@@ -317,7 +330,8 @@ impl Smtp {
             Err(_) => (sender.to_string(), Location::Unknown),
         };
         let queue = |rcpt: QueuedRecipient, report: &[u8]| {
-            self.queue.enqueue("", vec![rcpt], report, false, unix_now())
+            self.queue
+                .enqueue("", vec![rcpt], report, false, unix_now())
         };
         match location {
             Location::Local { address, .. } => {
@@ -341,7 +355,9 @@ impl Smtp {
                 tracing::info!(%id, dsn_id, %sender, %reason, "DSN queued, sender lookup failed for now");
             }
             location if self.is_outside(&address, &location) => {
-                // Through outbound delivery (kept queued until it expires on a node without).
+                // Through outbound delivery (kept queued until it expires on a node without),
+                // signed when it is from one of our DKIM domains.
+                let report = self.config.dkim.sign_message(report);
                 let dsn_id = queue(QueuedRecipient::new(address), &report)?;
                 tracing::info!(%id, dsn_id, %sender, "DSN queued for a sender outside the cluster");
             }

@@ -1,4 +1,4 @@
-//! RFC 3461 DSN parameters: `MAIL … RET=FULL|HDRS ENVID=xtext` and `RCPT … NOTIFY=… 
+//! RFC 3461 DSN parameters: `MAIL … RET=FULL|HDRS ENVID=xtext` and `RCPT … NOTIFY=…
 //! ORCPT=rfc822;xtext`. smtp-proto parses them (and decodes xtext); this checks what it lets
 //! through (both `RET` values, characters that would break a DSN's header fields), and writes
 //! them again for the next hop that advertises `DSN`.
@@ -24,7 +24,10 @@ fn invalid(param: &str) -> String {
 /// Printable US-ASCII only (RFC 3461 §4: what xtext may encode here): the values go into DSN
 /// header fields and into our own `MAIL`/`RCPT` lines.
 fn printable(value: &str) -> bool {
-    !value.is_empty() && value.bytes().all(|b| (0x21..=0x7e).contains(&b) || b == b' ')
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) || b == b' ')
 }
 
 /// `RET` and `ENVID` from a parsed `MAIL`; `Err` is the reply.
@@ -132,15 +135,17 @@ mod tests {
 
     #[test]
     fn parameters_survive_a_round_trip_through_smtp_proto() {
-        let Request::Mail { from } =
-            parse("MAIL FROM:<a@b.c> RET=HDRS ENVID=QQ+2B314+3D159\r\n")
+        let Request::Mail { from } = parse("MAIL FROM:<a@b.c> RET=HDRS ENVID=QQ+2B314+3D159\r\n")
         else {
             panic!()
         };
         let m = mail(from.flags, from.env_id.as_deref()).unwrap();
         assert_eq!(m.ret, Some(Ret::Hdrs));
         assert_eq!(m.envid.as_deref(), Some("QQ+314=159"));
-        let line = format!("MAIL FROM:<a@b.c>{}\r\n", mail_params(m.ret, m.envid.as_deref()));
+        let line = format!(
+            "MAIL FROM:<a@b.c>{}\r\n",
+            mail_params(m.ret, m.envid.as_deref())
+        );
         assert_eq!(line, "MAIL FROM:<a@b.c> RET=HDRS ENVID=QQ+2B314+3D159\r\n");
 
         let Request::Rcpt { to } =

@@ -14,6 +14,7 @@ mod base64;
 mod config;
 mod data;
 mod delivery;
+pub mod dkim;
 mod dsn;
 mod dsn_params;
 mod headers;

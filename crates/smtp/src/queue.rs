@@ -404,7 +404,9 @@ impl QueueRunner {
                                 .increment(1);
                             entry.recipients[i].state = RecipientState::Delivered;
                             let passes = sessions.passes_dsn(&endpoint);
-                            body.dsn.successes.note(entry, i, dsn::Action::Relayed, passes);
+                            body.dsn
+                                .successes
+                                .note(entry, i, dsn::Action::Relayed, passes);
                         }
                         RcptOutcome::Failed(reason) => {
                             tracing::info!(id = entry.id, rcpt = %address, %owner, %reason, "relay failed permanently");
@@ -521,7 +523,9 @@ impl QueueRunner {
                             .increment(1);
                         entry.recipients[i].state = RecipientState::Delivered;
                         let passes = sessions.passes_dsn(&last_host);
-                        body.dsn.successes.note(entry, i, dsn::Action::Relayed, passes);
+                        body.dsn
+                            .successes
+                            .note(entry, i, dsn::Action::Relayed, passes);
                     }
                     RcptOutcome::Failed(reason) | RcptOutcome::NoSuchUser(reason) => {
                         tracing::info!(id = entry.id, rcpt = %address, %reason, "outbound delivery failed permanently");
@@ -633,7 +637,9 @@ impl QueueRunner {
                     Ok(_) => {
                         tracing::info!(id = entry.id, rcpt = %address, "recipient is local now, delivered");
                         r.state = RecipientState::Delivered;
-                        body.dsn.successes.note(entry, i, dsn::Action::Delivered, false);
+                        body.dsn
+                            .successes
+                            .note(entry, i, dsn::Action::Delivered, false);
                     }
                     Err(e) => {
                         // Stays pending (the other recipients' outcomes are kept); retried later.
@@ -706,8 +712,7 @@ impl QueueRunner {
                 })
                 .collect();
             if !failed.is_empty() && !entry.sender.is_empty() {
-                metrics::counter!("dshare_smtp_messages_total", "result" => "bounced")
-                    .increment(1);
+                metrics::counter!("dshare_smtp_messages_total", "result" => "bounced").increment(1);
             }
             if let Err(e) = smtp.report(&entry, &failed).await {
                 // Keep the entry (its recipients' states included) and try the DSN again later.

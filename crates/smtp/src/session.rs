@@ -20,11 +20,11 @@ use tokio::sync::Notify;
 
 use crate::data::{DataEnd, DataReader};
 use crate::dsn_params::MailDsn;
-use ds_store::queue::RcptDsn;
 use crate::locate::{Locate, Location, Owner, Purpose};
 use crate::queue::QueueRunner;
 use crate::reply::*;
 use crate::{PEER_AUTH_PREFIX, SmtpConfig, base64};
+use ds_store::queue::RcptDsn;
 
 /// Bound on the STARTTLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
