@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ds_testkit::Cluster;
 use dshare_e2e::internet::{Sink, dns_server_with_txt};
-use dshare_e2e::{eventually, python};
+use dshare_e2e::{Submitter, eventually};
 use mail_auth::hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
 };
@@ -45,24 +45,13 @@ async fn submitted_mail_is_signed_once_and_verifies() -> anyhow::Result<()> {
     .await?;
     c.node(1).add_account(BOB, PW).await?;
 
-    let a = c.node(0).submission();
-    let out = python(&format!(
-        r#"
-import smtplib, ssl
-ctx = ssl.create_default_context(cafile="{ca}")
-s = smtplib.SMTP("{ip}", {port}, timeout=30)
-s.starttls(context=ctx)
-s.login("{bob}", "{pw}")
-print("refused", s.sendmail("{bob}", ["x@outside.test"],
-    "From: Bob <{bob}>\r\nTo: x@outside.test\r\nSubject: signed\r\n\r\nSigned  body \r\n\r\n\r\n"))
-s.quit()
-"#,
-        ca = c.root.path().join("ca.pem").display(),
-        ip = a.ip(),
-        port = a.port(),
-        bob = BOB,
-        pw = PW,
-    ))?;
+    let bob = Submitter::new(&c, 0, BOB, PW);
+    let out = bob.send(
+        &["x@outside.test"],
+        "From: Bob <bob@example.com>\r\nTo: x@outside.test\r\nSubject: signed\r\n\r\nSigned  body \r\n\r\n\r\n",
+        &[],
+        &[],
+    )?;
     assert!(out.contains("refused {}"), "{out}");
     assert!(
         eventually(Duration::from_secs(20), || !sink.messages().is_empty()).await,

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ds_testkit::Cluster;
-use dshare_e2e::internet::{Sink, dns_server};
-use dshare_e2e::{eventually, python};
+use dshare_e2e::internet;
+use dshare_e2e::{Submitter, eventually, python};
 
 const BOB: &str = "bob@example.com";
 const ALICE: &str = "alice@example.com";
@@ -34,8 +34,7 @@ async fn cluster(
     Ok(c)
 }
 
-/// bob submits at node-a over STARTTLS to `to` with the given MAIL and RCPT options; prints
-/// what smtplib refused.
+/// bob submits at node-a over STARTTLS to `to` with the given MAIL and RCPT options.
 fn submit(
     c: &Cluster,
     to: &[&str],
@@ -43,26 +42,11 @@ fn submit(
     mail_options: &[&str],
     rcpt_options: &[&str],
 ) -> anyhow::Result<String> {
-    let a = c.node(0).submission();
-    python(&format!(
-        r#"
-import smtplib, ssl
-ctx = ssl.create_default_context(cafile="{ca}")
-s = smtplib.SMTP("{ip}", {port}, timeout=30)
-s.starttls(context=ctx)
-s.login("{bob}", "{pw}")
-print("dsn offered", s.has_extn("dsn"))
-print("refused", s.sendmail("{bob}", {to:?},
-    "From: {bob}\r\nTo: someone\r\nSubject: {subject}\r\n\r\nthe body text of {subject}\r\n",
-    mail_options={mail_options:?}, rcpt_options={rcpt_options:?}))
-s.quit()
-"#,
-        ca = c.root.path().join("ca.pem").display(),
-        ip = a.ip(),
-        port = a.port(),
-        bob = BOB,
-        pw = PW,
-    ))
+    let bob = Submitter::new(c, 0, BOB, PW);
+    let message = format!(
+        "From: {BOB}\r\nTo: someone\r\nSubject: {subject}\r\n\r\nthe body text of {subject}\r\n"
+    );
+    bob.send(to, &message, mail_options, rcpt_options)
 }
 
 fn inbox(c: &Cluster) -> Vec<String> {
@@ -124,9 +108,7 @@ s.quit()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_ret_envid_and_orcpt_are_honoured_on_the_way_out() -> anyhow::Result<()> {
-    let dns = dns_server().await?;
-    let sink = Sink::default();
-    let sink_addr = sink.start().await?;
+    let (dns, sink, sink_addr) = internet::start().await?;
     let c = cluster(dns, sink_addr, Duration::from_secs(3600)).await?;
 
     // The sink does not take DSN requests: a success request gets a "relayed" DSN from us.
@@ -226,9 +208,7 @@ async fn notify_ret_envid_and_orcpt_are_honoured_on_the_way_out() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_dsns_on_delivery_and_one_delay_dsn() -> anyhow::Result<()> {
-    let dns = dns_server().await?;
-    let sink = Sink::default();
-    let sink_addr = sink.start().await?;
+    let (dns, sink, sink_addr) = internet::start().await?;
     let c = cluster(dns, sink_addr, Duration::from_secs(2)).await?;
 
     // alice lives on node-a (delivered where bob submitted), dave on node-b (relayed there

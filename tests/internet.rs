@@ -78,6 +78,14 @@ pub async fn dns_server_with_txt(txt: Vec<(String, String)>) -> anyhow::Result<S
     Ok(addr)
 }
 
+/// "The Internet" of a test: [`dns_server`]'s address, a started [`Sink`] and its address.
+pub async fn start() -> anyhow::Result<(SocketAddr, Sink, SocketAddr)> {
+    let dns = dns_server().await?;
+    let sink = Sink::default();
+    let sink_addr = sink.start().await?;
+    Ok((dns, sink, sink_addr))
+}
+
 /// An SMTP sink on loopback: answers `rcpt_reply` to RCPT and keeps the messages it takes
 /// (and its MAIL and RCPT lines); advertises `DSN` when told to.
 #[derive(Clone, Default)]

@@ -76,6 +76,16 @@ fn ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// `dshare serve --config cfg` fails at start: its error output.
+fn serve_refused(cfg: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    err(&out)
+}
+
 fn err(out: &Output) -> String {
     assert!(!out.status.success(), "unexpectedly succeeded");
     String::from_utf8(out.stderr.clone()).unwrap()
@@ -258,20 +268,10 @@ fn malformed_config_is_refused_with_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[node]\nid = \"x\"\nmain_domian = \"a.com\"\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let e = err(&out);
+    let e = serve_refused(&cfg);
     assert!(e.contains("main_domian"), "{e}");
     std::fs::write(&cfg, "[node\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    serve_refused(&cfg);
 }
 
 #[test]
@@ -443,12 +443,7 @@ fn check_config_names_each_problem_with_its_fix() {
     assert_eq!(text.matches("  fix: ").count(), 3, "{text}");
 
     // `serve` refuses the same configuration, naming the problems.
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    let e = err(&out);
+    let e = serve_refused(&bad);
     assert!(
         e.contains("does not match the certificate") && e.contains("check-config"),
         "{e}"
@@ -660,11 +655,6 @@ fn dkim_generate_writes_a_private_key_and_check_config_reads_it() {
     );
     assert!(text.contains("dshare dkim generate company.com"), "{text}");
     // `serve` refuses it too.
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let e = err(&out);
+    let e = serve_refused(&cfg);
     assert!(e.contains("DKIM key for company.com"), "{e}");
 }
