@@ -296,6 +296,22 @@ mod tests {
         let other = b"From: x@other.org\r\n\r\nbody\r\n";
         assert!(dkim.sign(other, &mut std::io::empty()).unwrap().is_none());
         assert_eq!(dkim.sign_message(other.to_vec()), other.to_vec());
+        // A DSN from one of our host names is signed with its parent domain's key.
+        let dsn = crate::dsn::build(
+            "mx.company.com",
+            crate::dsn::About {
+                sender: "someone@other.org",
+                envid: None,
+                arrival: 0,
+            },
+            &[],
+            &crate::dsn::Returned::Headers("Subject: x\r\n".into()),
+        );
+        let signed = String::from_utf8(dkim.sign_message(dsn)).unwrap();
+        assert!(
+            signed.starts_with("DKIM-Signature:") && signed.contains("d=company.com"),
+            "{signed}"
+        );
 
         std::fs::write(&key_file, "not a key").unwrap();
         let e = Dkim::load(std::slice::from_ref(&config))
