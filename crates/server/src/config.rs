@@ -466,6 +466,29 @@ smtp = "office-b.example.net:25"
     }
 
     #[test]
+    fn dkim_keys_and_delay_warning_parse() {
+        let c = Config::parse(
+            "[smtp]\ndelay_warning = \"30m\"\n[outbound]\ndkim = [{ domain = \"company.com\", \
+             selector = \"s1\", key_file = \"/etc/dshare/company.pem\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.smtp.delay_warning, Duration::from_secs(1800));
+        let d = c.outbound.dkim[0].to_smtp();
+        assert_eq!(
+            (d.domain.as_str(), d.selector.as_str()),
+            ("company.com", "s1")
+        );
+        assert_eq!(d.key_file, PathBuf::from("/etc/dshare/company.pem"));
+        let c = Config::parse("").unwrap();
+        assert!(c.outbound.dkim.is_empty());
+        assert_eq!(c.smtp.delay_warning, Duration::from_secs(4 * 3600));
+        let e = Config::parse("[outbound]\ndkim = [{ domain = \"a.com\", selector = \"s\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_file"), "{e}");
+    }
+
+    #[test]
     fn empty_file_is_the_embedded_defaults() {
         let c = Config::parse("").unwrap();
         assert_eq!(c.node.main_domain, "example.com");
