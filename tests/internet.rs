@@ -4,13 +4,19 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::rdata::{A, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// A DNS server on loopback: `outside.test` has MX 10 `mx.outside.test`, which is 127.0.0.1;
 /// every other name does not exist.
 pub async fn dns_server() -> anyhow::Result<SocketAddr> {
+    dns_server_with_txt(Vec::new()).await
+}
+
+/// [`dns_server`], which also answers TXT queries for the given absolute names (a DKIM key
+/// record, say; a long value is cut into strings of 255).
+pub async fn dns_server_with_txt(txt: Vec<(String, String)>) -> anyhow::Result<SocketAddr> {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let addr = socket.local_addr()?;
     tokio::spawn(async move {
@@ -29,6 +35,21 @@ pub async fn dns_server() -> anyhow::Result<SocketAddr> {
             for q in &query.queries {
                 reply.add_query(q.clone());
                 let name = q.name.to_ascii().to_ascii_lowercase();
+                if let Some((_, value)) = txt.iter().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+                    if q.query_type == RecordType::TXT {
+                        let strings = value
+                            .as_bytes()
+                            .chunks(255)
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
+                            .collect();
+                        reply.add_answer(Record::from_rdata(
+                            q.name.clone(),
+                            60,
+                            RData::TXT(TXT::new(strings)),
+                        ));
+                    }
+                    continue;
+                }
                 match (name.as_str(), q.query_type) {
                     ("outside.test.", RecordType::MX) => {
                         let mx = Name::from_ascii("mx.outside.test.").expect("name");
@@ -57,14 +78,35 @@ pub async fn dns_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// An SMTP sink on loopback: answers `rcpt_reply` to RCPT and keeps the messages it takes.
+/// "The Internet" of a test: [`dns_server`]'s address, a started [`Sink`] and its address.
+pub async fn start() -> anyhow::Result<(SocketAddr, Sink, SocketAddr)> {
+    let dns = dns_server().await?;
+    let sink = Sink::default();
+    let sink_addr = sink.start().await?;
+    Ok((dns, sink, sink_addr))
+}
+
+/// An SMTP sink on loopback: answers `rcpt_reply` to RCPT and keeps the messages it takes
+/// (and its MAIL and RCPT lines); advertises `DSN` when told to.
 #[derive(Clone, Default)]
 pub struct Sink {
     rcpt_reply: Arc<Mutex<String>>,
     messages: Arc<Mutex<Vec<String>>>,
+    envelopes: Arc<Mutex<Vec<String>>>,
+    dsn: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Sink {
+    /// Advertise `DSN` in EHLO from now on.
+    pub fn set_dsn(&self, on: bool) {
+        self.dsn.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The MAIL and RCPT lines received, without CRLF.
+    pub fn envelopes(&self) -> Vec<String> {
+        self.envelopes.lock().unwrap().clone()
+    }
+
     pub fn set_rcpt_reply(&self, reply: &str) {
         *self.rcpt_reply.lock().unwrap() = reply.to_string();
     }
@@ -100,7 +142,16 @@ impl Sink {
                 return Ok(());
             }
             let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            if verb == "MAIL" || verb == "RCPT" {
+                self.envelopes
+                    .lock()
+                    .unwrap()
+                    .push(line.trim_end().to_string());
+            }
             let reply = match verb.as_str() {
+                "EHLO" if self.dsn.load(std::sync::atomic::Ordering::Relaxed) => {
+                    "250-sink.outside.test\r\n250-DSN\r\n250 8BITMIME\r\n".to_string()
+                }
                 "EHLO" => "250-sink.outside.test\r\n250 8BITMIME\r\n".to_string(),
                 "MAIL" => {
                     accepted = 0;

@@ -74,6 +74,8 @@ async fn status_page_shows_a_down_peer_and_the_queue_in_chromium() -> anyhow::Re
             size: 0,
             hop: false,
             envid: None,
+            ret: None,
+            delay_warned: false,
             body: None,
             prefix: String::new(),
         },

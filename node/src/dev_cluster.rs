@@ -125,6 +125,34 @@ pub fn write_pki(out: &Path, nodes: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `dshare dkim generate`: a new RSA key for `domain` in `out` (0600, never overwriting a
+/// key), and the DNS record to publish for it on stdout.
+pub fn write_dkim_key(domain: &str, selector: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    anyhow::ensure!(
+        domain.contains('.') && !selector.is_empty() && !selector.contains(char::is_whitespace),
+        "give a domain like company.com and a selector without spaces"
+    );
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("{domain}.{selector}.dkim.pem")));
+    anyhow::ensure!(
+        !out.exists(),
+        "{} exists: a published key is not replaced (give another --out or --selector)",
+        out.display()
+    );
+    let (key, record) =
+        ds_smtp::dkim::generate(&domain, selector).map_err(|e| anyhow::anyhow!(e))?;
+    write_private(&out, key.as_bytes())?;
+    eprintln!(
+        "wrote the private key to {}; publish this record, then add\n  \
+         dkim = [{{ domain = \"{domain}\", selector = \"{selector}\", key_file = \"{}\" }}]\n\
+         to [outbound]:",
+        out.display(),
+        out.display()
+    );
+    println!("{record}");
+    Ok(())
+}
+
 pub async fn run(n: usize, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let root = data_dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("dshare-dev-{}", std::process::id())));

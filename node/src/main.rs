@@ -42,6 +42,20 @@ enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+enum DkimCmd {
+    /// Write a new RSA private key for DOMAIN (mode 0600) and print the DNS TXT record to
+    /// publish; then add `{ domain, selector, key_file }` to `[outbound] dkim`.
+    Generate {
+        domain: String,
+        #[arg(long, default_value = "dshare")]
+        selector: String,
+        /// Where the key goes (default: DOMAIN.SELECTOR.dkim.pem here); never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run a node (embedded defaults when no --config is given).
     Serve,
@@ -93,6 +107,9 @@ enum Command {
         #[arg(required = true)]
         nodes: Vec<String>,
     },
+    /// DKIM signing keys.
+    #[command(subcommand)]
+    Dkim(DkimCmd),
     /// Start several nodes in this process on 127.0.0.1, 127.0.0.2, … with demo accounts.
     DevCluster {
         #[arg(long, default_value_t = 3)]
@@ -320,6 +337,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { .. } => unreachable!("handled above"),
         Command::DevCluster { nodes, data_dir } => return dev_cluster::run(nodes, data_dir).await,
         Command::Pki { out, nodes } => return dev_cluster::write_pki(&out, &nodes),
+        Command::Dkim(DkimCmd::Generate {
+            domain,
+            selector,
+            out,
+        }) => return dev_cluster::write_dkim_key(&domain, &selector, out),
         Command::Account(c) => match c {
             AccountCmd::Add {
                 name,

@@ -76,6 +76,16 @@ fn ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// `dshare serve --config cfg` fails at start: its error output.
+fn serve_refused(cfg: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    err(&out)
+}
+
 fn err(out: &Output) -> String {
     assert!(!out.status.success(), "unexpectedly succeeded");
     String::from_utf8(out.stderr.clone()).unwrap()
@@ -258,20 +268,10 @@ fn malformed_config_is_refused_with_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[node]\nid = \"x\"\nmain_domian = \"a.com\"\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let e = err(&out);
+    let e = serve_refused(&cfg);
     assert!(e.contains("main_domian"), "{e}");
     std::fs::write(&cfg, "[node\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    serve_refused(&cfg);
 }
 
 #[test]
@@ -443,12 +443,7 @@ fn check_config_names_each_problem_with_its_fix() {
     assert_eq!(text.matches("  fix: ").count(), 3, "{text}");
 
     // `serve` refuses the same configuration, naming the problems.
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    let e = err(&out);
+    let e = serve_refused(&bad);
     assert!(
         e.contains("does not match the certificate") && e.contains("check-config"),
         "{e}"
@@ -590,4 +585,76 @@ fn embedded_defaults_accept_postmaster_on_a_fresh_node() {
         ],
     );
     assert_eq!(codes, [250, 250, 250, 550]);
+}
+
+#[test]
+fn dkim_generate_writes_a_private_key_and_check_config_reads_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("company.pem");
+    let generate = || {
+        Command::new(BIN)
+            .args([
+                "dkim",
+                "generate",
+                "Company.com",
+                "--selector",
+                "s1",
+                "--out",
+            ])
+            .arg(&key)
+            .output()
+            .unwrap()
+    };
+    let record = ok(&generate());
+    assert!(
+        record.starts_with("s1._domainkey.company.com. IN TXT \"v=DKIM1; k=rsa; p="),
+        "{record}"
+    );
+    // A 2048-bit key does not fit one DNS string: several, each at most 255 characters.
+    let strings: Vec<&str> = record.trim_end().split('"').skip(1).step_by(2).collect();
+    assert!(
+        strings.len() >= 2 && strings.iter().all(|s| s.len() <= 255),
+        "{record}"
+    );
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let pem = std::fs::read_to_string(&key).unwrap();
+    assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "{pem}");
+    // A key is never overwritten.
+    let e = err(&generate());
+    assert!(e.contains("exists"), "{e}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), pem);
+
+    // check-config takes the key, and names an unreadable one with its fix.
+    let cfg = write_config(dir.path(), free_port());
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let with_key = |path: &Path| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "{base}\n[outbound]\ndkim = [{{ domain = \"company.com\", selector = \"s1\", key_file = \"{}\" }}]\n",
+                path.display()
+            ),
+        )
+        .unwrap();
+        Command::new(BIN)
+            .arg("check-config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let out = ok(&with_key(&key));
+    assert!(out.contains("no problems found"), "{out}");
+    let out = with_key(&dir.path().join("missing.pem"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("DKIM key for company.com") && text.contains("cannot read it"),
+        "{text}"
+    );
+    assert!(text.contains("dshare dkim generate company.com"), "{text}");
+    // `serve` refuses it too.
+    let e = serve_refused(&cfg);
+    assert!(e.contains("DKIM key for company.com"), "{e}");
 }

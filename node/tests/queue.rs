@@ -31,6 +31,8 @@ fn queue_to(c: &Cluster, rcpts: &[&str], subject: &str) -> u64 {
         size: 0,
         hop: false,
         envid: None,
+        ret: None,
+        delay_warned: false,
         body: None,
         prefix: String::new(),
     };

@@ -155,6 +155,21 @@ pub fn check_config(config: &Config, opts: CheckOptions) -> Vec<Finding> {
         }
     }
 
+    for d in &config.outbound.dkim {
+        if let Err(e) = ds_smtp::dkim::check_key(&d.to_smtp()) {
+            out.push(error(
+                e.to_string(),
+                format!(
+                    "make a key with `dshare dkim generate {} --selector {} --out {}` and \
+                     publish the DNS record it prints, or fix the path and its permissions",
+                    d.domain,
+                    d.selector,
+                    d.key_file.display()
+                ),
+            ));
+        }
+    }
+
     if opts.ports {
         check_ports(config, &mut out);
     }

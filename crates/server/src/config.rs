@@ -247,6 +247,10 @@ pub struct SmtpSection {
     pub retry_base: Duration,
     #[serde(deserialize_with = "duration")]
     pub retry_max: Duration,
+    /// A message queued this long gets one delay DSN (unless its recipients said
+    /// `NOTIFY=NEVER` or left out `DELAY`); "0s": none.
+    #[serde(deserialize_with = "duration")]
+    pub delay_warning: Duration,
 }
 
 impl Default for SmtpSection {
@@ -256,6 +260,7 @@ impl Default for SmtpSection {
             max_queue_age: Duration::from_secs(5 * 24 * 3600),
             retry_base: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
+            delay_warning: Duration::from_secs(4 * 3600),
         }
     }
 }
@@ -282,6 +287,27 @@ pub struct OutboundSection {
     pub dns: Vec<SocketAddr>,
     /// The SMTP port of MX hosts (25).
     pub port: u16,
+    /// DKIM signing keys, one per domain: `[{ domain, selector, key_file }]`.
+    pub dkim: Vec<DkimSection>,
+}
+
+/// One DKIM signing domain (`dshare dkim generate` makes the key and prints its DNS record).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSection {
+    pub domain: String,
+    pub selector: String,
+    pub key_file: PathBuf,
+}
+
+impl DkimSection {
+    pub fn to_smtp(&self) -> ds_smtp::dkim::DkimConfig {
+        ds_smtp::dkim::DkimConfig {
+            domain: self.domain.clone(),
+            selector: self.selector.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
 }
 
 impl Default for OutboundSection {
@@ -290,6 +316,7 @@ impl Default for OutboundSection {
             enabled: true,
             dns: vec![],
             port: 25,
+            dkim: vec![],
         }
     }
 }
@@ -436,6 +463,29 @@ smtp = "office-b.example.net:25"
             c.cluster.peers[0].smtp.as_deref(),
             Some("office-b.example.net:25")
         );
+    }
+
+    #[test]
+    fn dkim_keys_and_delay_warning_parse() {
+        let c = Config::parse(
+            "[smtp]\ndelay_warning = \"30m\"\n[outbound]\ndkim = [{ domain = \"company.com\", \
+             selector = \"s1\", key_file = \"/etc/dshare/company.pem\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.smtp.delay_warning, Duration::from_secs(1800));
+        let d = c.outbound.dkim[0].to_smtp();
+        assert_eq!(
+            (d.domain.as_str(), d.selector.as_str()),
+            ("company.com", "s1")
+        );
+        assert_eq!(d.key_file, PathBuf::from("/etc/dshare/company.pem"));
+        let c = Config::parse("").unwrap();
+        assert!(c.outbound.dkim.is_empty());
+        assert_eq!(c.smtp.delay_warning, Duration::from_secs(4 * 3600));
+        let e = Config::parse("[outbound]\ndkim = [{ domain = \"a.com\", selector = \"s\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_file"), "{e}");
     }
 
     #[test]

@@ -656,6 +656,15 @@ impl Node {
             directory.clone(),
             ds_access::CheckerConfig::default(),
         ));
+        let dkim = ds_smtp::dkim::Dkim::load(
+            &config
+                .outbound
+                .dkim
+                .iter()
+                .map(config::DkimSection::to_smtp)
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
         let smtp = ds_smtp::Smtp::new(
             ds_smtp::SmtpConfig {
                 hostname: config.node.advertise.clone(),
@@ -668,6 +677,7 @@ impl Node {
                 max_queue_age: config.smtp.max_queue_age,
                 retry_base: config.smtp.retry_base,
                 retry_max: config.smtp.retry_max,
+                delay_warning: config.smtp.delay_warning,
                 cluster_secret: keys.relay.clone(),
                 body_budget: body_budget.clone(),
                 tls_policy: tls_policy.clone(),
@@ -675,6 +685,7 @@ impl Node {
                 passwords: Some(Arc::clone(&passwords)),
                 reveal_client: config.submission.reveal_client,
                 any_sender_domains: config.submission.any_sender_domains.clone(),
+                dkim: Arc::new(dkim),
                 outbound: config.outbound.enabled.then(|| ds_smtp::OutboundConfig {
                     dns: config.outbound.dns.clone(),
                     port: config.outbound.port,

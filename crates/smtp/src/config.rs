@@ -30,6 +30,9 @@ pub struct SmtpConfig {
     pub sender_check: bool,
     /// A queued message older than this is bounced to its sender (RFC 3464 DSN).
     pub max_queue_age: Duration,
+    /// A message queued this long gets one delay DSN (RFC 3461 `NOTIFY=DELAY`, the default);
+    /// zero: none (Postfix's `delay_warning_time`).
+    pub delay_warning: Duration,
     /// First retry delay; doubled per attempt up to `retry_max`. Whole seconds (the queue keeps
     /// Unix seconds); at least one second is used.
     pub retry_base: Duration,
@@ -64,6 +67,8 @@ pub struct SmtpConfig {
     /// Delivery to recipients outside every served domain (MX lookup); `None`: such
     /// recipients stay queued until they expire.
     pub outbound: Option<crate::OutboundConfig>,
+    /// DKIM keys: submitted mail and DSNs from these domains are signed before they go out.
+    pub dkim: std::sync::Arc<crate::dkim::Dkim>,
 }
 
 impl Default for SmtpConfig {
@@ -78,6 +83,7 @@ impl Default for SmtpConfig {
             data_timeout: Duration::from_secs(10 * 60),
             sender_check: true,
             max_queue_age: Duration::from_secs(5 * 24 * 3600),
+            delay_warning: Duration::from_secs(4 * 3600),
             retry_base: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
             cluster_secret: String::new(),
@@ -90,6 +96,7 @@ impl Default for SmtpConfig {
             reveal_client: false,
             any_sender_domains: Vec::new(),
             outbound: None,
+            dkim: Default::default(),
         }
     }
 }
@@ -106,6 +113,7 @@ impl fmt::Debug for SmtpConfig {
             .field("data_timeout", &self.data_timeout)
             .field("sender_check", &self.sender_check)
             .field("max_queue_age", &self.max_queue_age)
+            .field("delay_warning", &self.delay_warning)
             .field("retry_base", &self.retry_base)
             .field("retry_max", &self.retry_max)
             .field("cluster_secret", &"<redacted>")
@@ -116,6 +124,7 @@ impl fmt::Debug for SmtpConfig {
             .field("reveal_client", &self.reveal_client)
             .field("any_sender_domains", &self.any_sender_domains)
             .field("outbound", &self.outbound)
+            .field("dkim", &self.dkim)
             .finish_non_exhaustive()
     }
 }

@@ -13,6 +13,15 @@ use crate::session::{Envelope, Rcpt};
 use crate::{Error, Result, Smtp};
 use ds_store::unix_now;
 
+/// A queue entry for part of an accepted message, with its `RET` and `ENVID`.
+fn queue_entry(env: &Envelope, recipients: Vec<QueuedRecipient>, now: i64) -> QueueEntry {
+    QueueEntry {
+        envid: env.dsn.envid.clone(),
+        ret: env.dsn.ret,
+        ..QueueEntry::new(env.sender.clone(), recipients, now)
+    }
+}
+
 /// Where one accepted message goes.
 #[derive(Debug, Default)]
 pub(crate) struct Plan {
@@ -204,7 +213,7 @@ impl Smtp {
 
     /// Delivers locally and queues for peers, all sharing the one stored `body` (each copy
     /// with its own `Return-Path`/`Received` prefix), then flushes once. `Ok` = durable.
-    pub(crate) async fn accept(&self, env: &Envelope, body: StagedBody) -> Result<()> {
+    pub(crate) async fn accept(&self, env: &Envelope, mut body: StagedBody) -> Result<()> {
         if let (Some(origin), Some(relay_id)) = (&env.hop, &env.relay_id) {
             return self.accept_relayed(env, origin, relay_id, body).await;
         }
@@ -227,34 +236,45 @@ impl Smtp {
             let recipients: Vec<QueuedRecipient> = addresses
                 .iter()
                 .map(|a| QueuedRecipient {
-                    address: a.clone(),
-                    owner: Some(node.clone()),
-                    endpoint: Some(smtp.clone()),
-                    state: ds_store::queue::RecipientState::Pending,
+                    dsn: env.rcpt_dsn(a),
+                    ..QueuedRecipient::located(a, node, smtp)
                 })
                 .collect();
-            let entry = QueueEntry::new(env.sender.clone(), recipients, now);
+            let entry = queue_entry(env, recipients, now);
             remote.push((entry, header));
         }
+        let signature = if env.user.is_some() && !plan.outbound.is_empty() {
+            let (back, signature) = self.dkim_sign(env, body).await?;
+            body = back;
+            signature
+        } else {
+            None
+        };
         for (domain, addresses) in &plan.outbound {
             // Waits in the queue for outbound delivery; `dshare queue list` shows the domain.
-            let entry = QueueEntry::new(
-                env.sender.clone(),
-                addresses.iter().map(QueuedRecipient::new).collect(),
-                now,
-            );
+            let recipients = addresses
+                .iter()
+                .map(|a| QueuedRecipient {
+                    dsn: env.rcpt_dsn(a),
+                    ..QueuedRecipient::new(a)
+                })
+                .collect();
+            let entry = queue_entry(env, recipients, now);
             tracing::debug!(id = %env.id, %domain, "queued for outbound delivery");
-            remote.push((entry, self.received_header(env, None)));
+            let mut prefix = signature.clone().unwrap_or_default();
+            prefix.push_str(&self.received_header(env, None));
+            remote.push((entry, prefix));
         }
         if !plan.unlocated.is_empty() {
-            let entry = QueueEntry::new(
-                env.sender.clone(),
+            let entry = queue_entry(
+                env,
                 plan.unlocated.iter().map(QueuedRecipient::new).collect(),
                 now,
             );
             remote.push((entry, self.received_header(env, None)));
         }
         let (mail, queue) = (self.mail.clone(), self.queue.clone());
+        let body_ref = body.body();
         let queued = tokio::task::spawn_blocking(move || -> Result<usize> {
             let n = remote.len();
             mail.deliver_and_queue(&body, &local, Some((&queue, remote)))?;
@@ -279,7 +299,82 @@ impl Smtp {
             user = ?env.user,
             "message accepted"
         );
+        self.report_local_success(env, &plan.local, &body_ref).await;
         Ok(())
+    }
+
+    /// The `DKIM-Signature` of a submitted message that goes out (DESIGN.md §6): signed
+    /// once, here, over the header lines we added and the stored body, with the key of its
+    /// `From:` domain; `None` without one. The body is handed back.
+    async fn dkim_sign(
+        &self,
+        env: &Envelope,
+        body: StagedBody,
+    ) -> Result<(StagedBody, Option<String>)> {
+        let dkim = std::sync::Arc::clone(&self.config.dkim);
+        if dkim.is_empty() {
+            return Ok((body, None));
+        }
+        let head = env.added_headers.clone();
+        let (body, signed) = tokio::task::spawn_blocking(move || {
+            let signed = body.reader().map_err(|e| e.to_string()).and_then(|mut r| {
+                dkim.sign(head.as_bytes(), &mut r)
+                    .map_err(|e| e.to_string())
+            });
+            (body, signed)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?;
+        match signed {
+            Ok(signature) => {
+                tracing::debug!(id = %env.id, signed = signature.is_some(), "DKIM");
+                Ok((body, signature))
+            }
+            Err(e) => {
+                tracing::warn!(id = %env.id, error = %e, "DKIM signing failed, sent unsigned");
+                Ok((body, None))
+            }
+        }
+    }
+
+    /// RFC 3461 `NOTIFY=SUCCESS`: a "delivered" DSN for the local recipients that asked for
+    /// one (best effort: the message is delivered whatever becomes of the report).
+    async fn report_local_success(
+        &self,
+        env: &Envelope,
+        local: &BTreeSet<String>,
+        body: &ds_store::BodyRef,
+    ) {
+        let lines: Vec<crate::dsn::Line> = local
+            .iter()
+            .filter_map(|account| {
+                let dsn = env.rcpt_dsn.get(account)?;
+                dsn.wants_success().then(|| crate::dsn::Line {
+                    address: account.clone(),
+                    orcpt: dsn.orcpt.clone(),
+                    action: crate::dsn::Action::Delivered,
+                    why: "delivered to the mailbox".into(),
+                })
+            })
+            .collect();
+        if lines.is_empty() || env.sender.is_empty() {
+            return;
+        }
+        let sent = async {
+            let (start, _) = self.message_start(&env.added_headers, Some(body))?;
+            let about = crate::dsn::About {
+                sender: &env.sender,
+                envid: env.dsn.envid.as_deref(),
+                arrival: unix_now(),
+            };
+            let returned = crate::dsn::Returned::Headers(crate::dsn::header_part(&start));
+            let report = crate::dsn::build(&self.config.hostname, about, &lines, &returned);
+            self.send_report(&env.id, &env.sender, report).await
+        };
+        match sent.await {
+            Ok(()) => tracing::info!(id = %env.id, recipients = lines.len(), "success DSN sent"),
+            Err(e) => tracing::warn!(id = %env.id, error = %e, "success DSN not sent"),
+        }
     }
 
     /// A message a peer relayed with its queue id (#13 point 18): each recipient is delivered
@@ -351,6 +446,8 @@ impl Smtp {
                         repeated,
                         "message accepted"
                     );
+                    self.report_local_success(env, &plan.local, &body.body())
+                        .await;
                     return Ok(());
                 }
                 Err(ds_store::Error::Duplicate(why)) => {

@@ -311,9 +311,32 @@ impl QueueRunner {
             prefix: entry.prefix.clone(),
             body: stored,
             relay_id: relay_id(&entry),
+            dsn: crate::relay::OutgoingDsn::of(&entry),
         };
         let last_error = self.attempt(&mut entry, &body, sessions).await;
+        self.report_successes(&entry, &body.dsn.successes).await;
         self.finish_attempt(entry, last_error).await
+    }
+
+    /// The success DSNs of an attempt (best effort: a failure is logged, never retried).
+    async fn report_successes(&self, entry: &QueueEntry, successes: &dsn::Successes) {
+        let lines: Vec<dsn::Line> = successes
+            .take()
+            .into_iter()
+            .filter_map(|(i, action)| {
+                let why = match action {
+                    dsn::Action::Relayed => "handed to a next hop that does not report",
+                    _ => "delivered to the mailbox",
+                };
+                entry
+                    .recipients
+                    .get(i)
+                    .map(|r| dsn::Line::new(r, action, why))
+            })
+            .collect();
+        if let Err(e) = self.smtp.report(entry, &lines).await {
+            tracing::warn!(id = entry.id, error = %e, "success DSN not sent");
+        }
     }
 
     /// Relays (and relocates) the pending recipients of `entry`, updating their states; returns
@@ -380,6 +403,10 @@ impl QueueRunner {
                             metrics::counter!("dshare_smtp_messages_total", "result" => "relayed")
                                 .increment(1);
                             entry.recipients[i].state = RecipientState::Delivered;
+                            let passes = sessions.passes_dsn(&endpoint);
+                            body.dsn
+                                .successes
+                                .note(entry, i, dsn::Action::Relayed, passes);
                         }
                         RcptOutcome::Failed(reason) => {
                             tracing::info!(id = entry.id, rcpt = %address, %owner, %reason, "relay failed permanently");
@@ -475,7 +502,9 @@ impl QueueRunner {
                 .collect();
             let mut sessions = RelaySessions::new(config, None);
             let mut outcomes = Vec::new();
+            let mut last_host = String::new();
             for host in &hosts {
+                last_host = host.to_string();
                 outcomes = sessions
                     .relay(&host.to_string(), &entry.sender, &addresses, body)
                     .await;
@@ -493,6 +522,10 @@ impl QueueRunner {
                         metrics::counter!("dshare_smtp_messages_total", "result" => "outbound")
                             .increment(1);
                         entry.recipients[i].state = RecipientState::Delivered;
+                        let passes = sessions.passes_dsn(&last_host);
+                        body.dsn
+                            .successes
+                            .note(entry, i, dsn::Action::Relayed, passes);
                     }
                     RcptOutcome::Failed(reason) | RcptOutcome::NoSuchUser(reason) => {
                         tracing::info!(id = entry.id, rcpt = %address, %reason, "outbound delivery failed permanently");
@@ -509,13 +542,7 @@ impl QueueRunner {
 
     /// True for an address outside the cluster: routed outside, or in a domain no node serves.
     fn is_outside(&self, address: &str, location: &Location) -> bool {
-        match location {
-            Location::External(_) => true,
-            Location::Unknown => address
-                .rsplit_once('@')
-                .is_none_or(|(_, domain)| !self.smtp.directory.domains().is_served(domain)),
-            _ => false,
-        }
+        self.smtp.is_outside(address, location)
     }
 
     fn is_local_list(&self, address: &str) -> bool {
@@ -543,12 +570,11 @@ impl QueueRunner {
             entry.recipients[i].state = RecipientState::Delivered;
             for (node, (endpoint, addresses)) in plan.remote {
                 for address in addresses {
-                    entry.recipients.push(ds_store::queue::QueuedRecipient {
-                        address,
-                        owner: Some(node.clone()),
-                        endpoint: Some(endpoint.clone()),
-                        state: RecipientState::Pending,
-                    });
+                    entry
+                        .recipients
+                        .push(ds_store::queue::QueuedRecipient::located(
+                            address, &node, &endpoint,
+                        ));
                 }
             }
             for address in plan.unlocated {
@@ -611,6 +637,9 @@ impl QueueRunner {
                     Ok(_) => {
                         tracing::info!(id = entry.id, rcpt = %address, "recipient is local now, delivered");
                         r.state = RecipientState::Delivered;
+                        body.dsn
+                            .successes
+                            .note(entry, i, dsn::Action::Delivered, false);
                     }
                     Err(e) => {
                         // Stays pending (the other recipients' outcomes are kept); retried later.
@@ -671,17 +700,21 @@ impl QueueRunner {
             }
         }
         if entry.is_finished() {
-            let failed: Vec<(String, String)> = entry
+            // RFC 3461: only recipients that did not say NOTIFY=NEVER (or left out FAILURE).
+            let failed: Vec<dsn::Line> = entry
                 .recipients
                 .iter()
                 .filter_map(|r| match &r.state {
-                    RecipientState::Failed(why) => Some((r.address.clone(), why.clone())),
+                    RecipientState::Failed(why) if r.dsn.wants_failure() => {
+                        Some(dsn::Line::new(r, dsn::Action::Failed, why.clone()))
+                    }
                     _ => None,
                 })
                 .collect();
-            if !failed.is_empty()
-                && let Err(e) = self.bounce(&entry, &failed).await
-            {
+            if !failed.is_empty() && !entry.sender.is_empty() {
+                metrics::counter!("dshare_smtp_messages_total", "result" => "bounced").increment(1);
+            }
+            if let Err(e) = smtp.report(&entry, &failed).await {
                 // Keep the entry (its recipients' states included) and try the DSN again later.
                 let delay = smtp.config.backoff(entry.attempts);
                 entry.next_attempt = now + delay.as_secs() as i64;
@@ -693,6 +726,7 @@ impl QueueRunner {
             smtp.queue.remove(entry.id)?;
             tracing::info!(id = entry.id, failed = failed.len(), "queue entry done");
         } else {
+            self.warn_delay(&mut entry, age).await;
             let delay = smtp.config.backoff(entry.attempts);
             entry.next_attempt = now + delay.as_secs() as i64;
             smtp.queue.update(&entry)?;
@@ -702,83 +736,24 @@ impl QueueRunner {
         Ok(())
     }
 
-    /// Sends a DSN for `failed` recipients to the entry's sender (never for a bounce).
-    async fn bounce(&self, entry: &QueueEntry, failed: &[(String, String)]) -> Result<()> {
-        let smtp = &self.smtp;
-        if entry.sender.is_empty() {
-            tracing::warn!(
-                id = entry.id,
-                "undeliverable bounce dropped (never bounce a bounce)"
-            );
-            return Ok(());
+    /// Once a message has waited `delay_warning`: a delay DSN for its pending recipients
+    /// that want one (sent once; best effort).
+    async fn warn_delay(&self, entry: &mut QueueEntry, age: i64) {
+        let after = self.smtp.config.delay_warning;
+        if entry.delay_warned || after.is_zero() || age < after.as_secs() as i64 {
+            return;
         }
-        metrics::counter!("dshare_smtp_messages_total", "result" => "bounced").increment(1);
-        // Only the start of the message is read: the header section is capped anyway.
-        let headers = match smtp.queue.open(entry)? {
-            Some(reader) => {
-                let mut start = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut std::io::Read::take(reader, dsn::MAX_QUOTED_HEADERS as u64 + 4),
-                    &mut start,
-                )?;
-                dsn::header_part(&start)
-            }
-            None => String::new(),
-        };
-        let report = dsn::build(&smtp.config.hostname, entry, failed, &headers);
-        let sender = entry.sender.clone();
-        let (address, location) = match ds_directory::Address::parse(&sender) {
-            Ok(a) => {
-                let address = a.to_string();
-                let location = smtp.locator.locate(&address, Purpose::Rcpt).await;
-                (address, location)
-            }
-            Err(_) => (sender.clone(), Location::Unknown),
-        };
-        match location {
-            Location::Local { address, .. } => {
-                let mut message = b"Return-Path: <>\r\n".to_vec();
-                message.extend_from_slice(&report);
-                let mail = smtp.mail.clone();
-                tokio::task::spawn_blocking(move || mail.deliver(&address, &message))
-                    .await
-                    .map_err(|e| crate::Error::Task(e.to_string()))??;
-                tracing::info!(id = entry.id, %sender, "DSN delivered locally");
-            }
-            Location::Remote(owner) => {
-                let rcpt = ds_store::queue::QueuedRecipient {
-                    address: owner.canonical.clone(),
-                    owner: Some(owner.node.clone()),
-                    endpoint: Some(owner.smtp.clone()),
-                    state: RecipientState::Pending,
-                };
-                let id = smtp
-                    .queue
-                    .enqueue("", vec![rcpt], &report, false, unix_now())?;
-                tracing::info!(id = entry.id, dsn_id = id, %sender, owner = %owner.node, "DSN queued");
-            }
-            Location::TempFail(reason) => {
-                // Queued with its recipient not located yet: the runner locates it on a later
-                // attempt (and bounces nothing if it fails: the DSN's sender is empty).
-                let rcpt = ds_store::queue::QueuedRecipient::new(address);
-                let id = smtp
-                    .queue
-                    .enqueue("", vec![rcpt], &report, false, unix_now())?;
-                tracing::info!(id = entry.id, dsn_id = id, %sender, %reason, "DSN queued, sender lookup failed for now");
-            }
-            location if self.is_outside(&address, &location) => {
-                // #13 point 10: no outbound delivery yet; kept queued (visible in `dshare queue
-                // list`) rather than dropped, until it can go out or expires.
-                let rcpt = ds_store::queue::QueuedRecipient::new(address);
-                let id = smtp
-                    .queue
-                    .enqueue("", vec![rcpt], &report, false, unix_now())?;
-                tracing::warn!(id = entry.id, dsn_id = id, %sender, "DSN queued: the sender is outside the cluster and this node has no outbound delivery");
-            }
-            other => {
-                tracing::warn!(id = entry.id, %sender, location = ?other, "DSN dropped: no node has the sender");
-            }
+        entry.delay_warned = true;
+        let why = entry.last_error.clone().unwrap_or_default();
+        let lines: Vec<dsn::Line> = entry
+            .pending()
+            .filter(|r| r.dsn.wants_delay())
+            .map(|r| dsn::Line::new(r, dsn::Action::Delayed, why.clone()))
+            .collect();
+        if let Err(e) = self.smtp.report(entry, &lines).await {
+            tracing::warn!(id = entry.id, error = %e, "delay DSN not sent");
+        } else if !lines.is_empty() && !entry.sender.is_empty() {
+            tracing::info!(id = entry.id, recipients = lines.len(), "delay DSN sent");
         }
-        Ok(())
     }
 }

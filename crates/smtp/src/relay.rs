@@ -6,7 +6,7 @@
 //! with `RSET`, and a cached session found broken before the message could have been accepted is
 //! replaced by a new one, once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use ds_store::{Bodies, BodyRef};
 
 use crate::data::Stuffer;
+use crate::dsn_params;
 use crate::{PEER_AUTH_PREFIX, SmtpConfig, base64};
 
 /// Octets read from the store per write to the peer.
@@ -31,6 +32,34 @@ pub(crate) struct Outgoing {
     /// The queued message's id, sent to peers that take `XDSHARE-ID` so that a repeated
     /// relay (our record of their `250` lost in a crash) is not delivered twice.
     pub relay_id: String,
+    /// RFC 3461 parameters, passed on to a next hop that advertises `DSN`.
+    pub dsn: OutgoingDsn,
+}
+
+/// The DSN parameters of a queued message, and the success DSNs its attempt owes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OutgoingDsn {
+    pub ret: Option<ds_store::queue::Ret>,
+    pub envid: Option<String>,
+    /// `NOTIFY`/`ORCPT` by recipient address.
+    pub rcpts: HashMap<String, ds_store::queue::RcptDsn>,
+    pub successes: crate::dsn::Successes,
+}
+
+impl OutgoingDsn {
+    pub fn of(entry: &ds_store::queue::QueueEntry) -> Self {
+        Self {
+            ret: entry.ret,
+            envid: entry.envid.clone(),
+            rcpts: entry
+                .recipients
+                .iter()
+                .filter(|r| !r.dsn.is_empty())
+                .map(|r| (r.address.clone(), r.dsn.clone()))
+                .collect(),
+            successes: Default::default(),
+        }
+    }
 }
 
 impl Outgoing {
@@ -317,6 +346,13 @@ impl RelaySession {
         {
             mail.push_str(" SMTPUTF8");
         }
+        let dsn = has_cap(caps, "DSN");
+        if dsn {
+            mail.push_str(&dsn_params::mail_params(
+                body.dsn.ret,
+                body.dsn.envid.as_deref(),
+            ));
+        }
         // Last, where the owner looks for it.
         if self.peer && has_cap(caps, crate::session::RELAY_ID_PARAM) {
             mail.push_str(&format!(
@@ -332,8 +368,12 @@ impl RelaySession {
         }
         let mut outcomes = Vec::with_capacity(recipients.len());
         for rcpt in recipients {
+            let params = match body.dsn.rcpts.get(rcpt) {
+                Some(p) if dsn => dsn_params::rcpt_params(p),
+                _ => String::new(),
+            };
             let reply = self
-                .command(&format!("RCPT TO:<{rcpt}>\r\n"), "RCPT")
+                .command(&format!("RCPT TO:<{rcpt}>{params}\r\n"), "RCPT")
                 .await?;
             outcomes.push(match reply.code {
                 250 | 251 => None,
@@ -421,6 +461,8 @@ pub(crate) struct RelaySessions<'a> {
     /// (its other entries for them are deferred at once, rather than each waiting out the
     /// timeouts of a black-holed owner).
     dead: HashMap<String, String>,
+    /// Endpoints whose last session did not advertise `DSN` (we report success ourselves).
+    no_dsn: HashSet<String>,
 }
 
 impl<'a> RelaySessions<'a> {
@@ -430,7 +472,14 @@ impl<'a> RelaySessions<'a> {
             tls,
             open: HashMap::new(),
             dead: HashMap::new(),
+            no_dsn: HashSet::new(),
         }
+    }
+
+    /// Whether the last session to `endpoint` advertised `DSN`: it was handed the message's
+    /// DSN requests, and reports success itself.
+    pub(crate) fn passes_dsn(&self, endpoint: &str) -> bool {
+        !self.no_dsn.contains(endpoint)
     }
 
     /// One relay attempt of a message to `endpoint`: every recipient gets an outcome. Uses the
@@ -461,7 +510,14 @@ impl<'a> RelaySessions<'a> {
             return vec![RcptOutcome::Retry(format!("{reason} (not tried again in this pass)")); n];
         }
         let mut session = match RelaySession::open(self.config, self.tls, endpoint).await {
-            Ok(session) => session,
+            Ok(session) => {
+                if has_cap(&session.caps, "DSN") {
+                    self.no_dsn.remove(endpoint);
+                } else {
+                    self.no_dsn.insert(endpoint.to_string());
+                }
+                session
+            }
             Err(outcome) => {
                 if let RcptOutcome::Retry(reason) = &outcome {
                     self.dead.insert(endpoint.to_string(), reason.clone());

@@ -3,6 +3,7 @@
 //! bounded chunks straight into the store's body writer.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,10 +19,12 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
 use crate::data::{DataEnd, DataReader};
+use crate::dsn_params::MailDsn;
 use crate::locate::{Locate, Location, Owner, Purpose};
 use crate::queue::QueueRunner;
 use crate::reply::*;
 use crate::{PEER_AUTH_PREFIX, SmtpConfig, base64};
+use ds_store::queue::RcptDsn;
 
 /// Bound on the STARTTLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,6 +81,16 @@ pub(crate) enum Rcpt {
     Remote(Owner),
 }
 
+impl Rcpt {
+    /// The address the message goes to (the key of its DSN parameters).
+    pub(crate) fn address(&self) -> &str {
+        match self {
+            Rcpt::Local(a) | Rcpt::Outbound(a) | Rcpt::List(a) => a,
+            Rcpt::Remote(owner) => &owner.canonical,
+        }
+    }
+}
+
 /// An accepted envelope, handed to delivery.
 #[derive(Debug)]
 pub(crate) struct Envelope {
@@ -97,6 +110,18 @@ pub(crate) struct Envelope {
     pub user: Option<String>,
     /// Header lines the message lacked (`Message-ID`, `Date`), added before its header.
     pub added_headers: String,
+    /// RFC 3461 `RET` and `ENVID`.
+    pub dsn: MailDsn,
+    /// RFC 3461 `NOTIFY` and `ORCPT` per recipient address (see [`Rcpt::address`]); a
+    /// recipient without parameters has no entry.
+    pub rcpt_dsn: BTreeMap<String, RcptDsn>,
+}
+
+impl Envelope {
+    /// The DSN parameters given with the recipient `address`.
+    pub(crate) fn rcpt_dsn(&self, address: &str) -> RcptDsn {
+        self.rcpt_dsn.get(address).cloned().unwrap_or_default()
+    }
 }
 
 pub(crate) struct Transaction {
@@ -105,6 +130,8 @@ pub(crate) struct Transaction {
     pub(crate) recipients: Vec<Rcpt>,
     /// `XDSHARE-ID` of a peer's relay.
     relay_id: Option<String>,
+    dsn: MailDsn,
+    rcpt_dsn: BTreeMap<String, RcptDsn>,
 }
 
 enum Action {
@@ -377,13 +404,21 @@ impl Session {
                 self.reply(conn, &reply).await
             }
             Request::Mail { from } => {
+                let dsn = match crate::dsn_params::mail(from.flags, from.env_id.as_deref()) {
+                    Ok(dsn) => dsn,
+                    Err(reply) => return self.reply(conn, &reply).await,
+                };
                 let reply = self
-                    .mail(from.address, from.size, from.flags, relay_id)
+                    .mail(from.address, from.size, from.flags, relay_id, dsn)
                     .await;
                 self.reply(conn, reply.as_ref()).await
             }
             Request::Rcpt { to } => {
-                let reply = self.rcpt(&to.address).await;
+                let dsn = match crate::dsn_params::rcpt(to.flags, to.orcpt.as_deref()) {
+                    Ok(dsn) => dsn,
+                    Err(reply) => return self.reply(conn, &reply).await,
+                };
+                let reply = self.rcpt(&to.address, dsn).await;
                 self.reply(conn, reply.as_ref()).await
             }
             Request::Data => match &self.tx {
@@ -488,6 +523,7 @@ impl Session {
             lines.push("8BITMIME".into());
             lines.push("ENHANCEDSTATUSCODES".into());
             lines.push("SMTPUTF8".into());
+            lines.push("DSN".into());
             if self.smtp.tls.is_some() && !self.ctx.tls {
                 lines.push("STARTTLS".into());
             }
@@ -521,6 +557,7 @@ impl Session {
         size: usize,
         flags: u64,
         relay_id: Option<String>,
+        dsn: MailDsn,
     ) -> Cow<'static, str> {
         if self.helo.is_none() {
             return NEED_HELO.into();
@@ -548,6 +585,8 @@ impl Session {
                         smtputf8,
                         recipients: Vec::new(),
                         relay_id: None,
+                        dsn,
+                        rcpt_dsn: BTreeMap::new(),
                     });
                     SENDER_OK.into()
                 }
@@ -584,11 +623,13 @@ impl Session {
             smtputf8,
             recipients: Vec::new(),
             relay_id,
+            dsn,
+            rcpt_dsn: BTreeMap::new(),
         });
         SENDER_OK.into()
     }
 
-    async fn rcpt(&mut self, address: &str) -> Cow<'static, str> {
+    async fn rcpt(&mut self, address: &str, dsn: RcptDsn) -> Cow<'static, str> {
         let Some(tx) = &self.tx else {
             return NEED_MAIL.into();
         };
@@ -610,7 +651,7 @@ impl Session {
         };
         if !self.smtp.directory.domains().is_served(parsed.domain()) {
             if self.user.is_some() {
-                return self.add_rcpt(Rcpt::Outbound(parsed.to_string()));
+                return self.add_rcpt(Rcpt::Outbound(parsed.to_string()), dsn);
             }
             tracing::info!(rcpt = %parsed, "RCPT refused: domain not served (no relay)");
             return RELAY_DENIED.into();
@@ -660,13 +701,16 @@ impl Session {
                 return UNKNOWN_USER.into();
             }
         };
-        self.add_rcpt(rcpt)
+        self.add_rcpt(rcpt, dsn)
     }
 
-    fn add_rcpt(&mut self, rcpt: Rcpt) -> Cow<'static, str> {
+    fn add_rcpt(&mut self, rcpt: Rcpt, dsn: RcptDsn) -> Cow<'static, str> {
         if let Some(tx) = &mut self.tx
             && !tx.recipients.contains(&rcpt)
         {
+            if !dsn.is_empty() {
+                tx.rcpt_dsn.insert(rcpt.address().to_string(), dsn);
+            }
             tx.recipients.push(rcpt);
         }
         RCPT_OK.into()
@@ -916,6 +960,8 @@ impl Session {
             with,
             user: self.user.clone(),
             added_headers,
+            dsn: tx.dsn,
+            rcpt_dsn: tx.rcpt_dsn,
         };
         let reply = match self.smtp.accept(&envelope, body).await {
             Ok(()) => {

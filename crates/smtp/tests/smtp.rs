@@ -731,6 +731,7 @@ async fn a_peer_that_stops_reading_the_body_times_out() {
         owner: Some("b".into()),
         endpoint: Some(peer.to_string()),
         state: ds_store::queue::RecipientState::Pending,
+        dsn: Default::default(),
     };
     a.queue
         .enqueue(ALICE, vec![rcpt], &body, false, now)
@@ -792,6 +793,7 @@ async fn a_dsn_whose_sender_cannot_be_located_now_is_queued_not_dropped() {
         owner: Some("c".into()),
         endpoint: Some(c.addr.to_string()),
         state: ds_store::queue::RecipientState::Pending,
+        dsn: Default::default(),
     };
     a.queue
         .enqueue(carol, vec![rcpt], b"Subject: lost\r\n\r\nx\r\n", false, now)
@@ -872,6 +874,7 @@ fn enqueue_for(node: &Node, rcpt: &str, owner: &str, endpoint: &str, body: &str)
         owner: Some(owner.into()),
         endpoint: Some(endpoint.into()),
         state: ds_store::queue::RecipientState::Pending,
+        dsn: Default::default(),
     };
     node.queue
         .enqueue(ALICE, vec![r], body.as_bytes(), false, unix_now())
@@ -1358,6 +1361,7 @@ async fn a_relay_repeated_by_a_restarted_sender_is_stored_once() {
             owner: Some("b".into()),
             endpoint: Some(endpoint.clone()),
             state: ds_store::queue::RecipientState::Pending,
+            dsn: Default::default(),
         };
         ids.push(
             a.queue

@@ -511,6 +511,15 @@ impl StagedBody {
         self.body
     }
 
+    /// Reads what will be stored (before a transaction references it: to sign it, say).
+    pub fn reader(&self) -> Result<Box<dyn std::io::Read + Send + '_>> {
+        Ok(match (&self.inline, &self.file) {
+            (Some(data), _) => Box::new(data.as_slice()),
+            (None, Some(path)) => Box::new(std::io::BufReader::new(File::open(path)?)),
+            (None, None) => Box::new(std::io::empty()),
+        })
+    }
+
     /// Called after the transaction that referenced the body committed.
     pub(crate) fn mark_committed(&self) {
         self.committed.store(true, Ordering::Release);

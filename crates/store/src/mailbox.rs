@@ -1509,6 +1509,8 @@ mod tests {
             size: 0,
             hop: false,
             envid: None,
+            ret: None,
+            delay_warned: false,
             body: None,
             prefix: String::new(),
         };

@@ -34,6 +34,55 @@ pub enum RecipientState {
     Failed(String),
 }
 
+/// RFC 3461 `NOTIFY` of one recipient: which DSNs its sender asked for (`NEVER`: none).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Notify {
+    pub success: bool,
+    pub failure: bool,
+    pub delay: bool,
+}
+
+/// RFC 3461 parameters of one recipient (`NOTIFY`, `ORCPT`); empty when none were given.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct RcptDsn {
+    /// `None`: not given (a failure and a delay DSN are sent, no success DSN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Notify>,
+    /// `ORCPT=rfc822;` address, decoded from xtext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
+}
+
+impl RcptDsn {
+    pub fn is_empty(&self) -> bool {
+        self.notify.is_none() && self.orcpt.is_none()
+    }
+
+    /// A failure DSN is wanted (the default).
+    pub fn wants_failure(&self) -> bool {
+        self.notify.is_none_or(|n| n.failure)
+    }
+
+    /// A delay DSN is wanted (the default).
+    pub fn wants_delay(&self) -> bool {
+        self.notify.is_none_or(|n| n.delay)
+    }
+
+    /// A success DSN is wanted (only when asked for).
+    pub fn wants_success(&self) -> bool {
+        self.notify.is_some_and(|n| n.success)
+    }
+}
+
+/// RFC 3461 `RET`: what a failure DSN returns of the message.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ret {
+    /// The whole message.
+    Full,
+    /// Its header section only.
+    Hdrs,
+}
+
 /// One recipient of a queued message.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct QueuedRecipient {
@@ -43,6 +92,9 @@ pub struct QueuedRecipient {
     /// The owner's SMTP endpoint, once located.
     pub endpoint: Option<String>,
     pub state: RecipientState,
+    /// DSN parameters given with the recipient (entries written before they existed have none).
+    #[serde(default, skip_serializing_if = "RcptDsn::is_empty")]
+    pub dsn: RcptDsn,
 }
 
 impl QueuedRecipient {
@@ -53,6 +105,16 @@ impl QueuedRecipient {
             owner: None,
             endpoint: None,
             state: RecipientState::Pending,
+            dsn: RcptDsn::default(),
+        }
+    }
+
+    /// A pending recipient located at `owner`'s `endpoint`.
+    pub fn located(address: impl Into<String>, owner: &str, endpoint: &str) -> Self {
+        Self {
+            owner: Some(owner.to_string()),
+            endpoint: Some(endpoint.to_string()),
+            ..Self::new(address)
         }
     }
 }
@@ -77,6 +139,12 @@ pub struct QueueEntry {
     pub hop: bool,
     /// DSN envelope id (RFC 3461 `ENVID`).
     pub envid: Option<String>,
+    /// RFC 3461 `RET` of the message, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<Ret>,
+    /// A delay DSN was sent for it (sent once).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
     /// The stored body (set by the store when the entry is queued).
     #[serde(default)]
     pub body: Option<BodyRef>,
@@ -100,6 +168,8 @@ impl QueueEntry {
             size: 0,
             hop: false,
             envid: None,
+            ret: None,
+            delay_warned: false,
             body: None,
             prefix: String::new(),
         }
@@ -402,6 +472,8 @@ impl QueueStore {
                 size: 0,
                 hop,
                 envid: None,
+                ret: None,
+                delay_warned: false,
                 body: None,
                 prefix: String::new(),
             },
@@ -867,12 +939,34 @@ mod tests {
             size: 0,
             hop: false,
             envid: Some("ENV1".into()),
+            ret: Some(Ret::Hdrs),
+            delay_warned: false,
             body: None,
             prefix: String::new(),
         };
         let id = q.enqueue_entry(template, b"xyz").unwrap();
         let e = q.get(id).unwrap().unwrap();
         assert_eq!((e.envid.as_deref(), e.size, e.id), (Some("ENV1"), 3, id));
+        assert_eq!(e.ret, Some(Ret::Hdrs));
+    }
+
+    #[test]
+    fn entries_written_before_dsn_parameters_still_read() {
+        // An entry as schema 2 wrote it, before `ret`, `delay_warned` and recipients' `dsn`.
+        let old = r#"{"id":7,"sender":"a@x.com","recipients":[{"address":"b@company.com",
+            "owner":null,"endpoint":null,"state":"Pending"}],"created":5,"next_attempt":5,
+            "attempts":0,"last_error":null,"size":3,"hop":false,"envid":null}"#;
+        let e: QueueEntry = serde_json::from_str(old).unwrap();
+        assert_eq!((e.ret, e.delay_warned), (None, false));
+        assert!(e.recipients[0].dsn.is_empty());
+        assert!(e.recipients[0].dsn.wants_failure() && !e.recipients[0].dsn.wants_success());
+        // And nothing new is written for an entry without DSN parameters.
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(!json.contains("dsn") && !json.contains("ret"), "{json}");
+        let mut e = e;
+        e.recipients[0].dsn.notify = Some(Notify::default());
+        let back: QueueEntry = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert!(!back.recipients[0].dsn.wants_failure());
     }
 
     #[test]
