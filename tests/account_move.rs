@@ -615,3 +615,59 @@ async fn a_folder_created_again_between_runs_is_copied_afresh() -> anyhow::Resul
     c.shutdown().await;
     Ok(())
 }
+
+/// A POP3 session open on the old owner when the account moves ends with `-ERR [SYS/TEMP]`
+/// (it does not go on serving a maildrop that is no longer there); logging in again through
+/// the old owner reaches the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_pop3_sessions_on_the_old_owner_end_with_sys_temp() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let user = "pop-session@example.com";
+    seed_small(&c, user).await?;
+    let dir = tempfile::tempdir()?;
+    let (ready, moved) = (dir.path().join("ready"), dir.path().join("moved"));
+    let b = c.node(1).pop3();
+    let script = format!(
+        r#"
+import poplib, os, time
+P = poplib.POP3("{ip}", {port}, timeout=30)
+P.user("{user}")
+P.pass_("{PASS}")
+print("before", P.stat()[0])
+open("{ready}", "w").close()
+deadline = time.time() + 30
+while not os.path.exists("{moved}") and time.time() < deadline:
+    time.sleep(0.05)
+try:
+    print("noop", P.noop().decode())
+except poplib.error_proto as e:
+    print("noop", e.args[0].decode())
+P2 = poplib.POP3("{ip}", {port}, timeout=30)
+P2.user("{user}")
+P2.pass_("{PASS}")
+print("again", P2.stat()[0])
+P2.quit()
+"#,
+        ip = b.ip(),
+        port = b.port(),
+        ready = ready.display(),
+        moved = moved.display(),
+    );
+    let client = tokio::task::spawn_blocking(move || python(&script));
+    anyhow::ensure!(
+        eventually(Duration::from_secs(30), || ready.exists()).await,
+        "the POP3 client did not log in"
+    );
+    c.node(1)
+        .node()
+        .state
+        .move_account(user, "node-c", false)
+        .await?;
+    std::fs::write(&moved, b"")?;
+    let out = client.await??;
+    assert!(out.contains("before 10"), "{out}");
+    assert!(out.contains("noop -ERR [SYS/TEMP]"), "{out}");
+    assert!(out.contains("again 10"), "{out}");
+    c.shutdown().await;
+    Ok(())
+}
