@@ -671,3 +671,55 @@ P2.quit()
     c.shutdown().await;
     Ok(())
 }
+
+/// The final pass of a mailbox larger than one `MoveSync` window (4096 messages) goes window
+/// by window: flag changes and expunges made between two runs, on both sides of a window's
+/// edge, reach the new owner, and nothing else is expunged there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mailbox_larger_than_one_sync_window_is_reconciled_whole() -> anyhow::Result<()> {
+    const N: usize = ds_cluster::SYNC_WINDOW + 300;
+    let c = cluster().await?;
+    let user = "big@example.com";
+    c.node(1).add_account(user, PASS).await?;
+    let b = c.node(1).node().state.clone();
+    b.mail.create_mailbox(user, "Big", None)?;
+    for i in 0..N {
+        b.mail.append(
+            user,
+            "Big",
+            format!("Subject: {i}\r\n\r\nbody {i}\r\n").as_bytes(),
+            &[],
+            1_700_000_000,
+        )?;
+    }
+    b.store.flush_async().await?;
+    b.locator.stop_moves_at(Some("copied"));
+    assert!(b.move_account(user, "node-c", false).await.is_err());
+    b.locator.stop_moves_at(None);
+    // Changes on both sides of the first window's edge (UID 4096).
+    let uids = b.mail.uids(user, "Big")?;
+    for uid in [uids[5], uids[4095], uids[4096], uids[N - 1]] {
+        b.mail
+            .add_flags(user, "Big", uid, &["\\Seen".into(), "Kw".into()])?;
+    }
+    b.mail.expunge(
+        user,
+        "Big",
+        &[uids[10], uids[4094], uids[4097], uids[N - 2]],
+    )?;
+    b.store.flush_async().await?;
+    let view = |mail: &ds_store::MailStore| -> anyhow::Result<Vec<(u32, Vec<String>)>> {
+        Ok(mail
+            .messages(user, "Big")?
+            .into_iter()
+            .map(|m| (m.uid, m.flags))
+            .collect())
+    };
+    let before = view(&b.mail)?;
+    assert_eq!(before.len(), N - 4);
+    let report = b.move_account(user, "node-c", false).await?;
+    assert_eq!(report.expunged, 4, "{report:?}");
+    assert_eq!(view(&c.node(2).node().state.mail)?, before);
+    c.shutdown().await;
+    Ok(())
+}

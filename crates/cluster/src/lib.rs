@@ -34,7 +34,7 @@ pub use error::{Error, Result};
 pub use locator::{
     FanoutBudget, Kind, ListKeeper, ListKeepers, Location, Locator, Owner, PeerHello, Purpose,
 };
-pub use moving::{MOVES_TABLE, MoveProgress, MoveRecord, MoveReport, MoveState};
+pub use moving::{MOVES_TABLE, MoveProgress, MoveRecord, MoveReport, MoveState, SYNC_WINDOW};
 pub use peer::{PeerState, PeerStatus};
 pub use reservation::{RESERVATIONS_TABLE, Reservation};
 pub use server::{MingerService, serve_minger};

@@ -53,6 +53,8 @@ const CHUNK: usize = 64 * 1024;
 const PARALLEL_PUTS: usize = 4;
 /// Largest message body accepted by `MovePut`.
 const MAX_BODY: u64 = 1 << 30;
+/// Messages per `MoveSync` window (the new owner refuses more).
+pub const SYNC_WINDOW: usize = 4096;
 /// How long the switch's reservation lives if never released.
 const SWITCH_RESERVATION: Duration = Duration::from_secs(120);
 
@@ -503,26 +505,18 @@ impl Locator {
                 return Err(self.thaw(&mail, &record, e).await);
             }
             for (info, messages) in &boxes {
-                let request = MoveSyncRequest {
-                    address: address.clone(),
-                    mailbox: info.name.clone(),
-                    uidnext: info.uidnext,
-                    messages: messages
-                        .iter()
-                        .map(|m| MoveFlags {
-                            uid: m.uid,
-                            flags: m.flags.clone(),
+                for request in sync_windows(&address, info, messages) {
+                    match peer
+                        .call("move_sync", request, |mut c, r| async move {
+                            c.move_sync(r).await
                         })
-                        .collect(),
-                };
-                match peer
-                    .call("move_sync", request, |mut c, r| async move {
-                        c.move_sync(r).await
-                    })
-                    .await
-                {
-                    Ok(reply) => report.expunged += u64::from(reply.expunged),
-                    Err(reason) => return Err(self.thaw(&mail, &record, remote(to)(reason)).await),
+                        .await
+                    {
+                        Ok(reply) => report.expunged += u64::from(reply.expunged),
+                        Err(reason) => {
+                            return Err(self.thaw(&mail, &record, remote(to)(reason)).await);
+                        }
+                    }
                 }
             }
             // The switch, under our reservation of the address on the new owner.
@@ -780,6 +774,50 @@ fn routes_to(dir: &ds_directory::Directory, address: &str) -> Result<Vec<String>
         .collect())
 }
 
+/// A mailbox's final pass as `MoveSync` windows of at most [`SYNC_WINDOW`] messages that
+/// together cover every UID.
+fn sync_windows(
+    address: &str,
+    info: &MailboxInfo,
+    messages: &[MessageMeta],
+) -> Vec<MoveSyncRequest> {
+    let mut sorted: Vec<&MessageMeta> = messages.iter().collect();
+    sorted.sort_unstable_by_key(|m| m.uid);
+    let chunks: Vec<&[&MessageMeta]> = if sorted.is_empty() {
+        vec![&[]]
+    } else {
+        sorted.chunks(SYNC_WINDOW).collect()
+    };
+    let last = chunks.len() - 1;
+    let mut first_uid = 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let last_uid = match chunk.last() {
+                Some(m) if i < last => m.uid,
+                _ => u32::MAX,
+            };
+            let request = MoveSyncRequest {
+                address: address.to_string(),
+                mailbox: info.name.clone(),
+                uidnext: info.uidnext,
+                messages: chunk
+                    .iter()
+                    .map(|m| MoveFlags {
+                        uid: m.uid,
+                        flags: m.flags.clone(),
+                    })
+                    .collect(),
+                first_uid,
+                last_uid,
+            };
+            first_uid = last_uid.saturating_add(1);
+            request
+        })
+        .collect()
+}
+
 fn boxes_names(boxes: &[(MailboxInfo, Vec<MessageMeta>)]) -> Vec<String> {
     boxes.iter().map(|(i, _)| i.name.clone()).collect()
 }
@@ -966,10 +1004,27 @@ impl MingerService {
         let mail = self.mail()?;
         let req = request.into_inner();
         let address = self.move_target(&req.address)?;
+        if req.messages.len() > SYNC_WINDOW {
+            return Err(Status::invalid_argument(format!(
+                "more than {SYNC_WINDOW} messages in one MoveSync"
+            )));
+        }
+        let window = match (req.first_uid, req.last_uid) {
+            // A sender from before windows: the whole mailbox in one message.
+            (0, 0) => 1..=u32::MAX,
+            (first, last) if first <= last => first..=last,
+            _ => return Err(Status::invalid_argument("an empty MoveSync window")),
+        };
+        if let Some(m) = req.messages.iter().find(|m| !window.contains(&m.uid)) {
+            return Err(Status::invalid_argument(format!(
+                "UID {} outside its MoveSync window",
+                m.uid
+            )));
+        }
         let flags: Vec<(u32, Vec<String>)> =
             req.messages.into_iter().map(|m| (m.uid, m.flags)).collect();
         let expunged = tokio::task::spawn_blocking(move || {
-            mail.reconcile_mailbox(&address, &req.mailbox, &flags, req.uidnext)
+            mail.reconcile_mailbox(&address, &req.mailbox, window, &flags, req.uidnext)
         })
         .await
         .map_err(|e| internal("move sync", e))?
