@@ -170,11 +170,15 @@ enum AccountCmd {
     Move {
         name: String,
         /// Node id of the new owner.
-        #[arg(long)]
-        to: String,
+        #[arg(long, required_unless_present = "abort")]
+        to: Option<String>,
         /// Only print what would move; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Cancel an interrupted move: the new owner drops its partial copy and the account
+        /// is served by this node again (nothing is lost).
+        #[arg(long, conflicts_with_all = ["to", "dry_run"])]
+        abort: bool,
     },
 }
 
@@ -331,9 +335,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
             }),
             AccountCmd::Del { name } => Op::AccountDel(proto::Name { name }),
-            AccountCmd::Move { name, to, dry_run } => {
-                Op::AccountMove(proto::AccountMove { name, to, dry_run })
-            }
+            AccountCmd::Move {
+                name,
+                to,
+                dry_run,
+                abort,
+            } => Op::AccountMove(proto::AccountMove {
+                name,
+                to: to.unwrap_or_default(),
+                dry_run,
+                abort,
+            }),
             AccountCmd::List { domain } => Op::AccountList(proto::DomainFilter {
                 domain: domain.unwrap_or_default(),
             }),
@@ -408,7 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let v: serde_json::Value =
             serde_json::from_str(&reply.json).context("the node's doctor report is not JSON")?;
         if v["ok"] != serde_json::Value::Bool(true) {
-            bail!("some peer checks failed (see above)");
+            bail!("some checks failed (see above)");
         }
     }
     Ok(())

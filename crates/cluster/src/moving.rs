@@ -35,10 +35,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::locator::{Kind, Location, Locator, Owner};
 use crate::peer::Peer;
 use crate::proto::{
-    MoveBeginReply, MoveBeginRequest, MoveFinishReply, MoveFinishRequest, MoveFlags,
-    MoveMailboxReply, MoveMailboxRequest, MoveMailboxState, MoveMessageHeader, MovePutChunk,
-    MovePutReply, MoveSyncReply, MoveSyncRequest, ReleaseRequest, ReserveRequest,
-    move_put_chunk::Part,
+    MoveAbortReply, MoveAbortRequest, MoveBeginReply, MoveBeginRequest, MoveFinishReply,
+    MoveFinishRequest, MoveFlags, MoveMailboxReply, MoveMailboxRequest, MoveMailboxState,
+    MoveMessageHeader, MovePutChunk, MovePutReply, MoveSyncReply, MoveSyncRequest, ReleaseRequest,
+    ReserveRequest, move_put_chunk::Part,
 };
 use crate::server::MingerService;
 use crate::{Error, Result};
@@ -93,13 +93,57 @@ pub struct MoveRecord {
 #[derive(Debug, Clone)]
 pub(crate) struct Moves {
     table: Table<MoveRecord>,
+    /// Addresses with a move (or an abort) running in this process: one at a time each.
+    running: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// An address's turn to be moved or aborted; ends when dropped.
+struct Running {
+    running: Arc<std::sync::Mutex<HashSet<String>>>,
+    address: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.address);
+    }
 }
 
 impl Moves {
     pub(crate) fn new(store: &Store) -> Result<Self> {
         Ok(Self {
             table: store.table(MOVES_TABLE)?,
+            running: Arc::default(),
         })
+    }
+
+    /// Takes `address`'s turn; refused while another move or abort of it runs here.
+    fn start(&self, address: &str) -> Result<Running> {
+        let mut set = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.insert(address.to_string()) {
+            return Err(Error::Move(format!(
+                "a move of {address} is running on this node now"
+            )));
+        }
+        Ok(Running {
+            running: Arc::clone(&self.running),
+            address: address.to_string(),
+        })
+    }
+
+    /// Moves not finished: interrupted, or running now.
+    pub(crate) fn unfinished(&self) -> Result<Vec<MoveRecord>> {
+        let mut out = vec![];
+        for entry in self.table.iter() {
+            let (_, record) = entry?;
+            if record.state != MoveState::Done {
+                out.push(record);
+            }
+        }
+        Ok(out)
     }
 
     pub(crate) fn get(&self, address: &str) -> Result<Option<MoveRecord>> {
@@ -324,6 +368,7 @@ impl Locator {
         let moves = &self.inner.moves;
         let me = self.node_id().to_string();
         let address = dir.served_address(name)?.to_string();
+        let _turn = moves.start(&address)?;
         if to == me {
             return Err(Error::Move(format!("{to} is this node")));
         }
@@ -579,6 +624,91 @@ impl Locator {
         report.elapsed = started.elapsed();
         tracing::info!(%address, %to, copied = report.copied, bytes = report.copied_bytes, elapsed = ?report.elapsed, "account moved");
         Ok(report)
+    }
+
+    /// Moves started here and not finished (interrupted, or running now).
+    pub fn unfinished_moves(&self) -> Result<Vec<MoveRecord>> {
+        self.inner.moves.unfinished()
+    }
+
+    /// Cancels an unfinished move of `name` from this node: the new owner drops its partial
+    /// copy (and our reservation), then the account is thawed and served here again, as
+    /// before the move; nothing of it is lost. Refused once the new owner has the account
+    /// (the switch happened: run the move again to finish it). Returns lines for the operator.
+    pub async fn abort_move(&self, name: &str) -> Result<Vec<String>> {
+        let moves = &self.inner.moves;
+        let address = self.inner.directory.served_address(name)?.to_string();
+        let _turn = moves.start(&address)?;
+        let record = match moves.get(&address)? {
+            None => return Err(Error::Move(format!("no move of {address} to abort here"))),
+            Some(r) if r.state == MoveState::Done => {
+                return Err(Error::Move(format!(
+                    "{address} was moved to {} already; to bring it back, run `dshare account move {address} --to {}` there",
+                    r.to,
+                    self.node_id()
+                )));
+            }
+            Some(r) => r,
+        };
+        let mail = self
+            .inner
+            .mail
+            .get()
+            .cloned()
+            .ok_or_else(|| Error::Move("this node has no mail store attached".into()))?;
+        let to = record.to.clone();
+        let peer_config = self
+            .inner
+            .config
+            .peers
+            .iter()
+            .find(|p| p.id == to)
+            .ok_or_else(|| Error::Move(format!("{to} is no longer a peer of this node")))?;
+        let peer = Peer::new(
+            peer_config,
+            self.inner.config.ca_pem.as_deref(),
+            &self.inner.config.secret,
+            MOVE_CALL_TIMEOUT,
+        )?;
+        let me = self.node_id().to_string();
+        // The new owner refuses (an account there already) once the switch happened; before
+        // `Switching` was recorded it cannot have happened.
+        let dropped = peer
+            .call(
+                "move_abort",
+                MoveAbortRequest {
+                    address: address.clone(),
+                    from_node: me,
+                },
+                |mut c, r| async move { c.move_abort(r).await },
+            )
+            .await;
+        let dropped = match dropped {
+            Ok(reply) => reply,
+            Err(reason) if record.state == MoveState::Switching => {
+                return Err(Error::Move(format!(
+                    "cannot abort: {to} may have taken {address} already and does not answer ({reason}); run the move again to finish it"
+                )));
+            }
+            Err(reason) if reason.contains("FailedPrecondition") => {
+                return Err(Error::Move(format!(
+                    "cannot abort: {to} has the account already ({reason}); run `dshare account move {address} --to {to}` to finish the move"
+                )));
+            }
+            Err(reason) => return Err(remote(&to)(reason)),
+        };
+        mail.freeze(&address, false)?;
+        moves.table.remove(&address)?;
+        mail.store().flush_async().await?;
+        self.invalidate_everywhere(&address).await;
+        tracing::warn!(%address, %to, mailboxes = dropped.mailboxes, messages = dropped.messages, "account move aborted");
+        Ok(vec![
+            format!("aborted the move of {address} to {to}: it is served by this node again"),
+            format!(
+                "{to} dropped its partial copy ({} mailboxes, {} messages)",
+                dropped.mailboxes, dropped.messages
+            ),
+        ])
     }
 
     /// Undoes a freeze after a failure before the switch: the account is served here again.
@@ -1031,6 +1161,41 @@ impl MingerService {
         .map_err(|e| internal("move sync", e))?;
         Ok(Response::new(MoveSyncReply {
             expunged: expunged as u32,
+        }))
+    }
+
+    pub(crate) async fn do_move_abort(
+        &self,
+        request: Request<MoveAbortRequest>,
+    ) -> std::result::Result<Response<MoveAbortReply>, Status> {
+        self.authorize(&request)?;
+        let mail = self.mail()?;
+        let req = request.into_inner();
+        let address = self.move_target(&req.address)?;
+        let m = mail.clone();
+        let a = address.clone();
+        let (mailboxes, messages) =
+            tokio::task::spawn_blocking(move || -> ds_store::Result<(u32, u64)> {
+                let boxes = m.list_mailboxes(&a)?;
+                let messages = boxes.iter().map(|b| u64::from(b.messages)).sum();
+                m.discard_account_import(&a)?;
+                Ok((boxes.len() as u32, messages))
+            })
+            .await
+            .map_err(|e| internal("move abort", e))?
+            .map_err(|e| internal("move abort", e))?;
+        self.inner
+            .reservations
+            .release(&address, &req.from_node)
+            .map_err(|e| internal("move abort", e))?;
+        mail.store()
+            .flush_async()
+            .await
+            .map_err(|e| internal("move abort", e))?;
+        tracing::warn!(%address, from = %req.from_node, mailboxes, messages, "account move aborted: partial copy dropped");
+        Ok(Response::new(MoveAbortReply {
+            mailboxes,
+            messages,
         }))
     }
 

@@ -368,6 +368,13 @@ impl Minger for MingerService {
     ) -> std::result::Result<Response<MoveFinishReply>, Status> {
         self.do_move_finish(request).await
     }
+
+    async fn move_abort(
+        &self,
+        request: Request<crate::proto::MoveAbortRequest>,
+    ) -> std::result::Result<Response<crate::proto::MoveAbortReply>, Status> {
+        self.do_move_abort(request).await
+    }
 }
 
 impl MingerService {

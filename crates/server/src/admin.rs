@@ -154,6 +154,7 @@ impl AdminService {
                 let account = node.delete_account(&n.name).await?;
                 Ok(one(format!("deleted {}", account.address)))
             }
+            Op::AccountMove(m) if m.abort => Ok(lines(node.abort_move(&m.name).await?)),
             Op::AccountMove(m) => {
                 let report = node.move_account(&m.name, &m.to, m.dry_run).await?;
                 let json = serde_json::json!({
@@ -327,10 +328,13 @@ impl AdminService {
             Op::Peers(_) => Ok(with_json(node.peers_report(), node.peers_json())),
             Op::Doctor(_) => {
                 let reports = crate::doctor::run(&node).await;
-                Ok(with_json(
-                    crate::doctor::table(&reports),
-                    crate::doctor::to_json(&reports),
-                ))
+                let moves = node.unfinished_moves()?;
+                let mut table = crate::doctor::table(&reports);
+                table.extend(moves.iter().cloned());
+                let mut json = crate::doctor::to_json(&reports);
+                json["ok"] = (json["ok"] == true && moves.is_empty()).into();
+                json["moves"] = moves.into();
+                Ok(with_json(table, json))
             }
             Op::QueueList(_) => {
                 let (l, j) = node.queue_listing().map_err(Status::internal)?;

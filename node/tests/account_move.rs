@@ -1,0 +1,155 @@
+//! `dshare account move` with the real CLI against in-process test clusters: cancelling a
+//! move that died (`--abort`), and what `dshare doctor` says about it.
+
+use std::time::Duration;
+
+use ds_testkit::Cluster;
+use dshare_e2e::{Smtp, eventually, python};
+
+mod common;
+use common::{cli_config, dshare, ok};
+
+const PASS: &str = "mover-pass";
+
+/// An account on B with 12 messages in INBOX and `Work`, some with flags and keywords.
+async fn seed(c: &Cluster, user: &str) -> anyhow::Result<()> {
+    c.node(1).add_account(user, PASS).await?;
+    let mail = &c.node(1).node().state.mail;
+    mail.create_mailbox(user, "Work", None)?;
+    for i in 0..12 {
+        let flags: Vec<String> = if i % 2 == 0 {
+            vec!["\\Seen".into(), "Kw".into()]
+        } else {
+            vec![]
+        };
+        let folder = if i % 3 == 0 { "INBOX" } else { "Work" };
+        mail.append(
+            user,
+            folder,
+            format!("Subject: {i}\r\n\r\nbody {i} of {user}\r\n").as_bytes(),
+            &flags,
+            1_700_000_000 + i,
+        )?;
+    }
+    c.node(1).node().state.store.flush_async().await?;
+    Ok(())
+}
+
+/// `(mailbox, uid, flags)` of every message of `user` in `mail`.
+fn view(mail: &ds_store::MailStore, user: &str) -> anyhow::Result<Vec<(String, u32, Vec<String>)>> {
+    let mut out = vec![];
+    for info in mail.list_mailboxes(user)? {
+        for m in mail.messages(user, &info.name)? {
+            out.push((info.name.clone(), m.uid, m.flags));
+        }
+    }
+    Ok(out)
+}
+
+/// The count of `user`'s INBOX over POP3 at `addr`.
+fn pop3_count(addr: std::net::SocketAddr, user: &str) -> anyhow::Result<String> {
+    Ok(python(&format!(
+        "import poplib\nP = poplib.POP3('{}', {}, timeout=30)\nP.user('{user}')\nP.pass_('{PASS}')\nprint(P.stat()[0])\nP.quit()\n",
+        addr.ip(),
+        addr.port()
+    ))?
+    .trim()
+    .to_string())
+}
+
+/// B dies with the account frozen and half copied to C. `dshare doctor` names the frozen
+/// account with the two ways out; `dshare account move --abort` unfreezes it on B, C drops
+/// its partial copy (no trace left), mail and logins work on B again, and a later move runs
+/// cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_that_died_frozen_is_aborted_and_nothing_is_lost() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    let user = "frozen@example.com";
+    seed(&c, user).await?;
+    let before = view(&c.node(1).node().state.mail, user)?;
+    let b = c.node(1).node().state.clone();
+    b.locator.stop_moves_at(Some("frozen"));
+    assert!(b.move_account(user, "node-c", false).await.is_err());
+    drop(b);
+    // B dies there and comes back: still frozen, C holds a partial copy.
+    c.node_mut(1).stop().await;
+    c.node_mut(1).restart().await?;
+    let b = c.node(1).node().state.clone();
+    let cn = c.node(2).node().state.clone();
+    assert!(b.mail.is_frozen(user)?);
+    assert!(!cn.mail.list_mailboxes(user)?.is_empty());
+
+    let dir = tempfile::tempdir()?;
+    let cfg = cli_config(dir.path(), &c.node(1).data_dir(), c.node(1).admin());
+    let doctor = dshare(&cfg, &["doctor"]).await;
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(!doctor.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains(user))
+        .unwrap_or_else(|| panic!("no line for {user}: {text}"));
+    assert!(line.contains("FROZEN"), "{line}");
+    assert!(
+        line.contains(&format!("dshare account move {user} --to node-c")),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("dshare account move {user} --abort")),
+        "{line}"
+    );
+
+    let out = ok(&cfg, &["account", "move", user, "--abort"]).await;
+    assert!(out.contains("aborted the move"), "{out}");
+    let boxes = b.mail.list_mailboxes(user)?.len();
+    assert!(
+        out.contains(&format!(
+            "node-c dropped its partial copy ({boxes} mailboxes, 12 messages)"
+        )),
+        "{out}"
+    );
+
+    // B: as before the move, and working.
+    assert!(!b.mail.is_frozen(user)?);
+    assert!(b.locator.move_record(user)?.is_none());
+    assert_eq!(view(&b.mail, user)?, before);
+    // C: no trace.
+    assert!(cn.directory.account(user)?.is_none());
+    assert!(cn.mail.list_mailboxes(user)?.is_empty());
+    assert!(!cn.mail.is_provisioned(user)?);
+    assert!(cn.locator.reservation(user)?.is_none());
+    // Mail through A reaches B; POP3 through A and B logs in there.
+    let mut s = Smtp::connect(c.node(0).smtp()).await?;
+    let r = s
+        .send(
+            "sender@example.org",
+            &[user],
+            b"Subject: after\r\n\r\nafter the abort\r\n",
+        )
+        .await?;
+    assert!(r.iter().all(|r| r.is(250)), "{r:?}");
+    s.quit().await?;
+    assert!(
+        eventually(Duration::from_secs(30), || c.node(1).inbox_len(user) == 5).await,
+        "B has {} of 5",
+        c.node(1).inbox_len(user)
+    );
+    assert_eq!(pop3_count(c.node(0).pop3(), user)?, "5");
+    assert_eq!(pop3_count(c.node(1).pop3(), user)?, "5");
+    // doctor is content again; nothing is left to abort.
+    let doctor = dshare(&cfg, &["doctor"]).await;
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(doctor.status.success(), "{text}");
+    assert!(!text.contains(user), "{text}");
+    let again = dshare(&cfg, &["account", "move", user, "--abort"]).await;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("no move of"),
+        "{again:?}"
+    );
+    // A new move runs cleanly from the start.
+    let report = b.move_account(user, "node-c", false).await?;
+    assert_eq!((report.copied, report.skipped), (13, 0), "{report:?}");
+    assert!(cn.directory.account(user)?.is_some());
+    c.shutdown().await;
+    Ok(())
+}
