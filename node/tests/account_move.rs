@@ -153,3 +153,145 @@ async fn a_move_that_died_frozen_is_aborted_and_nothing_is_lost() -> anyhow::Res
     c.shutdown().await;
     Ok(())
 }
+
+/// `n` messages of about 3 kB in `user`'s INBOX on B.
+async fn seed_many(c: &Cluster, user: &str, n: usize) -> anyhow::Result<()> {
+    c.node(1).add_account(user, PASS).await?;
+    let mail = &c.node(1).node().state.mail;
+    for i in 0..n {
+        mail.append(
+            user,
+            "INBOX",
+            &dshare_e2e::message(&format!("{user}-{i}"), 3000),
+            &[],
+            1_700_000_000,
+        )?;
+    }
+    c.node(1).node().state.store.flush_async().await?;
+    Ok(())
+}
+
+/// The progress lines of a move's output, checked: counts never go back, the last one is
+/// the whole; returns how many there are.
+fn check_progress(text: &str, n: usize) -> usize {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("progress: "))
+        .collect();
+    let done: Vec<usize> = lines
+        .iter()
+        .map(|l| {
+            l["progress: ".len()..]
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "{text}");
+    let last = lines
+        .last()
+        .unwrap_or_else(|| panic!("no progress: {text}"));
+    assert!(
+        last.starts_with(&format!("progress: {n}/{n} messages, ")),
+        "{text}"
+    );
+    assert!(
+        last.contains("(100%)") && last.ends_with("ETA 0s"),
+        "{text}"
+    );
+    assert!(
+        last.contains(" messages/s, ") && last.contains(" MB/s"),
+        "{text}"
+    );
+    lines.len()
+}
+
+/// `dshare account move` on the owner shows its progress (plain lines when not on a
+/// terminal), then the summary; with `--json` the progress goes to standard error and the
+/// summary as JSON to standard output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_shows_the_progress_then_the_summary() -> anyhow::Result<()> {
+    const N: usize = 300;
+    let c = Cluster::start(3).await?;
+    let dir = tempfile::tempdir()?;
+    let cfg = cli_config(dir.path(), &c.node(1).data_dir(), c.node(1).admin());
+    let user = "progress@example.com";
+    seed_many(&c, user, N).await?;
+    let out = ok(&cfg, &["account", "move", user, "--to", "node-c"]).await;
+    println!("{out}");
+    let lines = check_progress(&out, N);
+    assert!(lines >= 2, "{out}");
+    let summary: Vec<&str> = out
+        .lines()
+        .skip_while(|l| l.starts_with("progress: "))
+        .collect();
+    assert!(
+        summary[0].starts_with(&format!("moved {user} to node-c: ")),
+        "{out}"
+    );
+    assert!(
+        summary[1].starts_with(&format!("copied {N} messages, ")),
+        "{out}"
+    );
+    assert_eq!(c.node(2).inbox_len(user), N);
+
+    let user = "progress-json@example.com";
+    seed_many(&c, user, N).await?;
+    let out = dshare(&cfg, &["account", "move", user, "--to", "node-c", "--json"]).await;
+    assert!(out.status.success(), "{out:?}");
+    check_progress(&String::from_utf8_lossy(&out.stderr), N);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["copied"], N, "{report}");
+    assert_eq!(report["to"], "node-c", "{report}");
+    c.shutdown().await;
+    Ok(())
+}
+
+/// `dshare account move` on a node that does not own the account: it asks the owner over
+/// Minger, the owner runs the move, and the CLI shows the same progress and summary; an
+/// unknown account is refused there as on the owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_run_on_another_node_is_run_by_the_owner() -> anyhow::Result<()> {
+    const N: usize = 200;
+    let c = Cluster::start(3).await?;
+    let dir = tempfile::tempdir()?;
+    // The CLI talks to A; the account lives on B and goes to C.
+    let cfg = cli_config(dir.path(), &c.node(0).data_dir(), c.node(0).admin());
+    let user = "remote-run@example.com";
+    seed_many(&c, user, N).await?;
+    let dry = ok(
+        &cfg,
+        &["account", "move", user, "--to", "node-c", "--dry-run"],
+    )
+    .await;
+    assert!(
+        dry.contains(&format!("would move {user} to node-c")),
+        "{dry}"
+    );
+    assert!(c.node(1).node().state.directory.account(user)?.is_some());
+    let out = ok(&cfg, &["account", "move", user, "--to", "node-c"]).await;
+    check_progress(&out, N);
+    assert!(
+        out.contains(&format!("moved {user} to node-c: "))
+            && out.contains(&format!("copied {N} messages, ")),
+        "{out}"
+    );
+    assert!(c.node(1).node().state.directory.account(user)?.is_none());
+    assert!(c.node(2).node().state.directory.account(user)?.is_some());
+    assert_eq!(c.node(2).inbox_len(user), N);
+    assert_eq!(pop3_count(c.node(0).pop3(), user)?, N.to_string());
+    let refused = dshare(
+        &cfg,
+        &["account", "move", "nobody@example.com", "--to", "node-c"],
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no account nobody@example.com"),
+        "{refused:?}"
+    );
+    c.shutdown().await;
+    Ok(())
+}

@@ -499,11 +499,13 @@ impl Locator {
                 imap: String::new(),
             };
             moves.put(&record)?;
+            let (total_messages, total_bytes) = missing(&boxes, &present);
             let mut totals = MoveProgress {
-                total_messages: report.mailboxes.iter().map(|m| m.1 - m.3).sum(),
-                total_bytes: report.mailboxes.iter().map(|m| m.2).sum(),
+                total_messages,
+                total_bytes,
                 ..Default::default()
             };
+            progress(totals);
             self.copy_pass(
                 &peer,
                 &mail,
@@ -525,15 +527,9 @@ impl Locator {
             self.forget(&address).await;
             self.stop_here("frozen")?;
             let boxes = inventory(&mail)?;
-            totals.total_messages += boxes
-                .iter()
-                .flat_map(|(i, ms)| ms.iter().map(move |m| (i, m)))
-                .filter(|(i, m)| {
-                    !present
-                        .get(&(i.name.clone(), i.uidvalidity))
-                        .is_some_and(|p| p.contains(&m.uid))
-                })
-                .count() as u64;
+            let (more_messages, more_bytes) = missing(&boxes, &present);
+            totals.total_messages += more_messages;
+            totals.total_bytes += more_bytes;
             let copy = self
                 .copy_pass(
                     &peer,
@@ -902,6 +898,21 @@ fn routes_to(dir: &ds_directory::Directory, address: &str) -> Result<Vec<String>
         })
         .map(|r| r.pattern)
         .collect())
+}
+
+/// Messages and bytes of `boxes` the new owner does not have yet.
+fn missing(
+    boxes: &[(MailboxInfo, Vec<MessageMeta>)],
+    present: &HashMap<(String, u32), HashSet<u32>>,
+) -> (u64, u64) {
+    boxes
+        .iter()
+        .flat_map(|(i, ms)| {
+            let there = present.get(&(i.name.clone(), i.uidvalidity));
+            ms.iter()
+                .filter(move |m| !there.is_some_and(|p| p.contains(&m.uid)))
+        })
+        .fold((0, 0), |(n, b), m| (n + 1, b + m.size))
 }
 
 /// A mailbox's final pass as `MoveSync` windows of at most [`SYNC_WINDOW`] messages that

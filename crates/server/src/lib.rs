@@ -263,9 +263,10 @@ impl NodeState {
             .map_err(move_status)
     }
 
-    /// Cancels an interrupted move of a local account (DESIGN.md §11); lines for the operator.
-    pub async fn abort_move(&self, name: &str) -> std::result::Result<Vec<String>, tonic::Status> {
-        self.locator.abort_move(name).await.map_err(move_status)
+    /// Runs `dshare account move` (or `--abort`) on the account's owner, this node or a
+    /// peer, with its progress (DESIGN.md §11).
+    pub async fn run_move(&self, command: ds_cluster::MoveCommand) -> ds_cluster::MoveEvents {
+        self.locator.run_move(command).await
     }
 
     /// Moves started here and not finished, one line each with what to do about it.
@@ -938,7 +939,7 @@ async fn serve_admin(l: TcpListener, state: Arc<NodeState>, token: String, shutd
 }
 
 /// A move's error as the operator sees it.
-fn move_status(e: ds_cluster::Error) -> tonic::Status {
+pub(crate) fn move_status(e: ds_cluster::Error) -> tonic::Status {
     match e {
         ds_cluster::Error::Move(m) => tonic::Status::failed_precondition(m),
         ds_cluster::Error::Unavailable { .. } => tonic::Status::unavailable(e.to_string()),
