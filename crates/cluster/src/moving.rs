@@ -795,6 +795,7 @@ impl Locator {
                 totals.messages += 1;
                 totals.bytes += m.size;
                 progress(*totals);
+                pause_for_tests(totals.messages).await;
             }
         }
         Ok(())
@@ -898,6 +899,31 @@ fn routes_to(dir: &ds_directory::Directory, address: &str) -> Result<Vec<String>
         })
         .map(|r| r.pattern)
         .collect())
+}
+
+/// Test hook for the tests that SIGKILL a real `dshare serve` in the middle of a copy: with
+/// `DSHARE_TEST_MOVE_PAUSE_AFTER=N` and `DSHARE_TEST_MOVE_PAUSE_FILE=PATH` in the node's
+/// environment, each run of a move creates PATH after its N-th message and waits (up to two
+/// minutes) until the test removes it. Without both variables it does nothing.
+async fn pause_for_tests(copied: u64) {
+    let (Ok(after), Ok(path)) = (
+        std::env::var("DSHARE_TEST_MOVE_PAUSE_AFTER"),
+        std::env::var("DSHARE_TEST_MOVE_PAUSE_FILE"),
+    ) else {
+        return;
+    };
+    if after.parse::<u64>().ok() != Some(copied) {
+        return;
+    }
+    tracing::warn!(copied, %path, "account move paused by the test hook");
+    if let Err(e) = std::fs::write(&path, b"") {
+        tracing::error!(error = %e, %path, "test hook: cannot create the pause file");
+        return;
+    }
+    let until = Instant::now() + Duration::from_secs(120);
+    while std::path::Path::new(&path).exists() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Messages and bytes of `boxes` the new owner does not have yet.
