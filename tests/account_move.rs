@@ -723,3 +723,37 @@ async fn a_mailbox_larger_than_one_sync_window_is_reconciled_whole() -> anyhow::
     c.shutdown().await;
     Ok(())
 }
+
+/// The new owner loses messages it had acknowledged (as after a crash before its store was
+/// flushed, when it is back before the old owner's next call): the final pass sees it and
+/// the move stops before the switch, nothing lost; running it again copies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_switch_waits_for_every_message_on_the_new_owners_disk() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = cluster().await?;
+    let user = "lost-on-target@example.com";
+    seed_small(&c, user).await?;
+    let before = imap_view_of(c.node(1).imap(), user, PASS)?;
+    let b = c.node(1).node().state.clone();
+    let target = c.node(2).node().state.mail.clone();
+    let lost = AtomicBool::new(false);
+    let failed = b
+        .locator
+        .move_account(user, "node-c", false, |p| {
+            if p.messages == 30 && !lost.swap(true, Ordering::SeqCst) {
+                let uids = target.uids(user, "Work").unwrap();
+                target.expunge(user, "Work", &uids[..2]).unwrap();
+            }
+        })
+        .await;
+    assert!(lost.load(Ordering::SeqCst));
+    let e = failed.expect_err("switched without two messages");
+    assert!(e.to_string().contains("lost some"), "{e}");
+    assert!(b.directory.account(user)?.is_some());
+    assert!(!b.mail.is_frozen(user)?);
+    let report = b.move_account(user, "node-c", false).await?;
+    assert_eq!(report.copied, 2, "{report:?}");
+    assert_eq!(imap_view_of(c.node(2).imap(), user, PASS)?, before);
+    c.shutdown().await;
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! way to run Python's standard mail clients.
 
 pub mod internet;
+pub mod processes;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

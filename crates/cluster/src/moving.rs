@@ -547,13 +547,24 @@ impl Locator {
             }
             for (info, messages) in &boxes {
                 for request in sync_windows(&address, info, messages) {
+                    let sent = request.messages.len();
                     match peer
                         .call("move_sync", request, |mut c, r| async move {
                             c.move_sync(r).await
                         })
                         .await
                     {
-                        Ok(reply) => report.expunged += u64::from(reply.expunged),
+                        Ok(reply) if reply.present as usize == sent => {
+                            report.expunged += u64::from(reply.expunged);
+                        }
+                        // The new owner restarted and lost messages it had not flushed yet.
+                        Ok(reply) => {
+                            let e = Error::Move(format!(
+                                "{to} has {} of the {sent} messages of a part of {}: it lost some (restarted?); run the move again to copy them",
+                                reply.present, info.name
+                            ));
+                            return Err(self.thaw(&mail, &record, e).await);
+                        }
                         Err(reason) => {
                             return Err(self.thaw(&mail, &record, remote(to)(reason)).await);
                         }
@@ -1190,14 +1201,28 @@ impl MingerService {
         }
         let flags: Vec<(u32, Vec<String>)> =
             req.messages.into_iter().map(|m| (m.uid, m.flags)).collect();
-        let expunged = tokio::task::spawn_blocking(move || {
-            mail.reconcile_mailbox(&address, &req.mailbox, window, &flags, req.uidnext)
+        let m = mail.clone();
+        let (expunged, present) = tokio::task::spawn_blocking(move || -> ds_store::Result<_> {
+            let expunged =
+                m.reconcile_mailbox(&address, &req.mailbox, window.clone(), &flags, req.uidnext)?;
+            let present = m
+                .uids(&address, &req.mailbox)?
+                .into_iter()
+                .filter(|uid| window.contains(uid))
+                .count();
+            Ok((expunged, present))
         })
         .await
         .map_err(|e| internal("move sync", e))?
         .map_err(|e| internal("move sync", e))?;
+        // What is reported present survives a crash of this node from now on.
+        mail.store()
+            .flush_async()
+            .await
+            .map_err(|e| internal("move sync", e))?;
         Ok(Response::new(MoveSyncReply {
             expunged: expunged as u32,
+            present: present as u32,
         }))
     }
 
