@@ -305,28 +305,9 @@ async fn dry_run_and_refusals_change_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A small account on B: INBOX and `Work`, flags and keywords.
+/// A small account on B: 30 messages in INBOX and `Work`, flags and keywords.
 async fn seed_small(c: &Cluster, user: &str) -> anyhow::Result<()> {
-    c.node(1).add_account(user, PASS).await?;
-    let mail = &c.node(1).node().state.mail;
-    mail.create_mailbox(user, "Work", None)?;
-    for i in 0..30 {
-        let flags: Vec<String> = if i % 2 == 0 {
-            vec!["\\Seen".into(), "Kw".into()]
-        } else {
-            vec![]
-        };
-        let folder = if i % 3 == 0 { "INBOX" } else { "Work" };
-        mail.append(
-            user,
-            folder,
-            &dshare_e2e::message(&format!("{user}-{i}"), 700 + i * 90),
-            &flags,
-            1_700_000_000 + i as i64,
-        )?;
-    }
-    c.node(1).node().state.store.flush_async().await?;
-    Ok(())
+    dshare_e2e::seed_small_account(c, 1, user, PASS, 30).await
 }
 
 /// B "dies" at each stage of a move (the test hook stops the move there with no cleanup,

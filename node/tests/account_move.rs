@@ -13,26 +13,7 @@ const PASS: &str = "mover-pass";
 
 /// An account on B with 12 messages in INBOX and `Work`, some with flags and keywords.
 async fn seed(c: &Cluster, user: &str) -> anyhow::Result<()> {
-    c.node(1).add_account(user, PASS).await?;
-    let mail = &c.node(1).node().state.mail;
-    mail.create_mailbox(user, "Work", None)?;
-    for i in 0..12 {
-        let flags: Vec<String> = if i % 2 == 0 {
-            vec!["\\Seen".into(), "Kw".into()]
-        } else {
-            vec![]
-        };
-        let folder = if i % 3 == 0 { "INBOX" } else { "Work" };
-        mail.append(
-            user,
-            folder,
-            format!("Subject: {i}\r\n\r\nbody {i} of {user}\r\n").as_bytes(),
-            &flags,
-            1_700_000_000 + i,
-        )?;
-    }
-    c.node(1).node().state.store.flush_async().await?;
-    Ok(())
+    dshare_e2e::seed_small_account(c, 1, user, PASS, 12).await
 }
 
 /// `(mailbox, uid, flags)` of every message of `user` in `mail`.
