@@ -201,7 +201,6 @@ async fn the_cli_shows_the_progress_then_the_summary() -> anyhow::Result<()> {
     let user = "progress@example.com";
     seed_many(&c, user, N).await?;
     let out = ok(&cfg, &["account", "move", user, "--to", "node-c"]).await;
-    println!("{out}");
     let lines = check_progress(&out, N);
     assert!(lines >= 2, "{out}");
     let summary: Vec<&str> = out
@@ -226,6 +225,45 @@ async fn the_cli_shows_the_progress_then_the_summary() -> anyhow::Result<()> {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["copied"], N, "{report}");
     assert_eq!(report["to"], "node-c", "{report}");
+
+    // On a terminal (util-linux `script` gives it one) the line is redrawn in place.
+    let user = "progress-tty@example.com";
+    seed_many(&c, user, N).await?;
+    let command = format!(
+        "'{}' -c '{}' account move {user} --to node-c",
+        common::BIN,
+        cfg.display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .await??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let drawn: Vec<&str> = text
+        .split('\r')
+        .filter(|l| l.starts_with("progress: "))
+        .collect();
+    assert!(drawn.len() >= 2, "{text:?}");
+    assert!(drawn.iter().all(|l| l.contains("\x1b[K")), "{text:?}");
+    assert!(
+        drawn[..drawn.len() - 1].iter().all(|l| !l.contains('\n')),
+        "a line ended before the last: {text:?}"
+    );
+    assert!(
+        drawn
+            .last()
+            .unwrap()
+            .starts_with(&format!("progress: {N}/{N} messages")),
+        "{text:?}"
+    );
+    assert!(
+        text.contains(&format!("moved {user} to node-c: ")),
+        "{text:?}"
+    );
     c.shutdown().await;
     Ok(())
 }
