@@ -39,7 +39,8 @@ fn pop3_count(addr: std::net::SocketAddr, user: &str) -> anyhow::Result<String> 
 }
 
 /// B dies with the account frozen and half copied to C. `dshare doctor` names the frozen
-/// account with the two ways out; `dshare account move --abort` unfreezes it on B, C drops
+/// account with the two ways out; `dshare account move --abort` (run on A, which asks the
+/// node that has the move) unfreezes it on B, C drops
 /// its partial copy (no trace left), mail and logins work on B again, and a later move runs
 /// cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -79,7 +80,10 @@ async fn a_move_that_died_frozen_is_aborted_and_nothing_is_lost() -> anyhow::Res
         "{line}"
     );
 
-    let out = ok(&cfg, &["account", "move", user, "--abort"]).await;
+    // Through A, which cannot locate the frozen account: it finds the node with the move.
+    let dir_a = tempfile::tempdir()?;
+    let cfg_a = cli_config(dir_a.path(), &c.node(0).data_dir(), c.node(0).admin());
+    let out = ok(&cfg_a, &["account", "move", user, "--abort"]).await;
     assert!(out.contains("aborted the move"), "{out}");
     let boxes = b.mail.list_mailboxes(user)?.len();
     assert!(
