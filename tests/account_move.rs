@@ -305,28 +305,9 @@ async fn dry_run_and_refusals_change_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A small account on B: INBOX and `Work`, flags and keywords.
+/// A small account on B: 30 messages in INBOX and `Work`, flags and keywords.
 async fn seed_small(c: &Cluster, user: &str) -> anyhow::Result<()> {
-    c.node(1).add_account(user, PASS).await?;
-    let mail = &c.node(1).node().state.mail;
-    mail.create_mailbox(user, "Work", None)?;
-    for i in 0..30 {
-        let flags: Vec<String> = if i % 2 == 0 {
-            vec!["\\Seen".into(), "Kw".into()]
-        } else {
-            vec![]
-        };
-        let folder = if i % 3 == 0 { "INBOX" } else { "Work" };
-        mail.append(
-            user,
-            folder,
-            &dshare_e2e::message(&format!("{user}-{i}"), 700 + i * 90),
-            &flags,
-            1_700_000_000 + i as i64,
-        )?;
-    }
-    c.node(1).node().state.store.flush_async().await?;
-    Ok(())
+    dshare_e2e::seed_small_account(c, 1, user, PASS, 30).await
 }
 
 /// B "dies" at each stage of a move (the test hook stops the move there with no cleanup,
@@ -611,6 +592,148 @@ async fn a_folder_created_again_between_runs_is_copied_afresh() -> anyhow::Resul
     b.store.flush_async().await?;
     let before = imap_view_of(c.node(1).imap(), user, PASS)?;
     b.move_account(user, "node-c", false).await?;
+    assert_eq!(imap_view_of(c.node(2).imap(), user, PASS)?, before);
+    c.shutdown().await;
+    Ok(())
+}
+
+/// A POP3 session open on the old owner when the account moves ends with `-ERR [SYS/TEMP]`
+/// (it does not go on serving a maildrop that is no longer there); logging in again through
+/// the old owner reaches the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_pop3_sessions_on_the_old_owner_end_with_sys_temp() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let user = "pop-session@example.com";
+    seed_small(&c, user).await?;
+    let dir = tempfile::tempdir()?;
+    let (ready, moved) = (dir.path().join("ready"), dir.path().join("moved"));
+    let b = c.node(1).pop3();
+    let script = format!(
+        r#"
+import poplib, os, time
+P = poplib.POP3("{ip}", {port}, timeout=30)
+P.user("{user}")
+P.pass_("{PASS}")
+print("before", P.stat()[0])
+open("{ready}", "w").close()
+deadline = time.time() + 30
+while not os.path.exists("{moved}") and time.time() < deadline:
+    time.sleep(0.05)
+try:
+    print("noop", P.noop().decode())
+except poplib.error_proto as e:
+    print("noop", e.args[0].decode())
+P2 = poplib.POP3("{ip}", {port}, timeout=30)
+P2.user("{user}")
+P2.pass_("{PASS}")
+print("again", P2.stat()[0])
+P2.quit()
+"#,
+        ip = b.ip(),
+        port = b.port(),
+        ready = ready.display(),
+        moved = moved.display(),
+    );
+    let client = tokio::task::spawn_blocking(move || python(&script));
+    anyhow::ensure!(
+        eventually(Duration::from_secs(30), || ready.exists()).await,
+        "the POP3 client did not log in"
+    );
+    c.node(1)
+        .node()
+        .state
+        .move_account(user, "node-c", false)
+        .await?;
+    std::fs::write(&moved, b"")?;
+    let out = client.await??;
+    assert!(out.contains("before 10"), "{out}");
+    assert!(out.contains("noop -ERR [SYS/TEMP]"), "{out}");
+    assert!(out.contains("again 10"), "{out}");
+    c.shutdown().await;
+    Ok(())
+}
+
+/// The final pass of a mailbox larger than one `MoveSync` window (4096 messages) goes window
+/// by window: flag changes and expunges made between two runs, on both sides of a window's
+/// edge, reach the new owner, and nothing else is expunged there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mailbox_larger_than_one_sync_window_is_reconciled_whole() -> anyhow::Result<()> {
+    const N: usize = ds_cluster::SYNC_WINDOW + 300;
+    let c = cluster().await?;
+    let user = "big@example.com";
+    c.node(1).add_account(user, PASS).await?;
+    let b = c.node(1).node().state.clone();
+    b.mail.create_mailbox(user, "Big", None)?;
+    for i in 0..N {
+        b.mail.append(
+            user,
+            "Big",
+            format!("Subject: {i}\r\n\r\nbody {i}\r\n").as_bytes(),
+            &[],
+            1_700_000_000,
+        )?;
+    }
+    b.store.flush_async().await?;
+    b.locator.stop_moves_at(Some("copied"));
+    assert!(b.move_account(user, "node-c", false).await.is_err());
+    b.locator.stop_moves_at(None);
+    // Changes on both sides of the first window's edge (UID 4096).
+    let uids = b.mail.uids(user, "Big")?;
+    for uid in [uids[5], uids[4095], uids[4096], uids[N - 1]] {
+        b.mail
+            .add_flags(user, "Big", uid, &["\\Seen".into(), "Kw".into()])?;
+    }
+    b.mail.expunge(
+        user,
+        "Big",
+        &[uids[10], uids[4094], uids[4097], uids[N - 2]],
+    )?;
+    b.store.flush_async().await?;
+    let view = |mail: &ds_store::MailStore| -> anyhow::Result<Vec<(u32, Vec<String>)>> {
+        Ok(mail
+            .messages(user, "Big")?
+            .into_iter()
+            .map(|m| (m.uid, m.flags))
+            .collect())
+    };
+    let before = view(&b.mail)?;
+    assert_eq!(before.len(), N - 4);
+    let report = b.move_account(user, "node-c", false).await?;
+    assert_eq!(report.expunged, 4, "{report:?}");
+    assert_eq!(view(&c.node(2).node().state.mail)?, before);
+    c.shutdown().await;
+    Ok(())
+}
+
+/// The new owner loses messages it had acknowledged (as after a crash before its store was
+/// flushed, when it is back before the old owner's next call): the final pass sees it and
+/// the move stops before the switch, nothing lost; running it again copies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_switch_waits_for_every_message_on_the_new_owners_disk() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = cluster().await?;
+    let user = "lost-on-target@example.com";
+    seed_small(&c, user).await?;
+    let before = imap_view_of(c.node(1).imap(), user, PASS)?;
+    let b = c.node(1).node().state.clone();
+    let target = c.node(2).node().state.mail.clone();
+    let lost = AtomicBool::new(false);
+    let failed = b
+        .locator
+        .move_account(user, "node-c", false, |p| {
+            if p.messages == 30 && !lost.swap(true, Ordering::SeqCst) {
+                let uids = target.uids(user, "Work").unwrap();
+                target.expunge(user, "Work", &uids[..2]).unwrap();
+            }
+        })
+        .await;
+    assert!(lost.load(Ordering::SeqCst));
+    let e = failed.expect_err("switched without two messages");
+    assert!(e.to_string().contains("lost some"), "{e}");
+    assert!(b.directory.account(user)?.is_some());
+    assert!(!b.mail.is_frozen(user)?);
+    let report = b.move_account(user, "node-c", false).await?;
+    assert_eq!(report.copied, 2, "{report:?}");
     assert_eq!(imap_view_of(c.node(2).imap(), user, PASS)?, before);
     c.shutdown().await;
     Ok(())

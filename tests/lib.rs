@@ -2,6 +2,7 @@
 //! way to run Python's standard mail clients.
 
 pub mod internet;
+pub mod processes;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -274,4 +275,35 @@ impl std::io::Write for CapturedLogs {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// A small account on test node `node`: `n` messages of 0.7–3.5 kB, every third in INBOX,
+/// the others in `Work`, half of them `\Seen` with the keyword `Kw`.
+pub async fn seed_small_account(
+    c: &ds_testkit::Cluster,
+    node: usize,
+    user: &str,
+    password: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    c.node(node).add_account(user, password).await?;
+    let state = &c.node(node).node().state;
+    state.mail.create_mailbox(user, "Work", None)?;
+    for i in 0..n {
+        let flags: Vec<String> = if i % 2 == 0 {
+            vec!["\\Seen".into(), "Kw".into()]
+        } else {
+            vec![]
+        };
+        let folder = if i % 3 == 0 { "INBOX" } else { "Work" };
+        state.mail.append(
+            user,
+            folder,
+            &message(&format!("{user}-{i}"), 700 + i * 90),
+            &flags,
+            1_700_000_000 + i as i64,
+        )?;
+    }
+    state.store.flush_async().await?;
+    Ok(())
 }

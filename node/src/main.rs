@@ -3,6 +3,7 @@
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -11,6 +12,7 @@ use ds_server::admin::proto::{self, admin_client::AdminClient, admin_request::Op
 use ds_server::{Config, Node, StartOptions};
 
 mod dev_cluster;
+mod progress;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -187,11 +189,15 @@ enum AccountCmd {
     Move {
         name: String,
         /// Node id of the new owner.
-        #[arg(long)]
-        to: String,
+        #[arg(long, required_unless_present = "abort")]
+        to: Option<String>,
         /// Only print what would move; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Cancel an interrupted move: the new owner drops its partial copy and the account
+        /// is served by this node again (nothing is lost).
+        #[arg(long, conflicts_with_all = ["to", "dry_run"])]
+        abort: bool,
     },
 }
 
@@ -353,9 +359,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
             }),
             AccountCmd::Del { name } => Op::AccountDel(proto::Name { name }),
-            AccountCmd::Move { name, to, dry_run } => {
-                Op::AccountMove(proto::AccountMove { name, to, dry_run })
-            }
+            AccountCmd::Move {
+                name,
+                to,
+                dry_run,
+                abort,
+            } => Op::AccountMove(proto::AccountMove {
+                name,
+                to: to.unwrap_or_default(),
+                dry_run,
+                abort,
+            }),
             AccountCmd::List { domain } => Op::AccountList(proto::DomainFilter {
                 domain: domain.unwrap_or_default(),
             }),
@@ -424,13 +438,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     };
+    if let Op::AccountMove(m) = op {
+        return account_move(&config, cli.admin, m, cli.json).await;
+    }
     let doctor = matches!(op, Op::Doctor(_));
     let reply = admin_call(&config, cli.admin, op, cli.json).await?;
     if doctor {
         let v: serde_json::Value =
             serde_json::from_str(&reply.json).context("the node's doctor report is not JSON")?;
         if v["ok"] != serde_json::Value::Bool(true) {
-            bail!("some peer checks failed (see above)");
+            bail!("some checks failed (see above)");
         }
     }
     Ok(())
@@ -514,13 +531,26 @@ fn reexec() -> anyhow::Result<()> {
     Err(anyhow::Error::new(err).context(format!("cannot re-execute {}", exe.display())))
 }
 
-/// Sends one command to the node's admin service, prints the reply and returns it.
-async fn admin_call(
+/// The `authorization` header of every admin call.
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Admin =
+    AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+/// A client of the node's admin service; `timeout` bounds each call (until its first reply).
+async fn admin_client(
     config: &Config,
     admin: Option<SocketAddr>,
-    op: Op,
-    json: bool,
-) -> anyhow::Result<proto::AdminReply> {
+    timeout: Duration,
+) -> anyhow::Result<Admin> {
     let mut addr = admin
         .or_else(|| config.listen.admin.first().copied())
         .context("no admin listener configured (give --admin)")?;
@@ -534,37 +564,91 @@ async fn admin_call(
         )
     })?;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(
-            if matches!(op, Op::AccountMove(_)) {
-                6 * 3600
-            } else {
-                60
-            },
-        ))
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
         .connect()
         .await
         .with_context(|| format!("cannot reach the node's admin service at {addr}"))?;
-    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let mut client = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    });
+    Ok(AdminClient::with_interceptor(
+        channel,
+        Bearer(format!("Bearer {token}").parse()?),
+    ))
+}
+
+/// Sends one command to the node's admin service, prints the reply and returns it.
+async fn admin_call(
+    config: &Config,
+    admin: Option<SocketAddr>,
+    op: Op,
+    json: bool,
+) -> anyhow::Result<proto::AdminReply> {
+    let mut client = admin_client(config, admin, Duration::from_secs(60)).await?;
     match client.run(proto::AdminRequest { op: Some(op) }).await {
         Ok(reply) => {
             let reply = reply.into_inner();
-            if json {
-                if reply.json.is_empty() {
-                    bail!("this command has no JSON output");
-                }
-                println!("{}", reply.json);
-            } else {
-                for line in &reply.lines {
-                    println!("{line}");
-                }
-            }
+            print_reply(&reply, json)?;
             Ok(reply)
         }
         Err(status) => bail!("{}", status.message()),
+    }
+}
+
+fn print_reply(reply: &proto::AdminReply, json: bool) -> anyhow::Result<()> {
+    if json {
+        if reply.json.is_empty() {
+            bail!("this command has no JSON output");
+        }
+        println!("{}", reply.json);
+    } else {
+        for line in &reply.lines {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+/// `dshare account move`: runs on the account's owner (this node asks it if need be), shows
+/// the progress as it goes, then the summary.
+async fn account_move(
+    config: &Config,
+    admin: Option<SocketAddr>,
+    request: proto::AccountMove,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut client = admin_client(config, admin, ds_cluster::EVENT_WAIT).await?;
+    let mut events = match client.r#move(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => bail!("{}", status.message()),
+    };
+    let mut display = progress::Display::new(json);
+    loop {
+        let event = match tokio::time::timeout(ds_cluster::EVENT_WAIT, events.message()).await {
+            Ok(Ok(Some(e))) => e,
+            Ok(Ok(None)) => {
+                display.finish();
+                bail!(
+                    "the node ended the move without a result; run the command again to see where it stands"
+                );
+            }
+            Ok(Err(status)) => {
+                display.finish();
+                bail!("{}", status.message());
+            }
+            Err(_) => {
+                display.finish();
+                bail!(
+                    "no word from the node for {:?}; the move may still run there (run the command again to finish it)",
+                    ds_cluster::EVENT_WAIT
+                );
+            }
+        };
+        match event.event {
+            Some(proto::move_event::Event::Progress(p)) => display.show(&p),
+            Some(proto::move_event::Event::Done(reply)) => {
+                display.finish();
+                return print_reply(&reply, json);
+            }
+            None => {}
+        }
     }
 }

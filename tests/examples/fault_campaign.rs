@@ -30,7 +30,7 @@
 //! doubled or an existing account was refused.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -42,7 +42,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
-const DOMAIN: &str = "example.com";
+use ds_testkit::node_ip;
+use dshare_e2e::processes::{DOMAIN, free_port, own_minger, write_configs};
+
 const PASSWORD: &str = "campaign-password-1";
 const SENDER: &str = "load@elsewhere.org";
 const USERS_PER_NODE: usize = 3;
@@ -142,25 +144,10 @@ impl Rng {
 // ---------------------------------------------------------------------------------------------
 // A cluster of dshare processes.
 
-fn node_ip(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, (i + 1) as u8))
-}
-
-fn node_id(i: usize) -> String {
-    format!("node-{}", (b'a' + i as u8) as char)
-}
-
-fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind(SocketAddr::new(ip, 0))?
-        .local_addr()?
-        .port())
-}
-
 struct Ports {
     smtp: u16,
     pop3: u16,
     minger: u16,
-    admin: u16,
     metrics: u16,
 }
 
@@ -200,100 +187,27 @@ impl Cluster {
         n: usize,
         minger_for: impl Fn(usize, u16) -> anyhow::Result<SocketAddr>,
     ) -> anyhow::Result<Cluster> {
-        ds_net::ensure_crypto_provider();
         let root = tempfile::Builder::new()
             .prefix("dshare-campaign-")
             .tempdir()?;
-        let pki = ds_net::tls::Pki::generate("fault campaign CA");
-        let ca = root.path().join("ca.pem");
-        std::fs::write(&ca, pki.ca_cert_pem())?;
-        let secret = root.path().join("cluster.secret");
-        write_private(&secret, b"fault-campaign-cluster-secret-0123456789")?;
-        let mut ports = Vec::new();
-        for i in 0..n {
-            let ip = node_ip(i);
-            ports.push(Ports {
-                smtp: free_port(ip)?,
-                pop3: free_port(ip)?,
-                minger: free_port(ip)?,
-                admin: free_port(ip)?,
-                metrics: free_port(ip)?,
-            });
-        }
-        let peer_minger: Vec<SocketAddr> = (0..n)
-            .map(|j| minger_for(j, ports[j].minger))
-            .collect::<anyhow::Result<_>>()?;
-        let mut nodes = Vec::new();
-        for (i, p) in ports.into_iter().enumerate() {
-            let id = node_id(i);
-            let ip = node_ip(i);
-            let dir = root.path().join(&id);
-            std::fs::create_dir_all(dir.join("data"))?;
-            let (cert, key) = pki.issue(&["localhost", &id], &[ip]);
-            std::fs::write(dir.join("cert.pem"), cert)?;
-            write_private(&dir.join("key.pem"), &key)?;
-            let mut toml = format!(
-                r#"[node]
-id = "{id}"
-data_dir = "{data}"
-main_domain = "{DOMAIN}"
-advertise = "{ip}"
-
-[[domain]]
-name = "{DOMAIN}"
-shared = true
-
-[listen]
-smtp = ["{ip}:{smtp}"]
-pop3 = ["{ip}:{pop3}"]
-pop3s = []
-imap = []
-imaps = []
-minger = ["{ip}:{minger}"]
-admin = ["{ip}:{admin}"]
-metrics = ["{ip}:{metrics}"]
-
-[tls]
-cert = "{dir}/cert.pem"
-key = "{dir}/key.pem"
-cluster_ca = "{ca}"
-
-[smtp]
-retry_base = "1s"
-retry_max = "5s"
-
-[cluster]
-secret_file = "{secret}"
-"#,
-                data = dir.join("data").display(),
-                dir = dir.display(),
-                ca = ca.display(),
-                secret = secret.display(),
-                smtp = p.smtp,
-                pop3 = p.pop3,
-                minger = p.minger,
-                admin = p.admin,
-                metrics = p.metrics,
-            );
-            for j in (0..n).filter(|&j| j != i) {
-                toml.push_str(&format!(
-                    "\n[[cluster.peer]]\nid = \"{}\"\nminger = \"https://{}\"\n",
-                    node_id(j),
-                    peer_minger[j]
-                ));
-            }
-            let config = dir.join("node.toml");
-            std::fs::write(&config, toml)?;
-            nodes.push(ClusterNode {
-                id,
-                ip,
-                dir,
-                config,
-                ports: p,
+        let extra = "[smtp]\nretry_base = \"1s\"\nretry_max = \"5s\"\n";
+        let nodes = write_configs(root.path(), n, minger_for, extra)?
+            .into_iter()
+            .map(|p| ClusterNode {
+                id: p.id,
+                ip: p.ip,
+                dir: p.dir,
+                config: p.config,
+                ports: Ports {
+                    smtp: p.smtp,
+                    pop3: p.pop3,
+                    minger: p.minger,
+                    metrics: p.metrics,
+                },
                 child: None,
                 starts: 0,
-            });
-        }
+            })
+            .collect();
         Ok(Cluster {
             bin: bin.to_path_buf(),
             nodes,
@@ -438,19 +352,6 @@ async fn signal(pid: u32, sig: &str) {
         .arg(pid.to_string())
         .status()
         .await;
-}
-
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)?;
-    Ok(())
 }
 
 fn account(node: usize, user: usize) -> String {
@@ -679,9 +580,7 @@ struct KillReport {
 
 async fn kill_run(a: &Args) -> anyhow::Result<KillReport> {
     let started = Instant::now();
-    let mut cluster = Cluster::create(&a.bin, a.nodes, |j, port| {
-        Ok(SocketAddr::new(node_ip(j), port))
-    })?;
+    let mut cluster = Cluster::create(&a.bin, a.nodes, own_minger)?;
     println!(
         "kill run: {} nodes, data in {}",
         a.nodes,
@@ -1085,11 +984,11 @@ async fn peer_fault_run(a: &Args) -> anyhow::Result<Vec<FaultRow>> {
     // A reaches B's Minger through the proxy; B reaches A directly.
     let proxy_addr = SocketAddr::new(node_ip(1), free_port(node_ip(1))?);
     let mut cluster = Cluster::create(&a.bin, 2, |j, port| {
-        Ok(if j == 1 {
-            proxy_addr
+        if j == 1 {
+            Ok(proxy_addr)
         } else {
-            SocketAddr::new(node_ip(j), port)
-        })
+            own_minger(j, port)
+        }
     })?;
     println!("peer-fault run: data in {}", cluster.root.path().display());
     let b_minger = SocketAddr::new(node_ip(1), cluster.nodes[1].ports.minger);

@@ -13,6 +13,7 @@ pub mod config;
 mod error;
 mod guard;
 pub mod locator;
+mod move_run;
 mod moving;
 mod peer;
 mod reservation;
@@ -34,7 +35,8 @@ pub use error::{Error, Result};
 pub use locator::{
     FanoutBudget, Kind, ListKeeper, ListKeepers, Location, Locator, Owner, PeerHello, Purpose,
 };
-pub use moving::{MOVES_TABLE, MoveProgress, MoveRecord, MoveReport, MoveState};
+pub use move_run::{EVENT_WAIT, MoveCommand, MoveEvent, MoveEvents};
+pub use moving::{MOVES_TABLE, MoveProgress, MoveRecord, MoveReport, MoveState, SYNC_WINDOW};
 pub use peer::{PeerState, PeerStatus};
 pub use reservation::{RESERVATIONS_TABLE, Reservation};
 pub use server::{MingerService, serve_minger};

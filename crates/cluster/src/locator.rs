@@ -313,6 +313,7 @@ impl Locator {
             i.caches.clone(),
         )
         .with_mail(i.mail.get().cloned())
+        .with_mover(self.clone())
     }
 
     pub fn node_id(&self) -> &str {

@@ -35,10 +35,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::locator::{Kind, Location, Locator, Owner};
 use crate::peer::Peer;
 use crate::proto::{
-    MoveBeginReply, MoveBeginRequest, MoveFinishReply, MoveFinishRequest, MoveFlags,
-    MoveMailboxReply, MoveMailboxRequest, MoveMailboxState, MoveMessageHeader, MovePutChunk,
-    MovePutReply, MoveSyncReply, MoveSyncRequest, ReleaseRequest, ReserveRequest,
-    move_put_chunk::Part,
+    MoveAbortReply, MoveAbortRequest, MoveBeginReply, MoveBeginRequest, MoveFinishReply,
+    MoveFinishRequest, MoveFlags, MoveMailboxReply, MoveMailboxRequest, MoveMailboxState,
+    MoveMessageHeader, MovePutChunk, MovePutReply, MoveSyncReply, MoveSyncRequest, ReleaseRequest,
+    ReserveRequest, move_put_chunk::Part,
 };
 use crate::server::MingerService;
 use crate::{Error, Result};
@@ -53,6 +53,8 @@ const CHUNK: usize = 64 * 1024;
 const PARALLEL_PUTS: usize = 4;
 /// Largest message body accepted by `MovePut`.
 const MAX_BODY: u64 = 1 << 30;
+/// Messages per `MoveSync` window (the new owner refuses more).
+pub const SYNC_WINDOW: usize = 4096;
 /// How long the switch's reservation lives if never released.
 const SWITCH_RESERVATION: Duration = Duration::from_secs(120);
 
@@ -91,13 +93,57 @@ pub struct MoveRecord {
 #[derive(Debug, Clone)]
 pub(crate) struct Moves {
     table: Table<MoveRecord>,
+    /// Addresses with a move (or an abort) running in this process: one at a time each.
+    running: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// An address's turn to be moved or aborted; ends when dropped.
+struct Running {
+    running: Arc<std::sync::Mutex<HashSet<String>>>,
+    address: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.address);
+    }
 }
 
 impl Moves {
     pub(crate) fn new(store: &Store) -> Result<Self> {
         Ok(Self {
             table: store.table(MOVES_TABLE)?,
+            running: Arc::default(),
         })
+    }
+
+    /// Takes `address`'s turn; refused while another move or abort of it runs here.
+    fn start(&self, address: &str) -> Result<Running> {
+        let mut set = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.insert(address.to_string()) {
+            return Err(Error::Move(format!(
+                "a move of {address} is running on this node now"
+            )));
+        }
+        Ok(Running {
+            running: Arc::clone(&self.running),
+            address: address.to_string(),
+        })
+    }
+
+    /// Moves not finished: interrupted, or running now.
+    pub(crate) fn unfinished(&self) -> Result<Vec<MoveRecord>> {
+        let mut out = vec![];
+        for entry in self.table.iter() {
+            let (_, record) = entry?;
+            if record.state != MoveState::Done {
+                out.push(record);
+            }
+        }
+        Ok(out)
     }
 
     pub(crate) fn get(&self, address: &str) -> Result<Option<MoveRecord>> {
@@ -322,6 +368,7 @@ impl Locator {
         let moves = &self.inner.moves;
         let me = self.node_id().to_string();
         let address = dir.served_address(name)?.to_string();
+        let _turn = moves.start(&address)?;
         if to == me {
             return Err(Error::Move(format!("{to} is this node")));
         }
@@ -452,11 +499,13 @@ impl Locator {
                 imap: String::new(),
             };
             moves.put(&record)?;
+            let (total_messages, total_bytes) = missing(&boxes, &present);
             let mut totals = MoveProgress {
-                total_messages: report.mailboxes.iter().map(|m| m.1 - m.3).sum(),
-                total_bytes: report.mailboxes.iter().map(|m| m.2).sum(),
+                total_messages,
+                total_bytes,
                 ..Default::default()
             };
+            progress(totals);
             self.copy_pass(
                 &peer,
                 &mail,
@@ -478,15 +527,9 @@ impl Locator {
             self.forget(&address).await;
             self.stop_here("frozen")?;
             let boxes = inventory(&mail)?;
-            totals.total_messages += boxes
-                .iter()
-                .flat_map(|(i, ms)| ms.iter().map(move |m| (i, m)))
-                .filter(|(i, m)| {
-                    !present
-                        .get(&(i.name.clone(), i.uidvalidity))
-                        .is_some_and(|p| p.contains(&m.uid))
-                })
-                .count() as u64;
+            let (more_messages, more_bytes) = missing(&boxes, &present);
+            totals.total_messages += more_messages;
+            totals.total_bytes += more_bytes;
             let copy = self
                 .copy_pass(
                     &peer,
@@ -503,26 +546,29 @@ impl Locator {
                 return Err(self.thaw(&mail, &record, e).await);
             }
             for (info, messages) in &boxes {
-                let request = MoveSyncRequest {
-                    address: address.clone(),
-                    mailbox: info.name.clone(),
-                    uidnext: info.uidnext,
-                    messages: messages
-                        .iter()
-                        .map(|m| MoveFlags {
-                            uid: m.uid,
-                            flags: m.flags.clone(),
+                for request in sync_windows(&address, info, messages) {
+                    let sent = request.messages.len();
+                    match peer
+                        .call("move_sync", request, |mut c, r| async move {
+                            c.move_sync(r).await
                         })
-                        .collect(),
-                };
-                match peer
-                    .call("move_sync", request, |mut c, r| async move {
-                        c.move_sync(r).await
-                    })
-                    .await
-                {
-                    Ok(reply) => report.expunged += u64::from(reply.expunged),
-                    Err(reason) => return Err(self.thaw(&mail, &record, remote(to)(reason)).await),
+                        .await
+                    {
+                        Ok(reply) if reply.present as usize == sent => {
+                            report.expunged += u64::from(reply.expunged);
+                        }
+                        // The new owner restarted and lost messages it had not flushed yet.
+                        Ok(reply) => {
+                            let e = Error::Move(format!(
+                                "{to} has {} of the {sent} messages of a part of {}: it lost some (restarted?); run the move again to copy them",
+                                reply.present, info.name
+                            ));
+                            return Err(self.thaw(&mail, &record, e).await);
+                        }
+                        Err(reason) => {
+                            return Err(self.thaw(&mail, &record, remote(to)(reason)).await);
+                        }
+                    }
                 }
             }
             // The switch, under our reservation of the address on the new owner.
@@ -585,6 +631,91 @@ impl Locator {
         report.elapsed = started.elapsed();
         tracing::info!(%address, %to, copied = report.copied, bytes = report.copied_bytes, elapsed = ?report.elapsed, "account moved");
         Ok(report)
+    }
+
+    /// Moves started here and not finished (interrupted, or running now).
+    pub fn unfinished_moves(&self) -> Result<Vec<MoveRecord>> {
+        self.inner.moves.unfinished()
+    }
+
+    /// Cancels an unfinished move of `name` from this node: the new owner drops its partial
+    /// copy (and our reservation), then the account is thawed and served here again, as
+    /// before the move; nothing of it is lost. Refused once the new owner has the account
+    /// (the switch happened: run the move again to finish it). Returns lines for the operator.
+    pub async fn abort_move(&self, name: &str) -> Result<Vec<String>> {
+        let moves = &self.inner.moves;
+        let address = self.inner.directory.served_address(name)?.to_string();
+        let _turn = moves.start(&address)?;
+        let record = match moves.get(&address)? {
+            None => return Err(Error::Move(format!("no move of {address} to abort here"))),
+            Some(r) if r.state == MoveState::Done => {
+                return Err(Error::Move(format!(
+                    "{address} was moved to {} already; to bring it back, run `dshare account move {address} --to {}` there",
+                    r.to,
+                    self.node_id()
+                )));
+            }
+            Some(r) => r,
+        };
+        let mail = self
+            .inner
+            .mail
+            .get()
+            .cloned()
+            .ok_or_else(|| Error::Move("this node has no mail store attached".into()))?;
+        let to = record.to.clone();
+        let peer_config = self
+            .inner
+            .config
+            .peers
+            .iter()
+            .find(|p| p.id == to)
+            .ok_or_else(|| Error::Move(format!("{to} is no longer a peer of this node")))?;
+        let peer = Peer::new(
+            peer_config,
+            self.inner.config.ca_pem.as_deref(),
+            &self.inner.config.secret,
+            MOVE_CALL_TIMEOUT,
+        )?;
+        let me = self.node_id().to_string();
+        // The new owner refuses (an account there already) once the switch happened; before
+        // `Switching` was recorded it cannot have happened.
+        let dropped = peer
+            .call(
+                "move_abort",
+                MoveAbortRequest {
+                    address: address.clone(),
+                    from_node: me,
+                },
+                |mut c, r| async move { c.move_abort(r).await },
+            )
+            .await;
+        let dropped = match dropped {
+            Ok(reply) => reply,
+            Err(reason) if record.state == MoveState::Switching => {
+                return Err(Error::Move(format!(
+                    "cannot abort: {to} may have taken {address} already and does not answer ({reason}); run the move again to finish it"
+                )));
+            }
+            Err(reason) if reason.contains("FailedPrecondition") => {
+                return Err(Error::Move(format!(
+                    "cannot abort: {to} has the account already ({reason}); run `dshare account move {address} --to {to}` to finish the move"
+                )));
+            }
+            Err(reason) => return Err(remote(&to)(reason)),
+        };
+        mail.freeze(&address, false)?;
+        moves.table.remove(&address)?;
+        mail.store().flush_async().await?;
+        self.invalidate_everywhere(&address).await;
+        tracing::warn!(%address, %to, mailboxes = dropped.mailboxes, messages = dropped.messages, "account move aborted");
+        Ok(vec![
+            format!("aborted the move of {address} to {to}: it is served by this node again"),
+            format!(
+                "{to} dropped its partial copy ({} mailboxes, {} messages)",
+                dropped.mailboxes, dropped.messages
+            ),
+        ])
     }
 
     /// Undoes a freeze after a failure before the switch: the account is served here again.
@@ -675,6 +806,7 @@ impl Locator {
                 totals.messages += 1;
                 totals.bytes += m.size;
                 progress(*totals);
+                pause_for_tests(totals.messages).await;
             }
         }
         Ok(())
@@ -778,6 +910,90 @@ fn routes_to(dir: &ds_directory::Directory, address: &str) -> Result<Vec<String>
         })
         .map(|r| r.pattern)
         .collect())
+}
+
+/// Test hook for the tests that SIGKILL a real `dshare serve` in the middle of a copy: with
+/// `DSHARE_TEST_MOVE_PAUSE_AFTER=N` and `DSHARE_TEST_MOVE_PAUSE_FILE=PATH` in the node's
+/// environment, each run of a move creates PATH after its N-th message and waits (up to two
+/// minutes) until the test removes it. Without both variables it does nothing.
+async fn pause_for_tests(copied: u64) {
+    let (Ok(after), Ok(path)) = (
+        std::env::var("DSHARE_TEST_MOVE_PAUSE_AFTER"),
+        std::env::var("DSHARE_TEST_MOVE_PAUSE_FILE"),
+    ) else {
+        return;
+    };
+    if after.parse::<u64>().ok() != Some(copied) {
+        return;
+    }
+    tracing::warn!(copied, %path, "account move paused by the test hook");
+    if let Err(e) = std::fs::write(&path, b"") {
+        tracing::error!(error = %e, %path, "test hook: cannot create the pause file");
+        return;
+    }
+    let until = Instant::now() + Duration::from_secs(120);
+    while std::path::Path::new(&path).exists() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Messages and bytes of `boxes` the new owner does not have yet.
+fn missing(
+    boxes: &[(MailboxInfo, Vec<MessageMeta>)],
+    present: &HashMap<(String, u32), HashSet<u32>>,
+) -> (u64, u64) {
+    boxes
+        .iter()
+        .flat_map(|(i, ms)| {
+            let there = present.get(&(i.name.clone(), i.uidvalidity));
+            ms.iter()
+                .filter(move |m| !there.is_some_and(|p| p.contains(&m.uid)))
+        })
+        .fold((0, 0), |(n, b), m| (n + 1, b + m.size))
+}
+
+/// A mailbox's final pass as `MoveSync` windows of at most [`SYNC_WINDOW`] messages that
+/// together cover every UID.
+fn sync_windows(
+    address: &str,
+    info: &MailboxInfo,
+    messages: &[MessageMeta],
+) -> Vec<MoveSyncRequest> {
+    let mut sorted: Vec<&MessageMeta> = messages.iter().collect();
+    sorted.sort_unstable_by_key(|m| m.uid);
+    let chunks: Vec<&[&MessageMeta]> = if sorted.is_empty() {
+        vec![&[]]
+    } else {
+        sorted.chunks(SYNC_WINDOW).collect()
+    };
+    let last = chunks.len() - 1;
+    let mut first_uid = 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let last_uid = match chunk.last() {
+                Some(m) if i < last => m.uid,
+                _ => u32::MAX,
+            };
+            let request = MoveSyncRequest {
+                address: address.to_string(),
+                mailbox: info.name.clone(),
+                uidnext: info.uidnext,
+                messages: chunk
+                    .iter()
+                    .map(|m| MoveFlags {
+                        uid: m.uid,
+                        flags: m.flags.clone(),
+                    })
+                    .collect(),
+                first_uid,
+                last_uid,
+            };
+            first_uid = last_uid.saturating_add(1);
+            request
+        })
+        .collect()
 }
 
 fn boxes_names(boxes: &[(MailboxInfo, Vec<MessageMeta>)]) -> Vec<String> {
@@ -966,16 +1182,82 @@ impl MingerService {
         let mail = self.mail()?;
         let req = request.into_inner();
         let address = self.move_target(&req.address)?;
+        if req.messages.len() > SYNC_WINDOW {
+            return Err(Status::invalid_argument(format!(
+                "more than {SYNC_WINDOW} messages in one MoveSync"
+            )));
+        }
+        let window = match (req.first_uid, req.last_uid) {
+            // A sender from before windows: the whole mailbox in one message.
+            (0, 0) => 1..=u32::MAX,
+            (first, last) if first <= last => first..=last,
+            _ => return Err(Status::invalid_argument("an empty MoveSync window")),
+        };
+        if let Some(m) = req.messages.iter().find(|m| !window.contains(&m.uid)) {
+            return Err(Status::invalid_argument(format!(
+                "UID {} outside its MoveSync window",
+                m.uid
+            )));
+        }
         let flags: Vec<(u32, Vec<String>)> =
             req.messages.into_iter().map(|m| (m.uid, m.flags)).collect();
-        let expunged = tokio::task::spawn_blocking(move || {
-            mail.reconcile_mailbox(&address, &req.mailbox, &flags, req.uidnext)
+        let m = mail.clone();
+        let (expunged, present) = tokio::task::spawn_blocking(move || -> ds_store::Result<_> {
+            let expunged =
+                m.reconcile_mailbox(&address, &req.mailbox, window.clone(), &flags, req.uidnext)?;
+            let present = m
+                .uids(&address, &req.mailbox)?
+                .into_iter()
+                .filter(|uid| window.contains(uid))
+                .count();
+            Ok((expunged, present))
         })
         .await
         .map_err(|e| internal("move sync", e))?
         .map_err(|e| internal("move sync", e))?;
+        // What is reported present survives a crash of this node from now on.
+        mail.store()
+            .flush_async()
+            .await
+            .map_err(|e| internal("move sync", e))?;
         Ok(Response::new(MoveSyncReply {
             expunged: expunged as u32,
+            present: present as u32,
+        }))
+    }
+
+    pub(crate) async fn do_move_abort(
+        &self,
+        request: Request<MoveAbortRequest>,
+    ) -> std::result::Result<Response<MoveAbortReply>, Status> {
+        self.authorize(&request)?;
+        let mail = self.mail()?;
+        let req = request.into_inner();
+        let address = self.move_target(&req.address)?;
+        let m = mail.clone();
+        let a = address.clone();
+        let (mailboxes, messages) =
+            tokio::task::spawn_blocking(move || -> ds_store::Result<(u32, u64)> {
+                let boxes = m.list_mailboxes(&a)?;
+                let messages = boxes.iter().map(|b| u64::from(b.messages)).sum();
+                m.discard_account_import(&a)?;
+                Ok((boxes.len() as u32, messages))
+            })
+            .await
+            .map_err(|e| internal("move abort", e))?
+            .map_err(|e| internal("move abort", e))?;
+        self.inner
+            .reservations
+            .release(&address, &req.from_node)
+            .map_err(|e| internal("move abort", e))?;
+        mail.store()
+            .flush_async()
+            .await
+            .map_err(|e| internal("move abort", e))?;
+        tracing::warn!(%address, from = %req.from_node, mailboxes, messages, "account move aborted: partial copy dropped");
+        Ok(Response::new(MoveAbortReply {
+            mailboxes,
+            messages,
         }))
     }
 

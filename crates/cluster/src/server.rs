@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     lookups: AtomicU64,
     /// The mail store account moves write into; `None`: moves are refused.
     pub(crate) mail: Option<ds_store::MailStore>,
+    /// Runs the moves peers ask this node (the owner) to run; `None`: refused.
+    pub(crate) mover: Option<crate::Locator>,
 }
 
 impl std::fmt::Debug for MingerService {
@@ -84,6 +86,7 @@ impl MingerService {
                 caches,
                 lookups: AtomicU64::new(0),
                 mail: None,
+                mover: None,
             }),
             authority: None,
         }
@@ -99,6 +102,14 @@ impl MingerService {
     pub(crate) fn with_mail(mut self, mail: Option<ds_store::MailStore>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.mail = mail;
+        }
+        self
+    }
+
+    /// The Locator that runs the moves peers ask for (before the service is shared).
+    pub(crate) fn with_mover(mut self, locator: crate::Locator) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.mover = Some(locator);
         }
         self
     }
@@ -367,6 +378,22 @@ impl Minger for MingerService {
         request: Request<MoveFinishRequest>,
     ) -> std::result::Result<Response<MoveFinishReply>, Status> {
         self.do_move_finish(request).await
+    }
+
+    type MoveRunStream = crate::move_run::MoveRunStream;
+
+    async fn move_run(
+        &self,
+        request: Request<crate::proto::MoveRunRequest>,
+    ) -> std::result::Result<Response<Self::MoveRunStream>, Status> {
+        self.do_move_run(request).await
+    }
+
+    async fn move_abort(
+        &self,
+        request: Request<crate::proto::MoveAbortRequest>,
+    ) -> std::result::Result<Response<crate::proto::MoveAbortReply>, Status> {
+        self.do_move_abort(request).await
     }
 }
 

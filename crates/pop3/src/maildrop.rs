@@ -41,6 +41,8 @@ impl NoMessage {
 #[derive(Debug)]
 pub struct Maildrop {
     account: String,
+    /// The store's id of the INBOX snapshotted (its watchers learn when it is removed).
+    inbox_id: u64,
     uidvalidity: u32,
     entries: Vec<DropEntry>,
 }
@@ -67,6 +69,7 @@ impl Maildrop {
             .collect();
         Ok(Maildrop {
             account: account.to_owned(),
+            inbox_id: info.id,
             uidvalidity: info.uidvalidity,
             entries,
         })
@@ -75,6 +78,12 @@ impl Maildrop {
     /// The account.
     pub fn account(&self) -> &str {
         &self.account
+    }
+
+    /// A receiver woken by every change of the INBOX; it reads `u64::MAX` once the INBOX is
+    /// removed (the account deleted, or moved to another node).
+    pub fn watch(&self, mail: &MailStore) -> tokio::sync::watch::Receiver<u64> {
+        mail.watch_mailbox(self.inbox_id)
     }
 
     /// Message `n` (1-based), unless it does not exist or is marked deleted.

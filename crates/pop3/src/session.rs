@@ -24,6 +24,8 @@ pub const AUTH_FAILED: &str = "-ERR [AUTH] Authentication failed\r\n";
 const PRIVACY_REQUIRED: &str =
     "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections, use STLS first\r\n";
 const TEMP_FAILED: &str = "-ERR [SYS/TEMP] Temporary failure, try again later\r\n";
+/// The end of a session whose maildrop was removed (its account moved away or deleted).
+const ACCOUNT_GONE: &str = "-ERR [SYS/TEMP] This mailbox has moved or gone, log in again\r\n";
 const BAD_STATE: &str = "-ERR command not valid in this state\r\n";
 
 type Conn = LineConn<MailStream>;
@@ -47,6 +49,8 @@ enum State {
     },
     Transaction {
         maildrop: Maildrop,
+        /// Changes of the INBOX: the session ends when it is removed under it.
+        inbox: tokio::sync::watch::Receiver<u64>,
         _lock: MailboxGuard,
     },
 }
@@ -98,6 +102,22 @@ pub(crate) async fn run(pop3: Arc<Pop3>, stream: MailStream, ctx: ConnContext, s
     .await;
 }
 
+/// Resolves once the INBOX of a session in the TRANSACTION state is removed from the store;
+/// never in another state.
+async fn inbox_removed(state: &mut State) {
+    let State::Transaction { inbox, .. } = state else {
+        return std::future::pending().await;
+    };
+    loop {
+        if *inbox.borrow_and_update() == u64::MAX {
+            return;
+        }
+        if inbox.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 fn domain_of(address: &str) -> &str {
     address.rsplit_once('@').map_or("", |(_, d)| d)
 }
@@ -126,6 +146,13 @@ impl Session {
                     conn.write_all(b"-ERR [SYS/TEMP] Server shutting down\r\n").await?;
                     let _ = conn.shutdown().await;
                     return Ok(());
+                }
+                () = inbox_removed(&mut self.state) => {
+                    // The account was deleted or moved to another node (DESIGN.md §11): its
+                    // messages are no longer here; a new login finds where they are.
+                    tracing::info!("maildrop removed under the session (account moved or deleted)");
+                    self.state = State::Authorization { user: None };
+                    return self.close(conn, ACCOUNT_GONE).await;
                 }
             };
             let line = match read {
@@ -559,6 +586,7 @@ impl Session {
         let reply = format!("+OK {address} has {count} messages ({size} octets)\r\n");
         conn.write_all(reply.as_bytes()).await?;
         self.state = State::Transaction {
+            inbox: maildrop.watch(&self.pop3.mail),
             maildrop,
             _lock: lock,
         };

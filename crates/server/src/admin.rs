@@ -5,12 +5,15 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use futures::Stream;
+use std::pin::Pin;
 use subtle::ConstantTimeEq;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use ds_directory::{Error as DirError, ResolveContext};
 
-use crate::NodeState;
+use crate::{NodeState, move_status};
 
 pub mod proto {
     tonic::include_proto!("dshare.admin.v1");
@@ -119,8 +122,47 @@ fn one(s: impl Into<String>) -> Response<AdminReply> {
     lines([s.into()])
 }
 
+fn move_command(m: proto::AccountMove) -> ds_cluster::MoveCommand {
+    ds_cluster::MoveCommand {
+        name: m.name,
+        to: m.to,
+        dry_run: m.dry_run,
+        abort: m.abort,
+    }
+}
+
+/// The events of `Move`.
+type MoveStream = Pin<Box<dyn Stream<Item = Result<proto::MoveEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl proto::admin_server::Admin for AdminService {
+    type MoveStream = MoveStream;
+
+    async fn r#move(
+        &self,
+        req: Request<proto::AccountMove>,
+    ) -> Result<Response<MoveStream>, Status> {
+        let events = self.node.run_move(move_command(req.into_inner())).await;
+        let events = events.map(|event| {
+            let event = match event.map_err(move_status)? {
+                ds_cluster::MoveEvent::Progress { progress, elapsed } => {
+                    proto::move_event::Event::Progress(proto::MoveProgress {
+                        messages: progress.messages,
+                        bytes: progress.bytes,
+                        total_messages: progress.total_messages,
+                        total_bytes: progress.total_bytes,
+                        elapsed_ms: elapsed.as_millis() as u64,
+                    })
+                }
+                ds_cluster::MoveEvent::Done { lines, json } => {
+                    proto::move_event::Event::Done(AdminReply { lines, json })
+                }
+            };
+            Ok(proto::MoveEvent { event: Some(event) })
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
     async fn run(&self, req: Request<AdminRequest>) -> Result<Response<AdminReply>, Status> {
         let op = req
             .into_inner()
@@ -154,23 +196,20 @@ impl AdminService {
                 let account = node.delete_account(&n.name).await?;
                 Ok(one(format!("deleted {}", account.address)))
             }
+            // Without progress: the result only.
             Op::AccountMove(m) => {
-                let report = node.move_account(&m.name, &m.to, m.dry_run).await?;
-                let json = serde_json::json!({
-                    "address": report.address,
-                    "to": report.to,
-                    "dry_run": report.dry_run,
-                    "mailboxes": report.mailboxes.iter().map(|(name, n, b, there)| serde_json::json!({
-                        "name": name, "messages": n, "bytes": b, "already_there": there,
-                    })).collect::<Vec<_>>(),
-                    "aliases": report.aliases,
-                    "copied": report.copied,
-                    "copied_bytes": report.copied_bytes,
-                    "skipped": report.skipped,
-                    "expunged": report.expunged,
-                    "seconds": report.elapsed.as_secs_f64(),
-                });
-                Ok(with_json(report.lines(), json))
+                let mut events = node.run_move(move_command(m)).await;
+                while let Some(event) = events.next().await {
+                    if let ds_cluster::MoveEvent::Done { lines, json } =
+                        event.map_err(move_status)?
+                    {
+                        return Ok(with_json(
+                            lines,
+                            serde_json::from_str(&json).unwrap_or_default(),
+                        ));
+                    }
+                }
+                Err(Status::internal("the move ended without a result"))
             }
             Op::AccountList(f) => {
                 let domain = (!f.domain.is_empty()).then_some(f.domain.as_str());
@@ -327,10 +366,13 @@ impl AdminService {
             Op::Peers(_) => Ok(with_json(node.peers_report(), node.peers_json())),
             Op::Doctor(_) => {
                 let reports = crate::doctor::run(&node).await;
-                Ok(with_json(
-                    crate::doctor::table(&reports),
-                    crate::doctor::to_json(&reports),
-                ))
+                let moves = node.unfinished_moves()?;
+                let mut table = crate::doctor::table(&reports);
+                table.extend(moves.iter().cloned());
+                let mut json = crate::doctor::to_json(&reports);
+                json["ok"] = (json["ok"] == true && moves.is_empty()).into();
+                json["moves"] = moves.into();
+                Ok(with_json(table, json))
             }
             Op::QueueList(_) => {
                 let (l, j) = node.queue_listing().map_err(Status::internal)?;

@@ -260,12 +260,34 @@ impl NodeState {
         self.locator
             .move_account(&address, to, dry_run, progress)
             .await
-            .map_err(|e| match e {
-                ds_cluster::Error::Move(m) => tonic::Status::failed_precondition(m),
-                ds_cluster::Error::Unavailable { .. } => tonic::Status::unavailable(e.to_string()),
-                ds_cluster::Error::Directory(d) => admin::status(d),
-                e => tonic::Status::internal(e.to_string()),
+            .map_err(move_status)
+    }
+
+    /// Runs `dshare account move` (or `--abort`) on the account's owner, this node or a
+    /// peer, with its progress (DESIGN.md §11).
+    pub async fn run_move(&self, command: ds_cluster::MoveCommand) -> ds_cluster::MoveEvents {
+        self.locator.run_move(command).await
+    }
+
+    /// Moves started here and not finished, one line each with what to do about it.
+    pub fn unfinished_moves(&self) -> std::result::Result<Vec<String>, tonic::Status> {
+        Ok(self
+            .locator
+            .unfinished_moves()
+            .map_err(move_status)?
+            .into_iter()
+            .map(|r| {
+                let state = match r.state {
+                    ds_cluster::MoveState::Copying => "being copied (still served here)",
+                    _ => "FROZEN (mail for it waits with 451)",
+                };
+                format!(
+                    "account {a} is {state} by a move to {to} that is running or was interrupted: finish it with `dshare account move {a} --to {to}` or cancel it with `dshare account move {a} --abort`",
+                    a = r.address,
+                    to = r.to
+                )
             })
+            .collect())
     }
 
     /// An address stopped being an active account here: drop it from every peer's cache.
@@ -984,5 +1006,15 @@ async fn serve_admin(l: TcpListener, state: Arc<NodeState>, token: String, shutd
         .await;
     if let Err(e) = res {
         tracing::error!(error = %e, "admin service failed");
+    }
+}
+
+/// A move's error as the operator sees it.
+pub(crate) fn move_status(e: ds_cluster::Error) -> tonic::Status {
+    match e {
+        ds_cluster::Error::Move(m) => tonic::Status::failed_precondition(m),
+        ds_cluster::Error::Unavailable { .. } => tonic::Status::unavailable(e.to_string()),
+        ds_cluster::Error::Directory(d) => admin::status(d),
+        e => tonic::Status::internal(e.to_string()),
     }
 }

@@ -704,6 +704,17 @@ impl MailStore {
     /// was deleted, say) creates a mailbox of it afterwards; see [`MailStore::create_account`].
     pub fn delete_account(&self, account: &str) -> Result<()> {
         self.deleted.insert(account, encode(&unix_now())?)?;
+        self.remove_account_mail(account)
+    }
+
+    /// Removes all of an account's mailboxes and messages, and its provisioning record,
+    /// without a tombstone: the partial copy of an account whose move here was aborted
+    /// (DESIGN.md §11) leaves no trace.
+    pub fn discard_account_import(&self, account: &str) -> Result<()> {
+        self.remove_account_mail(account)
+    }
+
+    fn remove_account_mail(&self, account: &str) -> Result<()> {
         let names = self
             .list_mailboxes(account)?
             .into_iter()

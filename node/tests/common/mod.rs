@@ -37,17 +37,33 @@ impl Drop for Serve {
 
 /// Starts `dshare serve --config` and waits until each of `ports` on 127.0.0.1 accepts.
 pub fn serve(config: &Path, ports: &[u16]) -> Serve {
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    serve_env(config, &addrs, &[])
+}
+
+/// Starts `dshare serve --config` with `env` added to its environment and its log in
+/// `CONFIG.log`, and waits until each of `addrs` accepts.
+pub fn serve_env(config: &Path, addrs: &[SocketAddr], env: &[(&str, &str)]) -> Serve {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_extension("log"))
+        .unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let node = Serve(child);
     let deadline = Instant::now() + Duration::from_secs(30);
-    for port in ports {
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for &addr in addrs {
+        let port = addr.port();
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             assert!(Instant::now() < deadline, "node did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));

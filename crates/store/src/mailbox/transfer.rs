@@ -183,13 +183,15 @@ impl MailStore {
         Ok(stored)
     }
 
-    /// Makes a mailbox match the source's at the end of a move: `flags` for each UID the
-    /// source has, every other UID expunged, the UID counter at least `uidnext`. Returns the
-    /// number of messages expunged. `NotFound` if the mailbox does not exist.
+    /// Makes the UIDs `window` of a mailbox match the source's at the end of a move: `flags`
+    /// for each UID the source has there, every other UID of the window expunged, the UID
+    /// counter at least `uidnext`. A large mailbox is made to match window by window. Returns
+    /// the number of messages expunged. `NotFound` if the mailbox does not exist.
     pub fn reconcile_mailbox(
         &self,
         account: &str,
         mailbox: &str,
+        window: std::ops::RangeInclusive<u32>,
         flags: &[(u32, Vec<String>)],
         uidnext: u32,
     ) -> Result<usize> {
@@ -198,7 +200,7 @@ impl MailStore {
         let gone: Vec<u32> = self
             .uids(account, &name)?
             .into_iter()
-            .filter(|uid| !keep.contains(uid))
+            .filter(|uid| window.contains(uid) && !keep.contains(uid))
             .collect();
         let removed = self.expunge(account, &name, &gone)?.len();
         for (uid, f) in flags {
@@ -319,12 +321,25 @@ mod tests {
         // A mailbox created here later gets a UIDVALIDITY above the imported one.
         let later = mail.create_mailbox("a@x", "Later", None).unwrap();
         assert!(later.uidvalidity > 1234);
-        // The final pass: flags as given, the rest expunged.
+        // The final pass, window by window: flags as given, the rest of the window expunged.
         let gone = mail
-            .reconcile_mailbox("a@x", "Work", &[(3, vec!["\\Flagged".into()])], 12)
+            .reconcile_mailbox("a@x", "Work", 5..=u32::MAX, &[], 12)
             .unwrap();
         assert_eq!(gone, 1);
         assert_eq!(mail.uids("a@x", "Work").unwrap(), vec![3]);
+        let gone = mail
+            .reconcile_mailbox("a@x", "Work", 1..=4, &[(3, vec!["\\Flagged".into()])], 12)
+            .unwrap();
+        assert_eq!(gone, 0);
+        assert_eq!(
+            mail.message("a@x", "Work", 3).unwrap().unwrap().flags,
+            vec!["\\Flagged".to_string()]
+        );
+        let gone = mail
+            .reconcile_mailbox("a@x", "Work", 1..=u32::MAX, &[], 12)
+            .unwrap();
+        assert_eq!(gone, 1);
+        assert!(mail.uids("a@x", "Work").unwrap().is_empty());
         let info = mail.mailbox("a@x", "Work").unwrap().unwrap();
         assert_eq!(info.uidnext, 12);
     }
