@@ -4,7 +4,7 @@
 //! crosses to an owner in plaintext).
 //!
 //! ```text
-//! cargo run --release -p ds-pop3 --example forward_bench [ROUNDS [MODE]]
+//! cargo run --release -p ds-pop3 --example forward_bench [ROUNDS [MODE]] [--pinned]
 //! ```
 //!
 //! ROUNDS (default 9): rounds per mode, the modes interleaved round by round so that a change
@@ -14,7 +14,14 @@
 //! Each round logs in, sends `RETR 1..=100` one at a time (like poplib), reads every reply to
 //! its final dot and quits. Reported per mode: median and best wall time per round, throughput,
 //! and the ratio forwarded/direct of the medians (plain and TLS client), plus the median of the
-//! per-round ratios.
+//! per-round ratios; and the CPU time of the whole process (client, front node and owner) per
+//! round with its ratio: on a machine with fewer cores than busy parties, wall time follows it.
+//!
+//! `--pinned` (Linux, two cores at least) runs the owner and the client on core 0 and the
+//! forwarding node on core 1, each on a one-thread runtime: the forwarding node then has a core
+//! of its own, as it has a machine of its own in a deployment, and the ratio shows what
+//! forwarding adds to the client's wait (latency, the pipeline) rather than the CPU the
+//! three parties would otherwise take from each other.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -165,18 +172,76 @@ async fn round(addr: SocketAddr, tls: Option<&TlsConnector>) -> (Duration, usize
     (start.elapsed(), octets)
 }
 
+/// CPU seconds this process has used (user + system, every thread: client, front node and
+/// owner alike), from `/proc/self/stat` (clock ticks of 10 ms); 0 where there is none.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-#[tokio::main]
-async fn main() {
-    let mut args = std::env::args().skip(1);
+/// A runtime for one party: one worker pinned to `core` when `pinned`, else the default.
+fn runtime(pinned: bool, core: usize) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    if pinned {
+        b.worker_threads(1).on_thread_start(move || {
+            let mut set = rustix::thread::CpuSet::new();
+            set.set(core);
+            rustix::thread::sched_setaffinity(None, &set).expect("pin a thread to a core");
+        });
+    }
+    b.build().unwrap()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let pinned = args.iter().any(|a| a == "--pinned");
+    let mut args = args.into_iter().filter(|a| a != "--pinned");
     let rounds: usize = args.next().and_then(|r| r.parse().ok()).unwrap_or(9);
     let only = args.next();
+    let owner_rt = runtime(pinned, 0);
+    let front_rt = runtime(pinned, 1);
+    let client_rt = runtime(pinned, 0);
+    let (owner_addrs, front_addrs, client_tls) = setup(&owner_rt, &front_rt);
+    client_rt.block_on(bench(
+        rounds,
+        only,
+        pinned,
+        owner_addrs,
+        front_addrs,
+        client_tls,
+    ));
+}
 
+/// The owner and the front node, each served on its own runtime: their addresses (plain,
+/// implicit TLS) and the client's TLS connector.
+fn setup(
+    owner_rt: &tokio::runtime::Runtime,
+    front_rt: &tokio::runtime::Runtime,
+) -> (
+    (SocketAddr, SocketAddr),
+    (SocketAddr, SocketAddr),
+    TlsConnector,
+) {
     // The owner, with STLS; every node has a certificate of the cluster CA.
     let pki = Pki::generate("bench CA");
     let (cert, key) = pki.issue(&["localhost"], &["127.0.0.1".parse().unwrap()]);
@@ -198,7 +263,7 @@ async fn main() {
         Some(acceptor.clone()),
         None,
     );
-    let (owner_plain, owner_tls) = serve(owner, &acceptor).await;
+    let (owner_plain, owner_tls) = owner_rt.block_on(serve(owner, &acceptor));
 
     // The front node: reaches the owner over STLS against the cluster CA.
     let front_store = Store::temporary().unwrap();
@@ -220,10 +285,23 @@ async fn main() {
         Some(acceptor.clone()),
         Some(Arc::clone(&ca_client)),
     );
-    let (front_plain, front_tls) = serve(front, &acceptor).await;
-
+    let front_addrs = front_rt.block_on(serve(front, &acceptor));
     // The benchmark client trusts the cluster CA too.
-    let client_tls = TlsConnector::from(ca_client);
+    (
+        (owner_plain, owner_tls),
+        front_addrs,
+        TlsConnector::from(ca_client),
+    )
+}
+
+async fn bench(
+    rounds: usize,
+    only: Option<String>,
+    pinned: bool,
+    (owner_plain, owner_tls): (SocketAddr, SocketAddr),
+    (front_plain, front_tls): (SocketAddr, SocketAddr),
+    client_tls: TlsConnector,
+) {
     let all = [
         ("direct", owner_plain, None),
         ("forwarded", front_plain, None),
@@ -240,36 +318,46 @@ async fn main() {
         round(*addr, *tls).await;
     }
     let mut times: Vec<Vec<f64>> = vec![vec![]; modes.len()];
+    let mut cpu = vec![0.0; modes.len()];
     let mut octets = 0;
     for _ in 0..rounds {
         for (i, (_, addr, tls)) in modes.iter().enumerate() {
+            let used = cpu_seconds();
             let (t, n) = round(*addr, *tls).await;
+            cpu[i] += cpu_seconds() - used;
             times[i].push(t.as_secs_f64());
             octets = n;
         }
     }
     let mib = octets as f64 / (1024.0 * 1024.0);
     println!(
-        "pop3 forward_bench: {MESSAGES} messages x {} KiB ({mib:.1} MiB per round), {rounds} rounds",
+        "pop3 forward_bench: {MESSAGES} messages x {} KiB ({mib:.1} MiB per round), {rounds} rounds{}",
         MESSAGE_SIZE / 1024,
+        if pinned {
+            ", pinned: owner and client on core 0, forwarding node on core 1"
+        } else {
+            ""
+        },
     );
     for (i, (name, ..)) in modes.iter().enumerate() {
         let m = median(&times[i]);
         let best = times[i].iter().copied().fold(f64::INFINITY, f64::min);
         println!(
-            "{name:<14} median {:>7.1} ms  best {:>7.1} ms  {:>7.1} MiB/s",
+            "{name:<14} median {:>7.1} ms  best {:>7.1} ms  {:>7.1} MiB/s  cpu {:>6.1} ms/round",
             m * 1000.0,
             best * 1000.0,
             mib / m,
+            cpu[i] * 1000.0 / rounds as f64,
         );
     }
     if modes.len() == all.len() {
         for (label, d, f) in [("plain", 0, 1), ("tls", 2, 3)] {
             let per_round: Vec<f64> = times[f].iter().zip(&times[d]).map(|(f, d)| f / d).collect();
             println!(
-                "ratio forwarded/direct {label:<5}  of medians {:.3}  median of rounds {:.3}",
+                "ratio forwarded/direct {label:<5}  of medians {:.3}  median of rounds {:.3}  cpu {:.3}",
                 median(&times[f]) / median(&times[d]),
                 median(&per_round),
+                cpu[f] / cpu[d],
             );
         }
     }
