@@ -25,6 +25,7 @@ use ds_store::RelayMark;
 use ds_store::queue::{QueueEntry, RecipientState};
 
 use crate::locate::{Location, Purpose};
+use crate::outbound::Spread;
 use crate::relay::{Outgoing, RcptOutcome, RelaySessions};
 use crate::{Result, Smtp, dsn};
 use ds_store::unix_now;
@@ -49,18 +50,21 @@ pub(crate) fn relay_id(entry: &QueueEntry) -> String {
 /// has the same owner endpoint.
 type Group = Vec<QueueEntry>;
 
-/// Splits due entries into [`Group`]s, keeping the due order inside a group and between the
-/// groups' first entries.
-fn groups(due: Vec<QueueEntry>) -> Vec<Group> {
+/// Splits due entries into [`Group`]s by `key`, keeping the due order inside a group and
+/// between the groups' first entries.
+fn groups(
+    due: Vec<QueueEntry>,
+    mut key: impl FnMut(&QueueEntry) -> Option<String>,
+) -> Vec<(Option<String>, Group)> {
     let mut index: HashMap<Option<String>, usize> = HashMap::new();
-    let mut groups: Vec<Group> = Vec::new();
+    let mut groups: Vec<(Option<String>, Group)> = Vec::new();
     for entry in due {
-        let endpoint = entry_endpoint(&entry);
-        let at = *index.entry(endpoint).or_insert_with(|| {
-            groups.push(Vec::new());
+        let endpoint = key(&entry);
+        let at = *index.entry(endpoint.clone()).or_insert_with(|| {
+            groups.push((endpoint, Vec::new()));
             groups.len() - 1
         });
-        groups[at].push(entry);
+        groups[at].1.push(entry);
     }
     groups
 }
@@ -68,10 +72,6 @@ fn groups(due: Vec<QueueEntry>) -> Vec<Group> {
 /// The owner endpoint an entry is grouped by: that of its first pending recipient.
 fn entry_endpoint(entry: &QueueEntry) -> Option<String> {
     entry.pending().find_map(|r| r.endpoint.clone())
-}
-
-fn group_endpoint(group: &Group) -> Option<String> {
-    group.first().and_then(entry_endpoint)
 }
 
 /// What the queue runner is working on: the owner endpoints that have a worker and the ids of
@@ -225,11 +225,11 @@ impl QueueRunner {
                 }
                 in_flight.cool_down_until = None;
             }
-            smtp.queue.due_except(unix_now(), &in_flight.ids)?
+            let due = smtp.queue.due_except(unix_now(), &in_flight.ids)?;
+            self.group(due, &in_flight)
         };
         let mut workers = Vec::new();
-        for group in groups(due) {
-            let endpoint = group_endpoint(&group);
+        for (endpoint, group) in due {
             let Ok(permit) = Arc::clone(&smtp.relay_workers).try_acquire_owned() else {
                 tracing::debug!("every queue worker is busy; the rest waits for the next pass");
                 break;
@@ -257,6 +257,25 @@ impl QueueRunner {
             }));
         }
         Ok(workers)
+    }
+
+    /// Groups due entries per owner endpoint; entries with only outbound recipients per
+    /// destination, spread over as many workers as it may have sessions (see [`Spread`]).
+    fn group(&self, due: Vec<QueueEntry>, in_flight: &InFlight) -> Vec<(Option<String>, Group)> {
+        let Some(outbound) = &self.smtp.outbound else {
+            return groups(due, entry_endpoint);
+        };
+        let workers = outbound.max_per_destination().min(MAX_OWNERS_AT_ONCE);
+        let mut spread = Spread::new(workers, &in_flight.endpoints);
+        groups(due, |entry| {
+            entry_endpoint(entry).or_else(|| {
+                let domain = entry
+                    .pending()
+                    .find_map(|r| r.address.rsplit_once('@').map(|(_, d)| d))
+                    .filter(|d| !self.smtp.directory.domains().is_served(d))?;
+                Some(spread.key(&outbound.destination(domain)))
+            })
+        })
     }
 
     /// One worker: relays a group's entries in order over its sessions. Returns whether an
@@ -436,7 +455,7 @@ impl QueueRunner {
         body: &Outgoing,
         last_error: &mut Option<String>,
     ) {
-        let Some((config, mx)) = &self.smtp.outbound else {
+        let Some(outbound) = &self.smtp.outbound else {
             return;
         };
         let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -453,38 +472,13 @@ impl QueueRunner {
             }
         }
         for (domain, indexes) in by_domain {
-            let hosts = match mx.route(&domain).await {
-                crate::outbound::Route::Hosts(hosts) => hosts,
-                crate::outbound::Route::Permanent(why) => {
-                    tracing::info!(id = entry.id, %domain, %why, "outbound: destination takes no mail");
-                    for &i in &indexes {
-                        entry.recipients[i].state =
-                            RecipientState::Failed(format!("550 5.4.4 {why}"));
-                    }
-                    continue;
-                }
-                crate::outbound::Route::Temporary(why) => {
-                    tracing::info!(id = entry.id, %domain, %why, "outbound: no route now, deferred");
-                    *last_error = Some(why);
-                    continue;
-                }
-            };
             let addresses: Vec<String> = indexes
                 .iter()
                 .map(|&i| entry.recipients[i].address.clone())
                 .collect();
-            let mut sessions = RelaySessions::new(config, None);
-            let mut outcomes = Vec::new();
-            for host in &hosts {
-                outcomes = sessions
-                    .relay(&host.to_string(), &entry.sender, &addresses, body)
-                    .await;
-                if !outcomes.iter().all(|o| matches!(o, RcptOutcome::Retry(_))) {
-                    break;
-                }
-                tracing::info!(id = entry.id, %domain, %host, "outbound: host deferred, trying the next");
-            }
-            sessions.close_all().await;
+            let outcomes = outbound
+                .deliver(entry.id, &domain, &entry.sender, &addresses, body)
+                .await;
             for (&i, outcome) in indexes.iter().zip(outcomes) {
                 let address = entry.recipients[i].address.clone();
                 match outcome {

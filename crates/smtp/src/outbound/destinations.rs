@@ -1,0 +1,161 @@
+//! Per-destination concurrency (`outbound.max_per_destination`, Postfix's
+//! `default_destination_concurrency_limit`): at most that many outbound sessions to one
+//! destination (a recipient domain, or the relay host) at a time, node-wide.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Destinations with no session and no waiter are forgotten once there are more than this.
+const KEEP_IDLE: usize = 64;
+
+/// The sessions open per destination.
+#[derive(Debug)]
+pub(crate) struct Destinations {
+    cap: usize,
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Destinations {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            slots: Mutex::default(),
+        }
+    }
+
+    /// The most sessions to one destination.
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// A session slot for `destination`, waiting at most `wait` for one to free up; `Err`
+    /// says why there is none.
+    pub(crate) async fn acquire(
+        &self,
+        destination: &str,
+        wait: Duration,
+    ) -> Result<OwnedSemaphorePermit, String> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if slots.len() > KEEP_IDLE {
+                // A held permit or a waiter holds a clone of its semaphore.
+                slots.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            Arc::clone(
+                slots
+                    .entry(destination.to_string())
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.cap))),
+            )
+        };
+        match tokio::time::timeout(wait, slot.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(format!("{destination}: session slots closed")),
+            Err(_) => Err(format!(
+                "{destination}: {} sessions busy for {wait:?} (outbound.max_per_destination)",
+                self.cap
+            )),
+        }
+    }
+}
+
+/// The queue runner's side of the cap: spreads one pass's due entries for a destination over
+/// the worker keys `outbound:DEST#0` … `#N-1` that no worker holds (round robin), so up to N
+/// workers deliver to it at once (N = the cap, at most the runner's worker count). With
+/// every key held, entries get a held key and wait for the next pass.
+#[derive(Debug)]
+pub(crate) struct Spread<'a> {
+    keys: usize,
+    busy: &'a HashSet<Option<String>>,
+    turns: HashMap<String, usize>,
+}
+
+impl<'a> Spread<'a> {
+    pub(crate) fn new(keys: usize, busy: &'a HashSet<Option<String>>) -> Self {
+        Self {
+            keys: keys.max(1),
+            busy,
+            turns: HashMap::new(),
+        }
+    }
+
+    /// The worker key of the next entry for `destination`.
+    pub(crate) fn key(&mut self, destination: &str) -> String {
+        let key = |j: usize| format!("outbound:{destination}#{j}");
+        let free: Vec<String> = (0..self.keys)
+            .map(key)
+            .filter(|k| !self.busy.contains(&Some(k.clone())))
+            .collect();
+        let turn = self.turns.entry(destination.to_string()).or_default();
+        *turn += 1;
+        match free.len() {
+            0 => key(0),
+            n => free[(*turn - 1) % n].clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_destination_gets_at_most_cap_sessions() {
+        let d = Destinations::new(2);
+        let a = d
+            .acquire("x.test", Duration::from_millis(10))
+            .await
+            .unwrap();
+        let _b = d
+            .acquire("x.test", Duration::from_millis(10))
+            .await
+            .unwrap();
+        assert!(
+            d.acquire("x.test", Duration::from_millis(10))
+                .await
+                .is_err()
+        );
+        // Other destinations are not held up.
+        let _c = d
+            .acquire("y.test", Duration::from_millis(10))
+            .await
+            .unwrap();
+        drop(a);
+        assert!(d.acquire("x.test", Duration::from_millis(10)).await.is_ok());
+    }
+
+    #[test]
+    fn entries_spread_over_free_keys_only() {
+        let mut busy = HashSet::new();
+        busy.insert(Some("outbound:x.test#0".to_string()));
+        let mut spread = Spread::new(3, &busy);
+        let keys: Vec<String> = (0..4).map(|_| spread.key("x.test")).collect();
+        assert_eq!(
+            keys,
+            [
+                "outbound:x.test#1",
+                "outbound:x.test#2",
+                "outbound:x.test#1",
+                "outbound:x.test#2"
+            ]
+        );
+        assert_eq!(spread.key("y.test"), "outbound:y.test#0");
+        busy.insert(Some("outbound:z.test#0".to_string()));
+        let mut spread = Spread::new(1, &busy);
+        assert_eq!(spread.key("z.test"), "outbound:z.test#0");
+    }
+
+    #[tokio::test]
+    async fn idle_destinations_are_forgotten() {
+        let d = Destinations::new(1);
+        for i in 0..=KEEP_IDLE + 1 {
+            drop(
+                d.acquire(&format!("d{i}.test"), Duration::from_millis(10))
+                    .await,
+            );
+        }
+        assert!(d.slots.lock().unwrap().len() <= KEEP_IDLE + 1);
+    }
+}
