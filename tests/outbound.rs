@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ds_testkit::Cluster;
 use dshare_e2e::internet::{Sink, dns_server};
-use dshare_e2e::{Smtp, eventually, message, python};
+use dshare_e2e::{Smtp, eventually, message};
 
 const BOB: &str = "bob@example.com";
 const PW: &str = "b0b-secret";
@@ -29,24 +29,7 @@ async fn cluster(dns: SocketAddr, sink: SocketAddr) -> anyhow::Result<Cluster> {
 
 /// bob (on node-b) submits at node-a over STARTTLS to `to`.
 fn submit(c: &Cluster, to: &str, subject: &str) -> anyhow::Result<String> {
-    let a = c.node(0).submission();
-    python(&format!(
-        r#"
-import smtplib, ssl
-ctx = ssl.create_default_context(cafile="{ca}")
-s = smtplib.SMTP("{ip}", {port}, timeout=30)
-s.starttls(context=ctx)
-s.login("{bob}", "{pw}")
-print("refused", s.sendmail("{bob}", ["{to}"],
-    "From: {bob}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n.leading dot\r\nout into the world\r\n"))
-s.quit()
-"#,
-        ca = c.root.path().join("ca.pem").display(),
-        ip = a.ip(),
-        port = a.port(),
-        bob = BOB,
-        pw = PW,
-    ))
+    dshare_e2e::internet::submit(c, 0, (BOB, PW), to, subject, 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

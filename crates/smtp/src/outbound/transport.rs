@@ -152,7 +152,7 @@ async fn open_authenticated(
     };
     let tls = auth.tls.as_ref().map_err(|e| {
         defer(format!(
-            "no trust anchors to verify relay host {endpoint}: {e}"
+            "no verified TLS with relay host {endpoint}: no trust anchors ({e})"
         ))
     })?;
     let (client, caps) = Client::start(config, endpoint).await?;
