@@ -62,7 +62,7 @@ pub async fn dns_server() -> anyhow::Result<SocketAddr> {
 }
 
 /// `user` (password `pw`) submits `count` messages to `to` at node `at` over 587 STARTTLS,
-/// with Python's smtplib; the output says `refused {}` per message when all went through.
+/// with Python's smtplib; fails unless every message was accepted.
 pub fn submit(
     c: &ds_testkit::Cluster,
     at: usize,
@@ -72,7 +72,7 @@ pub fn submit(
     count: usize,
 ) -> anyhow::Result<String> {
     let a = c.node(at).submission();
-    crate::python(&format!(
+    let out = crate::python(&format!(
         r#"
 import smtplib, ssl
 ctx = ssl.create_default_context(cafile="{ca}")
@@ -87,7 +87,22 @@ s.quit()
         ca = c.root.path().join("ca.pem").display(),
         ip = a.ip(),
         port = a.port(),
-    ))
+    ))?;
+    anyhow::ensure!(out.matches("refused {}").count() == count, "{out}");
+    Ok(out)
+}
+
+/// The last error of a queue entry of node `i` that contains `what`.
+pub fn queue_error(c: &ds_testkit::Cluster, i: usize, what: &str) -> Option<String> {
+    c.node(i)
+        .node()
+        .state
+        .queue
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| e.last_error)
+        .find(|e| e.contains(what))
 }
 
 /// A message the sink took, and how.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use ds_server::config::Config;
 use ds_testkit::Cluster;
 use dshare_e2e::eventually;
-use dshare_e2e::internet::{Sink, dns_server, submit};
+use dshare_e2e::internet::{Sink, dns_server, queue_error, submit};
 
 const BOB: (&str, &str) = ("bob@example.com", "b0b-secret");
 
@@ -44,19 +44,6 @@ fn sink_cert() -> (ds_net::tls::Pki, Vec<u8>, Vec<u8>) {
     (pki, cert, key)
 }
 
-/// The last error recorded on a queue entry of node `i` that contains `what`.
-fn queue_error(c: &Cluster, i: usize, what: &str) -> Option<String> {
-    c.node(i)
-        .node()
-        .state
-        .queue
-        .list()
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|e| e.last_error)
-        .find(|e| e.contains(what))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starttls_is_used_when_the_mx_offers_it() -> anyhow::Result<()> {
     let dns = dns_server().await?;
@@ -64,8 +51,7 @@ async fn starttls_is_used_when_the_mx_offers_it() -> anyhow::Result<()> {
     let sink = Sink::default().with_starttls(&cert, &key)?;
     let port = sink.start().await?.port();
     let c = cluster(2, dns, port, |_, _| {}).await?;
-    let out = submit(&c, 0, BOB, "x@outside.test", "over tls", 1)?;
-    assert!(out.contains("refused {}"), "{out}");
+    submit(&c, 0, BOB, "x@outside.test", "over tls", 1)?;
     assert!(
         eventually(Duration::from_secs(20), || !sink.received().is_empty()).await,
         "nothing reached the sink: {:?}",
@@ -94,7 +80,7 @@ async fn a_broken_handshake_is_retried_in_plain_text_and_encrypt_defers() -> any
     })
     .await?;
     c.node(0).add_account("carol@example.com", "c4rol").await?;
-    let out = submit(
+    submit(
         &c,
         0,
         ("carol@example.com", "c4rol"),
@@ -102,7 +88,6 @@ async fn a_broken_handshake_is_retried_in_plain_text_and_encrypt_defers() -> any
         "fallback",
         1,
     )?;
-    assert!(out.contains("refused {}"), "{out}");
     assert!(
         eventually(Duration::from_secs(20), || !broken.received().is_empty()).await,
         "no plain-text retry reached the sink: {:?}",
@@ -110,8 +95,7 @@ async fn a_broken_handshake_is_retried_in_plain_text_and_encrypt_defers() -> any
     );
     assert!(!broken.received()[0].tls);
 
-    let out = submit(&c, 1, BOB, "y@outside.test", "must be encrypted", 1)?;
-    assert!(out.contains("refused {}"), "{out}");
+    submit(&c, 1, BOB, "y@outside.test", "must be encrypted", 1)?;
     assert!(
         eventually(Duration::from_secs(20), || queue_error(&c, 1, "STARTTLS")
             .is_some())
@@ -151,7 +135,7 @@ async fn the_relay_host_gets_everything_with_auth_over_verified_tls() -> anyhow:
     c.node(0).add_account("carol@example.com", "c4rol").await?;
     c.node(1).add_account("dave@example.com", "d4ve").await?;
     // nowhere.test has no MX (NXDOMAIN): only the relay host can take it.
-    let out = submit(
+    submit(
         &c,
         0,
         ("carol@example.com", "c4rol"),
@@ -159,7 +143,6 @@ async fn the_relay_host_gets_everything_with_auth_over_verified_tls() -> anyhow:
         "via relay",
         1,
     )?;
-    assert!(out.contains("refused {}"), "{out}");
     assert!(
         eventually(Duration::from_secs(20), || !relay.received().is_empty()).await,
         "nothing reached the relay host: {:?}",
@@ -174,7 +157,7 @@ async fn the_relay_host_gets_everything_with_auth_over_verified_tls() -> anyhow:
         got.message
     );
 
-    let out = submit(
+    submit(
         &c,
         1,
         ("dave@example.com", "d4ve"),
@@ -182,7 +165,6 @@ async fn the_relay_host_gets_everything_with_auth_over_verified_tls() -> anyhow:
         "bad pw",
         1,
     )?;
-    assert!(out.contains("refused {}"), "{out}");
     assert!(
         eventually(Duration::from_secs(20), || queue_error(&c, 1, "535")
             .is_some())
@@ -191,8 +173,7 @@ async fn the_relay_host_gets_everything_with_auth_over_verified_tls() -> anyhow:
         c.node(1).node().state.queue_listing()
     );
 
-    let out = submit(&c, 2, BOB, "z@nowhere.test", "unverified", 1)?;
-    assert!(out.contains("refused {}"), "{out}");
+    submit(&c, 2, BOB, "z@nowhere.test", "unverified", 1)?;
     assert!(
         eventually(Duration::from_secs(20), || queue_error(
             &c,
@@ -215,8 +196,7 @@ async fn a_slow_destination_never_gets_more_sessions_than_the_cap() -> anyhow::R
     let sink = Sink::default().with_delay(Duration::from_millis(300));
     let port = sink.start().await?.port();
     let c = cluster(1, dns, port, |_, c| c.outbound.max_per_destination = 2).await?;
-    let out = submit(&c, 0, BOB, "x@outside.test", "capped", 10)?;
-    assert_eq!(out.matches("refused {}").count(), 10, "{out}");
+    submit(&c, 0, BOB, "x@outside.test", "capped", 10)?;
     assert!(
         eventually(Duration::from_secs(30), || sink.received().len() == 10).await,
         "{} of 10 arrived: {:?}",

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use ds_net::{LineConn, MailStream, TlsConnector};
 use ds_testkit::Cluster;
+use dshare_e2e::env_usize;
 use dshare_e2e::internet::{Sink, dns_server};
 
 const SIZE: usize = 4096;
@@ -30,16 +31,6 @@ const RCPT: &str = "x@outside.test";
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the sink may take to receive every accepted message.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            eprintln!("{name}={v:?} is not a number; using {default}");
-            default
-        }),
-        Err(_) => default,
-    }
-}
 
 /// A submission client over [`LineConn`]: STARTTLS, AUTH PLAIN, transactions.
 struct Submitter {

@@ -88,6 +88,15 @@ impl std::fmt::Debug for OutboundConfig {
     }
 }
 
+/// A queued message to deliver outbound.
+#[derive(Debug)]
+pub(crate) struct Message<'a> {
+    /// Its queue id (for the log).
+    pub id: u64,
+    pub sender: &'a str,
+    pub body: &'a Outgoing,
+}
+
 /// Outbound delivery of a node: routes, transport, session caps.
 #[derive(Debug)]
 pub(crate) struct Outbound {
@@ -146,18 +155,16 @@ impl Outbound {
         self.destinations.cap()
     }
 
-    /// One delivery attempt of a message to its recipients `addresses` in `domain`: every
+    /// One delivery attempt of `message` to its recipients `addresses` in `domain`: every
     /// recipient gets an outcome. The hosts are tried in order while all of them defer.
     pub(crate) async fn deliver(
         &self,
-        id: u64,
+        message: &Message<'_>,
         domain: &str,
-        sender: &str,
         addresses: &[String],
-        body: &Outgoing,
     ) -> Vec<RcptOutcome> {
         let started = Instant::now();
-        let outcomes = self.attempt(id, domain, sender, addresses, body).await;
+        let outcomes = self.attempt(message, domain, addresses).await;
         metrics::histogram!("dshare_outbound_seconds").record(started.elapsed().as_secs_f64());
         for outcome in &outcomes {
             let result = match outcome {
@@ -172,12 +179,11 @@ impl Outbound {
 
     async fn attempt(
         &self,
-        id: u64,
+        message: &Message<'_>,
         domain: &str,
-        sender: &str,
         addresses: &[String],
-        body: &Outgoing,
     ) -> Vec<RcptOutcome> {
+        let id = message.id;
         let n = addresses.len();
         let hosts = match self.hosts(domain).await {
             Ok(hosts) => hosts,
@@ -198,7 +204,9 @@ impl Outbound {
         let mut sessions = RelaySessions::outbound(&self.session, &self.transport);
         let mut outcomes = Vec::new();
         for host in &hosts {
-            outcomes = sessions.relay(host, sender, addresses, body).await;
+            outcomes = sessions
+                .relay(host, message.sender, addresses, message.body)
+                .await;
             if !outcomes.iter().all(|o| matches!(o, RcptOutcome::Retry(_))) {
                 break;
             }

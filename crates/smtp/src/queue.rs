@@ -476,9 +476,12 @@ impl QueueRunner {
                 .iter()
                 .map(|&i| entry.recipients[i].address.clone())
                 .collect();
-            let outcomes = outbound
-                .deliver(entry.id, &domain, &entry.sender, &addresses, body)
-                .await;
+            let message = crate::outbound::Message {
+                id: entry.id,
+                sender: &entry.sender,
+                body,
+            };
+            let outcomes = outbound.deliver(&message, &domain, &addresses).await;
             for (&i, outcome) in indexes.iter().zip(outcomes) {
                 let address = entry.recipients[i].address.clone();
                 match outcome {

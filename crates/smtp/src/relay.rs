@@ -65,7 +65,7 @@ impl RcptOutcome {
 pub(crate) enum StartTlsError {
     /// The server answered `STARTTLS` with an error: the plain session goes on.
     Refused(Client, String),
-    /// The TLS handshake failed (the connection is gone).
+    /// The TLS handshake failed or could not begin (the connection is gone).
     Handshake(String),
     /// Any other failure (the connection is gone).
     Broken(String),
@@ -194,7 +194,8 @@ impl Client {
         }
         let (stream, buffered) = self.conn.into_parts();
         if !buffered.is_empty() {
-            return Err(StartTlsError::Broken(
+            // Not a TLS start: as good as a failed handshake.
+            return Err(StartTlsError::Handshake(
                 "peer sent data after its STARTTLS reply".into(),
             ));
         }
