@@ -337,13 +337,13 @@ impl RelaySession {
                 // A misconfigured peer: keep the message, never hand it over unauthenticated.
                 .map_err(|e| retry(format!("peer {e}")))?;
         }
+        metrics::counter!("dshare_smtp_relay_sessions_total").increment(1);
         Ok(RelaySession::new(client, caps, peer))
     }
 
     /// A session on an open (greeted, secured, authenticated) connection; `peer`: authenticated
     /// as a peer node.
     pub(crate) fn new(client: Client, caps: Reply, peer: bool) -> RelaySession {
-        metrics::counter!("dshare_smtp_relay_sessions_total").increment(1);
         RelaySession {
             client,
             caps,
