@@ -205,6 +205,8 @@ impl Sink {
         let sink = self.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // No Nagle: the TLS handshake's small writes would wait for delayed ACKs.
+                let _ = stream.set_nodelay(true);
                 let sink = sink.clone();
                 tokio::spawn(async move {
                     let now = sink.open.fetch_add(1, Ordering::SeqCst) + 1;

@@ -50,16 +50,14 @@ pub(crate) fn relay_id(entry: &QueueEntry) -> String {
 /// has the same owner endpoint.
 type Group = Vec<QueueEntry>;
 
-/// Splits due entries into [`Group`]s by `key`, keeping the due order inside a group and
-/// between the groups' first entries.
+/// Splits due entries, each with its key, into [`Group`]s by key, keeping the due order inside
+/// a group and between the groups' first entries.
 fn groups(
-    due: Vec<QueueEntry>,
-    mut key: impl FnMut(&QueueEntry) -> Option<String>,
+    keyed: impl IntoIterator<Item = (Option<String>, QueueEntry)>,
 ) -> Vec<(Option<String>, Group)> {
     let mut index: HashMap<Option<String>, usize> = HashMap::new();
     let mut groups: Vec<(Option<String>, Group)> = Vec::new();
-    for entry in due {
-        let endpoint = key(&entry);
+    for (endpoint, entry) in keyed {
         let at = *index.entry(endpoint.clone()).or_insert_with(|| {
             groups.push((endpoint, Vec::new()));
             groups.len() - 1
@@ -260,22 +258,28 @@ impl QueueRunner {
     }
 
     /// Groups due entries per owner endpoint; entries with only outbound recipients per
-    /// destination, spread over as many workers as it may have sessions (see [`Spread`]).
+    /// destination, in batches spread over as many workers as it may have sessions (see
+    /// [`Spread`]); those that find no free worker are left for a later pass.
     fn group(&self, due: Vec<QueueEntry>, in_flight: &InFlight) -> Vec<(Option<String>, Group)> {
         let Some(outbound) = &self.smtp.outbound else {
-            return groups(due, entry_endpoint);
+            return groups(due.into_iter().map(|e| (entry_endpoint(&e), e)));
         };
         let workers = outbound.max_per_destination().min(MAX_OWNERS_AT_ONCE);
         let mut spread = Spread::new(workers, &in_flight.endpoints);
-        groups(due, |entry| {
-            entry_endpoint(entry).or_else(|| {
-                let domain = entry
-                    .pending()
-                    .find_map(|r| r.address.rsplit_once('@').map(|(_, d)| d))
-                    .filter(|d| !self.smtp.directory.domains().is_served(d))?;
-                Some(spread.key(&outbound.destination(domain)))
-            })
-        })
+        let keyed = due.into_iter().filter_map(|entry| {
+            if let Some(endpoint) = entry_endpoint(&entry) {
+                return Some((Some(endpoint), entry));
+            }
+            let domain = entry
+                .pending()
+                .find_map(|r| r.address.rsplit_once('@').map(|(_, d)| d))
+                .filter(|d| !self.smtp.directory.domains().is_served(d));
+            match domain {
+                Some(domain) => Some((Some(spread.key(&outbound.destination(domain))?), entry)),
+                None => Some((None, entry)),
+            }
+        });
+        groups(keyed.collect::<Vec<_>>())
     }
 
     /// One worker: relays a group's entries in order over its sessions. Returns whether an

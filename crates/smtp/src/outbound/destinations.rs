@@ -61,15 +61,20 @@ impl Destinations {
     }
 }
 
+/// Entries one queue worker takes for a destination per pass: small batches, so that a worker
+/// freed later finds entries left to take rather than one worker holding all of them.
+const BATCH: usize = 8;
+
 /// The queue runner's side of the cap: spreads one pass's due entries for a destination over
-/// the worker keys `outbound:DEST#0` … `#N-1` that no worker holds (round robin), so up to N
-/// workers deliver to it at once (N = the cap, at most the runner's worker count). With
-/// every key held, entries get a held key and wait for the next pass.
+/// the worker keys `outbound:DEST#0` … `#N-1` that no worker holds (round robin, [`BATCH`]
+/// entries each), so up to N workers deliver to it at once (N = the cap, at most the
+/// runner's worker count). Entries beyond that wait for a later pass.
 #[derive(Debug)]
 pub(crate) struct Spread<'a> {
     keys: usize,
     busy: &'a HashSet<Option<String>>,
-    turns: HashMap<String, usize>,
+    /// Entries handed out per destination in this pass.
+    taken: HashMap<String, usize>,
 }
 
 impl<'a> Spread<'a> {
@@ -77,23 +82,23 @@ impl<'a> Spread<'a> {
         Self {
             keys: keys.max(1),
             busy,
-            turns: HashMap::new(),
+            taken: HashMap::new(),
         }
     }
 
-    /// The worker key of the next entry for `destination`.
-    pub(crate) fn key(&mut self, destination: &str) -> String {
-        let key = |j: usize| format!("outbound:{destination}#{j}");
+    /// The worker key of the next entry for `destination`; `None` when every free worker key
+    /// has its batch (the entry waits for a later pass).
+    pub(crate) fn key(&mut self, destination: &str) -> Option<String> {
         let free: Vec<String> = (0..self.keys)
-            .map(key)
+            .map(|j| format!("outbound:{destination}#{j}"))
             .filter(|k| !self.busy.contains(&Some(k.clone())))
             .collect();
-        let turn = self.turns.entry(destination.to_string()).or_default();
-        *turn += 1;
-        match free.len() {
-            0 => key(0),
-            n => free[(*turn - 1) % n].clone(),
+        let taken = self.taken.entry(destination.to_string()).or_default();
+        if *taken >= free.len() * BATCH {
+            return None;
         }
+        *taken += 1;
+        Some(free[(*taken - 1) % free.len()].clone())
     }
 }
 
@@ -131,20 +136,22 @@ mod tests {
         let mut busy = HashSet::new();
         busy.insert(Some("outbound:x.test#0".to_string()));
         let mut spread = Spread::new(3, &busy);
-        let keys: Vec<String> = (0..4).map(|_| spread.key("x.test")).collect();
+        let keys: Vec<Option<String>> = (0..2 * BATCH + 1).map(|_| spread.key("x.test")).collect();
         assert_eq!(
-            keys,
+            keys[..3],
             [
-                "outbound:x.test#1",
-                "outbound:x.test#2",
-                "outbound:x.test#1",
-                "outbound:x.test#2"
+                Some("outbound:x.test#1".into()),
+                Some("outbound:x.test#2".into()),
+                Some("outbound:x.test#1".into())
             ]
         );
-        assert_eq!(spread.key("y.test"), "outbound:y.test#0");
+        // Two free keys, a batch each: the rest waits.
+        assert!(keys[..2 * BATCH].iter().all(Option::is_some));
+        assert_eq!(keys[2 * BATCH], None);
+        assert_eq!(spread.key("y.test").as_deref(), Some("outbound:y.test#0"));
         busy.insert(Some("outbound:z.test#0".to_string()));
         let mut spread = Spread::new(1, &busy);
-        assert_eq!(spread.key("z.test"), "outbound:z.test#0");
+        assert_eq!(spread.key("z.test"), None);
     }
 
     #[tokio::test]
