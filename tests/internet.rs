@@ -1,20 +1,26 @@
 //! "The Internet" for outbound tests and load tools: a DNS server and an SMTP sink on loopback.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ds_net::{MailStream, TlsAcceptor};
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::rdata::{A, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// A DNS server on loopback: `outside.test` has MX 10 `mx.outside.test`, which is 127.0.0.1;
 /// every other name does not exist.
 pub async fn dns_server() -> anyhow::Result<SocketAddr> {
+    dns_server_with_txt(Vec::new()).await
+}
+
+/// [`dns_server`], which also answers TXT queries for the given absolute names (a DKIM key
+/// record, say; a long value is cut into strings of 255).
+pub async fn dns_server_with_txt(txt: Vec<(String, String)>) -> anyhow::Result<SocketAddr> {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let addr = socket.local_addr()?;
     tokio::spawn(async move {
@@ -33,6 +39,21 @@ pub async fn dns_server() -> anyhow::Result<SocketAddr> {
             for q in &query.queries {
                 reply.add_query(q.clone());
                 let name = q.name.to_ascii().to_ascii_lowercase();
+                if let Some((_, value)) = txt.iter().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+                    if q.query_type == RecordType::TXT {
+                        let strings = value
+                            .as_bytes()
+                            .chunks(255)
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
+                            .collect();
+                        reply.add_answer(Record::from_rdata(
+                            q.name.clone(),
+                            60,
+                            RData::TXT(TXT::new(strings)),
+                        ));
+                    }
+                    continue;
+                }
                 match (name.as_str(), q.query_type) {
                     ("outside.test.", RecordType::MX) => {
                         let mx = Name::from_ascii("mx.outside.test.").expect("name");
@@ -61,8 +82,16 @@ pub async fn dns_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// `user` (password `pw`) submits `count` messages to `to` at node `at` over 587 STARTTLS,
-/// with Python's smtplib; fails unless every message was accepted.
+/// "The Internet" of a test: [`dns_server`]'s address, a started [`Sink`] and its address.
+pub async fn start() -> anyhow::Result<(SocketAddr, Sink, SocketAddr)> {
+    let dns = dns_server().await?;
+    let sink = Sink::default();
+    let sink_addr = sink.start().await?;
+    Ok((dns, sink, sink_addr))
+}
+
+/// `user` (password `pw`) submits `count` messages to `to` at node `at` over 587 STARTTLS
+/// ([`crate::Submitter`]); fails unless every message was accepted.
 pub fn submit(
     c: &ds_testkit::Cluster,
     at: usize,
@@ -70,26 +99,14 @@ pub fn submit(
     to: &str,
     subject: &str,
     count: usize,
-) -> anyhow::Result<String> {
-    let a = c.node(at).submission();
-    let out = crate::python(&format!(
-        r#"
-import smtplib, ssl
-ctx = ssl.create_default_context(cafile="{ca}")
-s = smtplib.SMTP("{ip}", {port}, timeout=30)
-s.starttls(context=ctx)
-s.login("{user}", "{pw}")
-for i in range({count}):
-    print("refused", s.sendmail("{user}", ["{to}"],
-        "From: {user}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n.leading dot\r\nout into the world\r\n"))
-s.quit()
-"#,
-        ca = c.root.path().join("ca.pem").display(),
-        ip = a.ip(),
-        port = a.port(),
-    ))?;
-    anyhow::ensure!(out.matches("refused {}").count() == count, "{out}");
-    Ok(out)
+) -> anyhow::Result<()> {
+    let submitter = crate::Submitter::new(c, at, user, pw);
+    for i in 0..count {
+        let message = format!("From: {user}\r\nTo: {to}\r\nSubject: {subject} {i}\r\n\r\nout\r\n");
+        let out = submitter.send(&[to], &message, &[], &[])?;
+        anyhow::ensure!(out.contains("refused {}"), "{out}");
+    }
+    Ok(())
 }
 
 /// The last error of a queue entry of node `i` that contains `what`.
@@ -124,13 +141,15 @@ enum StartTls {
     Broken,
 }
 
-/// An SMTP sink on loopback: answers `rcpt_reply` to RCPT and keeps the messages it takes.
-/// Optionally it offers STARTTLS, requires AUTH PLAIN (after TLS), takes `delay` before
+/// An SMTP sink on loopback: answers `rcpt_reply` to RCPT and keeps the messages it takes
+/// (and its MAIL and RCPT lines); advertises `DSN` when told to. Optionally it offers STARTTLS, requires AUTH PLAIN (after TLS), takes `delay` before
 /// answering the end of DATA, and counts the sessions open at once.
 #[derive(Clone)]
 pub struct Sink {
     rcpt_reply: Arc<Mutex<String>>,
     messages: Arc<Mutex<Vec<Received>>>,
+    envelopes: Arc<Mutex<Vec<String>>>,
+    dsn: Arc<AtomicBool>,
     starttls: StartTls,
     auth: Option<(String, String)>,
     delay: Duration,
@@ -143,6 +162,8 @@ impl Default for Sink {
         Self {
             rcpt_reply: Arc::default(),
             messages: Arc::default(),
+            envelopes: Arc::default(),
+            dsn: Arc::default(),
             starttls: StartTls::Off,
             auth: None,
             delay: Duration::ZERO,
@@ -179,6 +200,16 @@ impl Sink {
     pub fn with_delay(mut self, delay: Duration) -> Sink {
         self.delay = delay;
         self
+    }
+
+    /// Advertise `DSN` in EHLO from now on.
+    pub fn set_dsn(&self, on: bool) {
+        self.dsn.store(on, Ordering::Relaxed);
+    }
+
+    /// The MAIL and RCPT lines received, without CRLF.
+    pub fn envelopes(&self) -> Vec<String> {
+        self.envelopes.lock().unwrap().clone()
     }
 
     pub fn set_rcpt_reply(&self, reply: &str) {
@@ -222,7 +253,11 @@ impl Sink {
     }
 
     fn ehlo(&self, tls: bool, user: &Option<String>) -> String {
-        let mut caps = vec!["sink.outside.test", "8BITMIME"];
+        let mut caps = vec!["sink.outside.test"];
+        if self.dsn.load(Ordering::Relaxed) {
+            caps.push("DSN");
+        }
+        caps.push("8BITMIME");
         if !tls && !matches!(self.starttls, StartTls::Off) {
             caps.push("STARTTLS");
         }
@@ -261,6 +296,12 @@ impl Sink {
             }
             let tls = r.get_ref().is_tls();
             let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            if verb == "MAIL" || verb == "RCPT" {
+                self.envelopes
+                    .lock()
+                    .unwrap()
+                    .push(line.trim_end().to_string());
+            }
             let reply = match verb.as_str() {
                 "EHLO" => self.ehlo(tls, &user),
                 "STAR" if !tls => {

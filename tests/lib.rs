@@ -160,17 +160,55 @@ pub fn python(script: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A number from the environment variable `name` (load tools), else `default`.
-pub fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            eprintln!("{name}={v:?} is not a number; using {default}");
-            default
-        }),
-        Err(_) => default,
-    }
+/// A user submitting over 587-style STARTTLS with Python's smtplib, the server verified
+/// against the cluster CA `ca`.
+pub struct Submitter<'a> {
+    pub ca: std::path::PathBuf,
+    pub server: SocketAddr,
+    pub user: &'a str,
+    pub password: &'a str,
 }
 
+impl<'a> Submitter<'a> {
+    /// `user` at the submission listener of node `i` of `c`.
+    pub fn new(c: &ds_testkit::Cluster, i: usize, user: &'a str, password: &'a str) -> Self {
+        Self {
+            ca: c.root.path().join("ca.pem"),
+            server: c.node(i).submission(),
+            user,
+            password,
+        }
+    }
+
+    /// Sends `message` from the user to `to` with the given `MAIL` and `RCPT` options;
+    /// prints `dsn offered True|False` and `refused {…}` (smtplib's refused recipients).
+    pub fn send(
+        &self,
+        to: &[&str],
+        message: &str,
+        mail_options: &[&str],
+        rcpt_options: &[&str],
+    ) -> anyhow::Result<String> {
+        python(&format!(
+            r#"
+import smtplib, ssl
+ctx = ssl.create_default_context(cafile="{ca}")
+s = smtplib.SMTP("{ip}", {port}, timeout=30)
+s.starttls(context=ctx)
+s.login("{user}", "{pw}")
+print("dsn offered", s.has_extn("dsn"))
+print("refused", s.sendmail("{user}", {to:?}, {message:?},
+    mail_options={mail_options:?}, rcpt_options={rcpt_options:?}))
+s.quit()
+"#,
+            ca = self.ca.display(),
+            ip = self.server.ip(),
+            port = self.server.port(),
+            user = self.user,
+            pw = self.password,
+        ))
+    }
+}
 /// Polls `f` until it is true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -235,5 +273,16 @@ impl std::io::Write for CapturedLogs {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A number from the environment variable `name` (load tools), else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("{name}={v:?} is not a number; using {default}");
+            default
+        }),
+        Err(_) => default,
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ds_testkit::Cluster;
 use dshare_e2e::internet::{Sink, dns_server};
-use dshare_e2e::{Smtp, eventually, message};
+use dshare_e2e::{Smtp, Submitter, eventually, message};
 
 const BOB: &str = "bob@example.com";
 const PW: &str = "b0b-secret";
@@ -29,7 +29,11 @@ async fn cluster(dns: SocketAddr, sink: SocketAddr) -> anyhow::Result<Cluster> {
 
 /// bob (on node-b) submits at node-a over STARTTLS to `to`.
 fn submit(c: &Cluster, to: &str, subject: &str) -> anyhow::Result<String> {
-    dshare_e2e::internet::submit(c, 0, (BOB, PW), to, subject, 1)
+    let bob = Submitter::new(c, 0, BOB, PW);
+    let message = format!(
+        "From: {BOB}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n.leading dot\r\nout into the world\r\n"
+    );
+    bob.send(&[to], &message, &[], &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

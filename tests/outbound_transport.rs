@@ -193,7 +193,7 @@ async fn the_relay_host_gets_everything_with_auth_over_verified_tls() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_destination_never_gets_more_sessions_than_the_cap() -> anyhow::Result<()> {
     let dns = dns_server().await?;
-    let sink = Sink::default().with_delay(Duration::from_millis(300));
+    let sink = Sink::default().with_delay(Duration::from_secs(1));
     let port = sink.start().await?.port();
     let c = cluster(1, dns, port, |_, c| c.outbound.max_per_destination = 2).await?;
     submit(&c, 0, BOB, "x@outside.test", "capped", 10)?;
