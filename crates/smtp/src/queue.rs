@@ -81,6 +81,9 @@ pub(crate) struct InFlight {
     ids: HashSet<u64>,
     /// After an entry could not even be rescheduled: no pass before this (no spinning on it).
     cool_down_until: Option<std::time::Instant>,
+    /// Due outbound entries the last pass left because every worker their destination may
+    /// have was busy: the next pass comes when a worker ends, not on the timer.
+    parked: HashSet<u64>,
 }
 
 /// A worker's claim on its group: released when the worker ends, even by a panic.
@@ -195,10 +198,13 @@ impl QueueRunner {
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
         let (next, cool_down) = {
             let in_flight = self.smtp.in_flight();
-            (
-                queue.next_due_except(&in_flight.ids),
-                in_flight.cool_down_until,
-            )
+            let next = if in_flight.parked.is_empty() {
+                queue.next_due_except(&in_flight.ids)
+            } else {
+                let skip: HashSet<u64> = in_flight.ids.union(&in_flight.parked).copied().collect();
+                queue.next_due_except(&skip)
+            };
+            (next, in_flight.cool_down_until)
         };
         let wait = match next {
             Some(at) => Duration::from_secs(at.saturating_sub(unix_now()).max(0) as u64)
@@ -224,7 +230,9 @@ impl QueueRunner {
                 in_flight.cool_down_until = None;
             }
             let due = smtp.queue.due_except(unix_now(), &in_flight.ids)?;
-            self.group(due, &in_flight)
+            let (groups, parked) = self.group(due, &in_flight);
+            in_flight.parked = parked;
+            groups
         };
         let mut workers = Vec::new();
         for (endpoint, group) in due {
@@ -258,28 +266,59 @@ impl QueueRunner {
     }
 
     /// Groups due entries per owner endpoint; entries with only outbound recipients per
-    /// destination, in batches spread over as many workers as it may have sessions (see
-    /// [`Spread`]); those that find no free worker are left for a later pass.
-    fn group(&self, due: Vec<QueueEntry>, in_flight: &InFlight) -> Vec<(Option<String>, Group)> {
+    /// destination, spread over as many workers as it may have sessions (see [`Spread`]).
+    /// Also returns the ids of those that find no free worker (left for a later pass).
+    fn group(
+        &self,
+        due: Vec<QueueEntry>,
+        in_flight: &InFlight,
+    ) -> (Vec<(Option<String>, Group)>, HashSet<u64>) {
         let Some(outbound) = &self.smtp.outbound else {
-            return groups(due.into_iter().map(|e| (entry_endpoint(&e), e)));
+            let keyed = due.into_iter().map(|e| (entry_endpoint(&e), e));
+            return (groups(keyed), HashSet::new());
         };
+        let mut keyed = Vec::with_capacity(due.len());
+        let mut due_per_destination: HashMap<String, usize> = HashMap::new();
+        for entry in due {
+            if let Some(endpoint) = entry_endpoint(&entry) {
+                keyed.push((Some(endpoint), None, entry));
+            } else if let Some(destination) = self.outbound_destination(&entry) {
+                *due_per_destination.entry(destination.clone()).or_default() += 1;
+                keyed.push((None, Some(destination), entry));
+            } else {
+                keyed.push((None, None, entry));
+            }
+        }
         let workers = outbound.max_per_destination().min(MAX_OWNERS_AT_ONCE);
         let mut spread = Spread::new(workers, &in_flight.endpoints);
-        let keyed = due.into_iter().filter_map(|entry| {
-            if let Some(endpoint) = entry_endpoint(&entry) {
-                return Some((Some(endpoint), entry));
-            }
-            let domain = entry
-                .pending()
-                .find_map(|r| r.address.rsplit_once('@').map(|(_, d)| d))
-                .filter(|d| !self.smtp.directory.domains().is_served(d));
-            match domain {
-                Some(domain) => Some((Some(spread.key(&outbound.destination(domain))?), entry)),
-                None => Some((None, entry)),
-            }
-        });
-        groups(keyed.collect::<Vec<_>>())
+        let mut parked = HashSet::new();
+        let keyed = keyed
+            .into_iter()
+            .filter_map(|(endpoint, destination, entry)| {
+                let Some(destination) = destination else {
+                    return Some((endpoint, entry));
+                };
+                match spread.key(&destination, due_per_destination[&destination]) {
+                    Some(key) => Some((Some(key), entry)),
+                    None => {
+                        parked.insert(entry.id);
+                        None
+                    }
+                }
+            });
+        let groups = groups(keyed.collect::<Vec<_>>());
+        (groups, parked)
+    }
+
+    /// Where an entry whose first pending recipient is outside every served domain goes: its
+    /// domain, or the relay host.
+    fn outbound_destination(&self, entry: &QueueEntry) -> Option<String> {
+        let outbound = self.smtp.outbound.as_ref()?;
+        let domain = entry
+            .pending()
+            .find_map(|r| r.address.rsplit_once('@').map(|(_, d)| d))
+            .filter(|d| !self.smtp.directory.domains().is_served(d))?;
+        Some(outbound.destination(domain))
     }
 
     /// One worker: relays a group's entries in order over its sessions. Returns whether an

@@ -61,13 +61,14 @@ impl Destinations {
     }
 }
 
-/// Entries one queue worker takes for a destination per pass: small batches, so that a worker
-/// freed later finds entries left to take rather than one worker holding all of them.
+/// Fewest entries one queue worker takes for a destination per pass (more when many are due:
+/// an equal share of them per worker key). Bounded, so that a worker freed later finds
+/// entries left to take rather than one worker holding all of them.
 const BATCH: usize = 8;
 
 /// The queue runner's side of the cap: spreads one pass's due entries for a destination over
-/// the worker keys `outbound:DEST#0` … `#N-1` that no worker holds (round robin, [`BATCH`]
-/// entries each), so up to N workers deliver to it at once (N = the cap, at most the
+/// the worker keys `outbound:DEST#0` … `#N-1` that no worker holds (round robin, a share of
+/// the due entries each), so up to N workers deliver to it at once (N = the cap, at most the
 /// runner's worker count). Entries beyond that wait for a later pass.
 #[derive(Debug)]
 pub(crate) struct Spread<'a> {
@@ -86,15 +87,17 @@ impl<'a> Spread<'a> {
         }
     }
 
-    /// The worker key of the next entry for `destination`; `None` when every free worker key
-    /// has its batch (the entry waits for a later pass).
-    pub(crate) fn key(&mut self, destination: &str) -> Option<String> {
+    /// The worker key of the next entry for `destination`, of which `due` entries are due in
+    /// this pass; `None` when every free worker key has its share (the entry waits for a
+    /// later pass).
+    pub(crate) fn key(&mut self, destination: &str, due: usize) -> Option<String> {
+        let share = due.div_ceil(self.keys).max(BATCH);
         let free: Vec<String> = (0..self.keys)
             .map(|j| format!("outbound:{destination}#{j}"))
             .filter(|k| !self.busy.contains(&Some(k.clone())))
             .collect();
         let taken = self.taken.entry(destination.to_string()).or_default();
-        if *taken >= free.len() * BATCH {
+        if *taken >= free.len() * share {
             return None;
         }
         *taken += 1;
@@ -136,7 +139,9 @@ mod tests {
         let mut busy = HashSet::new();
         busy.insert(Some("outbound:x.test#0".to_string()));
         let mut spread = Spread::new(3, &busy);
-        let keys: Vec<Option<String>> = (0..2 * BATCH + 1).map(|_| spread.key("x.test")).collect();
+        let keys: Vec<Option<String>> = (0..2 * BATCH + 1)
+            .map(|_| spread.key("x.test", 2 * BATCH + 1))
+            .collect();
         assert_eq!(
             keys[..3],
             [
@@ -148,10 +153,20 @@ mod tests {
         // Two free keys, a batch each: the rest waits.
         assert!(keys[..2 * BATCH].iter().all(Option::is_some));
         assert_eq!(keys[2 * BATCH], None);
-        assert_eq!(spread.key("y.test").as_deref(), Some("outbound:y.test#0"));
+        assert_eq!(
+            spread.key("y.test", 1).as_deref(),
+            Some("outbound:y.test#0")
+        );
         busy.insert(Some("outbound:z.test#0".to_string()));
         let mut spread = Spread::new(1, &busy);
-        assert_eq!(spread.key("z.test"), None);
+        assert_eq!(spread.key("z.test", 1), None);
+        // Many due: a share of them per key (of three), not just a batch.
+        let busy = HashSet::new();
+        let mut spread = Spread::new(3, &busy);
+        let given = (0..300)
+            .filter(|_| spread.key("w.test", 300).is_some())
+            .count();
+        assert_eq!(given, 300);
     }
 
     #[tokio::test]
