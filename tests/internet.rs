@@ -240,12 +240,8 @@ impl Sink {
                 let _ = stream.set_nodelay(true);
                 let sink = sink.clone();
                 tokio::spawn(async move {
-                    let now = sink.open.fetch_add(1, Ordering::SeqCst) + 1;
-                    sink.max_open.fetch_max(now, Ordering::SeqCst);
-                    let _ =
-                        tokio::time::timeout(SINK_TIMEOUT, sink.session(MailStream::Plain(stream)))
-                            .await;
-                    sink.open.fetch_sub(1, Ordering::SeqCst);
+                    let session = sink.session(MailStream::Plain(stream));
+                    let _ = tokio::time::timeout(SINK_TIMEOUT, session).await;
                 });
             }
         });
@@ -285,6 +281,7 @@ impl Sink {
     }
 
     async fn session(&self, stream: MailStream) -> anyhow::Result<()> {
+        let mut open = OpenSession::new(self);
         let mut r = BufReader::new(stream);
         send(&mut r, b"220 sink.outside.test ESMTP\r\n").await?;
         let mut accepted = 0;
@@ -364,6 +361,8 @@ impl Sink {
                 }
                 "DATA" => "554 5.5.1 no valid recipients\r\n".into(),
                 "QUIT" => {
+                    // Over for the count before the client sees the reply (and opens the next).
+                    open.end();
                     send(&mut r, b"221 2.0.0 bye\r\n").await?;
                     return Ok(());
                 }
@@ -371,6 +370,36 @@ impl Sink {
             };
             send(&mut r, reply.as_bytes()).await?;
         }
+    }
+}
+
+/// A sink session counted as open until [`OpenSession::end`] or its drop.
+struct OpenSession<'a> {
+    open: &'a AtomicUsize,
+    ended: bool,
+}
+
+impl<'a> OpenSession<'a> {
+    fn new(sink: &'a Sink) -> Self {
+        let now = sink.open.fetch_add(1, Ordering::SeqCst) + 1;
+        sink.max_open.fetch_max(now, Ordering::SeqCst);
+        Self {
+            open: &sink.open,
+            ended: false,
+        }
+    }
+
+    fn end(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
