@@ -307,3 +307,14 @@ pub async fn seed_small_account(
     state.store.flush_async().await?;
     Ok(())
 }
+
+/// A number from the environment variable `name` (load tools), else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("{name}={v:?} is not a number; using {default}");
+            default
+        }),
+        Err(_) => default,
+    }
+}

@@ -3,6 +3,7 @@
 
 use ds_cluster::{Location, Purpose};
 use ds_testkit::Cluster;
+use dshare_e2e::internet::{Sink, dns_server, queue_error, submit};
 use dshare_e2e::{Smtp, eventually, message};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -22,8 +23,12 @@ fn value(body: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The tests of this binary run one at a time: each reads deltas of process-wide counters.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_lookups_cache_hits_and_peer_latency() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let c = Cluster::start(2).await?;
     c.node(1).add_account("bob@example.com", "pw").await?;
     let addr = c.node(0).node().addrs().metrics[0];
@@ -76,7 +81,15 @@ async fn metrics_count_lookups_cache_hits_and_peer_latency() -> anyhow::Result<(
         .await,
         "not relayed"
     );
-    let relayed = scrape(addr).await?;
+    // node-a records the relay's time after node-b stored the message: poll for it.
+    let mut relayed = scrape(addr).await?;
+    for _ in 0..50 {
+        if value(&relayed, "dshare_smtp_relay_seconds_count") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        relayed = scrape(addr).await?;
+    }
     assert!(
         value(&relayed, "dshare_smtp_relay_seconds_count") >= 1.0,
         "{relayed}"
@@ -217,6 +230,48 @@ except poplib.error_proto as e:
         port = pop3.port(),
     ))?;
     assert!(wrong.contains("-ERR [AUTH]"), "{wrong}");
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_deliveries_are_counted_per_outcome() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let dns = dns_server().await?;
+    let sink = Sink::default();
+    let port = sink.start().await?.port();
+    let c = Cluster::start_with(1, move |_, c| {
+        c.smtp.retry_base = std::time::Duration::from_secs(1);
+        c.smtp.retry_max = std::time::Duration::from_secs(1);
+        c.outbound.dns = vec![dns];
+        c.outbound.port = port;
+    })
+    .await?;
+    let bob = ("bob@example.com", "b0b-secret");
+    c.node(0).add_account(bob.0, bob.1).await?;
+    let addr = c.node(0).node().addrs().metrics[0];
+    let before = scrape(addr).await?;
+    let delivered = "dshare_outbound_deliveries_total{result=\"delivered\"}";
+    let deferred = "dshare_outbound_deliveries_total{result=\"deferred\"}";
+    let bounced = "dshare_outbound_deliveries_total{result=\"bounced\"}";
+    for series in [delivered, deferred, bounced] {
+        assert!(before.contains(series), "{series} not registered: {before}");
+    }
+    submit(&c, 0, bob, "x@outside.test", "counted", 1)?;
+    let wait = std::time::Duration::from_secs(20);
+    assert!(eventually(wait, || sink.messages().len() == 1).await);
+    sink.set_rcpt_reply("451 4.3.0 later");
+    submit(&c, 0, bob, "y@outside.test", "deferred", 1)?;
+    assert!(eventually(wait, || queue_error(&c, 0, "451").is_some()).await);
+    sink.set_rcpt_reply("550 5.1.1 no such user");
+    // The deferred message is refused on its retry: bounced to bob (local).
+    assert!(eventually(wait, || c.node(0).inbox_len(bob.0) == 1).await);
+    let after = scrape(addr).await?;
+    let delta = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(delta(delivered), 1.0, "{after}");
+    assert!(delta(deferred) >= 1.0, "{after}");
+    assert_eq!(delta(bounced), 1.0, "{after}");
+    assert!(delta("dshare_outbound_seconds_count") >= 3.0, "{after}");
     c.shutdown().await;
     Ok(())
 }

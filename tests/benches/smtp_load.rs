@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ds_testkit::{Cluster, TestNode};
-use dshare_e2e::{Smtp, message};
+use dshare_e2e::{Smtp, env_usize, message};
 
 const SIZE: usize = 4096;
 const SENDER: &str = "load@elsewhere.org";
@@ -79,16 +79,6 @@ struct Outcome {
     /// (`None` if that did not happen within the timeout).
     e2e: Option<Option<Duration>>,
     errors: Vec<String>,
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            eprintln!("{name}={v:?} is not a number; using {default}");
-            default
-        }),
-        Err(_) => default,
-    }
 }
 
 async fn session(

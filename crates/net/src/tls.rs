@@ -89,6 +89,96 @@ pub fn client_config_with_ca(ca_pem: &[u8]) -> Result<Arc<ClientConfig>> {
     Ok(Arc::new(config))
 }
 
+/// Where the system's trust anchors usually are (Debian/Ubuntu/Alpine, Fedora/RHEL, BSD/macOS,
+/// SUSE); `SSL_CERT_FILE` comes first, as for OpenSSL.
+const SYSTEM_ROOT_FILES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+];
+
+/// A client configuration that trusts the system's root certificates (the PEM bundle named by
+/// `SSL_CERT_FILE`, else the first of the usual bundle files). Certificates of the bundle that
+/// do not parse are skipped; a bundle without any usable one is an error.
+pub fn client_config_system_roots() -> Result<Arc<ClientConfig>> {
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    let path = from_env
+        .into_iter()
+        .chain(SYSTEM_ROOT_FILES.iter().map(PathBuf::from))
+        .find(|p| p.is_file())
+        .ok_or(Error::NoCertificate)?;
+    let pem = read_file(&path)?;
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_slice_iter(&pem).filter_map(|c| c.ok());
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(Error::NoCertificate);
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A client configuration that encrypts but does not authenticate the server: any certificate
+/// is taken (its handshake signatures are still checked). For opportunistic TLS to MX hosts
+/// (RFC 7435), where the alternative is plain text; never where a credential is sent.
+pub fn client_config_unverified() -> Result<Arc<ClientConfig>> {
+    let provider = provider();
+    let verifier = Arc::new(AnyServerCert {
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The verifier of [`client_config_unverified`].
+#[derive(Debug)]
+struct AnyServerCert {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 /// The node's certificate when none is configured: generated with rcgen on first start for `names`
 /// (DNS names or IP addresses; `localhost` if empty), written to `data_dir/tls-cert.pem` and
 /// `data_dir/tls-key.pem` (mode 0600), and read back from there afterwards. Returns

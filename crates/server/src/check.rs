@@ -170,10 +170,34 @@ pub fn check_config(config: &Config, opts: CheckOptions) -> Vec<Finding> {
         }
     }
 
+    check_outbound(config, &mut out);
     if opts.ports {
         check_ports(config, &mut out);
     }
     out
+}
+
+/// The relay host's password file and CA can be read and parsed.
+fn check_outbound(config: &Config, out: &mut Vec<Finding>) {
+    if !config.outbound.enabled {
+        return;
+    }
+    match config.outbound.to_smtp() {
+        Err(e) => out.push(error(
+            e.to_string(),
+            "check outbound.relayhost_password_file and outbound.relayhost_ca",
+        )),
+        Ok(o) => {
+            if let Some(pem) = &o.relayhost_ca
+                && let Err(e) = ds_net::tls::certs_from_pem(pem)
+            {
+                out.push(error(
+                    format!("outbound.relayhost_ca: not a PEM certificate: {e}"),
+                    "point outbound.relayhost_ca at the relay host's CA certificate (PEM)",
+                ));
+            }
+        }
+    }
 }
 
 fn check_ca(
@@ -292,5 +316,44 @@ fn check_ports(config: &Config, out: &mut Vec<Finding>) {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_relayhost_files_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let text = format!(
+            "[outbound]\nrelayhost = \"smtp.example.net:587\"\nrelayhost_user = \"me\"\n\
+             relayhost_password_file = \"{}\"\n",
+            dir.path().join("missing.pw").display()
+        );
+        let config = Config::parse(&text).unwrap();
+        let found = check_config(&config, CheckOptions::default());
+        assert!(
+            found
+                .iter()
+                .any(|f| f.problem.contains("relayhost_password_file")),
+            "{found:?}"
+        );
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        let text = format!(
+            "[outbound]\nrelayhost = \"smtp.example.net:587\"\nrelayhost_user = \"me\"\n\
+             relayhost_password_file = \"{}\"\nrelayhost_ca = \"{}\"\n",
+            pw.display(),
+            ca.display()
+        );
+        let config = Config::parse(&text).unwrap();
+        let found = check_config(&config, CheckOptions::default());
+        assert!(
+            found.iter().any(|f| f.problem.contains("relayhost_ca")),
+            "{found:?}"
+        );
     }
 }

@@ -287,6 +287,21 @@ pub struct OutboundSection {
     pub dns: Vec<SocketAddr>,
     /// The SMTP port of MX hosts (25).
     pub port: u16,
+    /// TLS towards MX hosts: `"may"` (STARTTLS when offered, unverified, RFC 7435),
+    /// `"encrypt"` (STARTTLS required, else deferred) or `"none"`.
+    pub tls: String,
+    /// `host:port` that every outbound message goes to instead of the MX hosts (a
+    /// smarthost).
+    pub relayhost: Option<String>,
+    /// The relay host's AUTH PLAIN user; needs `relayhost_password_file`. The password is
+    /// only sent over TLS verified against `relayhost_ca` or the system's roots.
+    pub relayhost_user: Option<String>,
+    /// File holding the relay host's password (first line).
+    pub relayhost_password_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) the relay host is verified with; absent: the system's roots.
+    pub relayhost_ca: Option<PathBuf>,
+    /// Most sessions to one destination (a domain, or the relay host) at a time.
+    pub max_per_destination: usize,
     /// DKIM signing keys, one per domain: `[{ domain, selector, key_file }]`.
     pub dkim: Vec<DkimSection>,
 }
@@ -317,7 +332,91 @@ impl Default for OutboundSection {
             dns: vec![],
             port: 25,
             dkim: vec![],
+            tls: "may".into(),
+            relayhost: None,
+            relayhost_user: None,
+            relayhost_password_file: None,
+            relayhost_ca: None,
+            max_per_destination: 20,
         }
+    }
+}
+
+impl OutboundSection {
+    fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::Config(format!("outbound.{why}")));
+        if let Err(e) = self.tls.parse::<ds_smtp::TlsLevel>() {
+            return bad(format!("tls: {e}"));
+        }
+        if self.max_per_destination == 0 {
+            return bad("max_per_destination must be at least 1".into());
+        }
+        if let Some(relayhost) = &self.relayhost
+            && relayhost
+                .rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            return bad(format!(
+                "relayhost {relayhost:?} must be host:port (e.g. \"smtp.example.net:587\")"
+            ));
+        }
+        match (&self.relayhost_user, &self.relayhost_password_file) {
+            (Some(_), None) => {
+                return bad("relayhost_user is set but relayhost_password_file is not".into());
+            }
+            (None, Some(_)) => {
+                return bad("relayhost_password_file is set but relayhost_user is not".into());
+            }
+            _ => {}
+        }
+        if self.relayhost.is_none()
+            && (self.relayhost_user.is_some() || self.relayhost_ca.is_some())
+        {
+            return bad("relayhost_user and relayhost_ca need relayhost".into());
+        }
+        Ok(())
+    }
+
+    /// The settings for ds-smtp; reads the relay host's password and CA files.
+    pub fn to_smtp(&self) -> Result<ds_smtp::OutboundConfig> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| Error::Config(format!("outbound.{what} {}: {e}", path.display())))
+        };
+        let relayhost_auth = match (&self.relayhost_user, &self.relayhost_password_file) {
+            (Some(user), Some(file)) => {
+                let text = read(file, "relayhost_password_file")?;
+                let password = String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                if password.is_empty() {
+                    return Err(Error::Config(format!(
+                        "outbound.relayhost_password_file {} is empty",
+                        file.display()
+                    )));
+                }
+                Some((user.clone(), password))
+            }
+            _ => None,
+        };
+        let relayhost_ca = match &self.relayhost_ca {
+            Some(path) => Some(read(path, "relayhost_ca")?),
+            None => None,
+        };
+        Ok(ds_smtp::OutboundConfig {
+            dns: self.dns.clone(),
+            port: self.port,
+            tls: self
+                .tls
+                .parse()
+                .map_err(|e| Error::Config(format!("outbound.tls: {e}")))?,
+            relayhost: self.relayhost.clone(),
+            relayhost_auth,
+            relayhost_ca,
+            max_per_destination: self.max_per_destination,
+        })
     }
 }
 
@@ -390,6 +489,7 @@ impl Config {
             }
         }
         self.tls.policy()?;
+        self.outbound.validate()?;
         if self.limits.smtp_line < 512 {
             return Err(Error::Config(
                 "limits.smtp_line must be at least 512 (RFC 5321)".into(),
@@ -565,6 +665,48 @@ smtp = "office-b.example.net:25"
             .unwrap_err()
             .to_string();
         assert!(e.contains("require_tls_exempt"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod outbound_tests {
+    use super::*;
+
+    #[test]
+    fn relayhost_settings_are_checked() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.outbound.tls, "may");
+        assert_eq!(c.outbound.max_per_destination, 20);
+        let e = Config::parse(
+            "[outbound]\nrelayhost = \"smtp.example.net:587\"\nrelayhost_user = \"me\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("relayhost_password_file"), "{e}");
+        let e = Config::parse("[outbound]\nrelayhost = \"smtp.example.net\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host:port"), "{e}");
+        let e = Config::parse("[outbound]\ntls = \"dane\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outbound.tls"), "{e}");
+        assert!(Config::parse("[outbound]\nmax_per_destination = 0\n").is_err());
+        assert!(Config::parse("[outbound]\nrelayhost_user = \"me\"\n").is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let c = Config::parse(&format!(
+            "[outbound]\nrelayhost = \"smtp.example.net:587\"\nrelayhost_user = \"me\"\n\
+             relayhost_password_file = \"{}\"\ntls = \"encrypt\"\n",
+            file.display()
+        ))
+        .unwrap();
+        let o = c.outbound.to_smtp().unwrap();
+        assert_eq!(o.relayhost_auth, Some(("me".into(), "s3cret".into())));
+        assert_eq!(o.tls, ds_smtp::TlsLevel::Encrypt);
+        assert!(!format!("{o:?}").contains("s3cret"));
     }
 }
 

@@ -708,10 +708,10 @@ impl Node {
                 reveal_client: config.submission.reveal_client,
                 any_sender_domains: config.submission.any_sender_domains.clone(),
                 dkim: Arc::new(dkim),
-                outbound: config.outbound.enabled.then(|| ds_smtp::OutboundConfig {
-                    dns: config.outbound.dns.clone(),
-                    port: config.outbound.port,
-                }),
+                outbound: match config.outbound.enabled {
+                    true => Some(config.outbound.to_smtp()?),
+                    false => None,
+                },
                 ..Default::default()
             },
             directory.clone(),

@@ -119,6 +119,27 @@ pub const CATALOG: &[Series] = &[
         ],
     ),
     s(
+        "dshare_outbound_deliveries_total",
+        Kind::Counter,
+        "Recipients of outbound delivery attempts (to MX hosts or the relay host), by outcome.",
+        "result",
+        &["delivered", "deferred", "bounced"],
+    ),
+    s(
+        "dshare_outbound_seconds",
+        Kind::Histogram,
+        "Time of one outbound delivery attempt of a message to a destination (route, connect, transfer).",
+        "",
+        &[],
+    ),
+    s(
+        "dshare_outbound_sessions_total",
+        Kind::Counter,
+        "SMTP sessions opened to MX hosts or the relay host, by whether they run TLS.",
+        "tls",
+        &["yes", "no"],
+    ),
+    s(
         "dshare_smtp_relay_sessions_total",
         Kind::Counter,
         "SMTP sessions opened to peers to relay queued mail.",

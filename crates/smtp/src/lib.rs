@@ -30,7 +30,7 @@ pub use data::{DataEnd, DataReader};
 /// The crate's modules name the shared lookup types as `crate::locate::…`.
 use ds_access::locate;
 pub use ds_access::{BoxFuture, ListKeeper, Locate, Location, Owner, Purpose};
-pub use outbound::OutboundConfig;
+pub use outbound::{OutboundConfig, TlsLevel};
 pub use queue::QueueRunner;
 pub use session::Smtp;
 

@@ -25,6 +25,7 @@ use ds_store::RelayMark;
 use ds_store::queue::{QueueEntry, RecipientState};
 
 use crate::locate::{Location, Purpose};
+use crate::outbound::Spread;
 use crate::relay::{Outgoing, RcptOutcome, RelaySessions};
 use crate::{Result, Smtp, dsn};
 use ds_store::unix_now;
@@ -49,18 +50,19 @@ pub(crate) fn relay_id(entry: &QueueEntry) -> String {
 /// has the same owner endpoint.
 type Group = Vec<QueueEntry>;
 
-/// Splits due entries into [`Group`]s, keeping the due order inside a group and between the
-/// groups' first entries.
-fn groups(due: Vec<QueueEntry>) -> Vec<Group> {
+/// Splits due entries, each with its key, into [`Group`]s by key, keeping the due order inside
+/// a group and between the groups' first entries.
+fn groups(
+    keyed: impl IntoIterator<Item = (Option<String>, QueueEntry)>,
+) -> Vec<(Option<String>, Group)> {
     let mut index: HashMap<Option<String>, usize> = HashMap::new();
-    let mut groups: Vec<Group> = Vec::new();
-    for entry in due {
-        let endpoint = entry_endpoint(&entry);
-        let at = *index.entry(endpoint).or_insert_with(|| {
-            groups.push(Vec::new());
+    let mut groups: Vec<(Option<String>, Group)> = Vec::new();
+    for (endpoint, entry) in keyed {
+        let at = *index.entry(endpoint.clone()).or_insert_with(|| {
+            groups.push((endpoint, Vec::new()));
             groups.len() - 1
         });
-        groups[at].push(entry);
+        groups[at].1.push(entry);
     }
     groups
 }
@@ -68,10 +70,6 @@ fn groups(due: Vec<QueueEntry>) -> Vec<Group> {
 /// The owner endpoint an entry is grouped by: that of its first pending recipient.
 fn entry_endpoint(entry: &QueueEntry) -> Option<String> {
     entry.pending().find_map(|r| r.endpoint.clone())
-}
-
-fn group_endpoint(group: &Group) -> Option<String> {
-    group.first().and_then(entry_endpoint)
 }
 
 /// What the queue runner is working on: the owner endpoints that have a worker and the ids of
@@ -83,6 +81,9 @@ pub(crate) struct InFlight {
     ids: HashSet<u64>,
     /// After an entry could not even be rescheduled: no pass before this (no spinning on it).
     cool_down_until: Option<std::time::Instant>,
+    /// Due outbound entries the last pass left because every worker their destination may
+    /// have was busy: the next pass comes when a worker ends, not on the timer.
+    parked: HashSet<u64>,
 }
 
 /// A worker's claim on its group: released when the worker ends, even by a panic.
@@ -197,10 +198,13 @@ impl QueueRunner {
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
         let (next, cool_down) = {
             let in_flight = self.smtp.in_flight();
-            (
-                queue.next_due_except(&in_flight.ids),
-                in_flight.cool_down_until,
-            )
+            let next = if in_flight.parked.is_empty() {
+                queue.next_due_except(&in_flight.ids)
+            } else {
+                let skip: HashSet<u64> = in_flight.ids.union(&in_flight.parked).copied().collect();
+                queue.next_due_except(&skip)
+            };
+            (next, in_flight.cool_down_until)
         };
         let wait = match next {
             Some(at) => Duration::from_secs(at.saturating_sub(unix_now()).max(0) as u64)
@@ -225,11 +229,13 @@ impl QueueRunner {
                 }
                 in_flight.cool_down_until = None;
             }
-            smtp.queue.due_except(unix_now(), &in_flight.ids)?
+            let due = smtp.queue.due_except(unix_now(), &in_flight.ids)?;
+            let (groups, parked) = self.group(due, &in_flight);
+            in_flight.parked = parked;
+            groups
         };
         let mut workers = Vec::new();
-        for group in groups(due) {
-            let endpoint = group_endpoint(&group);
+        for (endpoint, group) in due {
             let Ok(permit) = Arc::clone(&smtp.relay_workers).try_acquire_owned() else {
                 tracing::debug!("every queue worker is busy; the rest waits for the next pass");
                 break;
@@ -257,6 +263,62 @@ impl QueueRunner {
             }));
         }
         Ok(workers)
+    }
+
+    /// Groups due entries per owner endpoint; entries with only outbound recipients per
+    /// destination, spread over as many workers as it may have sessions (see [`Spread`]).
+    /// Also returns the ids of those that find no free worker (left for a later pass).
+    fn group(
+        &self,
+        due: Vec<QueueEntry>,
+        in_flight: &InFlight,
+    ) -> (Vec<(Option<String>, Group)>, HashSet<u64>) {
+        let Some(outbound) = &self.smtp.outbound else {
+            let keyed = due.into_iter().map(|e| (entry_endpoint(&e), e));
+            return (groups(keyed), HashSet::new());
+        };
+        let mut keyed = Vec::with_capacity(due.len());
+        let mut due_per_destination: HashMap<String, usize> = HashMap::new();
+        for entry in due {
+            if let Some(endpoint) = entry_endpoint(&entry) {
+                keyed.push((Some(endpoint), None, entry));
+            } else if let Some(destination) = self.outbound_destination(&entry) {
+                *due_per_destination.entry(destination.clone()).or_default() += 1;
+                keyed.push((None, Some(destination), entry));
+            } else {
+                keyed.push((None, None, entry));
+            }
+        }
+        let workers = outbound.max_per_destination().min(MAX_OWNERS_AT_ONCE);
+        let mut spread = Spread::new(workers, &in_flight.endpoints);
+        let mut parked = HashSet::new();
+        let keyed = keyed
+            .into_iter()
+            .filter_map(|(endpoint, destination, entry)| {
+                let Some(destination) = destination else {
+                    return Some((endpoint, entry));
+                };
+                match spread.key(&destination, due_per_destination[&destination]) {
+                    Some(key) => Some((Some(key), entry)),
+                    None => {
+                        parked.insert(entry.id);
+                        None
+                    }
+                }
+            });
+        let groups = groups(keyed.collect::<Vec<_>>());
+        (groups, parked)
+    }
+
+    /// Where an entry whose first pending recipient is outside every served domain goes: its
+    /// domain, or the relay host.
+    fn outbound_destination(&self, entry: &QueueEntry) -> Option<String> {
+        let outbound = self.smtp.outbound.as_ref()?;
+        let domain = entry
+            .pending()
+            .find_map(|r| r.address.rsplit_once('@').map(|(_, d)| d))
+            .filter(|d| !self.smtp.directory.domains().is_served(d))?;
+        Some(outbound.destination(domain))
     }
 
     /// One worker: relays a group's entries in order over its sessions. Returns whether an
@@ -463,7 +525,7 @@ impl QueueRunner {
         body: &Outgoing,
         last_error: &mut Option<String>,
     ) {
-        let Some((config, mx)) = &self.smtp.outbound else {
+        let Some(outbound) = &self.smtp.outbound else {
             return;
         };
         let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -480,41 +542,17 @@ impl QueueRunner {
             }
         }
         for (domain, indexes) in by_domain {
-            let hosts = match mx.route(&domain).await {
-                crate::outbound::Route::Hosts(hosts) => hosts,
-                crate::outbound::Route::Permanent(why) => {
-                    tracing::info!(id = entry.id, %domain, %why, "outbound: destination takes no mail");
-                    for &i in &indexes {
-                        entry.recipients[i].state =
-                            RecipientState::Failed(format!("550 5.4.4 {why}"));
-                    }
-                    continue;
-                }
-                crate::outbound::Route::Temporary(why) => {
-                    tracing::info!(id = entry.id, %domain, %why, "outbound: no route now, deferred");
-                    *last_error = Some(why);
-                    continue;
-                }
-            };
             let addresses: Vec<String> = indexes
                 .iter()
                 .map(|&i| entry.recipients[i].address.clone())
                 .collect();
-            let mut sessions = RelaySessions::new(config, None);
-            let mut outcomes = Vec::new();
-            let mut last_host = String::new();
-            for host in &hosts {
-                last_host = host.to_string();
-                outcomes = sessions
-                    .relay(&host.to_string(), &entry.sender, &addresses, body)
-                    .await;
-                if !outcomes.iter().all(|o| matches!(o, RcptOutcome::Retry(_))) {
-                    break;
-                }
-                tracing::info!(id = entry.id, %domain, %host, "outbound: host deferred, trying the next");
-            }
-            sessions.close_all().await;
-            for (&i, outcome) in indexes.iter().zip(outcomes) {
+            let message = crate::outbound::Message {
+                id: entry.id,
+                sender: &entry.sender,
+                body,
+            };
+            let delivery = outbound.deliver(&message, &domain, &addresses).await;
+            for (&i, outcome) in indexes.iter().zip(delivery.outcomes) {
                 let address = entry.recipients[i].address.clone();
                 match outcome {
                     RcptOutcome::Delivered => {
@@ -522,10 +560,12 @@ impl QueueRunner {
                         metrics::counter!("dshare_smtp_messages_total", "result" => "outbound")
                             .increment(1);
                         entry.recipients[i].state = RecipientState::Delivered;
-                        let passes = sessions.passes_dsn(&last_host);
-                        body.dsn
-                            .successes
-                            .note(entry, i, dsn::Action::Relayed, passes);
+                        body.dsn.successes.note(
+                            entry,
+                            i,
+                            dsn::Action::Relayed,
+                            delivery.passes_dsn,
+                        );
                     }
                     RcptOutcome::Failed(reason) | RcptOutcome::NoSuchUser(reason) => {
                         tracing::info!(id = entry.id, rcpt = %address, %reason, "outbound delivery failed permanently");

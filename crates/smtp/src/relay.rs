@@ -80,15 +80,52 @@ pub(crate) enum RcptOutcome {
     Retry(String),
 }
 
+impl RcptOutcome {
+    /// The reply or reason behind the outcome.
+    pub(crate) fn reason(&self) -> &str {
+        match self {
+            RcptOutcome::Delivered => "delivered",
+            RcptOutcome::NoSuchUser(r) | RcptOutcome::Failed(r) | RcptOutcome::Retry(r) => r,
+        }
+    }
+}
+
+/// Why `STARTTLS` did not give a TLS session.
+pub(crate) enum StartTlsError {
+    /// The server answered `STARTTLS` with an error: the plain session goes on.
+    Refused(Client, String),
+    /// The TLS handshake failed or could not begin (the connection is gone).
+    Handshake(String),
+    /// Any other failure (the connection is gone).
+    Broken(String),
+}
+
+impl StartTlsError {
+    pub(crate) fn reason(self) -> String {
+        match self {
+            StartTlsError::Refused(_, r)
+            | StartTlsError::Handshake(r)
+            | StartTlsError::Broken(r) => r,
+        }
+    }
+}
+
+/// The host of a `host:port` endpoint (without the brackets of `[v6]:port`).
+fn endpoint_host(endpoint: &str) -> Option<&str> {
+    endpoint
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+}
+
 /// Longest reply we read from a peer (lines and number of lines).
 const MAX_REPLY_LINE: usize = 2048;
 const MAX_REPLY_LINES: usize = 64;
 /// Longest wait for the peer's answer to `QUIT` when a session is closed.
 const QUIT_WAIT: Duration = Duration::from_secs(2);
 
-struct Reply {
-    code: u16,
-    lines: Vec<String>,
+pub(crate) struct Reply {
+    pub(crate) code: u16,
+    pub(crate) lines: Vec<String>,
 }
 
 impl Reply {
@@ -97,7 +134,7 @@ impl Reply {
     }
 }
 
-struct Client {
+pub(crate) struct Client {
     conn: LineConn<MailStream>,
     timeout: Duration,
 }
@@ -130,6 +167,98 @@ impl Client {
                 return Ok(Reply { code, lines });
             }
         }
+    }
+
+    /// Connects to `endpoint`, reads the greeting and says EHLO: the client and the EHLO
+    /// reply. `Err` is the outcome of every recipient that was to go over it.
+    pub(crate) async fn start(
+        config: &SmtpConfig,
+        endpoint: &str,
+    ) -> Result<(Client, Reply), RcptOutcome> {
+        let timeout = config.relay_timeout;
+        let retry = RcptOutcome::Retry;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(endpoint))
+            .await
+            .map_err(|_| retry(format!("connect to {endpoint}: timed out")))?
+            .map_err(|e| retry(format!("connect to {endpoint}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let mut conn = LineConn::new(MailStream::Plain(tcp));
+        conn.set_write_timeout(timeout);
+        let mut client = Client { conn, timeout };
+        let greeting = client.read_reply(timeout).await.map_err(retry)?;
+        if greeting.code != 220 {
+            return Err(fail_one(&greeting, "greeting"));
+        }
+        let caps = client.ehlo(config).await?;
+        Ok((client, caps))
+    }
+
+    async fn ehlo(&mut self, config: &SmtpConfig) -> Result<Reply, RcptOutcome> {
+        let ehlo = format!("EHLO {}\r\n", ehlo_name(&config.hostname));
+        let caps = self.command(&ehlo).await.map_err(RcptOutcome::Retry)?;
+        if caps.code != 250 {
+            return Err(fail_one(&caps, "EHLO"));
+        }
+        Ok(caps)
+    }
+
+    /// `STARTTLS`, the handshake with `tls` (verifying the host of `endpoint` as far as `tls`
+    /// does) and EHLO again: the client over TLS and its new EHLO reply.
+    pub(crate) async fn starttls(
+        mut self,
+        config: &SmtpConfig,
+        tls: &Arc<rustls::ClientConfig>,
+        endpoint: &str,
+    ) -> Result<(Client, Reply), StartTlsError> {
+        let host = endpoint_host(endpoint)
+            .ok_or_else(|| StartTlsError::Broken(format!("bad endpoint {endpoint:?}")))?
+            .to_string();
+        let go = self
+            .command("STARTTLS\r\n")
+            .await
+            .map_err(StartTlsError::Broken)?;
+        if go.code != 220 {
+            let why = format!("STARTTLS refused: {}", go.text());
+            return Err(StartTlsError::Refused(self, why));
+        }
+        let (stream, buffered) = self.conn.into_parts();
+        if !buffered.is_empty() {
+            // Not a TLS start: as good as a failed handshake.
+            return Err(StartTlsError::Handshake(
+                "peer sent data after its STARTTLS reply".into(),
+            ));
+        }
+        let connector = TlsConnector::from(Arc::clone(tls));
+        let stream = stream
+            .connect_tls(&connector, &host, self.timeout)
+            .await
+            .map_err(|e| StartTlsError::Handshake(format!("TLS with {endpoint}: {e}")))?;
+        let mut conn = LineConn::new(stream);
+        conn.set_write_timeout(self.timeout);
+        let mut client = Client {
+            conn,
+            timeout: self.timeout,
+        };
+        let caps = client
+            .ehlo(config)
+            .await
+            .map_err(|o| StartTlsError::Broken(format!("after STARTTLS: {}", o.reason())))?;
+        Ok((client, caps))
+    }
+
+    /// `AUTH PLAIN` as `user`; `Err` says why it did not succeed.
+    pub(crate) async fn auth_plain(&mut self, user: &str, password: &str) -> Result<(), String> {
+        let token = format!("\0{user}\0{password}");
+        let auth = self
+            .command(&format!(
+                "AUTH PLAIN {}\r\n",
+                base64::encode(token.as_bytes())
+            ))
+            .await?;
+        if auth.code != 235 {
+            return Err(format!("AUTH refused: {}", auth.text()));
+        }
+        Ok(())
     }
 
     async fn command(&mut self, cmd: &str) -> Result<Reply, String> {
@@ -183,7 +312,7 @@ impl TxError {
 
 /// An SMTP session with one peer endpoint: greeted, upgraded to TLS when a CA is configured and
 /// authenticated when a cluster secret is set; usable for consecutive transactions.
-struct RelaySession {
+pub(crate) struct RelaySession {
     client: Client,
     /// The EHLO reply the transactions go by (the one after STARTTLS, if any).
     caps: Reply,
@@ -205,7 +334,6 @@ impl RelaySession {
         tls: Option<&Arc<rustls::ClientConfig>>,
         endpoint: &str,
     ) -> Result<RelaySession, RcptOutcome> {
-        let timeout = config.relay_timeout;
         let retry = RcptOutcome::Retry;
         if tls.is_none() && !config.cluster_secret.is_empty() {
             // The relay key is a credential: never sent without verified TLS (#13 point 2).
@@ -217,81 +345,42 @@ impl RelaySession {
                 "no verified TLS to {endpoint} (no cluster CA): the relay key is never sent in plaintext"
             )));
         }
-        let host = endpoint
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-            .ok_or_else(|| retry(format!("bad endpoint {endpoint:?}")))?
-            .to_string();
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(endpoint))
-            .await
-            .map_err(|_| retry(format!("connect to {endpoint}: timed out")))?
-            .map_err(|e| retry(format!("connect to {endpoint}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
-        let mut conn = LineConn::new(MailStream::Plain(tcp));
-        conn.set_write_timeout(timeout);
-        let mut client = Client { conn, timeout };
-        let greeting = client.read_reply(timeout).await.map_err(retry)?;
-        if greeting.code != 220 {
-            return Err(fail_one(&greeting, "greeting"));
-        }
-        let ehlo = format!("EHLO {}\r\n", ehlo_name(&config.hostname));
-        let mut caps = client.command(&ehlo).await.map_err(retry)?;
-        if caps.code != 250 {
-            return Err(fail_one(&caps, "EHLO"));
-        }
+        let (mut client, mut caps) = Client::start(config, endpoint).await?;
         if let Some(tls) = tls {
             if !has_cap(&caps, "STARTTLS") {
                 return Err(retry(format!(
                     "{endpoint} does not offer STARTTLS (required with a cluster CA)"
                 )));
             }
-            let go = client.command("STARTTLS\r\n").await.map_err(retry)?;
-            if go.code != 220 {
-                return Err(retry(format!("STARTTLS refused: {}", go.text())));
-            }
-            let (stream, buffered) = client.conn.into_parts();
-            if !buffered.is_empty() {
-                return Err(retry("peer sent data after its STARTTLS reply".into()));
-            }
-            let connector = TlsConnector::from(Arc::clone(tls));
-            let stream = stream
-                .connect_tls(&connector, &host, timeout)
+            (client, caps) = client
+                .starttls(config, tls, endpoint)
                 .await
-                .map_err(|e| retry(format!("TLS with {endpoint}: {e}")))?;
-            client.conn = LineConn::new(stream);
-            client.conn.set_write_timeout(timeout);
-            caps = client.command(&ehlo).await.map_err(retry)?;
-            if caps.code != 250 {
-                return Err(fail_one(&caps, "EHLO after STARTTLS"));
-            }
+                .map_err(|e| retry(e.reason()))?;
         }
         let peer = !config.cluster_secret.is_empty();
         if peer {
-            let token = format!(
-                "\0{PEER_AUTH_PREFIX}{}\0{}",
-                config.node_id, config.cluster_secret
-            );
-            let auth = client
-                .command(&format!(
-                    "AUTH PLAIN {}\r\n",
-                    base64::encode(token.as_bytes())
-                ))
+            let id = format!("{PEER_AUTH_PREFIX}{}", config.node_id);
+            client
+                .auth_plain(&id, &config.cluster_secret)
                 .await
-                .map_err(retry)?;
-            if auth.code != 235 {
                 // A misconfigured peer: keep the message, never hand it over unauthenticated.
-                return Err(retry(format!("peer AUTH refused: {}", auth.text())));
-            }
+                .map_err(|e| retry(format!("peer {e}")))?;
         }
         metrics::counter!("dshare_smtp_relay_sessions_total").increment(1);
-        Ok(RelaySession {
+        Ok(RelaySession::new(client, caps, peer))
+    }
+
+    /// A session on an open (greeted, secured, authenticated) connection; `peer`: authenticated
+    /// as a peer node.
+    pub(crate) fn new(client: Client, caps: Reply, peer: bool) -> RelaySession {
+        RelaySession {
             client,
             caps,
             transactions: 0,
             closing: false,
             last_used: Instant::now(),
             peer,
-        })
+        }
     }
 
     /// A command whose `421` reply means the peer is closing the session.
@@ -456,6 +545,8 @@ impl RelaySession {
 pub(crate) struct RelaySessions<'a> {
     config: &'a SmtpConfig,
     tls: Option<&'a Arc<rustls::ClientConfig>>,
+    /// Outbound sessions (to the Internet) are opened by this instead.
+    transport: Option<&'a crate::outbound::Transport>,
     open: HashMap<String, RelaySession>,
     /// Endpoints a session could not be opened with, and why: not tried again by this worker
     /// (its other entries for them are deferred at once, rather than each waiting out the
@@ -470,6 +561,7 @@ impl<'a> RelaySessions<'a> {
         Self {
             config,
             tls,
+            transport: None,
             open: HashMap::new(),
             dead: HashMap::new(),
             no_dsn: HashSet::new(),
@@ -480,6 +572,17 @@ impl<'a> RelaySessions<'a> {
     /// DSN requests, and reports success itself.
     pub(crate) fn passes_dsn(&self, endpoint: &str) -> bool {
         !self.no_dsn.contains(endpoint)
+    }
+
+    /// Sessions to MX hosts or the relay host, opened as `transport` says.
+    pub(crate) fn outbound(
+        config: &'a SmtpConfig,
+        transport: &'a crate::outbound::Transport,
+    ) -> Self {
+        Self {
+            transport: Some(transport),
+            ..Self::new(config, None)
+        }
     }
 
     /// One relay attempt of a message to `endpoint`: every recipient gets an outcome. Uses the
@@ -509,7 +612,11 @@ impl<'a> RelaySessions<'a> {
         if let Some(reason) = self.dead.get(endpoint) {
             return vec![RcptOutcome::Retry(format!("{reason} (not tried again in this pass)")); n];
         }
-        let mut session = match RelaySession::open(self.config, self.tls, endpoint).await {
+        let opened = match self.transport {
+            Some(transport) => transport.open(self.config, endpoint).await,
+            None => RelaySession::open(self.config, self.tls, endpoint).await,
+        };
+        let mut session = match opened {
             Ok(session) => {
                 if has_cap(&session.caps, "DSN") {
                     self.no_dsn.remove(endpoint);
@@ -575,7 +682,7 @@ fn merge(per_rcpt: Vec<Option<RcptOutcome>>, all: Vec<RcptOutcome>) -> Vec<RcptO
         .collect()
 }
 
-fn has_cap(reply: &Reply, cap: &str) -> bool {
+pub(crate) fn has_cap(reply: &Reply, cap: &str) -> bool {
     reply.lines.iter().skip(1).any(|l| {
         l.split_whitespace()
             .next()

@@ -49,8 +49,8 @@ pub struct Smtp {
     /// The queue runner's workers and what they hold.
     in_flight: std::sync::Mutex<crate::queue::InFlight>,
     pub(crate) relay_workers: Arc<tokio::sync::Semaphore>,
-    /// Outbound delivery: the session settings (no peer AUTH) and the MX lookups.
-    pub(crate) outbound: Option<(SmtpConfig, crate::outbound::Mx)>,
+    /// Outbound delivery (recipients outside every served domain).
+    pub(crate) outbound: Option<crate::outbound::Outbound>,
     /// Password checks of submission logins for local accounts.
     pub(crate) passwords: Arc<ds_access::PasswordChecker>,
     /// Transaction ids, unique per process run (combined with the start time).
@@ -181,20 +181,7 @@ impl Smtp {
         metrics::gauge!("dshare_queue_depth").set(queue.len() as f64);
         let passwords =
             ds_access::PasswordChecker::shared_or_default(config.passwords.clone(), &directory);
-        let outbound = config.outbound.as_ref().and_then(|o| {
-            match crate::outbound::Mx::new(o) {
-                Ok(mx) => {
-                    let mut session = config.clone();
-                    // Never the relay key towards the Internet.
-                    session.cluster_secret.clear();
-                    Some((session, mx))
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "outbound delivery off: no DNS resolver");
-                    None
-                }
-            }
-        });
+        let outbound = crate::outbound::Outbound::new(&config);
         Arc::new(Smtp {
             outbound,
             passwords,
