@@ -67,46 +67,14 @@ fn sender(port: u16, id: usize, acked: Arc<Mutex<BTreeSet<String>>>, count: Arc<
 fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
     let (smtp, pop3, admin) = (free_port(), free_port(), free_port());
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[node]
-id = "crash"
-data_dir = "{}"
-[listen]
-smtp = ["127.0.0.1:{smtp}"]
-pop3 = ["127.0.0.1:{pop3}"]
-imap = []
-submission = []
-submissions = []
-minger = []
-admin = ["127.0.0.1:{admin}"]
-metrics = []
-"#,
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
-    let node = serve(&config, &[smtp, admin]);
-    let out = Command::new(common::BIN)
-        .arg("-c")
-        .arg(&config)
-        .args([
-            "account",
-            "add",
-            "alice@example.com",
-            "--password",
-            "alice-pw",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let config = common::single_node_config(
+        dir.path(),
+        &dir.path().join("data"),
+        (smtp, pop3, admin),
+        "",
     );
+    let node = serve(&config, &[smtp, admin]);
+    common::add_account(&config, "alice@example.com", "alice-pw");
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let count = Arc::new(AtomicUsize::new(0));

@@ -63,49 +63,15 @@ fn the_real_node_reopens_its_store_in_place_when_the_disk_has_room_again() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (smtp, pop3, admin) = (free_port(), free_port(), free_port());
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[node]
-id = "full"
-data_dir = "{}"
-[listen]
-smtp = ["127.0.0.1:{smtp}"]
-pop3 = ["127.0.0.1:{pop3}"]
-imap = []
-submission = []
-submissions = []
-minger = []
-admin = ["127.0.0.1:{admin}"]
-metrics = []
-[limits]
-min_free_space = 0
-"#,
-            disk.data_dir().display()
-        ),
-    )
-    .unwrap();
+    let config = common::single_node_config(
+        dir.path(),
+        &disk.data_dir(),
+        (smtp, pop3, admin),
+        "[limits]\nmin_free_space = 0",
+    );
     let mut node = serve(&config, &[smtp, pop3, admin]);
     let pid = node.0.id();
-    let out = Command::new(common::BIN)
-        .arg("-c")
-        .arg(&config)
-        .args([
-            "account",
-            "add",
-            "alice@example.com",
-            "--password",
-            "alice-pw",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::add_account(&config, "alice@example.com", "alice-pw");
     for i in 0..3 {
         assert_eq!(send(smtp, &format!("before{i}")), 250);
     }

@@ -72,6 +72,56 @@ pub fn serve_env(config: &Path, addrs: &[SocketAddr], env: &[(&str, &str)]) -> S
     node
 }
 
+/// A one-node config in `dir` (`node.toml`): SMTP, POP3 and admin on 127.0.0.1 at the given
+/// ports, data in `data_dir`, and `extra` TOML appended (sections of its own).
+pub fn single_node_config(
+    dir: &Path,
+    data_dir: &Path,
+    (smtp, pop3, admin): (u16, u16, u16),
+    extra: &str,
+) -> PathBuf {
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[node]
+id = "single"
+data_dir = "{}"
+[listen]
+smtp = ["127.0.0.1:{smtp}"]
+pop3 = ["127.0.0.1:{pop3}"]
+imap = []
+submission = []
+submissions = []
+minger = []
+admin = ["127.0.0.1:{admin}"]
+metrics = []
+{extra}
+"#,
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `dshare account add ADDRESS --password PASSWORD` against the node of `config`; panics
+/// with the CLI's error output when it fails.
+pub fn add_account(config: &Path, address: &str, password: &str) {
+    let out = Command::new(BIN)
+        .arg("-c")
+        .arg(config)
+        .args(["account", "add", address, "--password", password])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 // The admin CLI against an in-process test node.
 
 /// A config file that points the CLI at a test node (its data dir holds the admin token).
