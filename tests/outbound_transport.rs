@@ -208,3 +208,58 @@ async fn a_slow_destination_never_gets_more_sessions_than_the_cap() -> anyhow::R
     c.shutdown().await;
     Ok(())
 }
+
+/// A destination whose only MX host accepts connections and hangs up at once (before any
+/// greeting): after the first message found it unreachable, the other messages queued for it
+/// wait out the back-off (`smtp.retry_base`) without a connection each, as Postfix leaves a
+/// dead destination alone; once it passes, the destination is tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_destination_is_left_alone_for_a_while() -> anyhow::Result<()> {
+    let dns = dns_server().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let seen = || connections.load(std::sync::atomic::Ordering::SeqCst);
+    let c = cluster(1, dns, port, |_, c| {
+        c.smtp.retry_base = Duration::from_secs(6);
+        c.smtp.retry_max = Duration::from_secs(6);
+    })
+    .await?;
+    submit(&c, 0, BOB, "x@outside.test", "first", 1)?;
+    assert!(eventually(Duration::from_secs(10), || seen() >= 1).await);
+    let first = seen();
+    assert!(
+        eventually(Duration::from_secs(5), || queue_error(&c, 0, "closed")
+            .is_some())
+        .await,
+        "{:?}",
+        c.node(0).node().state.queue_listing()
+    );
+    // Three more for the same destination, at once: deferred without connecting.
+    submit(&c, 0, BOB, "y@outside.test", "more", 3)?;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            queue_error(&c, 0, "unreachable moments ago").is_some()
+        })
+        .await,
+        "{:?}",
+        c.node(0).node().state.queue_listing()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        seen(),
+        first,
+        "messages for a dead destination still connected"
+    );
+    // The back-off passes: the destination is tried again.
+    assert!(eventually(Duration::from_secs(15), || seen() > first).await);
+    c.shutdown().await;
+    Ok(())
+}

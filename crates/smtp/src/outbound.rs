@@ -8,8 +8,12 @@
 //! the transport ([`transport`]: opportunistic STARTTLS, the relay host's verified TLS and
 //! AUTH), the per-destination session cap ([`destinations`]) and the per-outcome metrics.
 //!
-//! Not yet: DANE/MTA-STS (verified TLS to MX hosts), per-destination back-off shared between
-//! messages, connection reuse across queued messages.
+//! A destination none of whose hosts could be reached (connection, greeting or TLS failed on
+//! every one) is left alone for a while (`smtp.retry_base`): its other queued messages are
+//! deferred without a connection, as Postfix marks a dead destination, instead of each of them
+//! waiting out the timeouts of the same unreachable hosts.
+//!
+//! Not yet: DANE/MTA-STS (verified TLS to MX hosts), connection reuse across queued messages.
 
 mod destinations;
 mod transport;
@@ -123,7 +127,12 @@ pub(crate) struct Outbound {
     mx: Mx,
     transport: Transport,
     destinations: Destinations,
+    /// Destinations found unreachable: until when they are left alone, and why.
+    unreachable: std::sync::Mutex<std::collections::HashMap<String, (Instant, String)>>,
 }
+
+/// Most destinations remembered as unreachable (expired ones are dropped first).
+const MAX_UNREACHABLE: usize = 10_000;
 
 impl Outbound {
     /// Outbound delivery as `config.outbound` says; `None` when it is off or there is no DNS
@@ -157,6 +166,7 @@ impl Outbound {
                 relay_auth,
             },
             destinations: Destinations::new(o.max_per_destination),
+            unreachable: std::sync::Mutex::default(),
         })
     }
 
@@ -208,6 +218,10 @@ impl Outbound {
             }
         };
         let destination = self.destination(domain);
+        if let Some(why) = self.backing_off(&destination) {
+            tracing::debug!(id, %destination, %why, "outbound: destination left alone for now");
+            return Delivery::undelivered(vec![RcptOutcome::Retry(why); n]);
+        }
         let _slot = match self
             .destinations
             .acquire(&destination, self.session.relay_timeout)
@@ -230,10 +244,51 @@ impl Outbound {
             tracing::info!(id, %domain, %host, "outbound: host deferred, trying the next");
         }
         let passes_dsn = last_host.is_some_and(|host| sessions.passes_dsn(host));
+        if !hosts.is_empty() && hosts.iter().all(|host| sessions.unreachable(host)) {
+            let why = outcomes.first().map_or("", RcptOutcome::reason);
+            self.leave_alone(&destination, why);
+        }
         sessions.close_all().await;
         Delivery {
             outcomes,
             passes_dsn,
+        }
+    }
+
+    fn unreachable_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (Instant, String)>> {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Why `destination` is left alone now, if it is (its hosts were unreachable lately).
+    fn backing_off(&self, destination: &str) -> Option<String> {
+        let mut map = self.unreachable_map();
+        let (until, why) = map.get(destination)?;
+        if Instant::now() >= *until {
+            map.remove(destination);
+            return None;
+        }
+        Some(format!(
+            "{destination} was unreachable moments ago ({why}); not tried again yet"
+        ))
+    }
+
+    /// Leaves `destination` alone for `smtp.retry_base`: none of its hosts could be reached.
+    fn leave_alone(&self, destination: &str, why: &str) {
+        let now = Instant::now();
+        let mut map = self.unreachable_map();
+        if map.len() >= MAX_UNREACHABLE {
+            map.retain(|_, (until, _)| *until > now);
+        }
+        if map.len() < MAX_UNREACHABLE {
+            tracing::info!(%destination, %why, "outbound: destination unreachable, its mail waits");
+            map.insert(
+                destination.to_string(),
+                (now + self.session.retry_base, why.to_string()),
+            );
         }
     }
 

@@ -568,6 +568,12 @@ impl<'a> RelaySessions<'a> {
         }
     }
 
+    /// Whether no session could be opened with `endpoint` in this pass (connection, greeting
+    /// or TLS failed: the host is unreachable, not merely deferring).
+    pub(crate) fn unreachable(&self, endpoint: &str) -> bool {
+        self.dead.contains_key(endpoint)
+    }
+
     /// Whether the last session to `endpoint` advertised `DSN`: it was handed the message's
     /// DSN requests, and reports success itself.
     pub(crate) fn passes_dsn(&self, endpoint: &str) -> bool {
