@@ -191,11 +191,16 @@ impl PasswordChecker {
     pub async fn check(&self, ip: IpAddr, address: &str, password: &str) -> crate::Result<Check> {
         let account = self.directory.account(address).map_err(directory_error)?;
         let key = self.cache_key(address, password);
-        if let Some(account) = &account
-            && account.enabled
-            && self.cached(&key, &account.password_hash)
-        {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        let remembered = || {
+            let hit = account
+                .as_ref()
+                .is_some_and(|a| a.enabled && self.cached(&key, &a.password_hash));
+            if hit {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            }
+            hit
+        };
+        if remembered() {
             return Ok(Check::Ok);
         }
         let ip = ip_key(ip);
@@ -226,6 +231,11 @@ impl PasswordChecker {
         let Some(_permit) = self.node_slot().await else {
             return Ok(Check::Busy);
         };
+        // A check that waited in line may find its answer remembered meanwhile (a client
+        // that opened several connections at once with the same password).
+        if remembered() {
+            return Ok(Check::Ok);
+        }
         self.argon2_runs.fetch_add(1, Ordering::Relaxed);
         let now_running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now_running, Ordering::SeqCst);

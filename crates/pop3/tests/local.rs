@@ -881,3 +881,44 @@ async fn one_address_beyond_its_line_is_refused_at_once() {
     }
     assert_eq!((busy, checker.argon2_runs()), (6, 4));
 }
+
+/// A client opening several connections at once with the same password (phones, IMAP clients)
+/// costs one Argon2 per slot, not one per connection: the ones that waited in line find the
+/// verified password remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_in_line_with_the_same_password_use_the_remembered_check() {
+    let parts = company();
+    parts
+        .directory
+        .clone()
+        .with_hash_cost(ds_directory::HashCost {
+            memory_kib: 4096,
+            iterations: 2,
+        })
+        .add_account("phone@company.com", "right", 0)
+        .unwrap();
+    let checker = Arc::new(ds_access::PasswordChecker::new(
+        parts.directory.clone(),
+        ds_access::CheckerConfig {
+            node_limit: 2,
+            per_ip_limit: 1,
+            ..ds_access::CheckerConfig::default()
+        },
+    ));
+    let phone: std::net::IpAddr = "192.0.2.44".parse().unwrap();
+    let checks: Vec<_> = (0..6)
+        .map(|_| {
+            let checker = Arc::clone(&checker);
+            tokio::spawn(async move {
+                checker
+                    .check(phone, "phone@company.com", "right")
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for c in checks {
+        assert_eq!(c.await.unwrap(), ds_access::Check::Ok);
+    }
+    assert_eq!((checker.argon2_runs(), checker.cache_hits()), (1, 5));
+}
