@@ -157,6 +157,9 @@ pub struct ClusterSection {
     pub negative_ttl: Duration,
     /// Uncached peer fan-outs one client connection may cause; then lookups are TempFail.
     pub fanouts_per_connection: u32,
+    /// Connections per owner kept ready (TLS up, greeting read) for forwarded POP3 and IMAP
+    /// logins, after a forwarded login used one; 0 = none (every login opens its own).
+    pub warm_connections: usize,
     #[serde(deserialize_with = "duration")]
     pub lookup_timeout: Duration,
     /// Domains shared with peers; empty = every shared domain.
@@ -172,6 +175,7 @@ impl Default for ClusterSection {
             positive_ttl: Duration::from_secs(5 * 24 * 3600),
             negative_ttl: ds_cluster::DEFAULT_NEGATIVE_TTL,
             fanouts_per_connection: ds_cluster::DEFAULT_FANOUTS_PER_CONNECTION,
+            warm_connections: 2,
             lookup_timeout: Duration::from_secs(2),
             allowed_domains: vec![],
             peers: vec![],

@@ -732,6 +732,7 @@ impl Node {
                 throttle: Arc::clone(&throttle),
                 passwords: Some(Arc::clone(&passwords)),
                 tls_policy: tls_policy.clone(),
+                warm_connections: config.cluster.warm_connections,
                 ..Default::default()
             },
             directory.clone(),
@@ -752,6 +753,7 @@ impl Node {
                 peer_tls: peer_tls.clone(),
                 body_budget: body_budget.clone(),
                 tls_policy: tls_policy.clone(),
+                warm_connections: config.cluster.warm_connections,
                 ..Default::default()
             },
             directory.clone(),
