@@ -290,25 +290,24 @@ pub async fn login_at_owner_pooled(
         OwnerTls::Implicit(c) => (c.clone(), true),
     };
     let key = format!("{} {} {implicit}", login.endpoint, login.server_name);
-    let taken = pool.take_usable(&key, |ready| link::is_quiet(&mut ready.conn));
-    for _ in 0..taken.refill {
-        let (pool, key, connector) = (Arc::clone(pool), key.clone(), connector.clone());
-        let (endpoint, server_name) = (login.endpoint.to_owned(), login.server_name.to_owned());
-        let timeouts = login.timeouts;
-        tokio::spawn(async move {
-            let tls = if implicit {
-                OwnerTls::Implicit(&connector)
-            } else {
-                OwnerTls::StartTls(&connector)
-            };
-            let ready = open_owner(&endpoint, tls, &server_name, timeouts).await;
-            if let Err(e) = &ready {
-                tracing::debug!(%endpoint, error = %e, "could not open a warm connection to the owner");
+    let warm = pool.take_and_refill(
+        &key,
+        |ready| link::is_quiet(&mut ready.conn),
+        || {
+            let connector = connector.clone();
+            let (endpoint, server_name) = (login.endpoint.to_owned(), login.server_name.to_owned());
+            let timeouts = login.timeouts;
+            async move {
+                let tls = if implicit {
+                    OwnerTls::Implicit(&connector)
+                } else {
+                    OwnerTls::StartTls(&connector)
+                };
+                open_owner(&endpoint, tls, &server_name, timeouts).await
             }
-            pool.put(&key, ready.ok());
-        });
-    }
-    if let Some(ready) = taken.conn {
+        },
+    );
+    if let Some(ready) = warm {
         match login_on(ready, &login).await {
             Ok(session) => {
                 return Ok(OwnerSession {

@@ -134,6 +134,38 @@ impl<T> WarmPool<T> {
     }
 }
 
+impl<T: Send + 'static> WarmPool<T> {
+    /// [`WarmPool::take_usable`], with the refill it asks for started in the background:
+    /// each connection opened by a future from `open` (one that fails is logged and counts
+    /// as none).
+    pub fn take_and_refill<F, Fut, E>(
+        self: &std::sync::Arc<Self>,
+        key: &str,
+        usable: impl FnMut(&mut T) -> bool,
+        open: F,
+    ) -> Option<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let taken = self.take_usable(key, usable);
+        for _ in 0..taken.refill {
+            let (pool, key, opening) = (std::sync::Arc::clone(self), key.to_owned(), open());
+            tokio::spawn(async move {
+                let conn = opening
+                    .await
+                    .inspect_err(|e| {
+                        tracing::debug!(%key, error = %e, "could not open a warm connection to the owner");
+                    })
+                    .ok();
+                pool.put(&key, conn);
+            });
+        }
+        taken.conn
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

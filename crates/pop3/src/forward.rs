@@ -5,7 +5,6 @@
 //! the two connections. The password is only ever held for the length of the login.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ds_access::Owner;
@@ -164,20 +163,15 @@ pub async fn login_at_owner(
     };
     let connector = TlsConnector::from(peer_tls.clone());
     let handshake = pop3.config.tls_handshake_timeout;
-    let taken = pop3
-        .warm
-        .take_usable(&owner.pop3, |ready| link::is_quiet(&mut ready.conn));
-    for _ in 0..taken.refill {
-        let (warm, owner, connector) = (Arc::clone(&pop3.warm), owner.clone(), connector.clone());
-        tokio::spawn(async move {
-            let ready = open_owner(&owner, &connector, timeout, handshake).await;
-            if let Err(e) = &ready {
-                tracing::debug!(owner = %owner.node, error = %e, "could not open a warm connection to the owner");
-            }
-            warm.put(&owner.pop3, ready.ok());
-        });
-    }
-    if let Some(ready) = taken.conn {
+    let warm = pop3.warm.take_and_refill(
+        &owner.pop3,
+        |ready| link::is_quiet(&mut ready.conn),
+        || {
+            let (owner, connector) = (owner.clone(), connector.clone());
+            async move { open_owner(&owner, &connector, timeout, handshake).await }
+        },
+    );
+    if let Some(ready) = warm {
         match login_on(pop3, ready, owner, client, method, password).await {
             Ok(answer) => {
                 count_link("warm");
