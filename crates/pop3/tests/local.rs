@@ -801,36 +801,80 @@ async fn parallel_guessing_is_bounded() {
     node.stop().await;
 }
 
+/// A checker with `config`'s bounds over `parts`, and an account `address` whose check takes a
+/// while (the default Argon2 cost is far too slow for a debug build; this one lets checks
+/// started together all arrive while the first runs).
+fn checker_with_slow_account(
+    parts: &Parts,
+    address: &str,
+    password: &str,
+    config: ds_access::CheckerConfig,
+) -> Arc<ds_access::PasswordChecker> {
+    parts
+        .directory
+        .clone()
+        .with_hash_cost(ds_directory::HashCost {
+            memory_kib: 4096,
+            iterations: 2,
+        })
+        .add_account(address, password, 0)
+        .unwrap();
+    Arc::new(ds_access::PasswordChecker::new(
+        parts.directory.clone(),
+        config,
+    ))
+}
+
+/// `passwords.len()` checks of `address` from `ip`, all started at once; their answers.
+async fn checks_at_once(
+    checker: &Arc<ds_access::PasswordChecker>,
+    ip: &str,
+    address: &str,
+    passwords: Vec<String>,
+) -> Vec<ds_access::Check> {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let tasks: Vec<_> = passwords
+        .into_iter()
+        .map(|password| {
+            let (checker, address) = (Arc::clone(checker), address.to_owned());
+            tokio::spawn(async move { checker.check(ip, &address, &password).await.unwrap() })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers
+}
+
 /// The bounded line for password checks: an office behind one NAT address, all opening their
 /// mail at once, is served in turn (nobody gets a temporary error), never more than the
 /// bounds running at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_logging_in_at_once_waits_its_turn() {
     let parts = company();
-    let checker = Arc::new(ds_access::PasswordChecker::new(
-        parts.directory.clone(),
+    let checker = checker_with_slow_account(
+        &parts,
+        "office@company.com",
+        "right",
         ds_access::CheckerConfig {
             node_limit: 2,
             per_ip_limit: 2,
             cache_ttl: std::time::Duration::ZERO,
             ..ds_access::CheckerConfig::default()
         },
-    ));
-    let office: std::net::IpAddr = "198.51.100.7".parse().unwrap();
-    let checks: Vec<_> = (0..12)
-        .map(|_| {
-            let checker = Arc::clone(&checker);
-            tokio::spawn(async move {
-                checker
-                    .check(office, "info@company.com", common::PASSWORD)
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    for c in checks {
-        assert_eq!(c.await.unwrap(), ds_access::Check::Ok);
-    }
+    );
+    let answers = checks_at_once(
+        &checker,
+        "198.51.100.7",
+        "office@company.com",
+        vec!["right".to_string(); 12],
+    )
+    .await;
+    assert!(
+        answers.iter().all(|a| *a == ds_access::Check::Ok),
+        "{answers:?}"
+    );
     assert_eq!(checker.argon2_runs(), 12);
     assert!(checker.peak_running() <= 2, "{}", checker.peak_running());
 }
@@ -840,45 +884,29 @@ async fn one_address_logging_in_at_once_waits_its_turn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_beyond_its_line_is_refused_at_once() {
     let parts = company();
-    // A check that takes a while (the default cost is far too slow for a debug build), so
-    // that all ten arrive while the first runs.
-    parts
-        .directory
-        .clone()
-        .with_hash_cost(ds_directory::HashCost {
-            memory_kib: 4096,
-            iterations: 2,
-        })
-        .add_account("slow@company.com", "right", 0)
-        .unwrap();
-    let checker = Arc::new(ds_access::PasswordChecker::new(
-        parts.directory.clone(),
+    let checker = checker_with_slow_account(
+        &parts,
+        "slow@company.com",
+        "right",
         ds_access::CheckerConfig {
             node_limit: 1,
             per_ip_limit: 1,
             per_ip_waiting: 4,
             ..ds_access::CheckerConfig::default()
         },
-    ));
-    let guesser: std::net::IpAddr = "203.0.113.66".parse().unwrap();
-    let checks: Vec<_> = (0..10)
-        .map(|i| {
-            let checker = Arc::clone(&checker);
-            tokio::spawn(async move {
-                checker
-                    .check(guesser, "slow@company.com", &format!("guess-{i}"))
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    let mut busy = 0;
-    for c in checks {
-        match c.await.unwrap() {
-            ds_access::Check::Busy => busy += 1,
-            other => assert_eq!(other, ds_access::Check::Bad),
-        }
-    }
+    );
+    let guesses = (0..10).map(|i| format!("guess-{i}")).collect();
+    let answers = checks_at_once(&checker, "203.0.113.66", "slow@company.com", guesses).await;
+    let busy = answers
+        .iter()
+        .filter(|a| **a == ds_access::Check::Busy)
+        .count();
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, ds_access::Check::Busy | ds_access::Check::Bad)),
+        "{answers:?}"
+    );
     assert_eq!((busy, checker.argon2_runs()), (6, 4));
 }
 
@@ -888,37 +916,26 @@ async fn one_address_beyond_its_line_is_refused_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_in_line_with_the_same_password_use_the_remembered_check() {
     let parts = company();
-    parts
-        .directory
-        .clone()
-        .with_hash_cost(ds_directory::HashCost {
-            memory_kib: 4096,
-            iterations: 2,
-        })
-        .add_account("phone@company.com", "right", 0)
-        .unwrap();
-    let checker = Arc::new(ds_access::PasswordChecker::new(
-        parts.directory.clone(),
+    let checker = checker_with_slow_account(
+        &parts,
+        "phone@company.com",
+        "right",
         ds_access::CheckerConfig {
             node_limit: 2,
             per_ip_limit: 1,
             ..ds_access::CheckerConfig::default()
         },
-    ));
-    let phone: std::net::IpAddr = "192.0.2.44".parse().unwrap();
-    let checks: Vec<_> = (0..6)
-        .map(|_| {
-            let checker = Arc::clone(&checker);
-            tokio::spawn(async move {
-                checker
-                    .check(phone, "phone@company.com", "right")
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    for c in checks {
-        assert_eq!(c.await.unwrap(), ds_access::Check::Ok);
-    }
+    );
+    let answers = checks_at_once(
+        &checker,
+        "192.0.2.44",
+        "phone@company.com",
+        vec!["right".to_string(); 6],
+    )
+    .await;
+    assert!(
+        answers.iter().all(|a| *a == ds_access::Check::Ok),
+        "{answers:?}"
+    );
     assert_eq!((checker.argon2_runs(), checker.cache_hits()), (1, 5));
 }
