@@ -60,24 +60,18 @@ async fn status_page_shows_a_down_peer_and_the_queue_in_chromium() -> anyhow::Re
     let now = unix_now();
     let id = a.queue.enqueue_entry(
         QueueEntry {
-            id: 0,
-            sender: "alice@example.com".into(),
-            recipients: vec![QueuedRecipient {
-                owner: Some("node-c".into()),
-                endpoint: Some("127.0.0.3:9".into()),
-                ..QueuedRecipient::new("carol@example.com")
-            }],
-            created: now - 600,
             next_attempt: now + 3600,
             attempts: 3,
             last_error: Some("451 4.4.1 node-c: connection refused".into()),
-            size: 0,
-            hop: false,
-            envid: None,
-            ret: None,
-            delay_warned: false,
-            body: None,
-            prefix: String::new(),
+            ..QueueEntry::new(
+                "alice@example.com",
+                vec![QueuedRecipient {
+                    owner: Some("node-c".into()),
+                    endpoint: Some("127.0.0.3:9".into()),
+                    ..QueuedRecipient::new("carol@example.com")
+                }],
+                now - 600,
+            )
         },
         b"Subject: for carol\r\n\r\nhi\r\n",
     )?;

@@ -20,21 +20,11 @@ fn queue_to(c: &Cluster, rcpts: &[&str], subject: &str) -> u64 {
         .collect();
     let now = unix_now();
     let entry = QueueEntry {
-        id: 0,
-        sender: "alice@example.com".into(),
-        recipients,
-        created: now,
         // Not due for a while: only an operator's retry makes it due.
         next_attempt: now + 3600,
         attempts: 1,
         last_error: Some("451 4.4.1 node-b unreachable".into()),
-        size: 0,
-        hop: false,
-        envid: None,
-        ret: None,
-        delay_warned: false,
-        body: None,
-        prefix: String::new(),
+        ..QueueEntry::new("alice@example.com", recipients, now)
     };
     let body = format!(
         "From: alice@example.com\r\nTo: {}\r\nSubject: {subject}\r\n\r\nhello\r\n",

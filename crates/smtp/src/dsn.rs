@@ -396,19 +396,14 @@ mod tests {
     fn builds_a_delivery_status_report() {
         let entry = QueueEntry {
             id: 1,
-            sender: "alice@company.com".into(),
-            recipients: vec![QueuedRecipient::new("bob@company.com")],
-            created: 1_700_000_000,
             next_attempt: 0,
             attempts: 3,
-            last_error: None,
             size: 10,
-            hop: false,
-            envid: None,
-            ret: None,
-            delay_warned: false,
-            body: None,
-            prefix: String::new(),
+            ..QueueEntry::new(
+                "alice@company.com",
+                vec![QueuedRecipient::new("bob@company.com")],
+                1_700_000_000,
+            )
         };
         let headers = header_part(b"Subject: hi\r\nFrom: a@b\r\n\r\nbody\r\n");
         assert_eq!(headers, "Subject: hi\r\nFrom: a@b\r\n");
