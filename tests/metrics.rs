@@ -165,6 +165,7 @@ async fn forwarded_logins_use_warm_connections_to_the_owner() -> anyhow::Result<
     r
 }
 async fn forwarded_logins_inner() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2).await?;
     c.node(1).add_account("bob@example.com", "pw").await?;
     let metrics = c.node(0).node().addrs().metrics[0];
@@ -183,10 +184,13 @@ async fn forwarded_logins_inner() -> anyhow::Result<()> {
         assert_eq!(imap_login(imap)?.trim(), "OK");
     }
     let after = scrape(metrics).await?;
-    let warm = links(&after, "warm") - links(&before, "warm");
+    // Each client logs out: its link comes back to the pool (reused) beside the warm ones.
+    let warm = links(&after, "warm") + links(&after, "reused")
+        - links(&before, "warm")
+        - links(&before, "reused");
     let fresh = links(&after, "fresh") - links(&before, "fresh");
-    assert!(warm >= 2.0, "warm {warm}, fresh {fresh}");
-    assert!(fresh <= 2.0, "warm {warm}, fresh {fresh}");
+    assert!(warm >= 3.0, "warm or reused {warm}, fresh {fresh}");
+    assert!(fresh <= 1.0, "warm or reused {warm}, fresh {fresh}");
 
     // POP3 likewise, both ways of logging in.
     let pop3 = c.node(0).pop3();
@@ -230,6 +234,142 @@ except poplib.error_proto as e:
         port = pop3.port(),
     ))?;
     assert!(wrong.contains("-ERR [AUTH]"), "{wrong}");
+    c.shutdown().await;
+    Ok(())
+}
+
+/// Issue 9: a forwarded IMAP session that ends with LOGOUT leaves its link to the owner for the
+/// next login (the front node ends the owner's session with `UNAUTHENTICATE` instead of passing
+/// LOGOUT on). The answers to commands pipelined before the LOGOUT all reach the client (a
+/// 300 KB literal among them), the next user on the link sees only their own mailbox, a wrong
+/// password on it stays wrong, and a client cannot send `UNAUTHENTICATE` itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logged_out_forwarded_imap_session_leaves_its_link_for_the_next_login()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    // One warm link per owner: the counts below are exact.
+    let c = Cluster::start_with(2, |_, config| config.cluster.warm_connections = 1).await?;
+    for user in ["bob@example.com", "dave@example.com"] {
+        c.node(1).add_account(user, "pw").await?;
+    }
+    let mut big = message("big", 300_000);
+    // Lines of the message that look like commands and answers are message text.
+    big.extend_from_slice(b"d LOGOUT\r\nd OK LOGOUT completed\r\n");
+    let state = &c.node(1).node().state;
+    state
+        .mail
+        .append("bob@example.com", "INBOX", &big, &[], 1_700_000_000)?;
+    state.store.flush_async().await?;
+    let metrics = c.node(0).node().addrs().metrics[0];
+    let imap = c.node(0).imap();
+    let links = |body: &str, link: &str| {
+        value(
+            body,
+            &format!("dshare_imap_forward_links_total{{link=\"{link}\"}}"),
+        )
+    };
+    let before = scrape(metrics).await?;
+
+    // Everything after the login in one write, LOGOUT last.
+    let out = dshare_e2e::python(&format!(
+        r#"
+import socket, sys
+s = socket.create_connection(("{ip}", {port}), timeout=30)
+f = s.makefile("rb")
+f.readline()
+s.sendall(b"a LOGIN bob@example.com pw\r\n")
+line = f.readline()
+assert line.startswith(b"a OK"), line
+assert b"XDSHARE" not in line, line
+s.sendall(b"b SELECT INBOX\r\nc FETCH 1 BODY[]\r\nd LOGOUT\r\n")
+sys.stdout.buffer.write(f.read())
+"#,
+        ip = imap.ip(),
+        port = imap.port(),
+    ))?;
+    assert!(out.contains("b OK ["), "{out:.300}");
+    assert!(
+        out.contains(&format!("BODY[] {{{}}}\r\n", big.len())),
+        "{out:.300}"
+    );
+    assert!(
+        out.contains(&*String::from_utf8_lossy(&big)),
+        "the body arrived whole"
+    );
+    assert!(
+        out.ends_with(
+            ")\r\nc OK FETCH completed\r\n* BYE Logging out\r\nd OK LOGOUT completed\r\n"
+        ),
+        "{}",
+        &out[out.len().saturating_sub(300)..]
+    );
+
+    // The next login (another user) takes the same link, and sees its own mailbox.
+    let dave = dshare_e2e::python(&format!(
+        r#"
+import imaplib
+m = imaplib.IMAP4("{ip}", {port}, timeout=30)
+m.login("dave@example.com", "pw")
+print(m.select("INBOX")[1][0].decode())
+m.logout()
+"#,
+        ip = imap.ip(),
+        port = imap.port(),
+    ))?;
+    assert_eq!(dave.trim(), "0", "dave's INBOX, not bob's");
+    let after = scrape(metrics).await?;
+    let reused = links(&after, "reused") - links(&before, "reused");
+    let fresh = links(&after, "fresh") - links(&before, "fresh");
+    assert_eq!(
+        (fresh, reused),
+        (1.0, 1.0),
+        "the second login used the first one's link"
+    );
+    let kept = value(&after, "dshare_imap_forward_links_kept_total")
+        - value(&before, "dshare_imap_forward_links_kept_total");
+    assert_eq!(kept, 2.0);
+
+    // A wrong password on a reused link is refused as anywhere, and a client's own
+    // UNAUTHENTICATE (any tag) is an unknown command: it stays logged in.
+    let own = dshare_e2e::python(&format!(
+        r#"
+import imaplib, socket
+m = imaplib.IMAP4("{ip}", {port}, timeout=30)
+try:
+    m.login("dave@example.com", "wrong")
+except imaplib.IMAP4.error as e:
+    print("refused", e)
+s = socket.create_connection(("{ip}", {port}), timeout=30)
+f = s.makefile("rb")
+f.readline()
+s.sendall(b"a LOGIN bob@example.com pw\r\n")
+f.readline()
+for tag in [b"u1", b"0" * 64]:
+    s.sendall(tag + b" UNAUTHENTICATE\r\nn NOOP\r\n")
+    print(f.readline().decode().strip())
+    print(f.readline().decode().strip())
+s.sendall(b"s SELECT INBOX\r\n")
+while True:
+    line = f.readline().decode()
+    if line.startswith("s "):
+        print(line.strip())
+        break
+"#,
+        ip = imap.ip(),
+        port = imap.port(),
+    ))?;
+    let lines: Vec<&str> = own.lines().collect();
+    assert!(
+        lines[0].contains("refused") && lines[0].contains("AUTHENTICATIONFAILED"),
+        "{own}"
+    );
+    assert!(lines[1].starts_with("u1 BAD"), "{own}");
+    assert_eq!(lines[2], "n OK NOOP completed", "{own}");
+    assert!(
+        lines[3].starts_with(&format!("{} BAD", "0".repeat(64))),
+        "{own}"
+    );
+    assert!(lines[5].starts_with("s OK [READ-WRITE]"), "{own}");
     c.shutdown().await;
     Ok(())
 }

@@ -153,6 +153,11 @@ pub struct OwnerSession {
     pub capabilities: Vec<String>,
     /// The login used a warm connection from a [`WarmPool`].
     pub warm: bool,
+    /// That warm connection had served a session before ([`crate::imap_relay`]).
+    pub reused: bool,
+    /// The owner can end this session with `UNAUTHENTICATE` and the link can go back to the
+    /// pool: give it to [`crate::imap_relay::relay_session`].
+    pub reuse: Option<crate::imap_relay::Reuse>,
 }
 
 /// Why a forwarded login did not open a session.
@@ -197,6 +202,19 @@ pub struct ReadyConn {
     conn: OwnerConn,
     nonce: String,
     literal_plus: bool,
+    reused: bool,
+}
+
+impl ReadyConn {
+    /// A link whose session the owner ended with `UNAUTHENTICATE`, answered with `nonce`.
+    pub(crate) fn reused(conn: OwnerConn, nonce: String) -> Self {
+        Self {
+            conn,
+            nonce,
+            literal_plus: false,
+            reused: true,
+        }
+    }
 }
 
 /// Connect to the owner's IMAP `endpoint` and make the connection ready for a login: TLS as
@@ -267,6 +285,7 @@ pub async fn open_owner(
         conn,
         nonce,
         literal_plus,
+        reused: false,
     })
 }
 
@@ -290,7 +309,7 @@ pub async fn login_at_owner_pooled(
         OwnerTls::Implicit(c) => (c.clone(), true),
     };
     let key = format!("{} {} {implicit}", login.endpoint, login.server_name);
-    let warm = pool.take_and_refill(
+    let (warm, loan) = pool.lend_and_refill(
         &key,
         |ready| link::is_quiet(&mut ready.conn),
         || {
@@ -307,13 +326,31 @@ pub async fn login_at_owner_pooled(
             }
         },
     );
+    let lend = |mut session: OwnerSession, nonce: String| {
+        if let Some(loan) = loan
+            && session
+                .capabilities
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(crate::imap_relay::UNAUTHENTICATE_CAPABILITY))
+        {
+            session.reuse = Some(crate::imap_relay::Reuse {
+                nonce,
+                key: login.key.clone(),
+                loan,
+            });
+        }
+        session
+    };
     if let Some(ready) = warm {
+        let (reused, nonce) = (ready.reused, ready.nonce.clone());
         match login_on(ready, &login).await {
             Ok(session) => {
-                return Ok(OwnerSession {
+                let session = OwnerSession {
                     warm: true,
+                    reused,
                     ..session
-                });
+                };
+                return Ok(lend(session, nonce));
             }
             Err((e, false)) => return Err(e),
             Err((e, true)) => {
@@ -322,7 +359,10 @@ pub async fn login_at_owner_pooled(
             }
         }
     }
-    login_at_owner(login).await
+    let ready = open_owner(login.endpoint, login.tls, login.server_name, login.timeouts).await?;
+    let nonce = ready.nonce.clone();
+    let session = login_on(ready, &login).await.map_err(|(e, _)| e)?;
+    Ok(lend(session, nonce))
 }
 
 /// `ID` with the proof and `LOGIN` on a ready connection. An error comes with whether the
@@ -337,6 +377,7 @@ async fn login_on(
         mut conn,
         nonce,
         literal_plus,
+        reused: _,
     } = ready;
     let id = id_command("ds1", &nonce, login).map_err(|e| (e, false))?;
     // LOGIN goes with ID when it needs no literal (one round trip instead of two): the owner
@@ -403,6 +444,8 @@ async fn finish_login(
         conn,
         capabilities,
         warm: false,
+        reused: false,
+        reuse: None,
     })
 }
 

@@ -20,6 +20,8 @@
 //!   read), so a forwarded login costs one round trip.
 //! - [`imap_client`]: the IMAP forwarding dialogue with the owner (`STARTTLS`, `ID` with the
 //!   proof, `LOGIN`), and [`imap_client::verify_imap_id`] for the owner side.
+//! - [`imap_relay`]: a forwarded IMAP session after its login, whose owner link is kept for
+//!   the next login when the client logs out.
 //!
 //! The byte splice itself stays in `ds-net` ([`ds_net::splice`]): it is stream mechanics with no
 //! knowledge of owners or protocols, next to the stream type it is tuned for.
@@ -29,6 +31,7 @@ mod cluster;
 mod error;
 pub mod forward;
 pub mod imap_client;
+pub mod imap_relay;
 pub mod locate;
 pub mod lock;
 pub mod owner;
@@ -49,4 +52,4 @@ pub use lock::{MailboxGuard, MailboxLocks};
 pub use passwords::{Check, CheckerConfig, PasswordChecker};
 pub use proof::ProofKey;
 pub use throttle::{LoginThrottle, ThrottleConfig, ip_key};
-pub use warm::WarmPool;
+pub use warm::{Loan, WarmPool};

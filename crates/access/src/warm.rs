@@ -8,10 +8,14 @@
 //! connection open, and each key holds at most `target` connections, younger than `max_age`
 //! (below the owner's pre-login timeout). What a connection is, and how it is opened, is the
 //! protocol's business: the pool only keeps them.
+//!
+//! A connection can also come back after use ([`Loan::give_back`], IMAP after `UNAUTHENTICATE`
+//! on the owner): one a login took is on loan, and counts against the target until it is given
+//! back or its [`Loan`] is dropped, so a front node whose owner links come back opens none.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Warm connections per key (an owner's endpoint).
@@ -29,6 +33,8 @@ struct Slot<T> {
     ready: Vec<(Instant, T)>,
     /// Connections being opened for this key (counted against `target`).
     opening: usize,
+    /// Connections in use that may come back ([`Loan`]s), counted against `target`.
+    lent: usize,
 }
 
 impl<T> Default for Slot<T> {
@@ -36,9 +42,15 @@ impl<T> Default for Slot<T> {
         Self {
             ready: Vec::new(),
             opening: 0,
+            lent: 0,
         }
     }
 }
+
+/// How many given-back connections a key may keep, as a multiple of the target: a front node
+/// with several sessions at once gets their links back, still within the owner's connection
+/// limits (each waits at most `max_age`).
+const GIVEN_BACK_PER_TARGET: usize = 4;
 
 /// What [`WarmPool::take`] found.
 #[derive(Debug)]
@@ -70,7 +82,16 @@ impl<T> WarmPool<T> {
     /// The youngest warm connection for `key` that `usable` accepts (older ones than
     /// `max_age`, and ones `usable` refuses, are dropped), and how many to open to bring the
     /// key back to its target.
-    pub fn take_usable(&self, key: &str, mut usable: impl FnMut(&mut T) -> bool) -> Taken<T> {
+    pub fn take_usable(&self, key: &str, usable: impl FnMut(&mut T) -> bool) -> Taken<T> {
+        self.take_inner(key, usable, false)
+    }
+
+    fn take_inner(
+        &self,
+        key: &str,
+        mut usable: impl FnMut(&mut T) -> bool,
+        lend: bool,
+    ) -> Taken<T> {
         if self.target == 0 {
             return Taken {
                 conn: None,
@@ -95,7 +116,12 @@ impl<T> WarmPool<T> {
             &self.misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let refill = self.target.saturating_sub(slot.ready.len() + slot.opening);
+        if lend {
+            slot.lent += 1;
+        }
+        let refill = self
+            .target
+            .saturating_sub(slot.ready.len() + slot.opening + slot.lent);
         slot.opening += refill;
         Taken { conn, refill }
     }
@@ -118,6 +144,19 @@ impl<T> WarmPool<T> {
         }
     }
 
+    /// A used connection is back and ready for another login: kept (the youngest first) while
+    /// the key holds fewer than [`GIVEN_BACK_PER_TARGET`] × target.
+    fn give_back(&self, key: &str, conn: Option<T>) {
+        let mut slots = self.lock();
+        let slot = slots.entry(key.to_owned()).or_default();
+        slot.lent = slot.lent.saturating_sub(1);
+        if let Some(conn) = conn
+            && slot.ready.len() < self.target * GIVEN_BACK_PER_TARGET
+        {
+            slot.ready.push((Instant::now(), conn));
+        }
+    }
+
     /// Drops every warm connection for `key` (its owner went away or restarted).
     pub fn clear(&self, key: &str) {
         if let Some(slot) = self.lock().get_mut(key) {
@@ -134,12 +173,38 @@ impl<T> WarmPool<T> {
     }
 }
 
+/// A connection a login took from a [`WarmPool`] (or opened itself) that may come back: it
+/// counts against the key's target until [`Loan::give_back`], or until the loan is dropped (the
+/// connection is gone).
+#[derive(Debug)]
+pub struct Loan<T> {
+    pool: Arc<WarmPool<T>>,
+    key: String,
+    open: bool,
+}
+
+impl<T> Loan<T> {
+    /// The connection is ready for another login: back in the pool.
+    pub fn give_back(mut self, conn: T) {
+        self.open = false;
+        self.pool.give_back(&self.key, Some(conn));
+    }
+}
+
+impl<T> Drop for Loan<T> {
+    fn drop(&mut self) {
+        if self.open {
+            self.pool.give_back(&self.key, None);
+        }
+    }
+}
+
 impl<T: Send + 'static> WarmPool<T> {
     /// [`WarmPool::take_usable`], with the refill it asks for started in the background:
     /// each connection opened by a future from `open` (one that fails is logged and counts
     /// as none).
     pub fn take_and_refill<F, Fut, E>(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         key: &str,
         usable: impl FnMut(&mut T) -> bool,
         open: F,
@@ -149,9 +214,46 @@ impl<T: Send + 'static> WarmPool<T> {
         Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
         E: std::fmt::Display,
     {
-        let taken = self.take_usable(key, usable);
+        self.take_and_refill_inner(key, usable, open, false).0
+    }
+
+    /// [`WarmPool::take_and_refill`] for a connection that may come back: the one taken (or, if
+    /// none, the one the caller opens itself) is on [`Loan`] (`None` with a zero target).
+    pub fn lend_and_refill<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &str,
+        usable: impl FnMut(&mut T) -> bool,
+        open: F,
+    ) -> (Option<T>, Option<Loan<T>>)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        self.take_and_refill_inner(key, usable, open, true)
+    }
+
+    fn take_and_refill_inner<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &str,
+        usable: impl FnMut(&mut T) -> bool,
+        open: F,
+        lend: bool,
+    ) -> (Option<T>, Option<Loan<T>>)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let lend = lend && self.target > 0;
+        let taken = self.take_inner(key, usable, lend);
+        let loan = lend.then(|| Loan {
+            pool: Arc::clone(self),
+            key: key.to_owned(),
+            open: true,
+        });
         for _ in 0..taken.refill {
-            let (pool, key, opening) = (std::sync::Arc::clone(self), key.to_owned(), open());
+            let (pool, key, opening) = (Arc::clone(self), key.to_owned(), open());
             tokio::spawn(async move {
                 let conn = opening
                     .await
@@ -162,7 +264,7 @@ impl<T: Send + 'static> WarmPool<T> {
                 pool.put(&key, conn);
             });
         }
-        taken.conn
+        (taken.conn, loan)
     }
 }
 
@@ -218,6 +320,37 @@ mod tests {
         let t = pool.take_usable("k", |c| *c != 3);
         assert_eq!((t.conn, t.refill), (Some(2), 2));
         assert_eq!(pool.take("k").conn, Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_connection_on_loan_counts_until_it_is_back_or_gone() {
+        let pool = Arc::new(WarmPool::new(1, Duration::from_secs(30)));
+        let opened = Arc::new(AtomicU64::new(0));
+        let open = || {
+            let opened = Arc::clone(&opened);
+            async move { Ok::<_, String>(opened.fetch_add(1, Ordering::Relaxed) + 100) }
+        };
+        // Nothing warm: the caller opens its own, on loan, and that fills the target.
+        let (conn, loan) = pool.lend_and_refill("k", |_| true, open);
+        assert!(conn.is_none());
+        let loan = loan.expect("a loan");
+        tokio::task::yield_now().await;
+        assert_eq!(
+            opened.load(Ordering::Relaxed),
+            0,
+            "the loan counts against the target"
+        );
+        loan.give_back(7);
+        // The next login takes it back, and again no refill is opened.
+        let (conn, loan) = pool.lend_and_refill("k", |_| true, open);
+        assert_eq!(conn, Some(7));
+        tokio::task::yield_now().await;
+        assert_eq!(opened.load(Ordering::Relaxed), 0);
+        // This one is not given back: the next login refills.
+        drop(loan);
+        let (conn, _loan) = pool.lend_and_refill("k", |_| true, open);
+        assert!(conn.is_none());
+        assert_eq!(pool.take("k").refill, 0, "the loan holds the one slot");
     }
 
     #[test]

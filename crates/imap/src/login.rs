@@ -162,7 +162,11 @@ async fn forward(
             Ok(session) => {
                 imap.config.throttle.record_success(&owner.canonical);
                 count_login("forwarded");
-                let link = if session.warm { "warm" } else { "fresh" };
+                let link = match (session.reused, session.warm) {
+                    (true, _) => "reused",
+                    (false, true) => "warm",
+                    (false, false) => "fresh",
+                };
                 metrics::counter!("dshare_imap_forward_links_total", "link" => link).increment(1);
                 tracing::Span::current().record("user", owner.canonical.as_str());
                 tracing::info!(owner = %owner.node, link, "logged in on the owner, forwarding");

@@ -82,8 +82,11 @@ pub(crate) struct Session {
     /// one and is never forwarded again.
     pub forwarded: Option<ds_access::imap_client::ForwardedClient>,
     /// The owner's session after a forwarded login: spliced with the client's once the tagged
-    /// answer is queued.
-    pub splice_to: Option<ds_access::owner::OwnerConn>,
+    /// answer is queued (with what it takes to keep the link when the client logs out).
+    pub splice_to: Option<(
+        ds_access::owner::OwnerConn,
+        Option<ds_access::imap_relay::Reuse>,
+    )>,
     /// Uncached peer lookups this connection may still cause (DESIGN §9).
     pub fanouts: ds_access::FanoutBudget,
     /// The message of the APPEND being read, streamed into the body store (imap-next gets an
@@ -226,6 +229,13 @@ const KNOWN_COMMANDS: [&str; 30] = [
     "UNSELECT",
 ];
 
+/// A command of two words, tag and name, and nothing after them.
+fn is_bare(message: &[u8]) -> bool {
+    let line = message.strip_suffix(b"\n").unwrap_or(message);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.split(|&b| b == b' ').count() == 2
+}
+
 /// Whether the literal announced at the end of `message` is the message of an APPEND (not its
 /// mailbox name): it is, unless it directly follows `APPEND` on the first line.
 fn is_append_message(message: &[u8], line_start: usize) -> bool {
@@ -338,8 +348,8 @@ impl Session {
                 },
                 Err(Interrupt::Error(e)) => self.on_error(e).await?,
             };
-            if let Some(owner) = self.splice_to.take() {
-                return self.splice(owner, shutdown).await;
+            if let Some((owner, reuse)) = self.splice_to.take() {
+                return self.splice(owner, reuse, shutdown).await;
             }
             match flow {
                 Flow::Continue => {}
@@ -357,20 +367,38 @@ impl Session {
     async fn splice(
         &mut self,
         owner: ds_access::owner::OwnerConn,
+        reuse: Option<ds_access::imap_relay::Reuse>,
         shutdown: &Shutdown,
     ) -> Result<()> {
         let client = self
             .conn
             .take()
             .unwrap_or_else(|| unreachable!("connection taken"));
-        let idle = self.imap.config.idle_timeout;
-        match ds_access::splice_session(client, owner, idle, shutdown).await {
-            Ok(Some(copied)) => tracing::info!(
-                up = copied.up,
-                down = copied.down,
-                "forwarded session ended"
-            ),
-            Ok(None) => tracing::info!("shutting down, forwarded session closed"),
+        let c = &self.imap.config;
+        let relayed = ds_access::imap_relay::relay_session(
+            client,
+            owner,
+            reuse,
+            c.idle_timeout,
+            c.peer_timeout,
+            shutdown,
+        )
+        .await;
+        match relayed {
+            Ok(relayed) => match relayed.copied {
+                Some(copied) => {
+                    if relayed.link_kept {
+                        metrics::counter!("dshare_imap_forward_links_kept_total").increment(1);
+                    }
+                    tracing::info!(
+                        up = copied.up,
+                        down = copied.down,
+                        link_kept = relayed.link_kept,
+                        "forwarded session ended"
+                    );
+                }
+                None => tracing::info!("shutting down, forwarded session closed"),
+            },
             Err(e) => tracing::info!(error = %e, "forwarded session ended with an error"),
         }
         Ok(())
@@ -741,6 +769,10 @@ impl Session {
         }
         let tag = raw_tag(&discarded).unwrap_or_else(|| "*".into());
         let name = raw_command(&discarded);
+        if name == "UNAUTHENTICATE" && is_bare(&discarded) {
+            // Not known to imap-codec: answered here (a front node ending a forwarded session).
+            return self.unauthenticate(&tag).await;
+        }
         let text = if name.is_empty() {
             "Empty command".to_string()
         } else if KNOWN_COMMANDS.contains(&name.as_str()) {

@@ -25,7 +25,7 @@ pub use limits::{BodyBudget, BudgetGuard, PerIpGuard, PerIpLimiter};
 pub use line::{DEFAULT_WRITE_TIMEOUT, LineConn};
 pub use listener::{ListenOptions, serve};
 pub use shutdown::{Drain, Shutdown, ShutdownTrigger, os_signal, shutdown_pair};
-pub use splice::splice;
+pub use splice::{Gate, Gated, PassAll, splice, splice_gated};
 pub use stream::{ConnContext, MailStream};
 pub use tls::ensure_crypto_provider;
 pub use tls_policy::{IpNetwork, TlsPolicy};

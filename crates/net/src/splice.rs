@@ -46,6 +46,57 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let (mut a, mut b) = (a, b);
+    let gated = splice_gated(&mut a, &mut b, idle_timeout, &mut PassAll, &mut PassAll).await?;
+    Ok((gated.a_to_b, gated.b_to_a))
+}
+
+/// Looks at what one direction of a [`splice_gated`] carries, in order, before it is written.
+pub trait Gate {
+    /// `data` was just read from the source (it follows what was passed before). `None`: write
+    /// it all. `Some(n)`: write only `data[..n]`, then end this direction without passing on an
+    /// EOF (the rest of `data` is dropped, the source is not read again) and end the splice as
+    /// soon as the other direction has written everything it read.
+    fn pass(&mut self, data: &[u8]) -> Option<usize>;
+}
+
+/// A [`Gate`] that passes everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PassAll;
+
+impl Gate for PassAll {
+    fn pass(&mut self, _data: &[u8]) -> Option<usize> {
+        None
+    }
+}
+
+/// How a [`splice_gated`] ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gated {
+    /// Octets read from `a` (and written to `b`, unless a gate stopped it).
+    pub a_to_b: u64,
+    /// Octets read from `b`.
+    pub b_to_a: u64,
+    /// A gate stopped its direction: both streams are open, and every octet read was written
+    /// and flushed but the ones the gate held back. `false`: the splice ended by EOF or the idle
+    /// timeout.
+    pub stopped: bool,
+}
+
+/// [`splice`] over borrowed streams, each direction through a [`Gate`] (`a_gate` sees what `a`
+/// sends, `b_gate` what `b` sends): the caller keeps both streams, and a gate can end the splice
+/// at a point of its choosing with both streams still open.
+pub async fn splice_gated<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle_timeout: Duration,
+    a_gate: &mut impl Gate,
+    b_gate: &mut impl Gate,
+) -> Result<Gated>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -62,12 +113,14 @@ where
         read: 0,
     };
     let linger = LINGER.min(idle_timeout);
+    let mut stopped = false;
     let outcome = {
         let copy = Bidirectional {
             a: &mut a,
             b: &mut b,
-            a_to_b: OneWay::new(),
-            b_to_a: OneWay::new(),
+            a_to_b: OneWay::new(a_gate),
+            b_to_a: OneWay::new(b_gate),
+            stopped: &mut stopped,
         };
         let watchdog = Watchdog {
             activity: &activity,
@@ -82,21 +135,28 @@ where
         }
     };
     outcome?;
-    Ok((a.read, b.read))
+    Ok(Gated {
+        a_to_b: a.read,
+        b_to_a: b.read,
+        stopped,
+    })
 }
 
 /// Both directions, polled in turn; done when both are.
-struct Bidirectional<'s, A, B> {
+struct Bidirectional<'s, 'g, A, B, GA, GB> {
     a: &'s mut A,
     b: &'s mut B,
-    a_to_b: OneWay,
-    b_to_a: OneWay,
+    a_to_b: OneWay<'g, GA>,
+    b_to_a: OneWay<'g, GB>,
+    stopped: &'s mut bool,
 }
 
-impl<A, B> Future for Bidirectional<'_, A, B>
+impl<A, B, GA, GB> Future for Bidirectional<'_, '_, A, B, GA, GB>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
+    GA: Gate,
+    GB: Gate,
 {
     type Output = io::Result<()>;
 
@@ -105,15 +165,26 @@ where
         let forward = this.a_to_b.poll_copy(cx, &mut *this.a, &mut *this.b)?;
         let backward = this.b_to_a.poll_copy(cx, &mut *this.b, &mut *this.a)?;
         if forward.is_ready() && backward.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        // A gate stopped its direction: done once the other one has nothing read and unwritten.
+        let stopped = (this.a_to_b.stopped && this.b_to_a.drained())
+            || (this.b_to_a.stopped && this.a_to_b.drained());
+        if stopped {
+            *this.stopped = true;
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
     }
 }
 
 /// One direction's buffer: `buf[written..filled]` is waiting to be written.
-struct OneWay {
+struct OneWay<'g, G> {
+    gate: &'g mut G,
+    /// The gate ended this direction; what it let through is written and flushed.
+    stopped: bool,
+    /// The gate ended this direction once `buf[..filled]` is written.
+    stopping: bool,
     buf: Vec<u8>,
     filled: usize,
     written: usize,
@@ -125,9 +196,12 @@ struct OneWay {
     done: bool,
 }
 
-impl OneWay {
-    fn new() -> Self {
+impl<'g, G: Gate> OneWay<'g, G> {
+    fn new(gate: &'g mut G) -> Self {
         Self {
+            gate,
+            stopped: false,
+            stopping: false,
             buf: vec![0; FIRST_BUF_SIZE],
             filled: 0,
             written: 0,
@@ -151,14 +225,26 @@ impl OneWay {
         if self.done {
             return Poll::Ready(Ok(()));
         }
+        if self.stopped {
+            return Poll::Pending;
+        }
         loop {
             // Gather everything the source has ready, up to a full buffer.
             let mut read_pending = false;
-            while !self.eof && self.filled < self.buf.len() {
+            while !self.eof && !self.stopping && self.filled < self.buf.len() {
                 let mut rb = ReadBuf::new(&mut self.buf[self.filled..]);
                 match Pin::new(&mut *from).poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) if rb.filled().is_empty() => self.eof = true,
-                    Poll::Ready(Ok(())) => self.filled += rb.filled().len(),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        match self.gate.pass(&self.buf[self.filled..self.filled + n]) {
+                            None => self.filled += n,
+                            Some(kept) => {
+                                self.filled += kept.min(n);
+                                self.stopping = true;
+                            }
+                        }
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         read_pending = true;
@@ -196,6 +282,10 @@ impl OneWay {
                     Poll::Pending => return Poll::Pending,
                 }
             }
+            if self.stopping {
+                self.stopped = true;
+                return Poll::Pending;
+            }
             if self.eof {
                 // The other side may be gone already; its error does not matter any more.
                 return match Pin::new(&mut *to).poll_shutdown(cx) {
@@ -210,6 +300,13 @@ impl OneWay {
                 return Poll::Pending;
             }
         }
+    }
+}
+
+impl<G> OneWay<'_, G> {
+    /// Everything read is written and flushed.
+    fn drained(&self) -> bool {
+        self.done || (self.written == self.filled && !self.unflushed)
     }
 }
 

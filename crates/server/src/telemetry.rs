@@ -186,9 +186,18 @@ pub const CATALOG: &[Series] = &[
         "dshare_imap_forward_links_total",
         Kind::Counter,
         "Forwarded IMAP logins by the connection to the owner they used: one kept warm \
-         (TLS up, greeting read) or one opened for the login.",
+         (TLS up, greeting read), one an earlier session left when its client logged out, or \
+         one opened for the login.",
         "link",
-        &["warm", "fresh"],
+        &["warm", "reused", "fresh"],
+    ),
+    s(
+        "dshare_imap_forward_links_kept_total",
+        Kind::Counter,
+        "Forwarded IMAP sessions whose client logged out and whose link to the owner went back \
+         to the pool (the owner ended the session with UNAUTHENTICATE).",
+        "",
+        &[],
     ),
     s(
         "dshare_submission_logins_total",

@@ -11,6 +11,7 @@ use imap_types::response::{Code, CodeOther, Status};
 use imap_types::secret::Secret as ImapSecret;
 
 use ds_access::imap_client::{NOT_HERE_TEXT, verify_imap_id};
+use ds_access::imap_relay::{UNAUTHENTICATE_CAPABILITY, is_unauthenticate_tag};
 
 use crate::Result;
 use crate::login::{self, LoginOutcome, Secret};
@@ -67,12 +68,25 @@ impl Session {
                 tracing::info!("logged in");
                 self.account = account;
                 self.state = State::Authenticated;
-                Reply::ok("Logged in").code(format!("CAPABILITY {}", self.capabilities()))
+                let mut caps = self.capabilities();
+                if self.forwarded.is_some() {
+                    // Told to the front node only: it may end this session and keep the link.
+                    caps.push(' ');
+                    caps.push_str(UNAUTHENTICATE_CAPABILITY);
+                }
+                Reply::ok("Logged in").code(format!("CAPABILITY {caps}"))
             }
             LoginOutcome::Forwarded(owner_session, _owner) => {
-                let caps = owner_session.capabilities.join(" ");
-                self.splice_to = Some(owner_session.conn);
-                Reply::ok("Logged in").code(format!("CAPABILITY {caps}"))
+                let owner_session = *owner_session;
+                let caps: Vec<&str> = owner_session
+                    .capabilities
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|c| !c.eq_ignore_ascii_case(UNAUTHENTICATE_CAPABILITY))
+                    .collect();
+                let reply = Reply::ok("Logged in").code(format!("CAPABILITY {}", caps.join(" ")));
+                self.splice_to = Some((owner_session.conn, owner_session.reuse));
+                reply
             }
             LoginOutcome::NotHere => Reply::no(NOT_HERE_TEXT).code(AUTH_FAILED),
             LoginOutcome::Failed => Reply::no("Authentication failed").code(AUTH_FAILED),
@@ -204,6 +218,38 @@ impl Session {
         }
         let reply = self.try_login(&creds.authcid, &creds.password).await?;
         self.finish_auth(tag, reply).await
+    }
+
+    /// `UNAUTHENTICATE` (RFC 8437) from the front node of a forwarded session, tagged with
+    /// the proof over this connection's nonce ([`ds_access::imap_relay`]): back to the
+    /// not-authenticated state, everything of the session dropped, and a fresh nonce (in the
+    /// answer) for the next forwarded login on this connection. Anyone else gets `BAD`, as for
+    /// an unknown command.
+    pub(crate) async fn unauthenticate(&mut self, tag: &str) -> Result<Flow> {
+        let proven = match (&self.forwarded, self.imap.config.proof_key.as_ref()) {
+            (Some(_), Some(key)) => is_unauthenticate_tag(key, &self.nonce, tag),
+            _ => false,
+        };
+        if !proven || !self.logged_in() || self.idle_tag.is_some() {
+            self.send(&Reply::bad("Unknown command").line(tag)).await?;
+            return Ok(Flow::Continue);
+        }
+        tracing::info!(
+            "forwarded session ended by the front node; the link waits for another login"
+        );
+        self.state = State::NotAuthenticated;
+        self.account.clear();
+        self.condstore = false;
+        self.forwarded = None;
+        self.client = self.ctx.peer.ip();
+        self.nonce = ds_access::proof::greeting_nonce(&self.imap.config.hostname);
+        let span = tracing::Span::current();
+        for field in ["user", "original_client", "forwarded_by"] {
+            span.record(field, "");
+        }
+        let line = format!("{tag} OK Unauthenticated, ready {}\r\n", self.nonce);
+        self.send(line.as_bytes()).await?;
+        Ok(Flow::Continue)
     }
 
     /// `ID`: our identification; before login, from a peer with a valid proof over this

@@ -1,0 +1,507 @@
+//! A forwarded IMAP session, front side, after the login: the splice of [`crate::forward`], with
+//! the owner link kept for another login when the client logs out.
+//!
+//! Opening a link to an owner costs both nodes a TCP and a TLS handshake and the owner a new
+//! session; a client that logs in for every check (phones, webmail, `fetchmail`) pays that on
+//! every visit. So while it copies, the relay follows the framing of both streams ([`Framing`]:
+//! lines, and literals skipped by their length). When the client's next command is a bare
+//! `tag LOGOUT` the relay does not pass it on: it sends the owner `UNAUTHENTICATE` (RFC 8437's
+//! command, accepted by the owner only from a proven peer and only with the tag
+//! [`unauthenticate_tag`]), passes on whatever the owner still had to say for the commands
+//! before, answers the client's LOGOUT itself (`* BYE`, tagged `OK`), and gives the link back
+//! to the [`crate::WarmPool`] with the fresh nonce the owner answered with: the next forwarded
+//! login on it is one round trip and no handshake.
+//!
+//! The relay gives up the reuse (and lets LOGOUT through) whenever it cannot be sure of the
+//! framing: after a synchronising literal from the client (the owner may refuse it, and the
+//! client then never sends its octets), during IDLE, and for a LOGOUT line split across reads.
+
+use std::time::Duration;
+
+use ds_net::{Gate, LineConn, MailStream, Shutdown};
+use tokio::io::AsyncWriteExt;
+
+use crate::Result;
+use crate::forward::Copied;
+use crate::imap_client::ReadyConn;
+use crate::owner::OwnerConn;
+use crate::proof::{self, ProofKey};
+use crate::warm::Loan;
+
+/// The capability a logged-in forwarded session on the owner shows when the owner can
+/// `UNAUTHENTICATE` it for the front node (the front node never shows it to its client).
+pub const UNAUTHENTICATE_CAPABILITY: &str = "XDSHARE-UNAUTHENTICATE";
+
+/// The field [`proof::sign`] signs, with the connection's nonce, to make the tag of a front
+/// node's `UNAUTHENTICATE`.
+const UNAUTHENTICATE_FIELD: &str = "unauthenticate";
+
+/// How many octets of a line's beginning [`Framing`] keeps (a tag is at most 64).
+const HEAD: usize = 96;
+/// How many octets of a line's end [`Framing`] keeps, for a literal announcement.
+const TAIL: usize = 24;
+/// Longest owner response line read whole while the relay waits for its `UNAUTHENTICATE`.
+const MAX_LINE: usize = 64 * 1024;
+
+/// The tag of `UNAUTHENTICATE` on the owner connection whose current nonce is `nonce`: the
+/// proof over it, so only a peer with the cluster key can end a forwarded session that way.
+pub fn unauthenticate_tag(key: &ProofKey, nonce: &str) -> Option<String> {
+    proof::sign(key, nonce, &[UNAUTHENTICATE_FIELD])
+}
+
+/// Whether `tag` is [`unauthenticate_tag`] for `nonce` (constant-time).
+pub fn is_unauthenticate_tag(key: &ProofKey, nonce: &str, tag: &str) -> bool {
+    proof::verify(key, nonce, &[UNAUTHENTICATE_FIELD], tag)
+}
+
+/// Where an IMAP byte stream is: in a line (of which the head and tail are kept) or in a
+/// literal (octets left). Fed the stream in pieces, in order.
+#[derive(Debug, Default)]
+pub struct Framing {
+    literal_left: u64,
+    /// Octets of the current line seen so far (0: at a line start).
+    line_len: usize,
+    /// Where the current line started in the piece being fed (`None`: in an earlier piece).
+    line_start: Option<usize>,
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+/// A line [`Framing`] has seen whole.
+#[derive(Debug)]
+pub struct Line<'a> {
+    /// Its first octets (at most 96), CRLF included if the line is that short.
+    pub head: &'a [u8],
+    /// Its length, CRLF included.
+    pub len: usize,
+    /// Its offset in the piece that completed it, if it began in that piece too.
+    pub start: Option<usize>,
+    /// The literal it announces: `(octets, synchronising)`.
+    pub literal: Option<(u64, bool)>,
+}
+
+impl Line<'_> {
+    /// The whole line, if [`Line::head`] holds it all.
+    pub fn whole(&self) -> Option<&[u8]> {
+        (self.len == self.head.len()).then_some(self.head)
+    }
+}
+
+impl Framing {
+    /// Follow `data`, calling `on_line` for each line completed in it; `on_line` returning
+    /// true stops there: `Some(the line's start)` is returned (only for a line that began in
+    /// `data`; for one that did not, `true` is ignored), and the framing stays before that line.
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        mut on_line: impl FnMut(&Line<'_>) -> bool,
+    ) -> Option<usize> {
+        let mut i = 0;
+        self.line_start = (self.line_len == 0 && self.literal_left == 0).then_some(0);
+        while i < data.len() {
+            if self.literal_left > 0 {
+                let n =
+                    (data.len() - i).min(usize::try_from(self.literal_left).unwrap_or(usize::MAX));
+                i += n;
+                self.literal_left -= n as u64;
+                continue;
+            }
+            if self.line_len == 0 {
+                self.line_start = Some(i);
+            }
+            let rest = &data[i..];
+            let (piece, complete) = match memchr::memchr(b'\n', rest) {
+                Some(p) => (&rest[..=p], true),
+                None => (rest, false),
+            };
+            self.push(piece);
+            if !complete {
+                return None;
+            }
+            let line = Line {
+                head: &self.head,
+                len: self.line_len,
+                start: self.line_start,
+                literal: literal_announcement(&self.tail),
+            };
+            if let (true, Some(start)) = (on_line(&line), line.start) {
+                self.head.clear();
+                self.tail.clear();
+                self.line_len = 0;
+                return Some(start);
+            }
+            self.literal_left = line.literal.map_or(0, |(n, _)| n);
+            self.head.clear();
+            self.tail.clear();
+            self.line_len = 0;
+            i += piece.len();
+        }
+        None
+    }
+
+    fn push(&mut self, piece: &[u8]) {
+        if self.head.len() < HEAD {
+            let n = piece.len().min(HEAD - self.head.len());
+            self.head.extend_from_slice(&piece[..n]);
+        }
+        if piece.len() >= TAIL {
+            self.tail.clear();
+            self.tail.extend_from_slice(&piece[piece.len() - TAIL..]);
+        } else {
+            self.tail.extend_from_slice(piece);
+            let over = self.tail.len().saturating_sub(TAIL);
+            self.tail.drain(..over);
+        }
+        self.line_len += piece.len();
+    }
+
+    /// Octets of a literal still to come.
+    pub fn literal_left(&self) -> u64 {
+        self.literal_left
+    }
+
+    /// At the start of a line (not inside one, nor in a literal).
+    pub fn at_line_start(&self) -> bool {
+        self.literal_left == 0 && self.line_len == 0
+    }
+}
+
+/// A literal announced at the end of a line (`{n}` or `{n+}`, then CRLF or LF).
+fn literal_announcement(end: &[u8]) -> Option<(u64, bool)> {
+    let end = end.strip_suffix(b"\n")?;
+    let end = end.strip_suffix(b"\r").unwrap_or(end);
+    let end = end.strip_suffix(b"}")?;
+    let open = end.iter().rposition(|&b| b == b'{')?;
+    let inner = &end[open + 1..];
+    let (digits, sync) = match inner.strip_suffix(b"+") {
+        Some(d) => (d, false),
+        None => (inner, true),
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some((std::str::from_utf8(digits).ok()?.parse().ok()?, sync))
+}
+
+fn without_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// `tag NAME` CRLF (or LF), nothing more: `(tag, NAME)`.
+fn bare_command(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let line = without_eol(line.strip_suffix(b"\n")?);
+    let mut words = line.split(|&b| b == b' ');
+    let (tag, name) = (words.next()?, words.next()?);
+    (words.next().is_none() && !tag.is_empty()).then_some((tag, name))
+}
+
+/// The client's side: its framing, IDLE, and the LOGOUT the relay answers itself.
+#[derive(Debug, Default)]
+struct ClientGate {
+    framing: Framing,
+    /// The line being read continues a command after a literal.
+    continued: bool,
+    idling: bool,
+    /// The framing cannot be trusted any more (a synchronising literal): nothing is held.
+    off: bool,
+    logout_tag: Option<String>,
+}
+
+impl Gate for ClientGate {
+    fn pass(&mut self, data: &[u8]) -> Option<usize> {
+        if self.off {
+            return None;
+        }
+        let Self {
+            framing,
+            continued,
+            idling,
+            off,
+            logout_tag,
+        } = self;
+        framing.feed(data, |line| {
+            let command_start = !*continued;
+            *continued = line.literal.is_some();
+            if matches!(line.literal, Some((_, true))) {
+                *off = true;
+            }
+            if *off || !command_start {
+                return false;
+            }
+            let Some(whole) = line.whole() else {
+                return false;
+            };
+            if *idling {
+                *idling = !without_eol(whole).eq_ignore_ascii_case(b"DONE");
+                return false;
+            }
+            let Some((tag, name)) = bare_command(whole) else {
+                return false;
+            };
+            if name.eq_ignore_ascii_case(b"IDLE") {
+                *idling = true;
+                return false;
+            }
+            if name.eq_ignore_ascii_case(b"LOGOUT") && line.start.is_some() {
+                *logout_tag = Some(String::from_utf8_lossy(tag).into_owned());
+                return true;
+            }
+            false
+        })
+    }
+}
+
+/// The owner's side: its framing only (everything passes).
+#[derive(Debug, Default)]
+struct OwnerGate {
+    framing: Framing,
+}
+
+impl Gate for OwnerGate {
+    fn pass(&mut self, data: &[u8]) -> Option<usize> {
+        self.framing.feed(data, |_| false);
+        None
+    }
+}
+
+/// What the front node needs to keep an owner link for another login.
+#[derive(Debug)]
+pub struct Reuse {
+    /// The owner connection's nonce (the one the login's proof was over).
+    pub nonce: String,
+    /// The cluster's proof key.
+    pub key: ProofKey,
+    /// The link's place in the pool; the loan ends with the session.
+    pub loan: Loan<ReadyConn>,
+}
+
+/// How a relayed session ended.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Octets copied each way; `None`: `shutdown` fired and both connections were dropped.
+    pub copied: Option<Copied>,
+    /// The client logged out and the owner link went back to the pool.
+    pub link_kept: bool,
+}
+
+/// Relay a forwarded session (the client's login answer is queued on `client`): as
+/// [`crate::splice_session`] without `reuse`; with it, a client LOGOUT keeps the owner link (see
+/// the module's text). `reply_timeout` bounds each wait for the owner after the LOGOUT.
+pub async fn relay_session(
+    client: LineConn<MailStream>,
+    owner: OwnerConn,
+    reuse: Option<Reuse>,
+    idle_timeout: Duration,
+    reply_timeout: Duration,
+    shutdown: &Shutdown,
+) -> Result<Relayed> {
+    let Some(reuse) = reuse else {
+        let copied = crate::splice_session(client, owner, idle_timeout, shutdown).await?;
+        return Ok(Relayed {
+            copied,
+            link_kept: false,
+        });
+    };
+    let mut client = client;
+    client.flush().await?;
+    let (mut client, client_buffered) = client.into_parts();
+    let (mut owner, owner_buffered) = owner.into_parts();
+    let mut up = ClientGate::default();
+    let mut down = OwnerGate::default();
+    let stop = up.pass(&client_buffered);
+    let sent = &client_buffered[..stop.unwrap_or(client_buffered.len())];
+    down.pass(&owner_buffered);
+    write_all_timeout(&mut owner, sent).await?;
+    write_all_timeout(&mut client, &owner_buffered).await?;
+    let mut copied = Copied::default();
+    if stop.is_none() {
+        let gated = tokio::select! {
+            gated = ds_net::splice_gated(&mut client, &mut owner, idle_timeout, &mut up, &mut down) => gated?,
+            () = shutdown.wait() => return Ok(Relayed { copied: None, link_kept: false }),
+        };
+        copied = Copied {
+            up: gated.a_to_b,
+            down: gated.b_to_a,
+        };
+        if !gated.stopped {
+            return Ok(Relayed {
+                copied: Some(copied),
+                link_kept: false,
+            });
+        }
+    }
+    let tag = up.logout_tag.take().unwrap_or_else(|| "*".into());
+    let owner = LineConn::new(owner);
+    let ready = tokio::select! {
+        ready = unauthenticate(&mut client, owner, down.framing, &reuse, reply_timeout) => ready,
+        () = shutdown.wait() => None,
+    };
+    let bye = format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n");
+    let answered = write_all_timeout(&mut client, bye.as_bytes()).await;
+    let _ = tokio::time::timeout(ds_net::DEFAULT_WRITE_TIMEOUT, client.shutdown()).await;
+    let link_kept = ready.is_some();
+    match ready {
+        Some(ready) => reuse.loan.give_back(ready),
+        None => drop(reuse.loan),
+    }
+    answered?;
+    Ok(Relayed {
+        copied: Some(copied),
+        link_kept,
+    })
+}
+
+/// Send the owner `UNAUTHENTICATE`, pass on to the client what the owner still sends before
+/// its answer, and return the link made ready for another login (`None`: the owner refused,
+/// closed, or took too long; the link is dropped).
+async fn unauthenticate(
+    client: &mut MailStream,
+    mut owner: OwnerConn,
+    mut framing: Framing,
+    reuse: &Reuse,
+    timeout: Duration,
+) -> Option<ReadyConn> {
+    let tag = unauthenticate_tag(&reuse.key, &reuse.nonce)?;
+    let command = format!("{tag} UNAUTHENTICATE\r\n");
+    let sent = async {
+        owner.write_all(command.as_bytes()).await?;
+        owner.flush().await
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(error = %e, "could not send UNAUTHENTICATE to the owner");
+        return None;
+    }
+    let ours = format!("{tag} ");
+    loop {
+        if !framing.at_line_start() {
+            // The rest of a literal or of a line: pass it on.
+            let chunk = owner.fill_buf(timeout).await.ok()?;
+            if chunk.is_empty() {
+                return None;
+            }
+            let n = match framing.literal_left() {
+                0 => memchr::memchr(b'\n', chunk).map_or(chunk.len(), |p| p + 1),
+                left => chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
+            };
+            let piece = chunk[..n].to_vec();
+            owner.consume(n);
+            framing.feed(&piece, |_| false);
+            write_all_timeout(client, &piece).await.ok()?;
+            continue;
+        }
+        let line = match owner.read_line(MAX_LINE, timeout).await {
+            Ok(Some(line)) => line,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "owner link not kept: reading its answer to UNAUTHENTICATE");
+                return None;
+            }
+        };
+        if let Some(rest) = line.strip_prefix(ours.as_bytes()) {
+            let Some(nonce) = rest
+                .starts_with(b"OK ")
+                .then(|| proof::nonce_in(rest))
+                .flatten()
+            else {
+                tracing::debug!(answer = %String::from_utf8_lossy(&line).trim_end(), "owner link not kept");
+                return None;
+            };
+            return Some(ReadyConn::reused(owner, nonce.to_owned()));
+        }
+        framing.feed(&line, |_| false);
+        write_all_timeout(client, &line).await.ok()?;
+    }
+}
+
+async fn write_all_timeout(stream: &mut MailStream, data: &[u8]) -> Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    tokio::time::timeout(ds_net::DEFAULT_WRITE_TIMEOUT, async {
+        stream.write_all(data).await?;
+        stream.flush().await
+    })
+    .await
+    .map_err(|_| ds_net::Error::Timeout)??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(framing: &mut Framing, data: &[u8]) -> Vec<(Vec<u8>, Option<usize>)> {
+        let mut seen = Vec::new();
+        framing.feed(data, |l| {
+            seen.push((l.head.to_vec(), l.start));
+            false
+        });
+        seen
+    }
+
+    #[test]
+    fn literals_are_skipped_whole_in_any_pieces() {
+        let mut f = Framing::default();
+        let stream = b"* 1 FETCH (BODY[] {12}\r\na LOGOUT\r\n\r\n)\r\nb OK done\r\n";
+        let mut seen = Vec::new();
+        for piece in stream.chunks(5) {
+            seen.extend(lines(&mut f, piece).into_iter().map(|(h, _)| h));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                b"* 1 FETCH (BODY[] {12}\r\n".to_vec(),
+                b")\r\n".to_vec(),
+                b"b OK done\r\n".to_vec()
+            ],
+            "the literal's lines are not lines"
+        );
+        assert!(f.at_line_start());
+        let seen = lines(&mut f, b"x APPEND INBOX {3+}\r\nabc\r\n");
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].0, b"\r\n");
+    }
+
+    #[test]
+    fn the_client_gate_stops_at_a_bare_logout_and_nowhere_else() {
+        let mut g = ClientGate::default();
+        assert_eq!(g.pass(b"a SELECT INBOX\r\nb FETCH 1 BODY[]\r\n"), None);
+        // A LOGOUT inside a non-synchronising literal is message text.
+        assert_eq!(
+            g.pass(b"c APPEND INBOX {12+}\r\nd LOGOUT\r\n\r\n\r\n"),
+            None
+        );
+        assert_eq!(g.pass(b"e NOOP\r\nf logout\r\ng NOOP\r\n"), Some(8));
+        assert_eq!(g.logout_tag.as_deref(), Some("f"));
+
+        // IDLE: nothing is a command until DONE.
+        let mut g = ClientGate::default();
+        assert_eq!(g.pass(b"a IDLE\r\n"), None);
+        assert_eq!(g.pass(b"b LOGOUT\r\n"), None);
+        assert_eq!(g.pass(b"DONE\r\nc LOGOUT\r\n"), Some(6));
+
+        // After a synchronising literal the framing is not trusted: LOGOUT goes through.
+        let mut g = ClientGate::default();
+        assert_eq!(g.pass(b"a APPEND INBOX {3}\r\n"), None);
+        assert_eq!(g.pass(b"abc\r\nb LOGOUT\r\n"), None);
+
+        // A LOGOUT line split across reads goes through too.
+        let mut g = ClientGate::default();
+        assert_eq!(g.pass(b"a LOG"), None);
+        assert_eq!(g.pass(b"OUT\r\n"), None);
+        // LOGOUT with an argument is not the bare command.
+        let mut g = ClientGate::default();
+        assert_eq!(g.pass(b"a LOGOUT now\r\n"), None);
+    }
+
+    #[test]
+    fn unauthenticate_tags_are_bound_to_the_nonce() {
+        let key = ProofKey::new(b"0123456789abcdef-cluster");
+        let tag = unauthenticate_tag(&key, "<1.2@owner>").unwrap();
+        assert!(tag.len() <= 64 && tag.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(is_unauthenticate_tag(&key, "<1.2@owner>", &tag));
+        assert!(!is_unauthenticate_tag(&key, "<1.3@owner>", &tag));
+        assert!(!is_unauthenticate_tag(&key, "<1.2@owner>", "a1"));
+    }
+}
