@@ -331,3 +331,63 @@ async fn owner_down_is_unavailable() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+/// A front node's forwarded sessions come from its one address: once their proof is checked
+/// they no longer count against the owner's per-IP limit (else an office of a few users, each
+/// with a mail client's several connections, would be refused by a limit meant for one client).
+/// A client connecting directly still meets the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_sessions_do_not_count_against_the_owners_per_ip_limit() -> anyhow::Result<()> {
+    let c = Cluster::start_with(2, |i, config| {
+        config.cluster.warm_connections = 1;
+        if i == 1 {
+            config.limits.max_connections_per_ip = 3;
+        }
+    })
+    .await?;
+    for i in 0..6 {
+        c.node(1)
+            .add_account(&format!("u{i}@example.com"), "pw")
+            .await?;
+    }
+    let (imap, pop3, owner) = (c.node(0).imap(), c.node(0).pop3(), c.node(1).imap());
+    let out = python(&format!(
+        r#"
+import imaplib, poplib, socket
+imap, pop = [], []
+for i in range(6):
+    m = imaplib.IMAP4("{ip}", {imap_port}, timeout=30)
+    m.login("u%d@example.com" % i, "pw")
+    imap.append(m)
+    p = poplib.POP3("{ip}", {pop_port}, timeout=30)
+    p.user("u%d@example.com" % i); p.pass_("pw")
+    pop.append(p)
+print(sum(m.select("INBOX")[0] == "OK" for m in imap), sum(p.stat() == (0, 0) for p in pop))
+for m in imap: m.logout()
+for p in pop: p.quit()
+# Direct clients from one address still meet the limit of 3.
+greeted = 0
+socks = []
+for i in range(4):
+    s = socket.create_connection(("{owner_ip}", {owner_port}), timeout=10, source_address=("127.0.0.9", 0))
+    socks.append(s)
+    try:
+        greeted += s.recv(100).startswith(b"* OK")
+    except ConnectionResetError:
+        pass
+print(greeted)
+"#,
+        ip = imap.ip(),
+        imap_port = imap.port(),
+        pop_port = pop3.port(),
+        owner_ip = owner.ip(),
+        owner_port = owner.port(),
+    ))?;
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["6", "6", "3"],
+        "{out}"
+    );
+    c.shutdown().await;
+    Ok(())
+}

@@ -808,6 +808,7 @@ mod tests {
             sni: None,
             tls: true,
             protocol: "imaps",
+            ip_slot: ds_net::IpSlot::default(),
         }
     }
 

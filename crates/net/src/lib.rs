@@ -21,7 +21,7 @@ pub mod tls;
 mod tls_policy;
 
 pub use error::{Error, Result};
-pub use limits::{BodyBudget, BudgetGuard, PerIpGuard, PerIpLimiter};
+pub use limits::{BodyBudget, BudgetGuard, IpSlot, PerIpGuard, PerIpLimiter};
 pub use line::{DEFAULT_WRITE_TIMEOUT, LineConn};
 pub use listener::{ListenOptions, serve};
 pub use shutdown::{Drain, Shutdown, ShutdownTrigger, os_signal, shutdown_pair};

@@ -109,6 +109,37 @@ impl PerIpLimiter {
     }
 }
 
+/// A connection's [`PerIpGuard`], shared with its session ([`crate::ConnContext::ip_slot`]): a
+/// session that learns the connection comes from a cluster peer (a verified forwarding proof)
+/// releases it, so the sessions a front node forwards do not count against the limit its one
+/// address would otherwise reach (the listener's total limit still applies). Default: no slot.
+#[derive(Clone, Default)]
+pub struct IpSlot(Arc<Mutex<Option<PerIpGuard>>>);
+
+impl IpSlot {
+    /// A handle on `guard`.
+    pub fn new(guard: PerIpGuard) -> Self {
+        Self(Arc::new(Mutex::new(Some(guard))))
+    }
+
+    /// The connection no longer counts against its address's limit.
+    pub fn release(&self) {
+        let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        drop(guard);
+    }
+}
+
+impl std::fmt::Debug for IpSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        f.debug_tuple("IpSlot").field(&held).finish()
+    }
+}
+
 /// One counted connection; dropping it releases the slot.
 #[derive(Debug)]
 pub struct PerIpGuard {
@@ -158,6 +189,21 @@ mod tests {
         assert_eq!(budget.used(), 40);
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_released_slot_frees_its_place_once() {
+        let limiter = PerIpLimiter::new(1);
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let slot = IpSlot::new(limiter.try_acquire(ip).unwrap());
+        let held_by_the_session = slot.clone();
+        assert!(limiter.try_acquire(ip).is_none());
+        held_by_the_session.release();
+        assert_eq!(limiter.count(ip), 0);
+        let other = limiter.try_acquire(ip).expect("the place is free");
+        slot.release();
+        assert_eq!(limiter.count(ip), 1, "a second release frees nothing more");
+        drop(other);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::limits::PerIpLimiter;
+use crate::limits::{IpSlot, PerIpLimiter};
 use crate::shutdown::{Drain, Shutdown};
 use crate::stream::{ConnContext, MailStream};
 
@@ -138,14 +138,17 @@ pub async fn serve<H, Fut>(
         drain.spawn(
             async move {
                 let _permit = permit;
-                let _ip_slot = ip_slot;
-                let Some((stream, ctx)) =
+                let ip_slot = IpSlot::new(ip_slot);
+                let Some((stream, mut ctx)) =
                     open(tcp, peer, local, protocol, tls.as_ref(), handshake_timeout).await
                 else {
                     return;
                 };
+                ctx.ip_slot = ip_slot.clone();
                 tracing::debug!("connection open");
                 handler(stream, ctx, conn_shutdown).await;
+                // Whatever still holds the context, the connection is over.
+                ip_slot.release();
                 tracing::debug!("connection closed");
             }
             .instrument(span),
@@ -199,6 +202,7 @@ async fn open(
         tls: stream.is_tls(),
         sni,
         protocol,
+        ip_slot: IpSlot::default(),
     };
     Some((stream, ctx))
 }

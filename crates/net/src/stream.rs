@@ -33,6 +33,8 @@ pub struct ConnContext {
     pub tls: bool,
     /// The listener's protocol name (`"smtp"`, `"pop3s"`, ...).
     pub protocol: &'static str,
+    /// The connection's place under the listener's per-IP limit.
+    pub ip_slot: crate::IpSlot,
 }
 
 impl ConnContext {

@@ -376,6 +376,8 @@ impl Session {
         }
         self.client = SocketAddr::new(x.addr, x.port);
         self.forwarded_by = Some(x.hop.clone());
+        // A peer's forwarded session: not counted against the front node's address's limit.
+        self.ctx.ip_slot.release();
         let span = tracing::Span::current();
         span.record("client", tracing::field::display(self.client));
         span.record("forwarded_by", x.hop.as_str());

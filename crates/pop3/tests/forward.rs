@@ -458,6 +458,7 @@ async fn shutdown_ends_a_forwarded_session() {
             sni: None,
             tls: false,
             protocol: "pop3",
+            ip_slot: ds_net::IpSlot::default(),
         };
         pop3.handle(ds_net::MailStream::Plain(tcp), ctx, shutdown)
             .await;

@@ -297,6 +297,9 @@ impl Session {
                     );
                     self.client = client.addr.ip();
                     self.forwarded = Some(client);
+                    // A peer's forwarded session: not counted against the front node's
+                    // address's connection limit.
+                    self.ctx.ip_slot.release();
                 }
                 None if forwarding => {
                     tracing::warn!("ID with a forwarding proof that does not verify: ignored")
