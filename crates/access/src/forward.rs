@@ -45,7 +45,12 @@ pub async fn splice_session(
     }
 }
 
-async fn write_all_timeout(stream: &mut MailStream, data: &[u8], timeout: Duration) -> Result<()> {
+/// Write `data` and flush, within `timeout` (nothing to do for no data).
+pub async fn write_all_timeout(
+    stream: &mut MailStream,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }

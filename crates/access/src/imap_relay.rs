@@ -7,7 +7,7 @@
 //! lines, and literals skipped by their length). When the client's next command is a bare
 //! `tag LOGOUT` the relay does not pass it on: it sends the owner `UNAUTHENTICATE` (RFC 8437's
 //! command, accepted by the owner only from a proven peer and only with the tag
-//! [`unauthenticate_tag`]), passes on whatever the owner still had to say for the commands
+//! [`proof::end_tag`]), passes on whatever the owner still had to say for the commands
 //! before, answers the client's LOGOUT itself (`* BYE`, tagged `OK`), and gives the link back
 //! to the [`crate::WarmPool`] with the fresh nonce the owner answered with: the next forwarded
 //! login on it is one round trip and no handshake.
@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::Result;
 use crate::forward::Copied;
+use crate::forward::write_all_timeout;
 use crate::imap_client::ReadyConn;
 use crate::owner::OwnerConn;
 use crate::proof::{self, ProofKey};
@@ -32,27 +33,12 @@ use crate::warm::Loan;
 /// `UNAUTHENTICATE` it for the front node (the front node never shows it to its client).
 pub const UNAUTHENTICATE_CAPABILITY: &str = "XDSHARE-UNAUTHENTICATE";
 
-/// The field [`proof::sign`] signs, with the connection's nonce, to make the tag of a front
-/// node's `UNAUTHENTICATE`.
-const UNAUTHENTICATE_FIELD: &str = "unauthenticate";
-
 /// How many octets of a line's beginning [`Framing`] keeps (a tag is at most 64).
 const HEAD: usize = 96;
 /// How many octets of a line's end [`Framing`] keeps, for a literal announcement.
 const TAIL: usize = 24;
 /// Longest owner response line read whole while the relay waits for its `UNAUTHENTICATE`.
 const MAX_LINE: usize = 64 * 1024;
-
-/// The tag of `UNAUTHENTICATE` on the owner connection whose current nonce is `nonce`: the
-/// proof over it, so only a peer with the cluster key can end a forwarded session that way.
-pub fn unauthenticate_tag(key: &ProofKey, nonce: &str) -> Option<String> {
-    proof::sign(key, nonce, &[UNAUTHENTICATE_FIELD])
-}
-
-/// Whether `tag` is [`unauthenticate_tag`] for `nonce` (constant-time).
-pub fn is_unauthenticate_tag(key: &ProofKey, nonce: &str, tag: &str) -> bool {
-    proof::verify(key, nonce, &[UNAUTHENTICATE_FIELD], tag)
-}
 
 /// Where an IMAP byte stream is: in a line (of which the head and tail are kept) or in a
 /// literal (octets left). Fed the stream in pieces, in order.
@@ -312,8 +298,8 @@ pub async fn relay_session(
     let stop = up.pass(&client_buffered);
     let sent = &client_buffered[..stop.unwrap_or(client_buffered.len())];
     down.pass(&owner_buffered);
-    write_all_timeout(&mut owner, sent).await?;
-    write_all_timeout(&mut client, &owner_buffered).await?;
+    write_all_timeout(&mut owner, sent, ds_net::DEFAULT_WRITE_TIMEOUT).await?;
+    write_all_timeout(&mut client, &owner_buffered, ds_net::DEFAULT_WRITE_TIMEOUT).await?;
     let mut copied = Copied::default();
     if stop.is_none() {
         let gated = tokio::select! {
@@ -338,7 +324,8 @@ pub async fn relay_session(
         () = shutdown.wait() => None,
     };
     let bye = format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n");
-    let answered = write_all_timeout(&mut client, bye.as_bytes()).await;
+    let answered =
+        write_all_timeout(&mut client, bye.as_bytes(), ds_net::DEFAULT_WRITE_TIMEOUT).await;
     let _ = tokio::time::timeout(ds_net::DEFAULT_WRITE_TIMEOUT, client.shutdown()).await;
     let link_kept = ready.is_some();
     match ready {
@@ -362,7 +349,7 @@ async fn unauthenticate(
     reuse: &Reuse,
     timeout: Duration,
 ) -> Option<ReadyConn> {
-    let tag = unauthenticate_tag(&reuse.key, &reuse.nonce)?;
+    let tag = proof::end_tag(&reuse.key, &reuse.nonce)?;
     let command = format!("{tag} UNAUTHENTICATE\r\n");
     let sent = async {
         owner.write_all(command.as_bytes()).await?;
@@ -387,7 +374,9 @@ async fn unauthenticate(
             let piece = chunk[..n].to_vec();
             owner.consume(n);
             framing.feed(&piece, |_| false);
-            write_all_timeout(client, &piece).await.ok()?;
+            write_all_timeout(client, &piece, ds_net::DEFAULT_WRITE_TIMEOUT)
+                .await
+                .ok()?;
             continue;
         }
         let line = match owner.read_line(MAX_LINE, timeout).await {
@@ -410,21 +399,10 @@ async fn unauthenticate(
             return Some(ReadyConn::reused(owner, nonce.to_owned()));
         }
         framing.feed(&line, |_| false);
-        write_all_timeout(client, &line).await.ok()?;
+        write_all_timeout(client, &line, ds_net::DEFAULT_WRITE_TIMEOUT)
+            .await
+            .ok()?;
     }
-}
-
-async fn write_all_timeout(stream: &mut MailStream, data: &[u8]) -> Result<()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    tokio::time::timeout(ds_net::DEFAULT_WRITE_TIMEOUT, async {
-        stream.write_all(data).await?;
-        stream.flush().await
-    })
-    .await
-    .map_err(|_| ds_net::Error::Timeout)??;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -493,15 +471,5 @@ mod tests {
         // LOGOUT with an argument is not the bare command.
         let mut g = ClientGate::default();
         assert_eq!(g.pass(b"a LOGOUT now\r\n"), None);
-    }
-
-    #[test]
-    fn unauthenticate_tags_are_bound_to_the_nonce() {
-        let key = ProofKey::new(b"0123456789abcdef-cluster");
-        let tag = unauthenticate_tag(&key, "<1.2@owner>").unwrap();
-        assert!(tag.len() <= 64 && tag.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert!(is_unauthenticate_tag(&key, "<1.2@owner>", &tag));
-        assert!(!is_unauthenticate_tag(&key, "<1.3@owner>", &tag));
-        assert!(!is_unauthenticate_tag(&key, "<1.2@owner>", "a1"));
     }
 }

@@ -116,6 +116,22 @@ pub fn verify(key: &ProofKey, nonce: &str, fields: &[&str], signature: &str) -> 
     hmac::verify(&key.0, &message, &tag).is_ok()
 }
 
+/// The field [`sign`] signs, with the connection's current nonce, to make the tag a front node
+/// puts on the command that ends a forwarded session and keeps the link (IMAP `UNAUTHENTICATE`,
+/// POP3 `XDSRESET`).
+const END_FIELD: &str = "end-of-session";
+
+/// The tag of the command that ends a forwarded session on the connection whose nonce is
+/// `nonce`: only a peer with the cluster key can make it, and it is good for that nonce only.
+pub fn end_tag(key: &ProofKey, nonce: &str) -> Option<String> {
+    sign(key, nonce, &[END_FIELD])
+}
+
+/// Whether `tag` is [`end_tag`] for `nonce` (constant-time).
+pub fn is_end_tag(key: &ProofKey, nonce: &str, tag: &str) -> bool {
+    verify(key, nonce, &[END_FIELD], tag)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +165,21 @@ mod tests {
             &["a\nb"],
             &sign(&key, nonce, &["a", "b"]).unwrap()
         ));
+    }
+
+    #[test]
+    fn end_tags_are_bound_to_the_nonce() {
+        let key = ProofKey::new(b"0123456789abcdef-cluster");
+        let tag = end_tag(&key, "<1.2@owner>").unwrap();
+        assert!(tag.len() <= 64 && tag.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(is_end_tag(&key, "<1.2@owner>", &tag));
+        assert!(!is_end_tag(&key, "<1.3@owner>", &tag));
+        assert!(!is_end_tag(&key, "<1.2@owner>", "a1"));
+        assert_ne!(
+            Some(tag),
+            sign(&key, "<1.2@owner>", &[]),
+            "not a plain proof"
+        );
     }
 
     #[test]

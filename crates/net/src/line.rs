@@ -157,6 +157,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineConn<S> {
         Ok(&self.rbuf)
     }
 
+    /// The input buffered now, read until it holds at least `n` octets (or the stream ended:
+    /// then what there is), within `timeout`. Nothing is consumed.
+    pub async fn peek(&mut self, n: usize, timeout: Duration) -> Result<&[u8]> {
+        let deadline = Instant::now() + timeout;
+        while self.rbuf.len() < n {
+            if self.fill(deadline).await? == 0 {
+                break;
+            }
+        }
+        Ok(&self.rbuf)
+    }
+
     /// Drops the first `n` octets of the buffered input (after [`LineConn::fill_buf`]).
     pub fn consume(&mut self, n: usize) {
         let n = n.min(self.rbuf.len());

@@ -37,6 +37,9 @@ pub enum OwnerAnswer {
         conn: OwnerConn,
         /// The owner's `+OK` line, CRLF included.
         reply: Vec<u8>,
+        /// The owner can end the session with `XDSRESET` and the link can go back to the
+        /// pool ([`crate::relay`]).
+        reuse: Option<Reuse>,
     },
     /// `-ERR`: relay `reply` (unless `not_here`, see [`NOT_HERE`]).
     Refused {
@@ -103,6 +106,28 @@ fn expect_ok(reply: &[u8], owner: &Owner, what: &str) -> Result<()> {
 pub struct ReadyConn {
     conn: OwnerConn,
     timestamp: String,
+    /// The link served a session before (its owner session was ended with `XDSRESET`).
+    reused: bool,
+}
+
+impl ReadyConn {
+    /// A link whose session the owner ended with `XDSRESET`, answered with `timestamp`.
+    pub(crate) fn reused(conn: OwnerConn, timestamp: String) -> Self {
+        Self {
+            conn,
+            timestamp,
+            reused: true,
+        }
+    }
+}
+
+/// What the front node needs to keep an owner link for another login.
+#[derive(Debug)]
+pub struct Reuse {
+    /// The owner connection's current timestamp (the login's proof was over it).
+    pub timestamp: String,
+    /// The link's place in the pool; the loan ends with the session.
+    pub loan: ds_access::Loan<ReadyConn>,
 }
 
 /// Connect to `owner`'s POP3 endpoint and make the connection ready for a login.
@@ -130,7 +155,11 @@ async fn open_owner(
     let conn = link::start_tls(conn, &owner.pop3, peer_tls, tls_handshake_timeout)
         .await
         .map_err(|e| owner_err(owner, e.to_string()))?;
-    Ok(ReadyConn { conn, timestamp })
+    Ok(ReadyConn {
+        conn,
+        timestamp,
+        reused: false,
+    })
 }
 
 /// Connect to `owner`'s POP3 endpoint (or take a warm connection to it), set the session up
@@ -163,7 +192,7 @@ pub async fn login_at_owner(
     };
     let connector = TlsConnector::from(peer_tls.clone());
     let handshake = pop3.config.tls_handshake_timeout;
-    let warm = pop3.warm.take_and_refill(
+    let (warm, loan) = pop3.warm.lend_and_refill(
         &owner.pop3,
         |ready| link::is_quiet(&mut ready.conn),
         || {
@@ -171,11 +200,23 @@ pub async fn login_at_owner(
             async move { open_owner(&owner, &connector, timeout, handshake).await }
         },
     );
+    // An accepted login on an owner that can reset the session takes the loan along.
+    let lend = |(answer, reusable): (OwnerAnswer, Option<String>)| match (answer, reusable, loan) {
+        (OwnerAnswer::Accepted { conn, reply, .. }, Some(timestamp), Some(loan)) => {
+            OwnerAnswer::Accepted {
+                conn,
+                reply,
+                reuse: Some(Reuse { timestamp, loan }),
+            }
+        }
+        (answer, ..) => answer,
+    };
     if let Some(ready) = warm {
+        let link = if ready.reused { "reused" } else { "warm" };
         match login_on(pop3, ready, owner, client, method, password).await {
             Ok(answer) => {
-                count_link("warm");
-                return Ok(answer);
+                count_link(link);
+                return Ok(lend(answer));
             }
             Err((e, false)) => return Err(e),
             Err((e, true)) => {
@@ -189,14 +230,18 @@ pub async fn login_at_owner(
         .await
         .map_err(|(e, _)| e)?;
     count_link("fresh");
-    Ok(answer)
+    Ok(lend(answer))
 }
 
 fn count_link(link: &'static str) {
     metrics::counter!("dshare_pop3_forward_links_total", "link" => link).increment(1);
 }
 
-/// `XCLIENT` with the proof and the login on a ready connection. An error comes with
+/// The word in the owner's answer to `XCLIENT` that says it takes `XDSRESET`.
+const RESET: &[u8] = b"XDSRESET";
+
+/// `XCLIENT` with the proof and the login on a ready connection, and the connection's
+/// timestamp if the owner can reset the session for another login. An error comes with
 /// whether the connection was dead before the owner answered anything (a warm connection the
 /// owner closed: worth one fresh try).
 async fn login_on(
@@ -206,11 +251,12 @@ async fn login_on(
     client: SocketAddr,
     method: LoginMethod,
     password: &Secret,
-) -> std::result::Result<OwnerAnswer, (Error, bool)> {
+) -> std::result::Result<(OwnerAnswer, Option<String>), (Error, bool)> {
     let timeout = pop3.config.peer_timeout;
     let ReadyConn {
         mut conn,
         timestamp,
+        reused: _,
     } = ready;
     let Some(key) = pop3.config.proof_key.as_ref() else {
         return Err((owner_err(owner, "no cluster secret configured"), false));
@@ -249,6 +295,8 @@ async fn login_on(
     // warm one, worth one fresh try like a closed one.
     let shutting_down = reply.starts_with(b"-ERR [SYS/TEMP]");
     expect_ok(&reply, owner, "XCLIENT").map_err(|e| (e, shutting_down))?;
+    // The owner can end the session for us and keep the link (an older one says just `+OK`).
+    let reusable = reply.windows(RESET.len()).any(|w| w == RESET);
     finish_login(
         &mut conn,
         owner,
@@ -260,8 +308,15 @@ async fn login_on(
     .await
     .map_err(|e| (e, false))
     .map(|reply| match reply {
-        Ok(reply) => OwnerAnswer::Accepted { conn, reply },
-        Err(reply) => refused(reply),
+        Ok(reply) => (
+            OwnerAnswer::Accepted {
+                conn,
+                reply,
+                reuse: None,
+            },
+            reusable.then_some(timestamp),
+        ),
+        Err(reply) => (refused(reply), None),
     })
 }
 

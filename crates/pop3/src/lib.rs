@@ -22,6 +22,7 @@ mod error;
 pub mod forward;
 pub mod maildrop;
 pub mod protocol;
+pub mod relay;
 mod session;
 pub mod xclient;
 

@@ -85,6 +85,9 @@ pub enum Command {
     Stls,
     /// `XCLIENT ADDR=… PORT=… HOP=… SIG=…` (from peers only).
     Xclient(Xclient),
+    /// `XDSRESET tag` (from a front node only, tagged with its proof): UPDATE as for QUIT,
+    /// then back to AUTHORIZATION with a fresh timestamp, for the front node's next login.
+    XdshareReset(String),
 }
 
 impl Command {
@@ -107,6 +110,7 @@ impl Command {
             Command::Auth { .. } => "AUTH",
             Command::Stls => "STLS",
             Command::Xclient(_) => "XCLIENT",
+            Command::XdshareReset(_) => "XDSRESET",
         }
     }
 }
@@ -213,7 +217,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     }
     let args: Vec<&str> = rest.split(' ').filter(|a| !a.is_empty()).collect();
     for arg in &args {
-        let max = if keyword == "AUTH" || keyword == "XCLIENT" {
+        let max = if keyword == "AUTH" || keyword == "XCLIENT" || keyword == "XDSRESET" {
             MAX_INITIAL_RESPONSE
         } else {
             MAX_ARG_LEN
@@ -279,6 +283,11 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
             _ => Err(ParseError::TooManyArguments),
         },
         "XCLIENT" => parse_xclient(&args).map(Command::Xclient),
+        "XDSRESET" => match args.as_slice() {
+            [tag] => Ok(Command::XdshareReset((*tag).to_owned())),
+            [] => Err(ParseError::MissingArgument("tag")),
+            _ => Err(ParseError::TooManyArguments),
+        },
         _ => Err(ParseError::UnknownCommand),
     }
 }

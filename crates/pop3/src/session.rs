@@ -39,7 +39,7 @@ enum Flow {
     Close,
     StartTls,
     /// Logged in on the owner; its `+OK` was queued for the client.
-    Splice(Box<Conn>),
+    Splice(Box<(Conn, Option<crate::forward::Reuse>)>),
 }
 
 enum State {
@@ -205,7 +205,10 @@ impl Session {
                     self.state = State::Authorization { user: None };
                     tracing::debug!(sni = ?self.ctx.sni, "STLS done");
                 }
-                Flow::Splice(owner) => return self.splice(conn, *owner, &shutdown).await,
+                Flow::Splice(owner) => {
+                    let (owner, reuse) = *owner;
+                    return self.splice(conn, owner, reuse, &shutdown).await;
+                }
             }
         }
     }
@@ -230,6 +233,7 @@ impl Session {
                 return Ok(Flow::Continue);
             }
             Command::Quit => return self.quit(conn).await,
+            Command::XdshareReset(tag) => return self.reset(conn, &tag).await,
             _ => {}
         }
         if matches!(self.state, State::Authorization { .. }) {
@@ -258,11 +262,28 @@ impl Session {
     }
 
     async fn quit(&mut self, conn: &mut Conn) -> Result<Flow> {
-        let State::Transaction { maildrop, .. } = &self.state else {
+        if !matches!(self.state, State::Transaction { .. }) {
             conn.write_all(b"+OK Bye\r\n").await?;
             return Ok(Flow::Close);
+        }
+        let reply = match self.update().await {
+            Ok(left) => format!(
+                "+OK {} POP3 server signing off ({left} messages left)\r\n",
+                self.pop3.config.hostname
+            ),
+            Err(()) => "-ERR [SYS/TEMP] Some deleted messages were not removed\r\n".to_owned(),
         };
-        // The UPDATE state.
+        conn.write_all(reply.as_bytes()).await?;
+        Ok(Flow::Close)
+    }
+
+    /// The UPDATE state (in TRANSACTION): the deletions committed and flushed, the maildrop
+    /// released — before the reply goes out: a client (or a front node relaying for one) that
+    /// reconnects as soon as it reads it must not find it still locked. `Ok`: messages left.
+    async fn update(&mut self) -> std::result::Result<usize, ()> {
+        let State::Transaction { maildrop, .. } = &self.state else {
+            return Ok(0);
+        };
         let committed = match maildrop.commit(&self.pop3.mail) {
             Ok(n) => self
                 .pop3
@@ -270,28 +291,64 @@ impl Session {
                 .flush_async()
                 .await
                 .map(|()| n)
-                .map_err(Into::into),
+                .map_err(crate::Error::from),
             Err(e) => Err(e),
         };
-        let reply = match committed {
+        let outcome = match committed {
             Ok(removed) => {
                 tracing::info!(removed, "maildrop updated");
-                let (left, _) = maildrop.stat();
-                format!(
-                    "+OK {} POP3 server signing off ({left} messages left)\r\n",
-                    self.pop3.config.hostname
-                )
+                Ok(maildrop.stat().0)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "UPDATE failed");
-                "-ERR [SYS/TEMP] Some deleted messages were not removed\r\n".to_owned()
+                Err(())
             }
         };
-        // Release the maildrop before the reply goes out: a client (or a front node relaying
-        // for one) that reconnects as soon as it reads it must not find it still locked.
         self.state = State::Authorization { user: None };
-        conn.write_all(reply.as_bytes()).await?;
-        Ok(Flow::Close)
+        outcome
+    }
+
+    /// `XDSRESET tag`: a front node ends the forwarded session it relays (its client sent
+    /// QUIT) and keeps the link for another login. Only in a session whose `XCLIENT` was
+    /// verified and only with the tag [`ds_access::proof::end_tag`] over this connection's
+    /// timestamp; anything else is an unknown command. UPDATE as for QUIT, then AUTHORIZATION
+    /// with a fresh timestamp: `+OK tag left timestamp`, or `-ERR tag …` and the end of the
+    /// connection when the UPDATE failed.
+    async fn reset(&mut self, conn: &mut Conn, tag: &str) -> Result<Flow> {
+        let proven = match (&self.forwarded_by, &self.pop3.config.proof_key) {
+            (Some(_), Some(key)) => ds_access::proof::is_end_tag(key, &self.timestamp, tag),
+            _ => false,
+        };
+        if !proven || !matches!(self.state, State::Transaction { .. }) {
+            conn.write_all(b"-ERR Unknown command\r\n").await?;
+            return Ok(if self.bad_command() {
+                Flow::Close
+            } else {
+                Flow::Continue
+            });
+        }
+        let Ok(left) = self.update().await else {
+            conn.write_all(
+                format!("-ERR {tag} [SYS/TEMP] Some deleted messages were not removed\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+            return Ok(Flow::Close);
+        };
+        tracing::info!(
+            "forwarded session ended by the front node; the link waits for another login"
+        );
+        self.timestamp = ds_access::proof::greeting_nonce(&self.pop3.config.hostname);
+        self.forwarded_by = None;
+        self.client = self.ctx.peer;
+        let span = tracing::Span::current();
+        span.record("client", tracing::field::display(self.client));
+        for field in ["forwarded_by", "user"] {
+            span.record(field, "");
+        }
+        conn.write_all(format!("+OK {tag} {left} {}\r\n", self.timestamp).as_bytes())
+            .await?;
+        Ok(Flow::Continue)
     }
 
     /// `require_tls`: whether a password may be sent on this connection now.
@@ -382,7 +439,8 @@ impl Session {
         span.record("client", tracing::field::display(self.client));
         span.record("forwarded_by", x.hop.as_str());
         tracing::info!(peer = %self.ctx.peer, "forwarded session");
-        "+OK\r\n"
+        // Told to the front node only: it may end the session with XDSRESET.
+        "+OK XDSRESET\r\n"
     }
 
     async fn auth(
@@ -624,8 +682,11 @@ impl Session {
                 Ok(OwnerAnswer::Accepted {
                     conn: owner_conn,
                     reply,
+                    reuse,
                 }) => {
-                    return self.forwarded(conn, &owner, owner_conn, &reply).await;
+                    return self
+                        .forwarded(conn, &owner, (owner_conn, reuse), &reply)
+                        .await;
                 }
                 Ok(OwnerAnswer::Refused { not_here: true, .. }) if attempt == 0 => {
                     tracing::info!(owner = %owner.node, "owner does not have the account, locating again");
@@ -654,7 +715,7 @@ impl Session {
         &mut self,
         conn: &mut Conn,
         owner: &Owner,
-        owner_conn: Conn,
+        owner_conn: (Conn, Option<crate::forward::Reuse>),
         reply: &[u8],
     ) -> Result<Flow> {
         let span = tracing::Span::current();
@@ -865,13 +926,33 @@ impl Session {
     /// Copy bytes between the client and the owner until either side closes, the splice is idle,
     /// or this node shuts down (both connections are then closed: the owner ends its session
     /// without an UPDATE and releases the maildrop).
-    async fn splice(&self, client: Conn, owner: Conn, shutdown: &Shutdown) -> Result<()> {
-        let idle = self.pop3.config.idle_timeout;
-        match ds_access::splice_session(client, owner, idle, shutdown).await? {
+    async fn splice(
+        &self,
+        client: Conn,
+        owner: Conn,
+        reuse: Option<crate::forward::Reuse>,
+        shutdown: &Shutdown,
+    ) -> Result<()> {
+        let c = &self.pop3.config;
+        let reuse = reuse.zip(c.proof_key.as_ref());
+        let relayed = crate::relay::relay_session(
+            client,
+            owner,
+            reuse,
+            c.idle_timeout,
+            c.peer_timeout,
+            shutdown,
+        )
+        .await?;
+        match relayed.copied {
             Some(copied) => {
+                if relayed.link_kept {
+                    metrics::counter!("dshare_pop3_forward_links_kept_total").increment(1);
+                }
                 tracing::info!(
                     up = copied.up,
                     down = copied.down,
+                    link_kept = relayed.link_kept,
                     "forwarded session ended"
                 );
             }

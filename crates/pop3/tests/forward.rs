@@ -322,7 +322,7 @@ async fn xclient_is_checked_and_forwarded_logins_are_not_forwarded_again() {
     );
     assert_eq!(c.cmd(wrong.trim_end()).await, "-ERR XCLIENT refused");
     let good = xclient::command_line(&key, &stamp, ip("203.0.113.9"), 51234, "office-a");
-    assert_eq!(c.cmd(good.trim_end()).await, "+OK");
+    assert_eq!(c.cmd(good.trim_end()).await, "+OK XDSRESET");
     assert_eq!(c.cmd(good.trim_end()).await, "-ERR XCLIENT not valid now");
     // alice lives on A: B must not forward back.
     let refused = c.login("alice", PASSWORD).await;

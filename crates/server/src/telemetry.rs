@@ -178,9 +178,18 @@ pub const CATALOG: &[Series] = &[
         "dshare_pop3_forward_links_total",
         Kind::Counter,
         "Forwarded POP3 logins by the connection to the owner they used: one kept warm \
-         (STLS done, greeting read) or one opened for the login.",
+         (STLS done, greeting read), one an earlier session left when its client quit, or one \
+         opened for the login.",
         "link",
-        &["warm", "fresh"],
+        &["warm", "reused", "fresh"],
+    ),
+    s(
+        "dshare_pop3_forward_links_kept_total",
+        Kind::Counter,
+        "Forwarded POP3 sessions whose client quit and whose link to the owner went back to \
+         the pool (the owner ended the session with XDSRESET).",
+        "",
+        &[],
     ),
     s(
         "dshare_imap_forward_links_total",

@@ -11,7 +11,7 @@ use imap_types::response::{Code, CodeOther, Status};
 use imap_types::secret::Secret as ImapSecret;
 
 use ds_access::imap_client::{NOT_HERE_TEXT, verify_imap_id};
-use ds_access::imap_relay::{UNAUTHENTICATE_CAPABILITY, is_unauthenticate_tag};
+use ds_access::imap_relay::UNAUTHENTICATE_CAPABILITY;
 
 use crate::Result;
 use crate::login::{self, LoginOutcome, Secret};
@@ -227,7 +227,7 @@ impl Session {
     /// an unknown command.
     pub(crate) async fn unauthenticate(&mut self, tag: &str) -> Result<Flow> {
         let proven = match (&self.forwarded, self.imap.config.proof_key.as_ref()) {
-            (Some(_), Some(key)) => is_unauthenticate_tag(key, &self.nonce, tag),
+            (Some(_), Some(key)) => ds_access::proof::is_end_tag(key, &self.nonce, tag),
             _ => false,
         };
         if !proven || !self.logged_in() || self.idle_tag.is_some() {

@@ -1,0 +1,222 @@
+//! A forwarded POP3 session, front side, after the login: the splice of
+//! [`ds_access::splice_session`], with the owner link kept for another login when the client
+//! quits. A phone or `fetchmail` that checks every few minutes otherwise costs both nodes a TCP
+//! and a TLS handshake, and the owner a new session, on every check.
+//!
+//! While it copies, the relay watches the client's command lines. When the client sends `QUIT`
+//! the relay does not pass it on: it sends the owner `XDSRESET tag` (accepted only from the
+//! front node of a proven session, with the tag [`ds_access::proof::end_tag`] over the
+//! connection's timestamp), passes on what the owner still sends for the commands before, reads
+//! the owner's `+OK tag left timestamp` (the UPDATE is done, the maildrop released) and answers
+//! the client's QUIT itself with the owner's outcome. The link then goes back to the warm pool
+//! with its fresh timestamp. The owner's answer is found by its tag, which neither the client
+//! nor a message can make: no multi-line answer needs to be parsed.
+
+use std::time::Duration;
+
+use ds_access::proof;
+use ds_net::{Gate, LineConn, MailStream, Shutdown};
+use tokio::io::AsyncWriteExt;
+
+use crate::Result;
+use crate::forward::{ReadyConn, Reuse};
+use ds_access::forward::write_all_timeout;
+
+/// Watches the client's command lines for a `QUIT` (a whole line in one read).
+#[derive(Debug, Default)]
+struct QuitGate {
+    /// The next octet starts a line.
+    at_line_start: bool,
+}
+
+impl Gate for QuitGate {
+    fn pass(&mut self, data: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < data.len() {
+            let end = memchr::memchr(b'\n', &data[i..]).map(|p| i + p + 1);
+            if self.at_line_start
+                && let Some(end) = end
+                && data[i..end].trim_ascii_end().eq_ignore_ascii_case(b"QUIT")
+            {
+                return Some(i);
+            }
+            match end {
+                Some(end) => {
+                    self.at_line_start = true;
+                    i = end;
+                }
+                None => {
+                    self.at_line_start = false;
+                    break;
+                }
+            }
+        }
+        None
+    }
+}
+
+/// How a relayed session ended.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Octets copied each way; `None`: `shutdown` fired and both connections were dropped.
+    pub copied: Option<ds_access::Copied>,
+    /// The client quit and the owner link went back to the pool.
+    pub link_kept: bool,
+}
+
+/// Relay a forwarded session (the login's `+OK` is queued on `client`): as
+/// [`ds_access::splice_session`] without `reuse`; with it, a client QUIT keeps the owner link
+/// (see the module's text). `reply_timeout` bounds each wait for the owner after the QUIT.
+pub async fn relay_session(
+    client: LineConn<MailStream>,
+    owner: LineConn<MailStream>,
+    reuse: Option<(Reuse, &ds_access::ProofKey)>,
+    idle_timeout: Duration,
+    reply_timeout: Duration,
+    shutdown: &Shutdown,
+) -> Result<Relayed> {
+    let Some((reuse, key)) = reuse else {
+        let copied = ds_access::splice_session(client, owner, idle_timeout, shutdown).await?;
+        return Ok(Relayed {
+            copied,
+            link_kept: false,
+        });
+    };
+    let mut client = client;
+    client.flush().await?;
+    let (mut client, client_buffered) = client.into_parts();
+    let (mut owner, owner_buffered) = owner.into_parts();
+    let mut up = QuitGate {
+        at_line_start: true,
+    };
+    let stop = up.pass(&client_buffered);
+    write_all_timeout(
+        &mut owner,
+        &client_buffered[..stop.unwrap_or(client_buffered.len())],
+        ds_net::DEFAULT_WRITE_TIMEOUT,
+    )
+    .await?;
+    write_all_timeout(&mut client, &owner_buffered, ds_net::DEFAULT_WRITE_TIMEOUT).await?;
+    let mut copied = ds_access::Copied::default();
+    if stop.is_none() {
+        let mut down = ds_net::PassAll;
+        let gated = tokio::select! {
+            gated = ds_net::splice_gated(&mut client, &mut owner, idle_timeout, &mut up, &mut down) => gated?,
+            () = shutdown.wait() => return Ok(Relayed { copied: None, link_kept: false }),
+        };
+        copied = ds_access::Copied {
+            up: gated.a_to_b,
+            down: gated.b_to_a,
+        };
+        if !gated.stopped {
+            return Ok(Relayed {
+                copied: Some(copied),
+                link_kept: false,
+            });
+        }
+    }
+    let owner = LineConn::new(owner);
+    let ended = tokio::select! {
+        ended = reset(&mut client, owner, &reuse.timestamp, key, reply_timeout) => ended,
+        () = shutdown.wait() => None,
+    };
+    let answer = match &ended {
+        Some((left, _)) => format!("+OK POP3 server signing off ({left} messages left)\r\n"),
+        None => "-ERR [SYS/TEMP] Some deleted messages may not have been removed\r\n".to_owned(),
+    };
+    let answered = write_all_timeout(
+        &mut client,
+        answer.as_bytes(),
+        ds_net::DEFAULT_WRITE_TIMEOUT,
+    )
+    .await;
+    let _ = tokio::time::timeout(ds_net::DEFAULT_WRITE_TIMEOUT, client.shutdown()).await;
+    let link_kept = ended.is_some();
+    match ended {
+        Some((_, ready)) => reuse.loan.give_back(ready),
+        None => drop(reuse.loan),
+    }
+    answered?;
+    Ok(Relayed {
+        copied: Some(copied),
+        link_kept,
+    })
+}
+
+/// Send the owner `XDSRESET`, pass on to the client what the owner still sends before its
+/// answer, and return the messages left and the link made ready for another login (`None`: the
+/// owner refused, failed the UPDATE, closed, or took too long; the link is dropped).
+async fn reset(
+    client: &mut MailStream,
+    mut owner: LineConn<MailStream>,
+    timestamp: &str,
+    key: &ds_access::ProofKey,
+    timeout: Duration,
+) -> Option<(u64, ReadyConn)> {
+    let tag = proof::end_tag(key, timestamp)?;
+    let sent = async {
+        owner
+            .write_all(format!("XDSRESET {tag}\r\n").as_bytes())
+            .await?;
+        owner.flush().await
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(error = %e, "could not send XDSRESET to the owner");
+        return None;
+    }
+    let (ok, err) = (format!("+OK {tag} "), format!("-ERR {tag} "));
+    let mut at_line_start = true;
+    loop {
+        if at_line_start {
+            let head = owner.peek(ok.len(), timeout).await.ok()?;
+            if head.is_empty() {
+                return None;
+            }
+            if head.starts_with(ok.as_bytes()) || head.starts_with(err.as_bytes()) {
+                let line = owner.read_line(1024, timeout).await.ok()??;
+                let rest = line.strip_prefix(ok.as_bytes());
+                let Some(rest) = rest else {
+                    tracing::info!(answer = %String::from_utf8_lossy(&line).trim_end(), "the owner's UPDATE failed; link not kept");
+                    return None;
+                };
+                let text = std::str::from_utf8(rest).ok()?;
+                let left = text.split_whitespace().next()?.parse().ok()?;
+                let timestamp = proof::nonce_in(rest)?.to_owned();
+                return Some((left, ReadyConn::reused(owner, timestamp)));
+            }
+        }
+        // The rest of the line (or all that is buffered of it): pass it on.
+        let chunk = owner.fill_buf(timeout).await.ok()?;
+        if chunk.is_empty() {
+            return None;
+        }
+        let n = memchr::memchr(b'\n', chunk).map_or(chunk.len(), |p| p + 1);
+        at_line_start = chunk[n - 1] == b'\n';
+        let piece = chunk[..n].to_vec();
+        owner.consume(n);
+        write_all_timeout(client, &piece, ds_net::DEFAULT_WRITE_TIMEOUT)
+            .await
+            .ok()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_stops_at_a_whole_quit_line() {
+        let mut g = QuitGate {
+            at_line_start: true,
+        };
+        assert_eq!(g.pass(b"STAT\r\nRETR 1\r\n"), None);
+        assert_eq!(g.pass(b"NOOP\r\nquit \r\nSTAT\r\n"), Some(6));
+        // Split across reads, or not at a line start: passed on.
+        let mut g = QuitGate {
+            at_line_start: true,
+        };
+        assert_eq!(g.pass(b"QU"), None);
+        assert_eq!(g.pass(b"IT\r\n"), None);
+        assert_eq!(g.pass(b"QUIT now\r\nQUIT\r\n"), Some(10));
+    }
+}
