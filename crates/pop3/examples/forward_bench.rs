@@ -12,7 +12,8 @@
 //! `direct`, `forwarded`, `direct-tls` or `forwarded-tls` (to time one path from outside).
 //!
 //! Each round logs in, sends `RETR 1..=100` one at a time (like poplib), reads every reply to
-//! its final dot and quits. Reported per mode: median and best wall time per round, throughput,
+//! its final dot and quits. Then 300 login cycles per mode (`USER`, `PASS`, `STAT`, `QUIT`, as a
+//! phone checks its mail), median time and CPU per cycle. Reported per mode: median and best wall time per round, throughput,
 //! and the ratio forwarded/direct of the medians (plain and TLS client), plus the median of the
 //! per-round ratios; and the CPU time of the whole process (client, front node and owner) per
 //! round with its ratio: on a machine with fewer cores than busy parties, wall time follows it.
@@ -155,6 +156,42 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> usize {
     c.get_mut().flush().await.unwrap();
     read_line(&mut c, &mut line).await;
     octets
+}
+
+/// One check as a phone makes it: log in, STAT, QUIT (the client's TLS handshake included).
+async fn check<S: AsyncRead + AsyncWrite + Unpin>(stream: S) {
+    let mut c = BufReader::new(stream);
+    let mut line = Vec::new();
+    c.read_until(b'\n', &mut line).await.unwrap();
+    c.get_mut()
+        .write_all(b"USER bob\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    c.get_mut().flush().await.unwrap();
+    for _ in 0..4 {
+        line.clear();
+        c.read_until(b'\n', &mut line).await.unwrap();
+        assert!(
+            line.starts_with(b"+OK"),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
+    }
+}
+
+/// One login cycle against `addr` ([`check`]), over TLS if `tls` is given.
+async fn login_cycle(addr: SocketAddr, tls: Option<&TlsConnector>) -> Duration {
+    let start = Instant::now();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    match tls {
+        None => check(tcp).await,
+        Some(connector) => {
+            let name = ServerName::try_from("localhost").unwrap();
+            check(connector.connect(name, tcp).await.unwrap()).await;
+        }
+    }
+    start.elapsed()
 }
 
 /// One round against `addr`, over TLS if `tls` is given; the TLS handshake is timed too.
@@ -350,7 +387,32 @@ async fn bench(
             cpu[i] * 1000.0 / rounds as f64,
         );
     }
+    // Login cycles (USER, PASS, STAT, QUIT pipelined, as a phone's check), the modes in turn.
+    const CYCLES: usize = 300;
+    let mut cycle_times: Vec<Vec<f64>> = vec![vec![]; modes.len()];
+    let mut cycle_cpu = vec![0.0; modes.len()];
+    for _ in 0..CYCLES {
+        for (i, (_, addr, tls)) in modes.iter().enumerate() {
+            let used = cpu_seconds();
+            cycle_times[i].push(login_cycle(*addr, *tls).await.as_secs_f64());
+            cycle_cpu[i] += cpu_seconds() - used;
+        }
+    }
+    for (i, (name, ..)) in modes.iter().enumerate() {
+        println!(
+            "{name:<14} login cycle median {:>6.0} us  cpu {:>6.0} us/cycle",
+            median(&cycle_times[i]) * 1e6,
+            cycle_cpu[i] * 1e6 / CYCLES as f64,
+        );
+    }
     if modes.len() == all.len() {
+        for (label, d, f) in [("plain", 0, 1), ("tls", 2, 3)] {
+            println!(
+                "ratio forwarded/direct {label:<5}  login cycle of medians {:.3}  cpu {:.3}",
+                median(&cycle_times[f]) / median(&cycle_times[d]),
+                cycle_cpu[f] / cycle_cpu[d],
+            );
+        }
         for (label, d, f) in [("plain", 0, 1), ("tls", 2, 3)] {
             let per_round: Vec<f64> = times[f].iter().zip(&times[d]).map(|(f, d)| f / d).collect();
             println!(
