@@ -5,11 +5,12 @@
 
 use std::time::Duration;
 
-use ds_net::{MailStream, Shutdown};
+use ds_net::{Gate, LineConn, MailStream, Shutdown};
 use tokio::io::AsyncWriteExt;
 
 use crate::Result;
 use crate::owner::OwnerConn;
+use crate::warm::Loan;
 
 /// Octets copied by a finished forwarded session.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,6 +44,112 @@ pub async fn splice_session(
         }
         () = shutdown.wait() => Ok(None),
     }
+}
+
+/// How a relayed session ended ([`splice_until`], [`finish`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// Octets copied each way; `None`: the node shut down and both connections were dropped.
+    pub copied: Option<Copied>,
+    /// The client ended the session and the owner link went back to the pool.
+    pub link_kept: bool,
+}
+
+impl Relayed {
+    /// Log the end of the forwarded session (the front node's one line for it).
+    pub fn log(&self) {
+        match self.copied {
+            Some(copied) => tracing::info!(
+                up = copied.up,
+                down = copied.down,
+                link_kept = self.link_kept,
+                "forwarded session ended"
+            ),
+            None => tracing::info!("shutting down, forwarded session closed"),
+        }
+    }
+}
+
+/// A relayed session whose client asked to end it ([`splice_until`]): everything before that
+/// request was copied both ways; the request itself was not passed on.
+#[derive(Debug)]
+pub struct Ending {
+    /// The client's connection.
+    pub client: MailStream,
+    /// The owner's connection.
+    pub owner: OwnerConn,
+    /// What was copied so far.
+    pub copied: Copied,
+}
+
+/// [`splice_session`] through a gate on each direction (`up` sees the client's octets, `down`
+/// the owner's, the pipelined ones first): `Ok(Ok(_))` once `up` stopped the client's direction
+/// (the client asked to end the session), `Ok(Err(_))` when the session ended otherwise.
+pub async fn splice_until(
+    client: LineConn<MailStream>,
+    owner: OwnerConn,
+    up: &mut impl Gate,
+    down: &mut impl Gate,
+    idle_timeout: Duration,
+    shutdown: &Shutdown,
+) -> Result<std::result::Result<Ending, Relayed>> {
+    let mut client = client;
+    client.flush().await?;
+    let (mut client, client_buffered) = client.into_parts();
+    let (mut owner, owner_buffered) = owner.into_parts();
+    let write_timeout = ds_net::DEFAULT_WRITE_TIMEOUT;
+    let stop = up.pass(&client_buffered);
+    let sent = &client_buffered[..stop.unwrap_or(client_buffered.len())];
+    down.pass(&owner_buffered);
+    write_all_timeout(&mut owner, sent, write_timeout).await?;
+    write_all_timeout(&mut client, &owner_buffered, write_timeout).await?;
+    let mut copied = Copied::default();
+    if stop.is_none() {
+        let gated = tokio::select! {
+            gated = ds_net::splice_gated(&mut client, &mut owner, idle_timeout, up, down) => gated?,
+            () = shutdown.wait() => return Ok(Err(Relayed::default())),
+        };
+        copied = Copied {
+            up: gated.a_to_b,
+            down: gated.b_to_a,
+        };
+        if !gated.stopped {
+            return Ok(Err(Relayed {
+                copied: Some(copied),
+                link_kept: false,
+            }));
+        }
+    }
+    Ok(Ok(Ending {
+        client,
+        owner: LineConn::new(owner),
+        copied,
+    }))
+}
+
+/// The end of a session the front node answers itself ([`splice_until`] stopped): `answer`
+/// to the client, whose connection is then closed, and the owner link back to the pool when
+/// `ready` (else the loan ends and the link is dropped).
+pub async fn finish<T>(
+    client: &mut MailStream,
+    answer: &[u8],
+    loan: Loan<T>,
+    ready: Option<T>,
+    copied: Copied,
+) -> Result<Relayed> {
+    let timeout = ds_net::DEFAULT_WRITE_TIMEOUT;
+    let answered = write_all_timeout(client, answer, timeout).await;
+    let _ = tokio::time::timeout(timeout, client.shutdown()).await;
+    let link_kept = ready.is_some();
+    match ready {
+        Some(ready) => loan.give_back(ready),
+        None => drop(loan),
+    }
+    answered?;
+    Ok(Relayed {
+        copied: Some(copied),
+        link_kept,
+    })
 }
 
 /// Write `data` and flush, within `timeout` (nothing to do for no data).

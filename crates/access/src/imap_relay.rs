@@ -19,11 +19,10 @@
 use std::time::Duration;
 
 use ds_net::{Gate, LineConn, MailStream, Shutdown};
-use tokio::io::AsyncWriteExt;
 
 use crate::Result;
-use crate::forward::Copied;
 use crate::forward::write_all_timeout;
+use crate::forward::{Ending, Relayed, finish, splice_until};
 use crate::imap_client::ReadyConn;
 use crate::owner::OwnerConn;
 use crate::proof::{self, ProofKey};
@@ -262,15 +261,6 @@ pub struct Reuse {
     pub loan: Loan<ReadyConn>,
 }
 
-/// How a relayed session ended.
-#[derive(Debug)]
-pub struct Relayed {
-    /// Octets copied each way; `None`: `shutdown` fired and both connections were dropped.
-    pub copied: Option<Copied>,
-    /// The client logged out and the owner link went back to the pool.
-    pub link_kept: bool,
-}
-
 /// Relay a forwarded session (the client's login answer is queued on `client`): as
 /// [`crate::splice_session`] without `reuse`; with it, a client LOGOUT keeps the owner link (see
 /// the module's text). `reply_timeout` bounds each wait for the owner after the LOGOUT.
@@ -289,54 +279,23 @@ pub async fn relay_session(
             link_kept: false,
         });
     };
-    let mut client = client;
-    client.flush().await?;
-    let (mut client, client_buffered) = client.into_parts();
-    let (mut owner, owner_buffered) = owner.into_parts();
-    let mut up = ClientGate::default();
-    let mut down = OwnerGate::default();
-    let stop = up.pass(&client_buffered);
-    let sent = &client_buffered[..stop.unwrap_or(client_buffered.len())];
-    down.pass(&owner_buffered);
-    write_all_timeout(&mut owner, sent, ds_net::DEFAULT_WRITE_TIMEOUT).await?;
-    write_all_timeout(&mut client, &owner_buffered, ds_net::DEFAULT_WRITE_TIMEOUT).await?;
-    let mut copied = Copied::default();
-    if stop.is_none() {
-        let gated = tokio::select! {
-            gated = ds_net::splice_gated(&mut client, &mut owner, idle_timeout, &mut up, &mut down) => gated?,
-            () = shutdown.wait() => return Ok(Relayed { copied: None, link_kept: false }),
-        };
-        copied = Copied {
-            up: gated.a_to_b,
-            down: gated.b_to_a,
-        };
-        if !gated.stopped {
-            return Ok(Relayed {
-                copied: Some(copied),
-                link_kept: false,
-            });
-        }
-    }
+    let (mut up, mut down) = (ClientGate::default(), OwnerGate::default());
+    let ending = splice_until(client, owner, &mut up, &mut down, idle_timeout, shutdown).await?;
+    let Ending {
+        mut client,
+        owner,
+        copied,
+    } = match ending {
+        Ok(ending) => ending,
+        Err(relayed) => return Ok(relayed),
+    };
     let tag = up.logout_tag.take().unwrap_or_else(|| "*".into());
-    let owner = LineConn::new(owner);
     let ready = tokio::select! {
         ready = unauthenticate(&mut client, owner, down.framing, &reuse, reply_timeout) => ready,
         () = shutdown.wait() => None,
     };
     let bye = format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n");
-    let answered =
-        write_all_timeout(&mut client, bye.as_bytes(), ds_net::DEFAULT_WRITE_TIMEOUT).await;
-    let _ = tokio::time::timeout(ds_net::DEFAULT_WRITE_TIMEOUT, client.shutdown()).await;
-    let link_kept = ready.is_some();
-    match ready {
-        Some(ready) => reuse.loan.give_back(ready),
-        None => drop(reuse.loan),
-    }
-    answered?;
-    Ok(Relayed {
-        copied: Some(copied),
-        link_kept,
-    })
+    finish(&mut client, bye.as_bytes(), reuse.loan, ready, copied).await
 }
 
 /// Send the owner `UNAUTHENTICATE`, pass on to the client what the owner still sends before

@@ -385,20 +385,12 @@ impl Session {
         )
         .await;
         match relayed {
-            Ok(relayed) => match relayed.copied {
-                Some(copied) => {
-                    if relayed.link_kept {
-                        metrics::counter!("dshare_imap_forward_links_kept_total").increment(1);
-                    }
-                    tracing::info!(
-                        up = copied.up,
-                        down = copied.down,
-                        link_kept = relayed.link_kept,
-                        "forwarded session ended"
-                    );
+            Ok(relayed) => {
+                if relayed.link_kept {
+                    metrics::counter!("dshare_imap_forward_links_kept_total").increment(1);
                 }
-                None => tracing::info!("shutting down, forwarded session closed"),
-            },
+                relayed.log();
+            }
             Err(e) => tracing::info!(error = %e, "forwarded session ended with an error"),
         }
         Ok(())

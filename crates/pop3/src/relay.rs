@@ -16,11 +16,10 @@ use std::time::Duration;
 
 use ds_access::proof;
 use ds_net::{Gate, LineConn, MailStream, Shutdown};
-use tokio::io::AsyncWriteExt;
 
 use crate::Result;
 use crate::forward::{ReadyConn, Reuse};
-use ds_access::forward::write_all_timeout;
+use ds_access::forward::{Ending, Relayed, finish, splice_until, write_all_timeout};
 
 /// Watches the client's command lines for a `QUIT` (a whole line in one read).
 #[derive(Debug, Default)]
@@ -55,15 +54,6 @@ impl Gate for QuitGate {
     }
 }
 
-/// How a relayed session ended.
-#[derive(Debug)]
-pub struct Relayed {
-    /// Octets copied each way; `None`: `shutdown` fired and both connections were dropped.
-    pub copied: Option<ds_access::Copied>,
-    /// The client quit and the owner link went back to the pool.
-    pub link_kept: bool,
-}
-
 /// Relay a forwarded session (the login's `+OK` is queued on `client`): as
 /// [`ds_access::splice_session`] without `reuse`; with it, a client QUIT keeps the owner link
 /// (see the module's text). `reply_timeout` bounds each wait for the owner after the QUIT.
@@ -82,65 +72,34 @@ pub async fn relay_session(
             link_kept: false,
         });
     };
-    let mut client = client;
-    client.flush().await?;
-    let (mut client, client_buffered) = client.into_parts();
-    let (mut owner, owner_buffered) = owner.into_parts();
     let mut up = QuitGate {
         at_line_start: true,
     };
-    let stop = up.pass(&client_buffered);
-    write_all_timeout(
-        &mut owner,
-        &client_buffered[..stop.unwrap_or(client_buffered.len())],
-        ds_net::DEFAULT_WRITE_TIMEOUT,
-    )
-    .await?;
-    write_all_timeout(&mut client, &owner_buffered, ds_net::DEFAULT_WRITE_TIMEOUT).await?;
-    let mut copied = ds_access::Copied::default();
-    if stop.is_none() {
-        let mut down = ds_net::PassAll;
-        let gated = tokio::select! {
-            gated = ds_net::splice_gated(&mut client, &mut owner, idle_timeout, &mut up, &mut down) => gated?,
-            () = shutdown.wait() => return Ok(Relayed { copied: None, link_kept: false }),
-        };
-        copied = ds_access::Copied {
-            up: gated.a_to_b,
-            down: gated.b_to_a,
-        };
-        if !gated.stopped {
-            return Ok(Relayed {
-                copied: Some(copied),
-                link_kept: false,
-            });
-        }
-    }
-    let owner = LineConn::new(owner);
+    let mut down = ds_net::PassAll;
+    let ending = splice_until(client, owner, &mut up, &mut down, idle_timeout, shutdown).await?;
+    let Ending {
+        mut client,
+        owner,
+        copied,
+    } = match ending {
+        Ok(ending) => ending,
+        Err(relayed) => return Ok(relayed),
+    };
     let ended = tokio::select! {
         ended = reset(&mut client, owner, &reuse.timestamp, key, reply_timeout) => ended,
         () = shutdown.wait() => None,
     };
-    let answer = match &ended {
-        Some((left, _)) => format!("+OK POP3 server signing off ({left} messages left)\r\n"),
-        None => "-ERR [SYS/TEMP] Some deleted messages may not have been removed\r\n".to_owned(),
+    let (answer, ready) = match ended {
+        Some((left, ready)) => (
+            format!("+OK POP3 server signing off ({left} messages left)\r\n"),
+            Some(ready),
+        ),
+        None => (
+            "-ERR [SYS/TEMP] Some deleted messages may not have been removed\r\n".to_owned(),
+            None,
+        ),
     };
-    let answered = write_all_timeout(
-        &mut client,
-        answer.as_bytes(),
-        ds_net::DEFAULT_WRITE_TIMEOUT,
-    )
-    .await;
-    let _ = tokio::time::timeout(ds_net::DEFAULT_WRITE_TIMEOUT, client.shutdown()).await;
-    let link_kept = ended.is_some();
-    match ended {
-        Some((_, ready)) => reuse.loan.give_back(ready),
-        None => drop(reuse.loan),
-    }
-    answered?;
-    Ok(Relayed {
-        copied: Some(copied),
-        link_kept,
-    })
+    Ok(finish(&mut client, answer.as_bytes(), reuse.loan, ready, copied).await?)
 }
 
 /// Send the owner `XDSRESET`, pass on to the client what the owner still sends before its

@@ -944,20 +944,10 @@ impl Session {
             shutdown,
         )
         .await?;
-        match relayed.copied {
-            Some(copied) => {
-                if relayed.link_kept {
-                    metrics::counter!("dshare_pop3_forward_links_kept_total").increment(1);
-                }
-                tracing::info!(
-                    up = copied.up,
-                    down = copied.down,
-                    link_kept = relayed.link_kept,
-                    "forwarded session ended"
-                );
-            }
-            None => tracing::info!("shutting down, forwarded session closed"),
+        if relayed.link_kept {
+            metrics::counter!("dshare_pop3_forward_links_kept_total").increment(1);
         }
+        relayed.log();
         Ok(())
     }
 }
