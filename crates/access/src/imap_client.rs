@@ -143,6 +143,21 @@ impl std::fmt::Debug for OwnerLogin<'_> {
     }
 }
 
+/// The capability a logged-in forwarded session on the owner shows when the owner can
+/// `UNAUTHENTICATE` it for the front node (the front node never shows it to its client).
+pub const UNAUTHENTICATE_CAPABILITY: &str = "XDSHARE-UNAUTHENTICATE";
+
+/// What the front node needs to keep an owner link for another login.
+#[derive(Debug)]
+pub struct Reuse {
+    /// The owner connection's nonce (the one the login's proof was over).
+    pub nonce: String,
+    /// The cluster's proof key.
+    pub key: ProofKey,
+    /// The link's place in the pool; the loan ends with the session.
+    pub loan: crate::warm::Loan<ReadyConn>,
+}
+
 /// A session logged in on the owner: splice `conn` with the client after answering it.
 #[derive(Debug)]
 pub struct OwnerSession {
@@ -153,11 +168,11 @@ pub struct OwnerSession {
     pub capabilities: Vec<String>,
     /// The login used a warm connection from a [`WarmPool`].
     pub warm: bool,
-    /// That warm connection had served a session before ([`crate::imap_relay`]).
+    /// That warm connection had served a session before (see `imap_relay`).
     pub reused: bool,
     /// The owner can end this session with `UNAUTHENTICATE` and the link can go back to the
-    /// pool: give it to [`crate::imap_relay::relay_session`].
-    pub reuse: Option<crate::imap_relay::Reuse>,
+    /// pool: give it to `imap_relay::relay_session`.
+    pub reuse: Option<Reuse>,
 }
 
 /// Why a forwarded login did not open a session.
@@ -331,9 +346,9 @@ pub async fn login_at_owner_pooled(
             && session
                 .capabilities
                 .iter()
-                .any(|c| c.eq_ignore_ascii_case(crate::imap_relay::UNAUTHENTICATE_CAPABILITY))
+                .any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE_CAPABILITY))
         {
-            session.reuse = Some(crate::imap_relay::Reuse {
+            session.reuse = Some(Reuse {
                 nonce,
                 key: login.key.clone(),
                 loan,

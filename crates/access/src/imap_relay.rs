@@ -23,14 +23,9 @@ use ds_net::{Gate, LineConn, MailStream, Shutdown};
 use crate::Result;
 use crate::forward::write_all_timeout;
 use crate::forward::{Ending, Relayed, finish, splice_until};
-use crate::imap_client::ReadyConn;
+use crate::imap_client::{ReadyConn, Reuse};
 use crate::owner::OwnerConn;
-use crate::proof::{self, ProofKey};
-use crate::warm::Loan;
-
-/// The capability a logged-in forwarded session on the owner shows when the owner can
-/// `UNAUTHENTICATE` it for the front node (the front node never shows it to its client).
-pub const UNAUTHENTICATE_CAPABILITY: &str = "XDSHARE-UNAUTHENTICATE";
+use crate::proof;
 
 /// How many octets of a line's beginning [`Framing`] keeps (a tag is at most 64).
 const HEAD: usize = 96;
@@ -248,17 +243,6 @@ impl Gate for OwnerGate {
         self.framing.feed(data, |_| false);
         None
     }
-}
-
-/// What the front node needs to keep an owner link for another login.
-#[derive(Debug)]
-pub struct Reuse {
-    /// The owner connection's nonce (the one the login's proof was over).
-    pub nonce: String,
-    /// The cluster's proof key.
-    pub key: ProofKey,
-    /// The link's place in the pool; the loan ends with the session.
-    pub loan: Loan<ReadyConn>,
 }
 
 /// Relay a forwarded session (the client's login answer is queued on `client`): as

@@ -85,7 +85,7 @@ pub(crate) struct Session {
     /// answer is queued (with what it takes to keep the link when the client logs out).
     pub splice_to: Option<(
         ds_access::owner::OwnerConn,
-        Option<ds_access::imap_relay::Reuse>,
+        Option<ds_access::imap_client::Reuse>,
     )>,
     /// Uncached peer lookups this connection may still cause (DESIGN §9).
     pub fanouts: ds_access::FanoutBudget,
@@ -367,7 +367,7 @@ impl Session {
     async fn splice(
         &mut self,
         owner: ds_access::owner::OwnerConn,
-        reuse: Option<ds_access::imap_relay::Reuse>,
+        reuse: Option<ds_access::imap_client::Reuse>,
         shutdown: &Shutdown,
     ) -> Result<()> {
         let client = self

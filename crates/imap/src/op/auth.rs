@@ -10,8 +10,8 @@ use imap_types::extensions::enable::CapabilityEnable;
 use imap_types::response::{Code, CodeOther, Status};
 use imap_types::secret::Secret as ImapSecret;
 
+use ds_access::imap_client::UNAUTHENTICATE_CAPABILITY;
 use ds_access::imap_client::{NOT_HERE_TEXT, verify_imap_id};
-use ds_access::imap_relay::UNAUTHENTICATE_CAPABILITY;
 
 use crate::Result;
 use crate::login::{self, LoginOutcome, Secret};
