@@ -243,6 +243,32 @@ except poplib.error_proto as e:
     Ok(())
 }
 
+/// Two nodes with one warm link per owner (so the link counts are exact), bob and dave on
+/// node 1, and `bodies` in bob's INBOX.
+async fn link_cluster(bodies: &[&[u8]]) -> anyhow::Result<Cluster> {
+    let c = Cluster::start_with(2, |_, config| config.cluster.warm_connections = 1).await?;
+    for user in ["bob@example.com", "dave@example.com"] {
+        c.node(1).add_account(user, "pw").await?;
+    }
+    let state = &c.node(1).node().state;
+    for (n, body) in bodies.iter().enumerate() {
+        let date = 1_700_000_000 + n as i64;
+        state
+            .mail
+            .append("bob@example.com", "INBOX", body, &[], date)?;
+    }
+    state.store.flush_async().await?;
+    Ok(c)
+}
+
+/// Forwarded `protocol` logins that used a link of kind `link`.
+fn links_of(body: &str, protocol: &str, link: &str) -> f64 {
+    value(
+        body,
+        &format!("dshare_{protocol}_forward_links_total{{link=\"{link}\"}}"),
+    )
+}
+
 /// Issue 9: a forwarded IMAP session that ends with LOGOUT leaves its link to the owner for the
 /// next login (the front node ends the owner's session with `UNAUTHENTICATE` instead of passing
 /// LOGOUT on). The answers to commands pipelined before the LOGOUT all reach the client (a
@@ -252,27 +278,13 @@ except poplib.error_proto as e:
 async fn a_logged_out_forwarded_imap_session_leaves_its_link_for_the_next_login()
 -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    // One warm link per owner: the counts below are exact.
-    let c = Cluster::start_with(2, |_, config| config.cluster.warm_connections = 1).await?;
-    for user in ["bob@example.com", "dave@example.com"] {
-        c.node(1).add_account(user, "pw").await?;
-    }
     let mut big = message("big", 300_000);
     // Lines of the message that look like commands and answers are message text.
     big.extend_from_slice(b"d LOGOUT\r\nd OK LOGOUT completed\r\n");
-    let state = &c.node(1).node().state;
-    state
-        .mail
-        .append("bob@example.com", "INBOX", &big, &[], 1_700_000_000)?;
-    state.store.flush_async().await?;
+    let c = link_cluster(&[&big]).await?;
     let metrics = c.node(0).node().addrs().metrics[0];
     let imap = c.node(0).imap();
-    let links = |body: &str, link: &str| {
-        value(
-            body,
-            &format!("dshare_imap_forward_links_total{{link=\"{link}\"}}"),
-        )
-    };
+    let links = |body: &str, link: &str| links_of(body, "imap", link);
     let before = scrape(metrics).await?;
 
     // Everything after the login in one write, LOGOUT last.
@@ -388,35 +400,13 @@ while True:
 async fn a_forwarded_pop3_session_that_quits_leaves_its_link_for_the_next_login()
 -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let c = Cluster::start_with(2, |_, config| config.cluster.warm_connections = 1).await?;
-    for user in ["bob@example.com", "dave@example.com"] {
-        c.node(1).add_account(user, "pw").await?;
-    }
     let mut big = message("big", 200_000);
     // A line of the message that looks like the owner's answer is message text.
     big.extend_from_slice(b"+OK 0000 0 <1.2@owner>\r\n");
-    let state = &c.node(1).node().state;
-    for (n, body) in [b"Subject: one\r\n\r\nfirst\r\n".to_vec(), big.clone()]
-        .iter()
-        .enumerate()
-    {
-        state.mail.append(
-            "bob@example.com",
-            "INBOX",
-            body,
-            &[],
-            1_700_000_000 + n as i64,
-        )?;
-    }
-    state.store.flush_async().await?;
+    let c = link_cluster(&[b"Subject: one\r\n\r\nfirst\r\n", &big]).await?;
     let metrics = c.node(0).node().addrs().metrics[0];
     let pop3 = c.node(0).pop3();
-    let links = |body: &str, link: &str| {
-        value(
-            body,
-            &format!("dshare_pop3_forward_links_total{{link=\"{link}\"}}"),
-        )
-    };
+    let links = |body: &str, link: &str| links_of(body, "pop3", link);
     let before = scrape(metrics).await?;
 
     let out = dshare_e2e::python(&format!(
