@@ -446,6 +446,14 @@ impl Session {
         }
     }
 
+    /// A fresh start for the limits a session counts (a front node's link serves another
+    /// client after `UNAUTHENTICATE`).
+    pub(crate) fn reset_counters(&mut self) {
+        self.failed_logins = 0;
+        self.bad_commands = 0;
+        self.fanouts = self.imap.locator.fanout_budget();
+    }
+
     /// Count an invalid command; true once the session should be closed.
     fn bad_command(&mut self) -> bool {
         self.bad_commands += 1;

@@ -341,6 +341,10 @@ impl Session {
         self.timestamp = ds_access::proof::greeting_nonce(&self.pop3.config.hostname);
         self.forwarded_by = None;
         self.client = self.ctx.peer;
+        // Nothing of this session's counts against the next one on the link.
+        self.failed_logins = 0;
+        self.bad_commands = 0;
+        self.fanouts = self.pop3.locator.fanout_budget();
         let span = tracing::Span::current();
         span.record("client", tracing::field::display(self.client));
         for field in ["forwarded_by", "user"] {

@@ -242,6 +242,8 @@ impl Session {
         self.condstore = false;
         self.forwarded = None;
         self.client = self.ctx.peer.ip();
+        // Nothing of this session's counts against the next one on the link.
+        self.reset_counters();
         self.nonce = ds_access::proof::greeting_nonce(&self.imap.config.hostname);
         let span = tracing::Span::current();
         for field in ["user", "original_client", "forwarded_by"] {
