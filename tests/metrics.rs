@@ -271,8 +271,9 @@ fn links_of(body: &str, protocol: &str, link: &str) -> f64 {
 
 /// Issue 9: a forwarded IMAP session that ends with LOGOUT leaves its link to the owner for the
 /// next login (the front node ends the owner's session with `UNAUTHENTICATE` instead of passing
-/// LOGOUT on). The answers to commands pipelined before the LOGOUT all reach the client (a
-/// 300 KB literal among them), the next user on the link sees only their own mailbox, a wrong
+/// LOGOUT on), and so does one whose client closes between commands. The answers to commands
+/// pipelined before the LOGOUT all reach the client (a 300 KB literal among them), the next
+/// user on the link sees only their own mailbox, a wrong
 /// password on it stays wrong, and a client cannot send `UNAUTHENTICATE` itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logged_out_forwarded_imap_session_leaves_its_link_for_the_next_login()
@@ -321,6 +322,26 @@ sys.stdout.buffer.write(f.read())
         &out[out.len().saturating_sub(300)..]
     );
 
+    // A client that closes its side after a command, without LOGOUT, still gets the answer,
+    // and the link is kept as well.
+    let closed = dshare_e2e::python(&format!(
+        r#"
+import socket, sys
+s = socket.create_connection(("{ip}", {port}), timeout=30)
+f = s.makefile("rb")
+f.readline()
+s.sendall(b"a LOGIN bob@example.com pw\r\nb STATUS INBOX (MESSAGES)\r\n")
+s.shutdown(socket.SHUT_WR)
+sys.stdout.buffer.write(f.read())
+"#,
+        ip = imap.ip(),
+        port = imap.port(),
+    ))?;
+    assert!(
+        closed.ends_with("(MESSAGES 1)\r\nb OK STATUS completed\r\n"),
+        "{closed}"
+    );
+
     // The next login (another user) takes the same link, and sees its own mailbox.
     let dave = dshare_e2e::python(&format!(
         r#"
@@ -339,12 +360,12 @@ m.logout()
     let fresh = links(&after, "fresh") - links(&before, "fresh");
     assert_eq!(
         (fresh, reused),
-        (1.0, 1.0),
-        "the second login used the first one's link"
+        (1.0, 2.0),
+        "the later logins used the first one's link"
     );
     let kept = value(&after, "dshare_imap_forward_links_kept_total")
         - value(&before, "dshare_imap_forward_links_kept_total");
-    assert_eq!(kept, 2.0);
+    assert_eq!(kept, 3.0);
 
     // A wrong password on a reused link is refused as anywhere, and a client's own
     // UNAUTHENTICATE (any tag) is an unknown command: it stays logged in.

@@ -12,6 +12,9 @@
 //! to the [`crate::WarmPool`] with the fresh nonce the owner answered with: the next forwarded
 //! login on it is one round trip and no handshake.
 //!
+//! A client that closes its side between two commands without LOGOUT (phones do) ends the same
+//! way, without the answer to a LOGOUT.
+//!
 //! The relay gives up the reuse (and lets LOGOUT through) whenever it cannot be sure of the
 //! framing: after a synchronising literal from the client (the owner may refuse it, and the
 //! client then never sends its octets), during IDLE, and for a LOGOUT line split across reads.
@@ -186,6 +189,8 @@ struct ClientGate {
     /// The framing cannot be trusted any more (a synchronising literal): nothing is held.
     off: bool,
     logout_tag: Option<String>,
+    /// The client closed its side between two commands.
+    closed: bool,
 }
 
 impl Gate for ClientGate {
@@ -199,6 +204,7 @@ impl Gate for ClientGate {
             idling,
             off,
             logout_tag,
+            closed: _,
         } = self;
         framing.feed(data, |line| {
             let command_start = !*continued;
@@ -229,6 +235,13 @@ impl Gate for ClientGate {
             }
             false
         })
+    }
+
+    fn at_eof(&mut self) -> bool {
+        // Between two commands the owner's session can be ended as for a LOGOUT (nothing is
+        // expunged either way); the client only gets what it had asked for before.
+        self.closed = !self.off && !self.idling && !self.continued && self.framing.at_line_start();
+        self.closed
     }
 }
 
@@ -273,12 +286,15 @@ pub async fn relay_session(
         Ok(ending) => ending,
         Err(relayed) => return Ok(relayed),
     };
-    let tag = up.logout_tag.take().unwrap_or_else(|| "*".into());
     let ready = tokio::select! {
         ready = unauthenticate(&mut client, owner, down.framing, &reuse, reply_timeout) => ready,
         () = shutdown.wait() => None,
     };
-    let bye = format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n");
+    // A LOGOUT is answered; a client that closed its side gets nothing more.
+    let bye = match up.logout_tag.take() {
+        Some(tag) => format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n"),
+        None => String::new(),
+    };
     finish(&mut client, bye.as_bytes(), reuse.loan, ready, copied).await
 }
 

@@ -58,6 +58,12 @@ pub trait Gate {
     /// EOF (the rest of `data` is dropped, the source is not read again) and end the splice as
     /// soon as the other direction has written everything it read.
     fn pass(&mut self, data: &[u8]) -> Option<usize>;
+
+    /// The source sent EOF. `false` (the default): pass it on as a write shutdown. `true`: end
+    /// this direction without passing it on, as [`Gate::pass`] returning `Some` does.
+    fn at_eof(&mut self) -> bool {
+        false
+    }
 }
 
 /// A [`Gate`] that passes everything.
@@ -234,7 +240,13 @@ impl<'g, G: Gate> OneWay<'g, G> {
             while !self.eof && !self.stopping && self.filled < self.buf.len() {
                 let mut rb = ReadBuf::new(&mut self.buf[self.filled..]);
                 match Pin::new(&mut *from).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) if rb.filled().is_empty() => self.eof = true,
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                        if self.gate.at_eof() {
+                            self.stopping = true;
+                        } else {
+                            self.eof = true;
+                        }
+                    }
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
                         match self.gate.pass(&self.buf[self.filled..self.filled + n]) {
