@@ -9,6 +9,11 @@
 //! of seven), and output is flushed only when the source has nothing more ready. The idle and
 //! half-close limits are kept by a watchdog that reads the time only when the task wakes, and
 //! re-arms its timer only when it fired (or must fire sooner), not on every read.
+//!
+//! [`splice_gated`] is the same copy over borrowed streams with a [`Gate`] on each direction: it
+//! sees every octet in order (a protocol's framing can be followed at no extra copy) and can end
+//! the splice at a point of its choosing with both streams open, which is how a forwarding node
+//! takes over a client's LOGOUT or QUIT and keeps its link to the owner.
 
 use std::future::Future;
 use std::io;
