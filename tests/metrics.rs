@@ -367,6 +367,33 @@ m.logout()
         - value(&before, "dshare_imap_forward_links_kept_total");
     assert_eq!(kept, 3.0);
 
+    // What one client did wrong does not count against the next one on the link: two
+    // sessions of 12 invalid commands each, under the owner's limit of 20 per session.
+    let twice = dshare_e2e::python(&format!(
+        r#"
+import socket
+for _ in range(2):
+    s = socket.create_connection(("{ip}", {port}), timeout=30)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(b"a LOGIN bob@example.com pw\r\n" + b"".join(b"x%d FOO\r\n" % i for i in range(12)) + b"n NOOP\r\nl LOGOUT\r\n")
+    out = f.read().decode()
+    print(out.count(" BAD "), "n OK NOOP completed" in out)
+"#,
+        ip = imap.ip(),
+        port = imap.port(),
+    ))?;
+    assert_eq!(
+        twice.lines().collect::<Vec<_>>(),
+        ["12 True", "12 True"],
+        "{twice}"
+    );
+    let kept_again = value(
+        &scrape(metrics).await?,
+        "dshare_imap_forward_links_kept_total",
+    ) - value(&after, "dshare_imap_forward_links_kept_total");
+    assert_eq!(kept_again, 2.0, "both sessions ended with their link kept");
+
     // A wrong password on a reused link is refused as anywhere, and a client's own
     // UNAUTHENTICATE (any tag) is an unknown command: it stays logged in.
     let own = dshare_e2e::python(&format!(
@@ -481,6 +508,28 @@ for user in ["dave@example.com", "bob@example.com"]:
     let kept = value(&after, "dshare_pop3_forward_links_kept_total")
         - value(&before, "dshare_pop3_forward_links_kept_total");
     assert_eq!(kept, 3.0);
+
+    // What one client did wrong does not count against the next one on the link: two
+    // sessions of 12 invalid commands each, under the owner's limit of 20 per session.
+    let twice = dshare_e2e::python(&format!(
+        r#"
+import socket
+for _ in range(2):
+    s = socket.create_connection(("{ip}", {port}), timeout=30)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(b"USER bob@example.com\r\nPASS pw\r\n" + b"FOO\r\n" * 12 + b"STAT\r\nQUIT\r\n")
+    out = f.read().decode()
+    print(out.count("-ERR"), "+OK 1 " in out)
+"#,
+        ip = pop3.ip(),
+        port = pop3.port(),
+    ))?;
+    assert_eq!(
+        twice.lines().collect::<Vec<_>>(),
+        ["12 True", "12 True"],
+        "{twice}"
+    );
 
     // A client's own XDSRESET is an unknown command, and it stays logged in.
     let own = dshare_e2e::python(&format!(
