@@ -531,6 +531,33 @@ for _ in range(2):
         "{twice}"
     );
 
+    // A client that goes away without QUIT: its DELE is not committed (no UPDATE), it still
+    // gets the answers it asked for, and the link is kept all the same.
+    let kept_before = value(
+        &scrape(metrics).await?,
+        "dshare_pop3_forward_links_kept_total",
+    );
+    let gone = dshare_e2e::python(&format!(
+        r#"
+import socket, sys
+s = socket.create_connection(("{ip}", {port}), timeout=30)
+f = s.makefile("rb")
+f.readline()
+s.sendall(b"USER bob@example.com\r\nPASS pw\r\nDELE 1\r\n")
+s.shutdown(socket.SHUT_WR)
+sys.stdout.buffer.write(f.read())
+"#,
+        ip = pop3.ip(),
+        port = pop3.port(),
+    ))?;
+    assert!(gone.ends_with("+OK message 1 deleted\r\n"), "{gone}");
+    assert_eq!(c.node(1).inbox_len("bob@example.com"), 1, "no UPDATE");
+    let kept = value(
+        &scrape(metrics).await?,
+        "dshare_pop3_forward_links_kept_total",
+    ) - kept_before;
+    assert_eq!(kept, 1.0);
+
     // A client's own XDSRESET is an unknown command, and it stays logged in.
     let own = dshare_e2e::python(&format!(
         r#"

@@ -85,9 +85,15 @@ pub enum Command {
     Stls,
     /// `XCLIENT ADDR=… PORT=… HOP=… SIG=…` (from peers only).
     Xclient(Xclient),
-    /// `XDSRESET tag` (from a front node only, tagged with its proof): UPDATE as for QUIT,
-    /// then back to AUTHORIZATION with a fresh timestamp, for the front node's next login.
-    XdshareReset(String),
+    /// `XDSRESET tag [NOUPDATE]` (from a front node only, tagged with its proof): UPDATE as for
+    /// QUIT (none with `NOUPDATE`: the client went away without QUIT), then back to
+    /// AUTHORIZATION with a fresh timestamp, for the front node's next login.
+    XdshareReset {
+        /// The front node's proof tag.
+        tag: String,
+        /// Commit the deletions (the client sent QUIT).
+        update: bool,
+    },
 }
 
 impl Command {
@@ -110,7 +116,7 @@ impl Command {
             Command::Auth { .. } => "AUTH",
             Command::Stls => "STLS",
             Command::Xclient(_) => "XCLIENT",
-            Command::XdshareReset(_) => "XDSRESET",
+            Command::XdshareReset { .. } => "XDSRESET",
         }
     }
 }
@@ -284,7 +290,14 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         },
         "XCLIENT" => parse_xclient(&args).map(Command::Xclient),
         "XDSRESET" => match args.as_slice() {
-            [tag] => Ok(Command::XdshareReset((*tag).to_owned())),
+            [tag] => Ok(Command::XdshareReset {
+                tag: (*tag).to_owned(),
+                update: true,
+            }),
+            [tag, no] if no.eq_ignore_ascii_case("NOUPDATE") => Ok(Command::XdshareReset {
+                tag: (*tag).to_owned(),
+                update: false,
+            }),
             [] => Err(ParseError::MissingArgument("tag")),
             _ => Err(ParseError::TooManyArguments),
         },

@@ -9,7 +9,9 @@
 //! connection's timestamp), passes on what the owner still sends for the commands before, reads
 //! the owner's `+OK tag left timestamp` (the UPDATE is done, the maildrop released) and answers
 //! the client's QUIT itself with the owner's outcome. The link then goes back to the warm pool
-//! with its fresh timestamp. The owner's answer is found by its tag, which neither the client
+//! with its fresh timestamp. A client that closes its side between two commands without QUIT
+//! ends the same way with `XDSRESET tag NOUPDATE` (no UPDATE, as RFC 1939 wants) and no answer.
+//! The owner's answer is found by its tag, which neither the client
 //! nor a message can make: no multi-line answer needs to be parsed.
 
 use std::time::Duration;
@@ -26,6 +28,8 @@ use ds_access::forward::{Ending, Relayed, finish, splice_until, write_all_timeou
 struct QuitGate {
     /// The next octet starts a line.
     at_line_start: bool,
+    /// The client closed its side between two commands, without QUIT.
+    closed: bool,
 }
 
 impl Gate for QuitGate {
@@ -52,6 +56,12 @@ impl Gate for QuitGate {
         }
         None
     }
+    fn at_eof(&mut self) -> bool {
+        // Between two commands the session can be ended without UPDATE, as a client that goes
+        // away without QUIT must be.
+        self.closed = self.at_line_start;
+        self.closed
+    }
 }
 
 /// Relay a forwarded session (the login's `+OK` is queued on `client`): as
@@ -74,6 +84,7 @@ pub async fn relay_session(
     };
     let mut up = QuitGate {
         at_line_start: true,
+        closed: false,
     };
     let mut down = ds_net::PassAll;
     let ending = splice_until(client, owner, &mut up, &mut down, idle_timeout, shutdown).await?;
@@ -86,10 +97,13 @@ pub async fn relay_session(
         Err(relayed) => return Ok(relayed),
     };
     let ended = tokio::select! {
-        ended = reset(&mut client, owner, &reuse.timestamp, key, reply_timeout) => ended,
+        ended = reset(&mut client, owner, &reuse.timestamp, key, !up.closed, reply_timeout) => ended,
         () = shutdown.wait() => None,
     };
     let (answer, ready) = match ended {
+        // A client that went away without QUIT gets nothing more.
+        Some((_, ready)) if up.closed => (String::new(), Some(ready)),
+        None if up.closed => (String::new(), None),
         Some((left, ready)) => (
             format!("+OK POP3 server signing off ({left} messages left)\r\n"),
             Some(ready),
@@ -102,7 +116,7 @@ pub async fn relay_session(
     Ok(finish(&mut client, answer.as_bytes(), reuse.loan, ready, copied).await?)
 }
 
-/// Send the owner `XDSRESET`, pass on to the client what the owner still sends before its
+/// Send the owner `XDSRESET` (`NOUPDATE` unless `update`), pass on to the client what the owner still sends before its
 /// answer, and return the messages left and the link made ready for another login (`None`: the
 /// owner refused, failed the UPDATE, closed, or took too long; the link is dropped).
 async fn reset(
@@ -110,13 +124,17 @@ async fn reset(
     mut owner: LineConn<MailStream>,
     timestamp: &str,
     key: &ds_access::ProofKey,
+    update: bool,
     timeout: Duration,
 ) -> Option<(u64, ReadyConn)> {
     let tag = proof::end_tag(key, timestamp)?;
+    let command = if update {
+        format!("XDSRESET {tag}\r\n")
+    } else {
+        format!("XDSRESET {tag} NOUPDATE\r\n")
+    };
     let sent = async {
-        owner
-            .write_all(format!("XDSRESET {tag}\r\n").as_bytes())
-            .await?;
+        owner.write_all(command.as_bytes()).await?;
         owner.flush().await
     };
     if let Err(e) = sent.await {
@@ -167,12 +185,14 @@ mod tests {
     fn the_gate_stops_at_a_whole_quit_line() {
         let mut g = QuitGate {
             at_line_start: true,
+            closed: false,
         };
         assert_eq!(g.pass(b"STAT\r\nRETR 1\r\n"), None);
         assert_eq!(g.pass(b"NOOP\r\nquit \r\nSTAT\r\n"), Some(6));
         // Split across reads, or not at a line start: passed on.
         let mut g = QuitGate {
             at_line_start: true,
+            closed: false,
         };
         assert_eq!(g.pass(b"QU"), None);
         assert_eq!(g.pass(b"IT\r\n"), None);

@@ -233,7 +233,7 @@ impl Session {
                 return Ok(Flow::Continue);
             }
             Command::Quit => return self.quit(conn).await,
-            Command::XdshareReset(tag) => return self.reset(conn, &tag).await,
+            Command::XdshareReset { tag, update } => return self.reset(conn, &tag, update).await,
             _ => {}
         }
         if matches!(self.state, State::Authorization { .. }) {
@@ -308,13 +308,13 @@ impl Session {
         outcome
     }
 
-    /// `XDSRESET tag`: a front node ends the forwarded session it relays (its client sent
-    /// QUIT) and keeps the link for another login. Only in a session whose `XCLIENT` was
+    /// `XDSRESET tag [NOUPDATE]`: a front node ends the forwarded session it relays (its client
+    /// sent QUIT, or went away without it: `NOUPDATE`) and keeps the link for another login. Only in a session whose `XCLIENT` was
     /// verified and only with the tag [`ds_access::proof::end_tag`] over this connection's
     /// timestamp; anything else is an unknown command. UPDATE as for QUIT, then AUTHORIZATION
     /// with a fresh timestamp: `+OK tag left timestamp`, or `-ERR tag …` and the end of the
     /// connection when the UPDATE failed.
-    async fn reset(&mut self, conn: &mut Conn, tag: &str) -> Result<Flow> {
+    async fn reset(&mut self, conn: &mut Conn, tag: &str, update: bool) -> Result<Flow> {
         let proven = match (&self.forwarded_by, &self.pop3.config.proof_key) {
             (Some(_), Some(key)) => ds_access::proof::is_end_tag(key, &self.timestamp, tag),
             _ => false,
@@ -327,7 +327,19 @@ impl Session {
                 Flow::Continue
             });
         }
-        let Ok(left) = self.update().await else {
+        let left = if update {
+            self.update().await
+        } else {
+            // The client went away without QUIT: no UPDATE (RFC 1939 §6), nothing removed.
+            let State::Transaction { maildrop, .. } = &mut self.state else {
+                unreachable!("checked above")
+            };
+            maildrop.reset();
+            let left = maildrop.stat().0;
+            self.state = State::Authorization { user: None };
+            Ok(left)
+        };
+        let Ok(left) = left else {
             conn.write_all(
                 format!("-ERR {tag} [SYS/TEMP] Some deleted messages were not removed\r\n")
                     .as_bytes(),
