@@ -261,6 +261,35 @@ async fn link_cluster(bodies: &[&[u8]]) -> anyhow::Result<Cluster> {
     Ok(c)
 }
 
+/// Two sessions through `addr` in turn (one link), each writing the Python bytes expressions
+/// `login`, `invalid` (12 invalid commands) and `end` at once: each must see 12 `refusal`s and
+/// `ok`, so the owner's count of invalid commands (20 allowed) started afresh for the second.
+fn twice_under_the_limit(
+    addr: std::net::SocketAddr,
+    login: &str,
+    invalid: &str,
+    end: &str,
+    refusal: &str,
+    ok: &str,
+) -> anyhow::Result<()> {
+    let twice = dshare_e2e::python(&format!(
+        r#"
+import socket
+for _ in range(2):
+    s = socket.create_connection(("{ip}", {port}), timeout=30)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall({login} + {invalid} + {end})
+    out = f.read().decode()
+    print(out.count("{refusal}"), "{ok}" in out)
+"#,
+        ip = addr.ip(),
+        port = addr.port(),
+    ))?;
+    anyhow::ensure!(twice.lines().eq(["12 True", "12 True"]), "{twice}");
+    Ok(())
+}
+
 /// Forwarded `protocol` logins that used a link of kind `link`.
 fn links_of(body: &str, protocol: &str, link: &str) -> f64 {
     value(
@@ -369,25 +398,10 @@ m.logout()
 
     // What one client did wrong does not count against the next one on the link: two
     // sessions of 12 invalid commands each, under the owner's limit of 20 per session.
-    let twice = dshare_e2e::python(&format!(
-        r#"
-import socket
-for _ in range(2):
-    s = socket.create_connection(("{ip}", {port}), timeout=30)
-    f = s.makefile("rb")
-    f.readline()
-    s.sendall(b"a LOGIN bob@example.com pw\r\n" + b"".join(b"x%d FOO\r\n" % i for i in range(12)) + b"n NOOP\r\nl LOGOUT\r\n")
-    out = f.read().decode()
-    print(out.count(" BAD "), "n OK NOOP completed" in out)
-"#,
-        ip = imap.ip(),
-        port = imap.port(),
-    ))?;
-    assert_eq!(
-        twice.lines().collect::<Vec<_>>(),
-        ["12 True", "12 True"],
-        "{twice}"
-    );
+    let login = r#"b"a LOGIN bob@example.com pw\r\n""#;
+    let invalid = r#"b"".join(b"x%d FOO\r\n" % i for i in range(12))"#;
+    let end = r#"b"n NOOP\r\nl LOGOUT\r\n""#;
+    twice_under_the_limit(imap, login, invalid, end, " BAD ", "n OK NOOP completed")?;
     let kept_again = value(
         &scrape(metrics).await?,
         "dshare_imap_forward_links_kept_total",
@@ -511,25 +525,9 @@ for user in ["dave@example.com", "bob@example.com"]:
 
     // What one client did wrong does not count against the next one on the link: two
     // sessions of 12 invalid commands each, under the owner's limit of 20 per session.
-    let twice = dshare_e2e::python(&format!(
-        r#"
-import socket
-for _ in range(2):
-    s = socket.create_connection(("{ip}", {port}), timeout=30)
-    f = s.makefile("rb")
-    f.readline()
-    s.sendall(b"USER bob@example.com\r\nPASS pw\r\n" + b"FOO\r\n" * 12 + b"STAT\r\nQUIT\r\n")
-    out = f.read().decode()
-    print(out.count("-ERR"), "+OK 1 " in out)
-"#,
-        ip = pop3.ip(),
-        port = pop3.port(),
-    ))?;
-    assert_eq!(
-        twice.lines().collect::<Vec<_>>(),
-        ["12 True", "12 True"],
-        "{twice}"
-    );
+    let login = r#"b"USER bob@example.com\r\nPASS pw\r\n""#;
+    let end = r#"b"STAT\r\nQUIT\r\n""#;
+    twice_under_the_limit(pop3, login, r#"b"FOO\r\n" * 12"#, end, "-ERR", "+OK 1 ")?;
 
     // A client that goes away without QUIT: its DELE is not committed (no UPDATE), it still
     // gets the answers it asked for, and the link is kept all the same.
