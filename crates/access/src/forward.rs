@@ -26,24 +26,15 @@ pub struct Copied {
 /// closes or nothing moved for `idle_timeout`. `None`: `shutdown` fired and both connections were
 /// dropped (the owner ends its session without committing anything).
 pub async fn splice_session(
-    mut client: ds_net::LineConn<MailStream>,
+    client: LineConn<MailStream>,
     owner: OwnerConn,
     idle_timeout: Duration,
     shutdown: &Shutdown,
 ) -> Result<Option<Copied>> {
-    client.flush().await?;
-    let (mut client, client_buffered) = client.into_parts();
-    let (mut owner, owner_buffered) = owner.into_parts();
-    let write_timeout = ds_net::DEFAULT_WRITE_TIMEOUT;
-    write_all_timeout(&mut owner, &client_buffered, write_timeout).await?;
-    write_all_timeout(&mut client, &owner_buffered, write_timeout).await?;
-    tokio::select! {
-        copied = ds_net::splice(client, owner, idle_timeout) => {
-            let (up, down) = copied?;
-            Ok(Some(Copied { up, down }))
-        }
-        () = shutdown.wait() => Ok(None),
-    }
+    let (mut up, mut down) = (ds_net::PassAll, ds_net::PassAll);
+    let ended = splice_until(client, owner, &mut up, &mut down, idle_timeout, shutdown).await?;
+    // Gates that pass everything never stop the splice.
+    Ok(ended.map_or_else(|relayed| relayed.copied, |ending| Some(ending.copied)))
 }
 
 /// How a relayed session ended ([`splice_until`], [`finish`]).
