@@ -780,10 +780,25 @@ async fn read_response(
 
 /// `n` if `line` ends with `{n}` CRLF (or `{n+}`).
 fn trailing_literal(line: &[u8]) -> Option<usize> {
-    let line = line.strip_suffix(b"\r\n")?.strip_suffix(b"}")?;
-    let line = line.strip_suffix(b"+").unwrap_or(line);
-    let open = line.iter().rposition(|&b| b == b'{')?;
-    std::str::from_utf8(&line[open + 1..]).ok()?.parse().ok()
+    literal_announcement(line).and_then(|(n, _)| usize::try_from(n).ok())
+}
+
+/// A literal announced at the end of a line: `(octets, synchronising)` for `{n}` or `{n+}`,
+/// then CRLF or LF.
+pub fn literal_announcement(end: &[u8]) -> Option<(u64, bool)> {
+    let end = end.strip_suffix(b"\n")?;
+    let end = end.strip_suffix(b"\r").unwrap_or(end);
+    let end = end.strip_suffix(b"}")?;
+    let open = end.iter().rposition(|&b| b == b'{')?;
+    let inner = &end[open + 1..];
+    let (digits, sync) = match inner.strip_suffix(b"+") {
+        Some(d) => (d, false),
+        None => (inner, true),
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some((std::str::from_utf8(digits).ok()?.parse().ok()?, sync))
 }
 
 fn strip_prefix_ci<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {

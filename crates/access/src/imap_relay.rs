@@ -26,7 +26,7 @@ use ds_net::{Gate, LineConn, MailStream, Shutdown};
 use crate::Result;
 use crate::forward::write_all_timeout;
 use crate::forward::{Ending, Relayed, finish, splice_until};
-use crate::imap_client::{ReadyConn, Reuse};
+use crate::imap_client::{ReadyConn, Reuse, literal_announcement};
 use crate::owner::OwnerConn;
 use crate::proof;
 
@@ -147,23 +147,6 @@ impl Framing {
     pub fn at_line_start(&self) -> bool {
         self.literal_left == 0 && self.line_len == 0
     }
-}
-
-/// A literal announced at the end of a line (`{n}` or `{n+}`, then CRLF or LF).
-fn literal_announcement(end: &[u8]) -> Option<(u64, bool)> {
-    let end = end.strip_suffix(b"\n")?;
-    let end = end.strip_suffix(b"\r").unwrap_or(end);
-    let end = end.strip_suffix(b"}")?;
-    let open = end.iter().rposition(|&b| b == b'{')?;
-    let inner = &end[open + 1..];
-    let (digits, sync) = match inner.strip_suffix(b"+") {
-        Some(d) => (d, false),
-        None => (inner, true),
-    };
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some((std::str::from_utf8(digits).ok()?.parse().ok()?, sync))
 }
 
 fn without_eol(line: &[u8]) -> &[u8] {

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ds_access::imap_client::literal_announcement;
 use ds_net::{ConnContext, LineConn, MailStream, Shutdown};
 use imap_next::server::{Error as ServerError, Event, Options, Server};
 use imap_next::{Interrupt, Io, State as _};
@@ -251,24 +252,6 @@ fn is_append_message(message: &[u8], line_start: usize) -> bool {
         .filter(|w| !w.is_empty())
         .collect();
     words.len() > 2
-}
-
-/// A literal announced at the end of a line: `(length, synchronising)`.
-fn literal_announcement(line: &[u8]) -> Option<(u64, bool)> {
-    let line = line.strip_suffix(b"\n")?;
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let line = line.strip_suffix(b"}")?;
-    let open = line.iter().rposition(|&b| b == b'{')?;
-    let inner = &line[open + 1..];
-    let (digits, sync) = match inner.strip_suffix(b"+") {
-        Some(d) => (d, false),
-        None => (inner, true),
-    };
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some((n, sync))
 }
 
 impl Session {
