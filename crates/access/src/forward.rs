@@ -143,6 +143,59 @@ pub async fn finish<T>(
     })
 }
 
+/// The owner's side of ending a relayed session: send `command` (tagged with the unguessable
+/// [`crate::proof::end_tag`]), pass on to the client what the owner still sends for the commands
+/// before it, and return the owner's answer: the first line, at a line start, that begins with
+/// one of `answers` (each holds the tag, so neither a client nor a message can make one; no
+/// framing of the owner's output is needed to find it). `None`: the owner could not be asked,
+/// closed, or did not answer within `timeout` for a read; or the client is gone.
+pub async fn end_on_owner(
+    client: &mut MailStream,
+    owner: &mut OwnerConn,
+    command: &[u8],
+    answers: &[&[u8]],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    let sent = async {
+        owner.write_all(command).await?;
+        owner.flush().await
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(error = %e, "could not send the end of the session to the owner");
+        return None;
+    }
+    let longest = answers.iter().map(|a| a.len()).max().unwrap_or(0);
+    // Where the splice stopped is not always a line start; a wrong guess here only costs a
+    // look at the start of a line's rest, which cannot hold the tag.
+    let mut at_line_start = true;
+    loop {
+        if at_line_start {
+            let head = owner.peek(longest, timeout).await.ok()?;
+            if head.is_empty() {
+                return None;
+            }
+            if answers.iter().any(|a| head.starts_with(a)) {
+                return owner.read_line(MAX_ANSWER, timeout).await.ok()?;
+            }
+        }
+        // The rest of the line (or all that is buffered of it): pass it on.
+        let chunk = owner.fill_buf(timeout).await.ok()?;
+        if chunk.is_empty() {
+            return None;
+        }
+        let n = memchr::memchr(b'\n', chunk).map_or(chunk.len(), |p| p + 1);
+        at_line_start = chunk[n - 1] == b'\n';
+        let piece = chunk[..n].to_vec();
+        owner.consume(n);
+        write_all_timeout(client, &piece, ds_net::DEFAULT_WRITE_TIMEOUT)
+            .await
+            .ok()?;
+    }
+}
+
+/// Longest answer line to the command that ends a relayed session.
+const MAX_ANSWER: usize = 1024;
+
 /// Write `data` and flush, within `timeout` (nothing to do for no data).
 pub async fn write_all_timeout(
     stream: &mut MailStream,

@@ -3,12 +3,13 @@
 //!
 //! Opening a link to an owner costs both nodes a TCP and a TLS handshake and the owner a new
 //! session; a client that logs in for every check (phones, webmail, `fetchmail`) pays that on
-//! every visit. So while it copies, the relay follows the framing of both streams ([`Framing`]:
-//! lines, and literals skipped by their length). When the client's next command is a bare
+//! every visit. So while it copies, the relay follows the framing of the client's stream
+//! ([`Framing`]: lines, and literals skipped by their length). When the client's next command is a bare
 //! `tag LOGOUT` the relay does not pass it on: it sends the owner `UNAUTHENTICATE` (RFC 8437's
 //! command, accepted by the owner only from a proven peer and only with the tag
 //! [`proof::end_tag`]), passes on whatever the owner still had to say for the commands
-//! before, answers the client's LOGOUT itself (`* BYE`, tagged `OK`), and gives the link back
+//! before (up to the owner's answer, found by its tag: [`crate::forward::end_on_owner`]; the
+//! owner's output is copied as it is, never parsed), answers the client's LOGOUT itself (`* BYE`, tagged `OK`), and gives the link back
 //! to the [`crate::WarmPool`] with the fresh nonce the owner answered with: the next forwarded
 //! login on it is one round trip and no handshake.
 //!
@@ -24,8 +25,7 @@ use std::time::Duration;
 use ds_net::{Gate, LineConn, MailStream, Shutdown};
 
 use crate::Result;
-use crate::forward::write_all_timeout;
-use crate::forward::{Ending, Relayed, finish, splice_until};
+use crate::forward::{Ending, Relayed, end_on_owner, finish, splice_until};
 use crate::imap_client::{ReadyConn, Reuse, literal_announcement};
 use crate::owner::OwnerConn;
 use crate::proof;
@@ -34,8 +34,6 @@ use crate::proof;
 const HEAD: usize = 96;
 /// How many octets of a line's end [`Framing`] keeps, for a literal announcement.
 const TAIL: usize = 24;
-/// Longest owner response line read whole while the relay waits for its `UNAUTHENTICATE`.
-const MAX_LINE: usize = 64 * 1024;
 
 /// Where an IMAP byte stream is: in a line (of which the head and tail are kept) or in a
 /// literal (octets left). Fed the stream in pieces, in order.
@@ -138,11 +136,6 @@ impl Framing {
         self.line_len += piece.len();
     }
 
-    /// Octets of a literal still to come.
-    pub fn literal_left(&self) -> u64 {
-        self.literal_left
-    }
-
     /// At the start of a line (not inside one, nor in a literal).
     pub fn at_line_start(&self) -> bool {
         self.literal_left == 0 && self.line_len == 0
@@ -228,19 +221,6 @@ impl Gate for ClientGate {
     }
 }
 
-/// The owner's side: its framing only (everything passes).
-#[derive(Debug, Default)]
-struct OwnerGate {
-    framing: Framing,
-}
-
-impl Gate for OwnerGate {
-    fn pass(&mut self, data: &[u8]) -> Option<usize> {
-        self.framing.feed(data, |_| false);
-        None
-    }
-}
-
 /// Relay a forwarded session (the client's login answer is queued on `client`): as
 /// [`crate::splice_session`] without `reuse`; with it, a client LOGOUT keeps the owner link (see
 /// the module's text). `reply_timeout` bounds each wait for the owner after the LOGOUT.
@@ -259,7 +239,7 @@ pub async fn relay_session(
             link_kept: false,
         });
     };
-    let (mut up, mut down) = (ClientGate::default(), OwnerGate::default());
+    let (mut up, mut down) = (ClientGate::default(), ds_net::PassAll);
     let ending = splice_until(client, owner, &mut up, &mut down, idle_timeout, shutdown).await?;
     let Ending {
         mut client,
@@ -270,7 +250,7 @@ pub async fn relay_session(
         Err(relayed) => return Ok(relayed),
     };
     let ready = tokio::select! {
-        ready = unauthenticate(&mut client, owner, down.framing, &reuse, reply_timeout) => ready,
+        ready = unauthenticate(&mut client, owner, &reuse, reply_timeout) => ready,
         () = shutdown.wait() => None,
     };
     // A LOGOUT is answered; a client that closed its side gets nothing more.
@@ -283,68 +263,36 @@ pub async fn relay_session(
 
 /// Send the owner `UNAUTHENTICATE`, pass on to the client what the owner still sends before
 /// its answer, and return the link made ready for another login (`None`: the owner refused,
-/// closed, or took too long; the link is dropped).
+/// End the owner's session with `UNAUTHENTICATE` ([`end_on_owner`]) and return the link made
+/// ready for another login (`None`: the owner refused, closed, or took too long; the link is
+/// dropped).
 async fn unauthenticate(
     client: &mut MailStream,
     mut owner: OwnerConn,
-    mut framing: Framing,
     reuse: &Reuse,
     timeout: Duration,
 ) -> Option<ReadyConn> {
     let tag = proof::end_tag(&reuse.key, &reuse.nonce)?;
     let command = format!("{tag} UNAUTHENTICATE\r\n");
-    let sent = async {
-        owner.write_all(command.as_bytes()).await?;
-        owner.flush().await
-    };
-    if let Err(e) = sent.await {
-        tracing::debug!(error = %e, "could not send UNAUTHENTICATE to the owner");
-        return None;
-    }
     let ours = format!("{tag} ");
-    loop {
-        if !framing.at_line_start() {
-            // The rest of a literal or of a line: pass it on.
-            let chunk = owner.fill_buf(timeout).await.ok()?;
-            if chunk.is_empty() {
-                return None;
-            }
-            let n = match framing.literal_left() {
-                0 => memchr::memchr(b'\n', chunk).map_or(chunk.len(), |p| p + 1),
-                left => chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
-            };
-            let piece = chunk[..n].to_vec();
-            owner.consume(n);
-            framing.feed(&piece, |_| false);
-            write_all_timeout(client, &piece, ds_net::DEFAULT_WRITE_TIMEOUT)
-                .await
-                .ok()?;
-            continue;
-        }
-        let line = match owner.read_line(MAX_LINE, timeout).await {
-            Ok(Some(line)) => line,
-            Ok(None) => return None,
-            Err(e) => {
-                tracing::debug!(error = %e, "owner link not kept: reading its answer to UNAUTHENTICATE");
-                return None;
-            }
-        };
-        if let Some(rest) = line.strip_prefix(ours.as_bytes()) {
-            let Some(nonce) = rest
-                .starts_with(b"OK ")
-                .then(|| proof::nonce_in(rest))
-                .flatten()
-            else {
-                tracing::debug!(answer = %String::from_utf8_lossy(&line).trim_end(), "owner link not kept");
-                return None;
-            };
-            return Some(ReadyConn::reused(owner, nonce.to_owned()));
-        }
-        framing.feed(&line, |_| false);
-        write_all_timeout(client, &line, ds_net::DEFAULT_WRITE_TIMEOUT)
-            .await
-            .ok()?;
-    }
+    let answer = end_on_owner(
+        client,
+        &mut owner,
+        command.as_bytes(),
+        &[ours.as_bytes()],
+        timeout,
+    )
+    .await?;
+    let rest = &answer[ours.len()..];
+    let Some(nonce) = rest
+        .starts_with(b"OK ")
+        .then(|| proof::nonce_in(rest))
+        .flatten()
+    else {
+        tracing::debug!(answer = %String::from_utf8_lossy(&answer).trim_end(), "owner link not kept");
+        return None;
+    };
+    Some(ReadyConn::reused(owner, nonce.to_owned()))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use ds_net::{Gate, LineConn, MailStream, Shutdown};
 
 use crate::Result;
 use crate::forward::{ReadyConn, Reuse};
-use ds_access::forward::{Ending, Relayed, finish, splice_until, write_all_timeout};
+use ds_access::forward::{Ending, Relayed, end_on_owner, finish, splice_until};
 
 /// Watches the client's command lines for a `QUIT` (a whole line in one read).
 #[derive(Debug, Default)]
@@ -133,48 +133,17 @@ async fn reset(
     } else {
         format!("XDSRESET {tag} NOUPDATE\r\n")
     };
-    let sent = async {
-        owner.write_all(command.as_bytes()).await?;
-        owner.flush().await
-    };
-    if let Err(e) = sent.await {
-        tracing::debug!(error = %e, "could not send XDSRESET to the owner");
-        return None;
-    }
     let (ok, err) = (format!("+OK {tag} "), format!("-ERR {tag} "));
-    let mut at_line_start = true;
-    loop {
-        if at_line_start {
-            let head = owner.peek(ok.len(), timeout).await.ok()?;
-            if head.is_empty() {
-                return None;
-            }
-            if head.starts_with(ok.as_bytes()) || head.starts_with(err.as_bytes()) {
-                let line = owner.read_line(1024, timeout).await.ok()??;
-                let rest = line.strip_prefix(ok.as_bytes());
-                let Some(rest) = rest else {
-                    tracing::info!(answer = %String::from_utf8_lossy(&line).trim_end(), "the owner's UPDATE failed; link not kept");
-                    return None;
-                };
-                let text = std::str::from_utf8(rest).ok()?;
-                let left = text.split_whitespace().next()?.parse().ok()?;
-                let timestamp = proof::nonce_in(rest)?.to_owned();
-                return Some((left, ReadyConn::reused(owner, timestamp)));
-            }
-        }
-        // The rest of the line (or all that is buffered of it): pass it on.
-        let chunk = owner.fill_buf(timeout).await.ok()?;
-        if chunk.is_empty() {
-            return None;
-        }
-        let n = memchr::memchr(b'\n', chunk).map_or(chunk.len(), |p| p + 1);
-        at_line_start = chunk[n - 1] == b'\n';
-        let piece = chunk[..n].to_vec();
-        owner.consume(n);
-        write_all_timeout(client, &piece, ds_net::DEFAULT_WRITE_TIMEOUT)
-            .await
-            .ok()?;
-    }
+    let answers = [ok.as_bytes(), err.as_bytes()];
+    let answer = end_on_owner(client, &mut owner, command.as_bytes(), &answers, timeout).await?;
+    let Some(rest) = answer.strip_prefix(ok.as_bytes()) else {
+        tracing::info!(answer = %String::from_utf8_lossy(&answer).trim_end(), "the owner's UPDATE failed; link not kept");
+        return None;
+    };
+    let text = std::str::from_utf8(rest).ok()?;
+    let left = text.split_whitespace().next()?.parse().ok()?;
+    let timestamp = proof::nonce_in(rest)?.to_owned();
+    Some((left, ReadyConn::reused(owner, timestamp)))
 }
 
 #[cfg(test)]
