@@ -46,6 +46,16 @@ pub struct Relayed {
     pub link_kept: bool,
 }
 
+impl From<Option<Copied>> for Relayed {
+    /// A session that ended without its link kept ([`splice_session`]).
+    fn from(copied: Option<Copied>) -> Self {
+        Self {
+            copied,
+            link_kept: false,
+        }
+    }
+}
+
 impl Relayed {
     /// Log the end of the forwarded session (the front node's one line for it).
     pub fn log(&self) {
@@ -116,6 +126,34 @@ pub async fn splice_until(
         owner: LineConn::new(owner),
         copied,
     }))
+}
+
+/// A relayed session whose owner link may be kept: [`splice_until`] with the gate `up` on the
+/// client's side (everything the owner sends passes); once `up` stops it, `end` ends the
+/// owner's session (given the gate, the client to pass the owner's last output to, and the
+/// owner link) and returns what to answer the client and the link made ready again, if it is;
+/// then [`finish`]. `end` bounds its waits (and gives up on the node's shutdown) itself.
+pub async fn relay_ending<G: Gate, T>(
+    client: LineConn<MailStream>,
+    owner: OwnerConn,
+    up: &mut G,
+    loan: Loan<T>,
+    idle_timeout: Duration,
+    shutdown: &Shutdown,
+    end: impl AsyncFnOnce(&mut G, &mut MailStream, OwnerConn) -> (Vec<u8>, Option<T>),
+) -> Result<Relayed> {
+    let mut down = ds_net::PassAll;
+    let ending = splice_until(client, owner, up, &mut down, idle_timeout, shutdown).await?;
+    let Ending {
+        mut client,
+        owner,
+        copied,
+    } = match ending {
+        Ok(ending) => ending,
+        Err(relayed) => return Ok(relayed),
+    };
+    let (answer, ready) = end(up, &mut client, owner).await;
+    finish(&mut client, &answer, loan, ready, copied).await
 }
 
 /// The end of a session the front node answers itself ([`splice_until`] stopped): `answer`

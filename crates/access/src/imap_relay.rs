@@ -25,10 +25,10 @@ use std::time::Duration;
 use ds_net::{Gate, LineConn, MailStream, Shutdown};
 
 use crate::Result;
-use crate::forward::{Ending, Relayed, end_on_owner, finish, splice_until};
+use crate::forward::{Relayed, end_on_owner, relay_ending};
 use crate::imap_client::{ReadyConn, Reuse, literal_announcement};
 use crate::owner::OwnerConn;
-use crate::proof;
+use crate::proof::{self, ProofKey};
 
 /// How many octets of a line's beginning [`Framing`] keeps (a tag is at most 64).
 const HEAD: usize = 96;
@@ -233,32 +233,33 @@ pub async fn relay_session(
     shutdown: &Shutdown,
 ) -> Result<Relayed> {
     let Some(reuse) = reuse else {
-        let copied = crate::splice_session(client, owner, idle_timeout, shutdown).await?;
-        return Ok(Relayed {
-            copied,
-            link_kept: false,
-        });
+        return Ok(crate::splice_session(client, owner, idle_timeout, shutdown)
+            .await?
+            .into());
     };
-    let (mut up, mut down) = (ClientGate::default(), ds_net::PassAll);
-    let ending = splice_until(client, owner, &mut up, &mut down, idle_timeout, shutdown).await?;
-    let Ending {
-        mut client,
+    let Reuse { nonce, key, loan } = reuse;
+    let mut up = ClientGate::default();
+    relay_ending(
+        client,
         owner,
-        copied,
-    } = match ending {
-        Ok(ending) => ending,
-        Err(relayed) => return Ok(relayed),
-    };
-    let ready = tokio::select! {
-        ready = unauthenticate(&mut client, owner, &reuse, reply_timeout) => ready,
-        () = shutdown.wait() => None,
-    };
-    // A LOGOUT is answered; a client that closed its side gets nothing more.
-    let bye = match up.logout_tag.take() {
-        Some(tag) => format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n"),
-        None => String::new(),
-    };
-    finish(&mut client, bye.as_bytes(), reuse.loan, ready, copied).await
+        &mut up,
+        loan,
+        idle_timeout,
+        shutdown,
+        async |up: &mut ClientGate, client: &mut MailStream, owner| {
+            let ready = tokio::select! {
+                ready = unauthenticate(client, owner, &nonce, &key, reply_timeout) => ready,
+                () = shutdown.wait() => None,
+            };
+            // A LOGOUT is answered; a client that closed its side gets nothing more.
+            let bye = match up.logout_tag.take() {
+                Some(tag) => format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n"),
+                None => String::new(),
+            };
+            (bye.into_bytes(), ready)
+        },
+    )
+    .await
 }
 
 /// Send the owner `UNAUTHENTICATE`, pass on to the client what the owner still sends before
@@ -269,10 +270,11 @@ pub async fn relay_session(
 async fn unauthenticate(
     client: &mut MailStream,
     mut owner: OwnerConn,
-    reuse: &Reuse,
+    nonce: &str,
+    key: &ProofKey,
     timeout: Duration,
 ) -> Option<ReadyConn> {
-    let tag = proof::end_tag(&reuse.key, &reuse.nonce)?;
+    let tag = proof::end_tag(key, nonce)?;
     let command = format!("{tag} UNAUTHENTICATE\r\n");
     let ours = format!("{tag} ");
     let answer = end_on_owner(

@@ -21,7 +21,7 @@ use ds_net::{Gate, LineConn, MailStream, Shutdown};
 
 use crate::Result;
 use crate::forward::{ReadyConn, Reuse};
-use ds_access::forward::{Ending, Relayed, end_on_owner, finish, splice_until};
+use ds_access::forward::{Relayed, end_on_owner, relay_ending};
 
 /// Watches the client's command lines for a `QUIT` (a whole line in one read).
 #[derive(Debug, Default)]
@@ -76,44 +76,39 @@ pub async fn relay_session(
     shutdown: &Shutdown,
 ) -> Result<Relayed> {
     let Some((reuse, key)) = reuse else {
-        let copied = ds_access::splice_session(client, owner, idle_timeout, shutdown).await?;
-        return Ok(Relayed {
-            copied,
-            link_kept: false,
-        });
+        return Ok(
+            ds_access::splice_session(client, owner, idle_timeout, shutdown)
+                .await?
+                .into(),
+        );
     };
+    let Reuse { timestamp, loan } = reuse;
     let mut up = QuitGate {
         at_line_start: true,
         closed: false,
     };
-    let mut down = ds_net::PassAll;
-    let ending = splice_until(client, owner, &mut up, &mut down, idle_timeout, shutdown).await?;
-    let Ending {
-        mut client,
-        owner,
-        copied,
-    } = match ending {
-        Ok(ending) => ending,
-        Err(relayed) => return Ok(relayed),
+    let end = async |up: &mut QuitGate, client: &mut MailStream, owner| {
+        let ended = tokio::select! {
+            ended = reset(client, owner, &timestamp, key, !up.closed, reply_timeout) => ended,
+            () = shutdown.wait() => None,
+        };
+        let (answer, ready) = match ended {
+            // A client that went away without QUIT gets nothing more.
+            Some((_, ready)) if up.closed => (String::new(), Some(ready)),
+            None if up.closed => (String::new(), None),
+            Some((left, ready)) => (
+                format!("+OK POP3 server signing off ({left} messages left)\r\n"),
+                Some(ready),
+            ),
+            None => (
+                "-ERR [SYS/TEMP] Some deleted messages may not have been removed\r\n".to_owned(),
+                None,
+            ),
+        };
+        (answer.into_bytes(), ready)
     };
-    let ended = tokio::select! {
-        ended = reset(&mut client, owner, &reuse.timestamp, key, !up.closed, reply_timeout) => ended,
-        () = shutdown.wait() => None,
-    };
-    let (answer, ready) = match ended {
-        // A client that went away without QUIT gets nothing more.
-        Some((_, ready)) if up.closed => (String::new(), Some(ready)),
-        None if up.closed => (String::new(), None),
-        Some((left, ready)) => (
-            format!("+OK POP3 server signing off ({left} messages left)\r\n"),
-            Some(ready),
-        ),
-        None => (
-            "-ERR [SYS/TEMP] Some deleted messages may not have been removed\r\n".to_owned(),
-            None,
-        ),
-    };
-    Ok(finish(&mut client, answer.as_bytes(), reuse.loan, ready, copied).await?)
+    let relayed = relay_ending(client, owner, &mut up, loan, idle_timeout, shutdown, end).await?;
+    Ok(relayed)
 }
 
 /// Send the owner `XDSRESET` (`NOUPDATE` unless `update`), pass on to the client what the owner still sends before its
