@@ -1,6 +1,7 @@
 //! IMAP through real nodes (DESIGN.md §7): a session forwarded by node A to the owner B looks
 //! exactly like a direct one on B, checked with Python's imaplib, raw sockets and curl.
 
+use ds_testkit::OutputWithin;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -77,7 +78,7 @@ fn curl(addr: SocketAddr, path: &str, request: Option<&str>) -> anyhow::Result<S
     }
     let out = cmd
         .arg(format!("imap://{}:{}/{path}", addr.ip(), addr.port()))
-        .output()?;
+        .output_bounded()?;
     anyhow::ensure!(
         out.status.success(),
         "curl {path}: {}",

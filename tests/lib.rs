@@ -4,6 +4,7 @@
 pub mod internet;
 pub mod processes;
 
+use ds_testkit::OutputWithin;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -149,7 +150,7 @@ pub fn python(script: &str) -> anyhow::Result<String> {
         .arg("-c")
         .arg(script)
         .stdin(Stdio::null())
-        .output()
+        .output_bounded()
         .context("running python3")?;
     if !out.status.success() {
         bail!(
@@ -159,6 +160,43 @@ pub fn python(script: &str) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `program` with `args` on a pseudo terminal of its own (standard output and error),
+/// as on an operator's screen, and returns what the terminal showed and the exit status.
+/// Python's `os.openpty` makes the terminal; the program is killed after
+/// [`ds_testkit::PROGRAM_LIMIT`].
+pub fn on_terminal(
+    program: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    const RUN: &str = r#"
+import os, subprocess, sys
+master, slave = os.openpty()
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+os.close(slave)
+shown = bytearray()
+while True:
+    try:
+        data = os.read(master, 65536)
+    except OSError:  # EIO: every writer of the terminal is gone
+        break
+    if not data:
+        break
+    shown += data
+sys.stdout.buffer.write(shown)
+sys.exit(child.wait())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", RUN])
+        .arg(program)
+        .args(args)
+        .output_bounded()
+        .context("running a program on a pseudo terminal")?;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
 }
 
 /// A user submitting over 587-style STARTTLS with Python's smtplib, the server verified

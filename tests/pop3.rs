@@ -1,6 +1,7 @@
 //! POP3 through real nodes: sessions forwarded to the owning node look exactly like direct
 //! ones (DESIGN.md §3, §7), checked with Python's poplib and curl.
 
+use ds_testkit::OutputWithin;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
@@ -94,7 +95,7 @@ for user, pw in (("bob", "wrong"), ("nobody", "bob-pass")):
         Command::new("curl")
             .args(["-sS", "--max-time", "30", "-u", "bob@example.com:bob-pass"])
             .arg(format!("pop3://{}:{}/{path}", a.ip(), a.port()))
-            .output()
+            .output_bounded()
     };
     let list = curl("")?;
     assert!(
@@ -227,7 +228,7 @@ p.quit()
         ])
         .args(["-k", "-u", "info:pw"])
         .arg(format!("pop3s://mail.client2.com:{}/", s.port()))
-        .output()?;
+        .output_bounded()?;
     assert!(
         out.status.success(),
         "{}",

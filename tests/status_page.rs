@@ -3,6 +3,7 @@
 //! when Chromium is not installed (`.ci/run` installs it). Set `DSHARE_SCREENSHOT=path.png`
 //! to keep the screenshot (docs/status.png was made that way).
 
+use ds_testkit::OutputWithin;
 use std::process::Command;
 
 use ds_cluster::Purpose;
@@ -15,7 +16,7 @@ fn chromium() -> Option<&'static str> {
         .find(|b| {
             Command::new(b)
                 .arg("--version")
-                .output()
+                .output_bounded()
                 .is_ok_and(|o| o.status.success())
         })
 }
@@ -41,7 +42,7 @@ fn browser(
     .arg(format!("--user-data-dir={}", profile.display()))
     .args(extra)
     .arg(url);
-    cmd.output().unwrap()
+    cmd.output_bounded().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 //! clients (Python's smtplib, curl), the owner checks the password over Minger, mail goes to
 //! cluster accounts and to the outbound queue; port 25 stays closed to relaying.
 
+use ds_testkit::OutputWithin;
 use std::time::Duration;
 
 use ds_testkit::Cluster;
@@ -129,7 +130,7 @@ async fn curl_over_implicit_tls_and_starttls() -> anyhow::Result<()> {
             .arg("--upload-file")
             .arg(&body_file)
             .arg(url);
-        Ok(cmd.output()?)
+        Ok(cmd.output_bounded()?)
     };
     let s = c.node(0).submissions();
     let out = run(format!("smtps://{}:{}", s.ip(), s.port()), &[])?;
@@ -155,7 +156,7 @@ async fn curl_over_implicit_tls_and_starttls() -> anyhow::Result<()> {
         .arg("--upload-file")
         .arg(&body_file)
         .arg(format!("smtps://{}:{}", s.ip(), s.port()));
-    let out = cmd.output()?;
+    let out = cmd.output_bounded()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("535 5.7.8"), "{err}");

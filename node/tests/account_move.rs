@@ -230,23 +230,18 @@ async fn the_cli_shows_the_progress_then_the_summary() -> anyhow::Result<()> {
     assert_eq!(report["copied"], N, "{report}");
     assert_eq!(report["to"], "node-c", "{report}");
 
-    // On a terminal (util-linux `script` gives it one) the line is redrawn in place.
+    // On a terminal the line is redrawn in place.
     let user = "progress-tty@example.com";
     seed_many(&c, user, N).await?;
-    let command = format!(
-        "'{}' -c '{}' account move {user} --to node-c",
-        common::BIN,
-        cfg.display()
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("script")
-            .args(["-qec", &command, "/dev/null"])
-            .stdin(std::process::Stdio::null())
-            .output()
+    let cfg_arg = cfg.display().to_string();
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        dshare_e2e::on_terminal(
+            std::path::Path::new(common::BIN),
+            &["-c", &cfg_arg, "account", "move", user, "--to", "node-c"],
+        )
     })
     .await??;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    assert!(status.success(), "{text}");
     let drawn: Vec<&str> = text
         .split('\r')
         .filter(|l| l.starts_with("progress: "))

@@ -1,5 +1,6 @@
 //! The `dshare` binary end to end: a real node process, driven by the real CLI.
 
+use ds_testkit::OutputWithin;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -81,7 +82,7 @@ fn serve_refused(cfg: &Path) -> String {
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(cfg)
-        .output()
+        .output_bounded()
         .unwrap();
     err(&out)
 }
@@ -395,7 +396,7 @@ fn check_config_names_each_problem_with_its_fix() {
             .arg("--out")
             .arg(out)
             .args(nodes)
-            .output()
+            .output_bounded()
             .unwrap();
         assert!(
             st.status.success(),
@@ -407,7 +408,7 @@ fn check_config_names_each_problem_with_its_fix() {
         Command::new(BIN)
             .arg("check-config")
             .arg(cfg)
-            .output()
+            .output_bounded()
             .unwrap()
     };
     // A good configuration.
@@ -476,7 +477,7 @@ fn python(script: &str) -> String {
     let out = Command::new("python3")
         .arg("-c")
         .arg(script)
-        .output()
+        .output_bounded()
         .unwrap();
     assert!(
         out.status.success(),
@@ -603,7 +604,7 @@ fn dkim_generate_writes_a_private_key_and_check_config_reads_it() {
                 "--out",
             ])
             .arg(&key)
-            .output()
+            .output_bounded()
             .unwrap()
     };
     let record = ok(&generate());
@@ -641,7 +642,7 @@ fn dkim_generate_writes_a_private_key_and_check_config_reads_it() {
         Command::new(BIN)
             .arg("check-config")
             .arg(&cfg)
-            .output()
+            .output_bounded()
             .unwrap()
     };
     let out = ok(&with_key(&key));

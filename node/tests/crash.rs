@@ -1,6 +1,7 @@
 //! Nothing acknowledged is lost: a node killed with SIGKILL in the middle of a stream of
 //! messages still has, after a restart, every message it answered `250` to.
 
+use ds_testkit::OutputWithin;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -118,7 +119,7 @@ for i in range(1, p.stat()[0] + 1):
 p.quit()
 "#
         ))
-        .output()
+        .output_bounded()
         .unwrap();
     node.kill();
     assert!(

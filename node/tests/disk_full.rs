@@ -4,6 +4,7 @@
 //! re-executes itself in place (same PID, so no supervisor is involved), reopens its store,
 //! and takes mail again on the same ports, holding exactly the mail it acknowledged.
 
+use ds_testkit::OutputWithin;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,7 @@ except Exception:
     print(0)
 "#
         ))
-        .output()
+        .output_bounded()
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .trim()
@@ -51,7 +52,7 @@ p.user("alice@example.com"); p.pass_("alice-pw")
 print(p.stat()[0])
 "#
         ))
-        .output()
+        .output_bounded()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }

@@ -5,6 +5,7 @@
 //! the same `dshare account move` run again finishes the move. POP3 through the third node A
 //! then shows every message once: the same count and the same bodies by SHA-256.
 
+use ds_testkit::OutputWithin;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,7 +56,7 @@ fn cli(node: &Node, args: &[&str]) -> Command {
 }
 
 fn cli_ok(node: &Node, args: &[&str]) -> String {
-    let out = cli(node, args).output().unwrap();
+    let out = cli(node, args).output_bounded().unwrap();
     assert!(
         out.status.success(),
         "{args:?}: {}{}",

@@ -306,6 +306,7 @@ impl Cluster {
                 .arg(&self.nodes[i].config)
                 .args(args)
                 .stdin(Stdio::null())
+                .kill_on_drop(true)
                 .output(),
         )
         .await

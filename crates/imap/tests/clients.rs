@@ -2,6 +2,7 @@
 
 mod common;
 
+use ds_testkit::OutputWithin;
 use std::process::Command;
 
 use common::{PASS, USER, message, node, python};
@@ -17,7 +18,7 @@ fn curl(args: &[&str]) -> anyhow::Result<String> {
             &format!("{USER}:{PASS}"),
         ])
         .args(args)
-        .output()?;
+        .output_bounded()?;
     anyhow::ensure!(
         out.status.success(),
         "curl {args:?} failed: {}",

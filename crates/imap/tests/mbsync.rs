@@ -6,11 +6,12 @@ mod common;
 
 use common::{USER, message, node, python};
 use ds_testkit::Cluster;
+use ds_testkit::OutputWithin;
 
 fn have_mbsync() -> bool {
     let found = std::process::Command::new("mbsync")
         .arg("-v")
-        .output()
+        .output_bounded()
         .is_ok();
     if !found {
         eprintln!("mbsync not installed (Debian package isync): skipped");

@@ -289,12 +289,17 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=30) as s:
         print("refused", e.recipients["nobody@company.com"][0])
 "#
     );
-    let out = tokio::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .await
-        .unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(240),
+        tokio::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("python3 ran over 240 s")
+    .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -5,7 +5,9 @@
 //! `127.0.0.{i+1}`, talks Minger to the others over TLS verified against the test CA, and
 //! knows the shared secret. Nodes can be stopped and restarted on the same data and ports.
 
+mod process;
 mod small_disk;
+pub use process::{OutputWithin, PROGRAM_LIMIT};
 pub use small_disk::SmallDisk;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

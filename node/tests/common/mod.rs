@@ -1,6 +1,7 @@
 //! Running the real `dshare` binary from tests.
 #![allow(dead_code)]
 
+use ds_testkit::OutputWithin;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -113,7 +114,7 @@ pub fn add_account(config: &Path, address: &str, password: &str) {
         .arg("-c")
         .arg(config)
         .args(["account", "add", address, "--password", password])
-        .output()
+        .output_bounded()
         .unwrap();
     assert!(
         out.status.success(),
@@ -141,7 +142,7 @@ pub fn cli_config(dir: &Path, data_dir: &Path, admin: std::net::SocketAddr) -> P
 pub async fn dshare(cfg: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.arg("-c").arg(cfg).args(args);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    tokio::task::spawn_blocking(move || cmd.output_bounded().unwrap())
         .await
         .unwrap()
 }

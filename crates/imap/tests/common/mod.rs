@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use ds_testkit::OutputWithin;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
@@ -29,7 +30,7 @@ pub fn python(addr: std::net::SocketAddr, script: &str) -> anyhow::Result<String
         .arg("-c")
         .arg(format!("{prelude}{script}"))
         .stdin(Stdio::null())
-        .output()
+        .output_bounded()
         .context("running python3")?;
     if !out.status.success() {
         bail!(

@@ -289,13 +289,18 @@ pub fn lines(body: &[u8]) -> Vec<String> {
 
 /// Run python3 with `script` and arguments; its stdout.
 pub async fn python(script: &str, args: &[String]) -> String {
-    let out = tokio::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .await
-        .expect("python3 runs");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(240),
+        tokio::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("python3 ran over 240 s")
+    .expect("python3 runs");
     assert!(
         out.status.success(),
         "python failed: {}",
@@ -306,11 +311,16 @@ pub async fn python(script: &str, args: &[String]) -> String {
 
 /// Run curl with arguments; (success, stdout, stderr).
 pub async fn curl(args: &[String]) -> (bool, String, String) {
-    let out = tokio::process::Command::new("curl")
-        .args(args)
-        .output()
-        .await
-        .expect("curl runs");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(240),
+        tokio::process::Command::new("curl")
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("curl ran over 240 s")
+    .expect("curl runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
