@@ -7,7 +7,7 @@
 
 mod process;
 mod small_disk;
-pub use process::{OutputWithin, PROGRAM_LIMIT};
+pub use process::{OutputWithin, PROGRAM_LIMIT, Watchdog, test_limit};
 pub use small_disk::SmallDisk;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -168,6 +168,8 @@ pub struct Cluster {
     pub nodes: Vec<TestNode>,
     pub pki: Pki,
     pub root: TempDir,
+    /// Ends the test process if the test that started the cluster hangs ([`test_limit`]).
+    _watchdog: Watchdog,
 }
 
 /// Whether starting failed because a port was taken.
@@ -210,6 +212,7 @@ impl Cluster {
         n: usize,
         tweak: &impl Fn(usize, &mut Config),
     ) -> anyhow::Result<Cluster> {
+        let watchdog = Watchdog::start(test_limit());
         ds_net::ensure_crypto_provider();
         let root = tempfile::tempdir()?;
         let pki = Pki::generate("dshare test CA");
@@ -278,7 +281,12 @@ impl Cluster {
                 _dir: dir,
             });
         }
-        Ok(Cluster { nodes, pki, root })
+        Ok(Cluster {
+            nodes,
+            pki,
+            root,
+            _watchdog: watchdog,
+        })
     }
 
     /// A single node: the embedded defaults on ephemeral ports.

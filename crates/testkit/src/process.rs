@@ -124,6 +124,45 @@ impl Collected {
     }
 }
 
+/// What a test holding a [`Watchdog`] may take (`DSHARE_TEST_LIMIT_SECS` to change it): the
+/// longest test takes a minute or two on a loaded machine.
+pub fn test_limit() -> Duration {
+    std::env::var("DSHARE_TEST_LIMIT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(900), Duration::from_secs)
+}
+
+/// Ends the whole test process, naming the test, if it is still held after its limit: a test
+/// that hangs fails the run there and then, instead of holding it until the CI's own limit.
+pub struct Watchdog {
+    _held: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// Watches the test running on this thread (libtest names the thread after the test).
+    pub fn start(limit: Duration) -> Self {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a test")
+            .to_string();
+        let (held, dropped) = std::sync::mpsc::channel::<()>();
+        let watch = move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = dropped.recv_timeout(limit) {
+                eprintln!(
+                    "\nWATCHDOG: {test} still runs after {limit:?}; ending the test process so that the run fails here"
+                );
+                std::process::exit(101);
+            }
+        };
+        // Without a thread there is no watch, and the test runs as it would have.
+        let _ = std::thread::Builder::new()
+            .name("test-watchdog".into())
+            .spawn(watch);
+        Self { _held: held }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +189,13 @@ mod tests {
         assert!(err.to_string().contains("so-far"), "{err}");
         // The background sleep held the pipe: it was killed with the group.
         assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_watchdog_let_go_in_time_ends_nothing() {
+        let dog = Watchdog::start(Duration::from_millis(200));
+        drop(dog);
+        std::thread::sleep(Duration::from_millis(400));
+        // Still here: the process was not ended.
     }
 }
