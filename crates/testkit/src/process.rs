@@ -2,7 +2,7 @@
 //! terminal…) with a bound on their time: a program that hangs is killed with everything it
 //! started, and the test fails with what it printed, instead of holding the whole run.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -149,7 +149,9 @@ impl Watchdog {
         let (held, dropped) = std::sync::mpsc::channel::<()>();
         let watch = move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = dropped.recv_timeout(limit) {
-                eprintln!(
+                // Past libtest's capture of `eprintln!`, which would die with the process.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "\nWATCHDOG: {test} still runs after {limit:?}; ending the test process so that the run fails here"
                 );
                 std::process::exit(101);
