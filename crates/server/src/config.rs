@@ -218,6 +218,11 @@ pub struct LimitsSection {
     /// mail gets `452 4.3.1` (SMTP) or `NO [OVERQUOTA]` (IMAP APPEND) while reads go on;
     /// mail flows again by itself once space returns. 0 = no reserve. Default 100 MiB.
     pub min_free_space: u64,
+    /// A probe of the store (one small write and read) that has not returned after this long
+    /// means the store has stalled: the node logs it and starts again in place, as after a
+    /// full disk. Default 2 minutes (a healthy probe takes microseconds).
+    #[serde(deserialize_with = "duration")]
+    pub store_stall: Duration,
 }
 
 impl Default for LimitsSection {
@@ -234,6 +239,7 @@ impl Default for LimitsSection {
             bodies_in_flight: ds_smtp::DEFAULT_BODIES_IN_FLIGHT,
             db_cache: ds_store::DEFAULT_CACHE_CAPACITY,
             min_free_space: ds_store::DEFAULT_MIN_FREE_SPACE,
+            store_stall: Duration::from_secs(120),
         }
     }
 }
@@ -499,6 +505,13 @@ impl Config {
                 "limits.smtp_line must be at least 512 (RFC 5321)".into(),
             ));
         }
+        if self.limits.store_stall < Duration::from_secs(1) {
+            return Err(Error::Config(
+                "limits.store_stall must be at least 1s (a healthy store answers its probe in \
+                 microseconds; the default is 2m)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -567,6 +580,19 @@ smtp = "office-b.example.net:25"
             c.cluster.peers[0].smtp.as_deref(),
             Some("office-b.example.net:25")
         );
+    }
+
+    #[test]
+    fn store_stall_parses_and_is_at_least_a_second() {
+        let base = "[node]\nid = \"a\"\n";
+        assert_eq!(
+            Config::parse(base).unwrap().limits.store_stall,
+            Duration::from_secs(120)
+        );
+        let c = Config::parse(&format!("{base}[limits]\nstore_stall = \"5m\"\n")).unwrap();
+        assert_eq!(c.limits.store_stall, Duration::from_secs(300));
+        let e = Config::parse(&format!("{base}[limits]\nstore_stall = \"0s\"\n")).unwrap_err();
+        assert!(e.to_string().contains("limits.store_stall"), "{e}");
     }
 
     #[test]

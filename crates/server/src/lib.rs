@@ -525,18 +525,62 @@ async fn reap_bodies(store: Store, shutdown: ds_net::Shutdown) {
 
 /// How often the store watch looks at the store's health.
 const STORE_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the store watch probes the store (at most; more often under a short
+/// `limits.store_stall`).
+const STORE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Free space a failed store waits for before it is reopened (or the reserve, if larger).
 const REOPEN_MIN_FREE: u64 = 16 * 1024 * 1024;
 
-/// Watches for a store that can no longer write (sled keeps a write error, a full disk
-/// say, until the database is opened again). Meanwhile new mail gets temporary errors and
-/// reads go on; once the disk has room again it asks for a reopen ([`Node::store_needs_reopen`]).
-async fn watch_store(store: Store, reopen: Arc<tokio::sync::Notify>, shutdown: ds_net::Shutdown) {
+/// Watches the store's health and asks for a reopen ([`Node::store_needs_reopen`]) when it
+/// needs one:
+/// - it can no longer write (sled keeps a write error, a full disk say, until the database is
+///   opened again). Meanwhile new mail gets temporary errors and reads go on; the reopen
+///   comes once the disk has room again.
+/// - it stalled: a probe ([`Store::probe`], on a blocking thread) has not returned within
+///   `stall`. Nothing can be served then, and only a new process frees the store.
+async fn watch_store(
+    store: Store,
+    stall: Duration,
+    reopen: Arc<tokio::sync::Notify>,
+    shutdown: ds_net::Shutdown,
+) {
+    let every = STORE_WATCH_EVERY
+        .min(stall / 4)
+        .max(Duration::from_millis(50));
+    let probe_every = STORE_PROBE_EVERY.min(stall / 2);
     let mut reported = false;
+    let mut probe: Option<(std::time::Instant, tokio::task::JoinHandle<()>)> = None;
+    let mut last_probe = std::time::Instant::now();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(STORE_WATCH_EVERY) => {}
+            () = tokio::time::sleep(every) => {}
             () = shutdown.wait() => return,
+        }
+        let running = probe.as_ref().filter(|(_, task)| !task.is_finished());
+        match running {
+            Some((started, _)) if started.elapsed() >= stall => {
+                tracing::error!(
+                    waited = ?started.elapsed(),
+                    "the store has stalled (a probe of one small write has not returned): \
+                     starting again in place"
+                );
+                reopen.notify_one();
+                return;
+            }
+            Some(_) => {}
+            None if last_probe.elapsed() >= probe_every => {
+                let s = store.clone();
+                last_probe = std::time::Instant::now();
+                probe = Some((
+                    last_probe,
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = s.probe() {
+                            tracing::warn!(error = %e, "store probe failed");
+                        }
+                    }),
+                ));
+            }
+            None => {}
         }
         let Some(why) = store.write_failure() else {
             continue;
@@ -822,6 +866,7 @@ impl Node {
         let reopen = Arc::new(tokio::sync::Notify::new());
         tasks.push(tokio::spawn(watch_store(
             state.store.clone(),
+            state.config.limits.store_stall,
             Arc::clone(&reopen),
             shutdown.clone(),
         )));
@@ -933,8 +978,15 @@ impl Node {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
-        if let Err(e) = self.state.store.flush_async().await {
-            tracing::error!(error = %e, "final flush failed");
+        // Bounded like the store watch's probe: a stalled store must not hold the restart
+        // that frees it. Nothing acknowledged waits for this flush (each was flushed first).
+        let stall = self.state.config.limits.store_stall;
+        match tokio::time::timeout(stall, self.state.store.flush_async()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
+            Err(_) => {
+                tracing::error!(waited = ?stall, "final flush did not return: the store stalled")
+            }
         }
         tracing::info!(node = %self.state.config.node.id, "node stopped");
     }

@@ -38,6 +38,8 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 
 const META_TREE: &str = "meta";
 const SCHEMA_KEY: &[u8] = b"schema_version";
+/// Where [`Store::probe`] writes its heartbeat.
+const PROBE_KEY: &[u8] = b"probe";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -219,6 +221,34 @@ impl Store {
     /// once the cause is gone (`ds-server`'s store watch).
     pub fn write_failure(&self) -> Option<String> {
         self.commit.failure()
+    }
+
+    /// Writes a heartbeat into the database and reads it: returns at once on a healthy
+    /// store. The node's store watch runs it now and then on a blocking thread, and a probe
+    /// that does not return in time means the store has stalled (a deadlock inside sled; see
+    /// `vendor/sled/PATCHED.md` for one that was). Not flushed: it is nobody's data.
+    pub fn probe(&self) -> Result<()> {
+        let meta = self.db.open_tree(META_TREE)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        meta.insert(PROBE_KEY, &now.to_be_bytes())?;
+        meta.get(PROBE_KEY)?;
+        Ok(())
+    }
+
+    /// Test hook: stalls every store of this process (sled serialises all its transactions
+    /// on one process-wide lock, which a transaction holds while it runs) until `release`
+    /// gets a message or is dropped. Blocks: call it on a thread of its own.
+    #[doc(hidden)]
+    pub fn stall_for_tests(&self, release: &std::sync::mpsc::Receiver<()>) -> Result<()> {
+        let meta = self.db.open_tree(META_TREE)?;
+        meta.transaction(|_| {
+            let _ = release.recv();
+            Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+        })
+        .map_err(|e| Error::Transaction(format!("{e:?}")))
     }
 
     /// Returns once [`Store::check_free_space`] has found the disk below the reserve (at once
