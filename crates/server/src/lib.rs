@@ -523,6 +523,35 @@ async fn reap_bodies(store: Store, shutdown: ds_net::Shutdown) {
     }
 }
 
+/// One [`Store::probe`] under way, on a thread of its own (not the blocking pool: a queue
+/// there must not look like a stall, and a stuck probe must not hold the process's exit).
+struct Probe {
+    started: std::time::Instant,
+    answer: tokio::sync::oneshot::Receiver<ds_store::Result<()>>,
+}
+
+impl Probe {
+    fn start(store: &Store) -> Option<Probe> {
+        let (tx, answer) = tokio::sync::oneshot::channel();
+        let store = store.clone();
+        let spawned = std::thread::Builder::new()
+            .name("dshare-probe".into())
+            .spawn(move || {
+                let _ = tx.send(store.probe());
+            });
+        match spawned {
+            Ok(_) => Some(Probe {
+                started: std::time::Instant::now(),
+                answer,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a store probe");
+                None
+            }
+        }
+    }
+}
+
 /// How often the store watch looks at the store's health.
 const STORE_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the store watch probes the store (at most; more often under a short
@@ -544,43 +573,40 @@ async fn watch_store(
     reopen: Arc<tokio::sync::Notify>,
     shutdown: ds_net::Shutdown,
 ) {
+    use tokio::sync::oneshot::error::TryRecvError;
     let every = STORE_WATCH_EVERY
         .min(stall / 4)
         .max(Duration::from_millis(50));
     let probe_every = STORE_PROBE_EVERY.min(stall / 2);
     let mut reported = false;
-    let mut probe: Option<(std::time::Instant, tokio::task::JoinHandle<()>)> = None;
+    let mut probe: Option<Probe> = None;
     let mut last_probe = std::time::Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = shutdown.wait() => return,
         }
-        let running = probe.as_ref().filter(|(_, task)| !task.is_finished());
-        match running {
-            Some((started, _)) if started.elapsed() >= stall => {
-                tracing::error!(
-                    waited = ?started.elapsed(),
-                    "the store has stalled (a probe of one small write has not returned): \
-                     starting again in place"
-                );
-                reopen.notify_one();
-                return;
+        if let Some(p) = &mut probe {
+            match p.answer.try_recv() {
+                Err(TryRecvError::Empty) if p.started.elapsed() >= stall => {
+                    tracing::error!(
+                        waited = ?p.started.elapsed(),
+                        "the store has stalled (a probe of one small write has not returned): \
+                         starting again in place"
+                    );
+                    reopen.notify_one();
+                    return;
+                }
+                Err(TryRecvError::Empty) => {}
+                Ok(Err(e)) if store.write_failure().is_none() => {
+                    tracing::warn!(error = %e, "store probe failed");
+                    probe = None;
+                }
+                _ => probe = None,
             }
-            Some(_) => {}
-            None if last_probe.elapsed() >= probe_every => {
-                let s = store.clone();
-                last_probe = std::time::Instant::now();
-                probe = Some((
-                    last_probe,
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = s.probe() {
-                            tracing::warn!(error = %e, "store probe failed");
-                        }
-                    }),
-                ));
-            }
-            None => {}
+        } else if last_probe.elapsed() >= probe_every {
+            last_probe = std::time::Instant::now();
+            probe = Probe::start(&store);
         }
         let Some(why) = store.write_failure() else {
             continue;
