@@ -3,6 +3,7 @@
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -320,17 +321,32 @@ fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// How long the exit waits for blocking work still running (a thread stuck in a stalled
+/// store would otherwise hold it for good; everything acknowledged is on disk by then).
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    match run(cli).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dshare: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dshare: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    runtime.shutdown_timeout(EXIT_WAIT);
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -497,22 +513,107 @@ async fn serve(config: Config, embedded_defaults: bool) -> anyhow::Result<()> {
     let a = node.addrs();
     tracing::info!(smtp = ?a.smtp, pop3 = ?a.pop3, imap = ?a.imap, admin = ?a.admin, "ready");
     if std::env::var_os(REEXEC_ENV).is_some() {
-        tracing::warn!("started again in place after the store failed to write");
+        tracing::warn!("started again in place to reopen the store");
     }
+    stall_store_for_tests(&node);
+    let stop = watch_signals()?;
     tokio::select! {
-        signal = ds_net::os_signal() => {
-            signal?;
-            tracing::info!("signal received, draining");
+        signal = stop => {
+            let failed = signal.is_err();
+            if !failed {
+                tracing::info!("signal received, draining");
+            }
             node.shutdown().await;
+            if failed {
+                bail!("the signal watch failed (see the log)");
+            }
             Ok(())
         }
         () = node.store_needs_reopen() => {
             tracing::warn!("draining to reopen the store: this process starts again in place");
+            // A stalled store may hold every worker of the runtime, and the drain with them:
+            // past the grace, a plain thread starts the process again itself.
+            let _ = std::thread::Builder::new()
+                .name("dshare-reopen".into())
+                .spawn(|| {
+                    std::thread::sleep(REOPEN_GRACE);
+                    if !STOPPING.load(Ordering::SeqCst) {
+                        tracing::error!(grace = ?REOPEN_GRACE, "the drain did not end: starting again now");
+                        if let Err(e) = reexec() {
+                            tracing::error!(error = %e, "cannot start again");
+                            std::process::exit(1);
+                        }
+                    }
+                });
             node.shutdown().await;
+            if STOPPING.load(Ordering::SeqCst) {
+                // A stop came during the drain: stop, do not start again.
+                return Ok(());
+            }
             reexec()
         }
     }
 }
+
+/// Test hook for `node/tests/store_stall.rs`: with `DSHARE_TEST_STALL_STORE_FILE=PATH` in the
+/// environment, the node stalls its store for good (a sled transaction held open, as a
+/// deadlock inside sled would) as soon as PATH exists, and removes PATH. Without the variable
+/// it does nothing.
+fn stall_store_for_tests(node: &Node) {
+    let Some(path) = std::env::var_os("DSHARE_TEST_STALL_STORE_FILE") else {
+        return;
+    };
+    let store = node.state.store.clone();
+    let _ = std::thread::Builder::new()
+        .name("test-stall".into())
+        .spawn(move || {
+            let path = std::path::PathBuf::from(path);
+            while std::fs::remove_file(&path).is_err() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            tracing::warn!("test hook: stalling the store");
+            let (_never, release) = std::sync::mpsc::channel::<()>();
+            let _ = store.stall_for_tests(&release);
+        });
+}
+
+/// Set once SIGTERM or SIGINT has come: the process stops, it does not start again.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// How long a drain after SIGTERM/SIGINT may take before the process ends anyway.
+const STOP_GRACE: Duration = Duration::from_secs(120);
+
+/// Waits for SIGTERM or SIGINT on a thread of its own, with a small runtime of its own: a
+/// stalled store may hold every worker of the node's runtime, and a stop must still stop.
+/// The receiver completes when a signal has come; if the process still runs
+/// [`STOP_GRACE`] later, the thread ends it.
+fn watch_signals() -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal watch")?;
+    std::thread::Builder::new()
+        .name("dshare-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                if let Err(e) = ds_net::os_signal().await {
+                    tracing::error!(error = %e, "cannot watch for signals");
+                    return;
+                }
+                STOPPING.store(true, Ordering::SeqCst);
+                let _ = tx.send(());
+                tokio::time::sleep(STOP_GRACE).await;
+                tracing::error!(grace = ?STOP_GRACE, "the drain did not end: stopping now");
+                std::process::exit(1);
+            });
+        })
+        .context("cannot start the signal watch")?;
+    Ok(rx)
+}
+
+/// How long the drain before a reopen may take before the process starts again anyway.
+const REOPEN_GRACE: Duration = Duration::from_secs(60);
 
 /// Set in the environment of a node that re-executed itself to reopen its store.
 const REEXEC_ENV: &str = "DSHARE_REEXEC";

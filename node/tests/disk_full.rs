@@ -4,58 +4,11 @@
 //! re-executes itself in place (same PID, so no supervisor is involved), reopens its store,
 //! and takes mail again on the same ports, holding exactly the mail it acknowledged.
 
-use ds_testkit::OutputWithin;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, serve};
+use common::{free_port, send, serve, stat};
 use ds_testkit::SmallDisk;
-
-/// Sends one small message by SMTP; the final reply code, or 0 when the node did not answer.
-fn send(smtp: u16, subject: &str) -> u16 {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(format!(
-            r#"
-import smtplib
-try:
-    s = smtplib.SMTP("127.0.0.1", {smtp}, timeout=20)
-    s.sendmail("x@elsewhere.org", ["alice@example.com"], "Subject: {subject}\r\n\r\n" + "x" * 4000 + "\r\n")
-    print(250)
-    s.quit()
-except smtplib.SMTPResponseException as e:
-    print(e.smtp_code)
-except smtplib.SMTPRecipientsRefused as e:
-    print(list(e.recipients.values())[0][0])
-except Exception:
-    print(0)
-"#
-        ))
-        .output_bounded()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
-}
-
-/// POP3 STAT of alice, or `None` when the node did not serve it.
-fn stat(pop3: u16) -> Option<usize> {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(format!(
-            r#"
-import poplib
-p = poplib.POP3("127.0.0.1", {pop3}, timeout=20)
-p.user("alice@example.com"); p.pass_("alice-pw")
-print(p.stat()[0])
-"#
-        ))
-        .output_bounded()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
 
 #[test]
 fn the_real_node_reopens_its_store_in_place_when_the_disk_has_room_again() {

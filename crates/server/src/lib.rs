@@ -479,6 +479,17 @@ pub struct Node {
     trigger: ShutdownTrigger,
     tasks: Vec<JoinHandle<()>>,
     reopen: Arc<tokio::sync::Notify>,
+    /// Ends the stall watch's thread ([`watch_for_stall`]) when the node stops or is dropped.
+    stall_watch: StopOnDrop,
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn bind_all(addrs: &[SocketAddr], what: &str) -> Result<Vec<TcpListener>> {
@@ -523,90 +534,75 @@ async fn reap_bodies(store: Store, shutdown: ds_net::Shutdown) {
     }
 }
 
-/// One [`Store::probe`] under way, on a thread of its own (not the blocking pool: a queue
-/// there must not look like a stall, and a stuck probe must not hold the process's exit).
-struct Probe {
-    started: std::time::Instant,
-    answer: tokio::sync::oneshot::Receiver<ds_store::Result<()>>,
-}
-
-impl Probe {
-    fn start(store: &Store) -> Option<Probe> {
-        let (tx, answer) = tokio::sync::oneshot::channel();
-        let store = store.clone();
-        let spawned = std::thread::Builder::new()
+/// Watches for a store that has stalled (a deadlock inside sled: every write and read waits
+/// for good; see `vendor/sled/PATCHED.md` for one that was): every [`STORE_PROBE_EVERY`] a
+/// [`Store::probe`] runs on a thread of its own, and one that has not returned within `stall`
+/// asks for a reopen ([`Node::store_needs_reopen`]). All of it runs on plain threads: the
+/// runtime's workers may all be stuck in the stalled store. Ends when `stopped` is set.
+fn watch_for_stall(
+    store: Store,
+    stall: Duration,
+    reopen: Arc<tokio::sync::Notify>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc::RecvTimeoutError;
+    let probe_every = STORE_PROBE_EVERY.min(stall / 2);
+    loop {
+        let next = std::time::Instant::now() + probe_every;
+        while std::time::Instant::now() < next {
+            if stopped.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100).min(probe_every));
+        }
+        let (tx, answer) = std::sync::mpsc::channel();
+        let s = store.clone();
+        let probe = std::thread::Builder::new()
             .name("dshare-probe".into())
             .spawn(move || {
-                let _ = tx.send(store.probe());
+                let _ = tx.send(s.probe());
             });
-        match spawned {
-            Ok(_) => Some(Probe {
-                started: std::time::Instant::now(),
-                answer,
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start a store probe");
-                None
+        if let Err(e) = probe {
+            tracing::warn!(error = %e, "cannot start a store probe");
+            continue;
+        }
+        let started = std::time::Instant::now();
+        match answer.recv_timeout(stall) {
+            Ok(Err(e)) if store.write_failure().is_none() => {
+                tracing::warn!(error = %e, "store probe failed");
             }
+            Err(RecvTimeoutError::Timeout) if !stopped.load(Ordering::Relaxed) => {
+                tracing::error!(
+                    waited = ?started.elapsed(),
+                    "the store has stalled (a probe of one small write has not returned): \
+                     starting again in place"
+                );
+                reopen.notify_one();
+                return;
+            }
+            _ => {}
         }
     }
 }
 
 /// How often the store watch looks at the store's health.
 const STORE_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
-/// How often the store watch probes the store (at most; more often under a short
+/// How often the stall watch probes the store (at most; more often under a short
 /// `limits.store_stall`).
 const STORE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Free space a failed store waits for before it is reopened (or the reserve, if larger).
 const REOPEN_MIN_FREE: u64 = 16 * 1024 * 1024;
 
-/// Watches the store's health and asks for a reopen ([`Node::store_needs_reopen`]) when it
-/// needs one:
-/// - it can no longer write (sled keeps a write error, a full disk say, until the database is
-///   opened again). Meanwhile new mail gets temporary errors and reads go on; the reopen
-///   comes once the disk has room again.
-/// - it stalled: a probe ([`Store::probe`], on a blocking thread) has not returned within
-///   `stall`. Nothing can be served then, and only a new process frees the store.
-async fn watch_store(
-    store: Store,
-    stall: Duration,
-    reopen: Arc<tokio::sync::Notify>,
-    shutdown: ds_net::Shutdown,
-) {
-    use tokio::sync::oneshot::error::TryRecvError;
-    let every = STORE_WATCH_EVERY
-        .min(stall / 4)
-        .max(Duration::from_millis(50));
-    let probe_every = STORE_PROBE_EVERY.min(stall / 2);
+/// Watches for a store that can no longer write (sled keeps a write error, a full disk
+/// say, until the database is opened again). Meanwhile new mail gets temporary errors and
+/// reads go on; once the disk has room again it asks for a reopen ([`Node::store_needs_reopen`]).
+async fn watch_store(store: Store, reopen: Arc<tokio::sync::Notify>, shutdown: ds_net::Shutdown) {
     let mut reported = false;
-    let mut probe: Option<Probe> = None;
-    let mut last_probe = std::time::Instant::now();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(STORE_WATCH_EVERY) => {}
             () = shutdown.wait() => return,
-        }
-        if let Some(p) = &mut probe {
-            match p.answer.try_recv() {
-                Err(TryRecvError::Empty) if p.started.elapsed() >= stall => {
-                    tracing::error!(
-                        waited = ?p.started.elapsed(),
-                        "the store has stalled (a probe of one small write has not returned): \
-                         starting again in place"
-                    );
-                    reopen.notify_one();
-                    return;
-                }
-                Err(TryRecvError::Empty) => {}
-                Ok(Err(e)) if store.write_failure().is_none() => {
-                    tracing::warn!(error = %e, "store probe failed");
-                    probe = None;
-                }
-                _ => probe = None,
-            }
-        } else if last_probe.elapsed() >= probe_every {
-            last_probe = std::time::Instant::now();
-            probe = Probe::start(&store);
         }
         let Some(why) = store.write_failure() else {
             continue;
@@ -892,10 +888,18 @@ impl Node {
         let reopen = Arc::new(tokio::sync::Notify::new());
         tasks.push(tokio::spawn(watch_store(
             state.store.clone(),
-            state.config.limits.store_stall,
             Arc::clone(&reopen),
             shutdown.clone(),
         )));
+        let stall_watch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (store, stall) = (state.store.clone(), state.config.limits.store_stall);
+            let (reopen, stopped) = (Arc::clone(&reopen), Arc::clone(&stall_watch_stop));
+            std::thread::Builder::new()
+                .name("dshare-stall-watch".into())
+                .spawn(move || watch_for_stall(store, stall, reopen, stopped))
+                .map_err(io("cannot start the store's stall watch".to_string()))?;
+        }
         let pop3_listeners = pop3_l
             .into_iter()
             .map(|l| (l, None))
@@ -984,6 +988,7 @@ impl Node {
             trigger,
             tasks,
             reopen,
+            stall_watch: StopOnDrop(stall_watch_stop),
         })
     }
 
@@ -1001,6 +1006,7 @@ impl Node {
     /// Stops accepting, lets sessions finish (bounded), flushes the store.
     pub async fn shutdown(self) {
         self.trigger.trigger();
+        drop(self.stall_watch);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }

@@ -169,3 +169,48 @@ pub async fn json(cfg: &Path, args: &[&str]) -> serde_json::Value {
     let out = ok(cfg, &a).await;
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
 }
+
+/// Sends one small message to alice@example.com by SMTP; the final reply code, or 0 when the node did not answer.
+pub fn send(smtp: u16, subject: &str) -> u16 {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            r#"
+import smtplib
+try:
+    s = smtplib.SMTP("127.0.0.1", {smtp}, timeout=20)
+    s.sendmail("x@elsewhere.org", ["alice@example.com"], "Subject: {subject}\r\n\r\n" + "x" * 4000 + "\r\n")
+    print(250)
+    s.quit()
+except smtplib.SMTPResponseException as e:
+    print(e.smtp_code)
+except smtplib.SMTPRecipientsRefused as e:
+    print(list(e.recipients.values())[0][0])
+except Exception:
+    print(0)
+"#
+        ))
+        .output_bounded()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// POP3 STAT of alice@example.com (password `alice-pw`), or `None` when the node did not serve it.
+pub fn stat(pop3: u16) -> Option<usize> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            r#"
+import poplib
+p = poplib.POP3("127.0.0.1", {pop3}, timeout=20)
+p.user("alice@example.com"); p.pass_("alice-pw")
+print(p.stat()[0])
+"#
+        ))
+        .output_bounded()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
