@@ -1,5 +1,5 @@
 //! A store that stalls (a deadlock inside sled: every write and read waits for good) is found
-//! by the node's store watch within `limits.store_stall`, which asks for the reopen that
+//! by the node's stall watch within `limits.store_stall`, which asks for the reopen that
 //! `dshare serve` does by re-executing itself in place (as after a full disk,
 //! node/tests/disk_full.rs); a healthy store is never taken for a stalled one, and the node
 //! started again holds exactly the mail it acknowledged.

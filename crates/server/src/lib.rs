@@ -996,9 +996,10 @@ impl Node {
         &self.addrs
     }
 
-    /// Returns when the store has failed to write (sled keeps such an error until the
-    /// database is opened again) and the disk has room again: the caller stops the node and
-    /// starts it anew on the same data (`dshare serve` re-executes itself in place).
+    /// Returns when the store needs opening again: it failed to write (sled keeps such an
+    /// error until the database is opened again) and the disk has room again, or it stalled
+    /// ([`watch_for_stall`]). The caller stops the node and starts it anew on the same data
+    /// (`dshare serve` re-executes itself in place).
     pub async fn store_needs_reopen(&self) {
         self.reopen.notified().await;
     }
@@ -1010,7 +1011,7 @@ impl Node {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
-        // Bounded like the store watch's probe: a stalled store must not hold the restart
+        // Bounded like the stall watch's probe: a stalled store must not hold the restart
         // that frees it. Nothing acknowledged waits for this flush (each was flushed first).
         let stall = self.state.config.limits.store_stall;
         match tokio::time::timeout(stall, self.state.store.flush_async()).await {

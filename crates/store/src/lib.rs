@@ -224,7 +224,7 @@ impl Store {
     }
 
     /// Writes a heartbeat into the database and reads it: returns at once on a healthy
-    /// store. The node's store watch runs it now and then on a blocking thread, and a probe
+    /// store. The node's stall watch runs it now and then on a thread of its own, and a probe
     /// that does not return in time means the store has stalled (a deadlock inside sled; see
     /// `vendor/sled/PATCHED.md` for one that was). Not flushed: it is nobody's data.
     pub fn probe(&self) -> Result<()> {
