@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, serve};
+use common::serve;
 
 /// Sends messages until the connection breaks; records the subjects answered 250.
 fn sender(port: u16, id: usize, acked: Arc<Mutex<BTreeSet<String>>>, count: Arc<AtomicUsize>) {
@@ -66,14 +66,7 @@ fn sender(port: u16, id: usize, acked: Arc<Mutex<BTreeSet<String>>>, count: Arc<
 
 #[test]
 fn sigkill_mid_stream_loses_no_acknowledged_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let (smtp, pop3, admin) = (free_port(), free_port(), free_port());
-    let config = common::single_node_config(
-        dir.path(),
-        &dir.path().join("data"),
-        (smtp, pop3, admin),
-        "",
-    );
+    let (_dir, config, (smtp, pop3, admin)) = common::single_node("");
     let node = serve(&config, &[smtp, admin]);
     common::add_account(&config, "alice@example.com", "alice-pw");
 

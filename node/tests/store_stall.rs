@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, send, serve_env, stat};
+use common::{send, serve_env, stat};
 
 fn reexecuted(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/environ"))
@@ -31,14 +31,7 @@ fn stall(file: &std::path::Path) {
 
 #[test]
 fn a_stalled_store_restarts_the_node_in_place_and_sigterm_still_ends_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (smtp, pop3, admin) = (free_port(), free_port(), free_port());
-    let config = common::single_node_config(
-        dir.path(),
-        &dir.path().join("data"),
-        (smtp, pop3, admin),
-        "[limits]\nstore_stall = \"2s\"",
-    );
+    let (dir, config, (smtp, pop3, admin)) = common::single_node("[limits]\nstore_stall = \"2s\"");
     let file = dir.path().join("stall");
     let addrs: Vec<SocketAddr> = [smtp, pop3, admin]
         .iter()

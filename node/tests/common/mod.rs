@@ -107,6 +107,16 @@ metrics = []
     config
 }
 
+/// A one-node setup in a new temporary directory: [`single_node_config`] on three free
+/// ports, data in `DIR/data`. Returns the directory (keep it), the config and the ports
+/// `(smtp, pop3, admin)`.
+pub fn single_node(extra: &str) -> (tempfile::TempDir, PathBuf, (u16, u16, u16)) {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = (free_port(), free_port(), free_port());
+    let config = single_node_config(dir.path(), &dir.path().join("data"), ports, extra);
+    (dir, config, ports)
+}
+
 /// `dshare account add ADDRESS --password PASSWORD` against the node of `config`; panics
 /// with the CLI's error output when it fails.
 pub fn add_account(config: &Path, address: &str, password: &str) {
