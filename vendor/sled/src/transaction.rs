@@ -349,7 +349,9 @@ impl TransactionalTree {
     }
 
     fn unstage(&self) {
-        unimplemented!()
+        // PATCHED (Domain Share, see PATCHED.md): was `unimplemented!()`. Staging is only
+        // the process-wide transaction lock (`TransactionalTrees::stage`), so there is
+        // nothing to undo; it is never reached (staging and validation always succeed).
     }
 
     const fn validate(&self) -> bool {
