@@ -349,7 +349,7 @@ impl TransactionalTree {
     }
 
     fn unstage(&self) {
-        // PATCHED (Domain Share, see PATCHED.md): was `unimplemented!()`. Staging is only
+        // PATCHED (Domain Share, see PATCHED.md): was a placeholder that panicked. Staging is only
         // the process-wide transaction lock (`TransactionalTrees::stage`), so there is
         // nothing to undo; it is never reached (staging and validation always succeed).
     }
