@@ -6,7 +6,7 @@ pub mod processes;
 
 use ds_testkit::OutputWithin;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -143,24 +143,7 @@ pub fn message(subject: &str, size: usize) -> Vec<u8> {
     m
 }
 
-/// Runs a Python 3 script (Python's standard clients count as real clients) and returns its
-/// standard output; fails with its standard error.
-pub fn python(script: &str) -> anyhow::Result<String> {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .output_bounded()
-        .context("running python3")?;
-    if !out.status.success() {
-        bail!(
-            "python failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+pub use ds_testkit::python;
 
 /// Runs `program` with `args` on a pseudo terminal of its own (standard output and error),
 /// as on an operator's screen, and returns what the terminal showed and the exit status.

@@ -7,7 +7,7 @@
 
 mod process;
 mod small_disk;
-pub use process::{OutputWithin, PROGRAM_LIMIT, Watchdog, test_limit};
+pub use process::{OutputWithin, PROGRAM_LIMIT, Watchdog, python, test_limit};
 pub use small_disk::SmallDisk;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

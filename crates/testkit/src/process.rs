@@ -124,6 +124,24 @@ impl Collected {
     }
 }
 
+/// Runs a Python 3 script (Python's standard mail clients count as real clients) with
+/// [`PROGRAM_LIMIT`] and returns its standard output; fails with its standard error.
+pub fn python(script: &str) -> anyhow::Result<String> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output_bounded()
+        .map_err(|e| anyhow::anyhow!("running python3: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "python failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// What a test holding a [`Watchdog`] may take (`DSHARE_TEST_LIMIT_SECS` to change it): the
 /// longest test takes a minute or two on a loaded machine.
 pub fn test_limit() -> Duration {

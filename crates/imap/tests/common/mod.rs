@@ -2,10 +2,6 @@
 
 #![allow(dead_code)]
 
-use ds_testkit::OutputWithin;
-use std::process::{Command, Stdio};
-
-use anyhow::{Context, bail};
 use ds_testkit::Cluster;
 
 pub const USER: &str = "bob@example.com";
@@ -26,20 +22,7 @@ pub fn python(addr: std::net::SocketAddr, script: &str) -> anyhow::Result<String
         addr.ip(),
         addr.port()
     );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(format!("{prelude}{script}"))
-        .stdin(Stdio::null())
-        .output_bounded()
-        .context("running python3")?;
-    if !out.status.success() {
-        bail!(
-            "python failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    ds_testkit::python(&format!("{prelude}{script}"))
 }
 
 /// A message with a subject and a body of about `size` bytes.
