@@ -229,11 +229,7 @@ impl Store {
     /// `vendor/sled/PATCHED.md` for one that was). Not flushed: it is nobody's data.
     pub fn probe(&self) -> Result<()> {
         let meta = self.db.open_tree(META_TREE)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        meta.insert(PROBE_KEY, &now.to_be_bytes())?;
+        meta.insert(PROBE_KEY, &unix_now().to_be_bytes())?;
         meta.get(PROBE_KEY)?;
         Ok(())
     }
