@@ -290,6 +290,17 @@ for _ in range(2):
     Ok(())
 }
 
+/// Runs `script` in Python after a raw TCP connection to `addr` (`s`, with `f` reading it)
+/// and its greeting line; returns what the script printed.
+fn raw_session(addr: std::net::SocketAddr, script: &str) -> anyhow::Result<String> {
+    dshare_e2e::python(&format!(
+        "import socket, sys\ns = socket.create_connection(({:?}, {}), timeout=30)\n\
+         f = s.makefile(\"rb\")\nf.readline()\n{script}",
+        addr.ip().to_string(),
+        addr.port()
+    ))
+}
+
 /// Forwarded `protocol` logins that used a link of kind `link`.
 fn links_of(body: &str, protocol: &str, link: &str) -> f64 {
     value(
@@ -318,12 +329,9 @@ async fn a_logged_out_forwarded_imap_session_leaves_its_link_for_the_next_login(
     let before = scrape(metrics).await?;
 
     // Everything after the login in one write, LOGOUT last.
-    let out = dshare_e2e::python(&format!(
+    let out = raw_session(
+        imap,
         r#"
-import socket, sys
-s = socket.create_connection(("{ip}", {port}), timeout=30)
-f = s.makefile("rb")
-f.readline()
 s.sendall(b"a LOGIN bob@example.com pw\r\n")
 line = f.readline()
 assert line.startswith(b"a OK"), line
@@ -331,9 +339,7 @@ assert b"XDSHARE" not in line, line
 s.sendall(b"b SELECT INBOX\r\nc FETCH 1 BODY[]\r\nd LOGOUT\r\n")
 sys.stdout.buffer.write(f.read())
 "#,
-        ip = imap.ip(),
-        port = imap.port(),
-    ))?;
+    )?;
     assert!(out.contains("b OK ["), "{out:.300}");
     assert!(
         out.contains(&format!("BODY[] {{{}}}\r\n", big.len())),
@@ -353,19 +359,14 @@ sys.stdout.buffer.write(f.read())
 
     // A client that closes its side after a command, without LOGOUT, still gets the answer,
     // and the link is kept as well.
-    let closed = dshare_e2e::python(&format!(
+    let closed = raw_session(
+        imap,
         r#"
-import socket, sys
-s = socket.create_connection(("{ip}", {port}), timeout=30)
-f = s.makefile("rb")
-f.readline()
 s.sendall(b"a LOGIN bob@example.com pw\r\nb STATUS INBOX (MESSAGES)\r\n")
 s.shutdown(socket.SHUT_WR)
 sys.stdout.buffer.write(f.read())
 "#,
-        ip = imap.ip(),
-        port = imap.port(),
-    ))?;
+    )?;
     assert!(
         closed.ends_with("(MESSAGES 1)\r\nb OK STATUS completed\r\n"),
         "{closed}"
@@ -471,21 +472,16 @@ async fn a_forwarded_pop3_session_that_quits_leaves_its_link_for_the_next_login(
     let links = |body: &str, link: &str| links_of(body, "pop3", link);
     let before = scrape(metrics).await?;
 
-    let out = dshare_e2e::python(&format!(
+    let out = raw_session(
+        pop3,
         r#"
-import socket, sys
-s = socket.create_connection(("{ip}", {port}), timeout=30)
-f = s.makefile("rb")
-f.readline()
 s.sendall(b"USER bob@example.com\r\nPASS pw\r\n")
 f.readline(); line = f.readline()
 assert line.startswith(b"+OK"), line
 s.sendall(b"DELE 1\r\nRETR 2\r\nQUIT\r\n")
 sys.stdout.buffer.write(f.read())
 "#,
-        ip = pop3.ip(),
-        port = pop3.port(),
-    ))?;
+    )?;
     assert!(out.starts_with("+OK"), "{out:.200}");
     let stuffed = String::from_utf8_lossy(&big).replace("\r\n.", "\r\n..");
     assert!(out.contains(&stuffed), "the message arrived whole");
@@ -535,19 +531,14 @@ for user in ["dave@example.com", "bob@example.com"]:
         &scrape(metrics).await?,
         "dshare_pop3_forward_links_kept_total",
     );
-    let gone = dshare_e2e::python(&format!(
+    let gone = raw_session(
+        pop3,
         r#"
-import socket, sys
-s = socket.create_connection(("{ip}", {port}), timeout=30)
-f = s.makefile("rb")
-f.readline()
 s.sendall(b"USER bob@example.com\r\nPASS pw\r\nDELE 1\r\n")
 s.shutdown(socket.SHUT_WR)
 sys.stdout.buffer.write(f.read())
 "#,
-        ip = pop3.ip(),
-        port = pop3.port(),
-    ))?;
+    )?;
     assert!(gone.ends_with("+OK message 1 deleted\r\n"), "{gone}");
     assert_eq!(c.node(1).inbox_len("bob@example.com"), 1, "no UPDATE");
     let kept = value(
@@ -557,21 +548,16 @@ sys.stdout.buffer.write(f.read())
     assert_eq!(kept, 1.0);
 
     // A client's own XDSRESET is an unknown command, and it stays logged in.
-    let own = dshare_e2e::python(&format!(
+    let own = raw_session(
+        pop3,
         r#"
-import socket
-s = socket.create_connection(("{ip}", {port}), timeout=30)
-f = s.makefile("rb")
-f.readline()
 s.sendall(b"USER bob@example.com\r\nPASS pw\r\n")
 f.readline(); f.readline()
 s.sendall(b"XDSRESET " + b"0" * 64 + b"\r\nSTAT\r\n")
 print(f.readline().decode().strip())
 print(f.readline().decode().strip())
 "#,
-        ip = pop3.ip(),
-        port = pop3.port(),
-    ))?;
+    )?;
     let lines: Vec<&str> = own.lines().collect();
     assert!(lines[0].starts_with("-ERR"), "{own}");
     assert!(lines[1].starts_with("+OK 1 "), "{own}");
